@@ -1,0 +1,29 @@
+"""optic: a compiler-style graph optimizer for PyTorch models.
+
+    import optic
+    fast = optic.optimize(model, (x,), target="cpu")
+    print(fast.report)
+"""
+
+from __future__ import annotations
+
+from . import targets
+from .api import OptimizedModule, optimize
+from .capture import capture
+from .errors import (
+    CaptureError,
+    InputMismatchError,
+    OpticError,
+    UnknownPassError,
+    UnknownTargetError,
+    VerificationError,
+)
+from .program import Program
+from .report import PassRecord, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError", "InputMismatchError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
+    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "optimize", "targets",
+]

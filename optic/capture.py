@@ -1,0 +1,170 @@
+"""Capture: a model and example inputs become a Program.
+
+Two first-class paths:
+
+- ``fx``: ``torch.fx`` symbolic trace, a module-level graph (``nn.Conv2d`` calls, ``F.relu``...).
+  Arguments the caller does not pass are fixed to their defaults (``concrete_args``), and the
+  traced graph is checked against eager on the examples: a trace that silently specialized
+  Python control flow is rejected.
+- ``export``: ``torch.export.export(strict=False)``, an ATen-level graph with static shapes. Real
+  models (every Hugging Face ``transformers`` model tried) arrive this way.
+
+``method="auto"`` tries fx, then export. When every path fails, :class:`CaptureError` names the
+line of the model's source that broke tracing and what to do about it. The user's model is never
+touched: capture works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import CaptureError
+from .ir import eliminate_dead_code, init_provenance
+from .program import Program
+from .verify import compare, run_seeded
+
+log = logging.getLogger("optic.capture")
+
+METHODS = ("auto", "fx", "export")
+
+
+def normalize_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """A tensor, a tuple/list of positional inputs, or a dict of keyword inputs -> (args, kwargs)."""
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), kwargs
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **kwargs}
+    if isinstance(example_inputs, list | tuple):
+        return tuple(example_inputs), kwargs
+    if example_inputs is None:
+        return (), kwargs
+    raise CaptureError(
+        f"example_inputs must be a tensor, a tuple/list of inputs or a dict of keyword inputs; got "
+        f"{type(example_inputs).__name__}. Pass e.g. (torch.randn(1, 3, 224, 224),).")
+
+
+def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
+            method: str = "auto", inference: bool = True) -> Program:
+    """Capture ``model`` called on the example inputs as a Program (on a deep copy of the model)."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"optic optimizes torch.nn.Module instances; got {type(model).__name__}.")
+    if method not in METHODS:
+        raise CaptureError(f"unknown capture method '{method}'; choose one of {', '.join(METHODS)}.")
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise CaptureError(f"the model could not be deep-copied ({type(e).__name__}: {e}); optic never "
+                           "modifies the user's model, so it needs a copy. Make the model's attributes "
+                           "copyable (e.g. drop open file handles or locks from the module).") from None
+    notes: list[str] = []
+    if inference:
+        training = [name or type(work).__name__ for name, m in work.named_modules() if m.training]
+        if training:
+            notes.append(f"model had {len(training)} module(s) in training mode (e.g. '{training[0]}'); "
+                         "optimized for inference, with model.eval() semantics (pass inference=False to keep them)")
+        work.eval()
+    try:
+        with torch.no_grad():
+            expected = run_seeded(work, args, kwargs)
+    except Exception as e:
+        raise CaptureError(f"the model fails on the example inputs before any capture: {type(e).__name__}: "
+                           f"{_first_line(e)}{_where(e)}. Check the shapes and dtypes of example_inputs.") from None
+
+    errors: list[tuple[str, BaseException]] = []
+    for path in (("fx", "export") if method == "auto" else (method,)):
+        try:
+            program = _capture_fx(work, args, kwargs) if path == "fx" else _capture_export(work, args, kwargs)
+        except Exception as e:
+            log.debug("capture with %s failed:\n%s", path, traceback.format_exc())
+            errors.append((path, e))
+            continue
+        got = run_seeded(program.gm, args, kwargs)
+        c = compare(expected, got, 1e-5)
+        if not c.ok:
+            errors.append((path, CaptureError(f"the {path} graph disagrees with eager on the examples ({c}); "
+                                              "Python control flow was probably specialized")))
+            continue
+        if errors:
+            notes.append(f"{errors[-1][0]} capture failed ({_first_line(errors[-1][1])}); used {path}")
+        program.notes = notes + program.notes
+        init_provenance(program.gm)
+        program.annotate_shapes()
+        return program
+    raise _capture_error(errors)
+
+
+def _capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> Program:
+    sig = inspect.signature(model.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    concrete = {name: p.default for name, p in sig.parameters.items()
+                if name not in bound.arguments and p.default is not inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    return Program(gm, "fx", args, kwargs)
+
+
+def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> Program:
+    ep = torch.export.export(model, args, kwargs, strict=False)
+    gm = ep.module()
+    # The guard module checks input shapes; OptimizedModule checks them itself with a clearer
+    # error, and the guard is opaque to passes, so it goes.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            gm.graph.erase_node(node)
+    eliminate_dead_code(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return Program(gm, "export", args, kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_TORCH_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch,))
+
+
+def _user_frame(e: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the traceback that is the model's code, not torch's or optic's."""
+    optic_dir = os.path.dirname(os.path.abspath(__file__))
+    frames = traceback.extract_tb(e.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(_TORCH_DIRS) and not f.filename.startswith(optic_dir)
+            and "<" not in f.filename and "/contextlib.py" not in f.filename]
+    return user[-1] if user else None
+
+
+def _where(e: BaseException) -> str:
+    f = _user_frame(e)
+    return f" (at {f.filename}:{f.lineno}: {f.line.strip() if f.line else ''})" if f else ""
+
+
+def _capture_error(errors: list[tuple[str, BaseException]]) -> CaptureError:
+    lines = ["optic could not capture the model as a graph."]
+    for path, e in errors:
+        f = _user_frame(e)
+        where = f"\n      at {f.filename}:{f.lineno}\n        {f.line.strip() if f.line else ''}" if f else ""
+        lines.append(f"  - {'torch.fx symbolic trace' if path == 'fx' else 'torch.export (non-strict)'}: "
+                     f"{type(e).__name__}: {_first_line(e)}{where}")
+    lines.append(
+        "What to do: data-dependent Python control flow (an `if` or loop on a tensor's values) cannot be "
+        "captured. Rewrite it with tensor ops (torch.where, masking) or torch.cond, or move that part "
+        "out of the module you optimize (optimize the submodules around it). Control flow on shapes or "
+        "Python values works with capture='export'.")
+    err = CaptureError("\n".join(lines))
+    err.frames = [(p, _user_frame(e)) for p, e in errors]  # type: ignore[attr-defined]
+    return err

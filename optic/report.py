@@ -1,0 +1,123 @@
+"""The report: what every pass did and what it measured. Printable as a table, serializable as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    name: str
+    exact: bool
+    changed: bool = False
+    skipped: str | None = None  # why the pass did not run (disabled, not for this target)
+    matched: dict[str, int] = field(default_factory=dict)  # rule -> count
+    declined: list[dict[str, str]] = field(default_factory=list)  # {rule, node, reason}
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    max_error: float = 0.0  # relative to the output scale, against the original model
+    seconds: float = 0.0
+    rolled_back: bool = False
+    reason: str | None = None  # why it was rolled back
+    notes: list[str] = field(default_factory=list)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.skipped:
+            return "skipped"
+        if self.rolled_back:
+            return "ROLLED BACK"
+        return "changed" if self.changed else "no change"
+
+
+@dataclass
+class Report:
+    model: str
+    target: str
+    capture: str
+    passes: list[PassRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tolerance: float = 1e-4
+    checked_inputs: int = 0
+    final_error: float = 0.0
+    nodes: tuple[int, int] = (0, 0)
+    params: tuple[int, int] = (0, 0)
+    flops: tuple[float, float] = (0.0, 0.0)
+    latency_estimate_s: tuple[float, float] = (0.0, 0.0)
+    measured_latency_s: tuple[float, float] | None = None
+    seconds: float = 0.0
+
+    def pass_record(self, name: str) -> PassRecord:
+        """The last record of pass ``name`` (a pass may run more than once in a pipeline)."""
+        found = [p for p in self.passes if p.name == name]
+        if not found:
+            raise KeyError(f"no pass named '{name}' in this report; passes: {[p.name for p in self.passes]}")
+        return found[-1]
+
+    def matched(self, rule: str) -> int:
+        """How many times a rule fired across all passes (kept passes only)."""
+        return sum(p.matched.get(rule, 0) for p in self.passes if not p.rolled_back)
+
+    def declines(self, rule: str | None = None) -> list[dict[str, str]]:
+        return [d for p in self.passes if not p.rolled_back for d in p.declined if rule is None or d["rule"] == rule]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for rec, p in zip(d["passes"], self.passes, strict=True):
+            rec["status"] = p.status
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self, max_declines: int = 8) -> str:
+        lines = [f"optic report: {self.model} on target '{self.target}' (captured with {self.capture})"]
+        lines += [f"  note: {n}" for n in self.notes]
+        head = f"{'#':>2} {'pass':<12} {'status':<12} {'nodes':>11} {'params':>17} {'GFLOPs':>15} {'max err':>9} {'s':>6}"
+        lines += [head, "-" * len(head)]
+        for i, p in enumerate(self.passes):
+            if p.skipped:
+                lines.append(f"{i:>2} {p.name:<12} {'skipped':<12} {p.skipped}")
+                continue
+            lines.append(
+                f"{i:>2} {p.name:<12} {p.status:<12} {p.nodes_before:>5}→{p.nodes_after:<5} "
+                f"{_si(p.params_before):>8}→{_si(p.params_after):<8} "
+                f"{p.flops_before / 1e9:>7.3f}→{p.flops_after / 1e9:<7.3f} {p.max_error:>9.2e} {p.seconds:>6.2f}")
+            for rule, count in p.matched.items():
+                lines.append(f"{'':>6}✓ {rule}: {count}")
+            for d in p.declined[:max_declines]:
+                lines.append(f"{'':>6}✗ {d['rule']} declined at {d['node']}: {d['reason']}")
+            if len(p.declined) > max_declines:
+                lines.append(f"{'':>6}  … {len(p.declined) - max_declines} more declines (see to_json())")
+            for n in p.notes:
+                lines.append(f"{'':>6}· {n}")
+            if p.rolled_back:
+                lines.append(f"{'':>6}↺ rolled back: {p.reason}")
+        lines.append("-" * len(head))
+        lines.append(f"nodes {self.nodes[0]}→{self.nodes[1]}  params {_si(self.params[0])}→{_si(self.params[1])}  "
+                     f"GFLOPs {self.flops[0] / 1e9:.3f}→{self.flops[1] / 1e9:.3f}")
+        lines.append(f"estimated latency on {self.target}: {self.latency_estimate_s[0] * 1e3:.3f} ms → "
+                     f"{self.latency_estimate_s[1] * 1e3:.3f} ms (roofline)")
+        if self.measured_latency_s:
+            a, b = self.measured_latency_s
+            lines.append(f"measured latency here: {a * 1e3:.3f} ms → {b * 1e3:.3f} ms ({a / b:.2f}× speed-up)")
+        lines.append(f"verified on {self.checked_inputs} input sets: max error {self.final_error:.2e} of output scale "
+                     f"(tolerance {self.tolerance:g}); optimize took {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"

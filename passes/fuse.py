@@ -1,0 +1,280 @@
+"""fuse: merge linear algebra that can run as fewer, larger kernels. Exact up to float rounding.
+
+- ``merge_linear_chain``: ``linear(linear(x; W1, b1); W2, b2) = linear(x; W2·W1, W2·b1 + b2)``
+  when nothing non-linear is between them, the intermediate has no other user, and the merged
+  layer costs fewer FLOPs (``in·out < in·mid + mid·out``).
+- ``horizontal_linear``: linears reading the same input (Q, K, V projections, also of unequal
+  widths as in grouped-query attention) become one linear with concatenated weights and a split
+  of the last dimension.
+- ``attention_to_sdpa``: ``softmax(Q·Kᵀ·s [+ mask]) · V`` (scale as a multiply or a divide, on the
+  scores or on Q) becomes ``scaled_dot_product_attention(Q, K, V, mask, scale=s)``. Never when an
+  intermediate (scores, probabilities) is read elsewhere, the softmax is not over the last dim,
+  or Q and K have different batch dimensions.
+- ``act_adjacent``: an activation is moved right behind the conv/linear it reads (when that is its
+  only user), so a backend fusing conv+activation finds them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from optic import emit, ir
+from optic.opview import Op, view
+from optic.registry import register
+from optic.rewrite import Rule, apply_rules
+
+
+def merge_linears(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One linear equal to ``linear(linear(x; w1, b1); w2, b2)`` (float64, cast back)."""
+    w = w2.double() @ w1.double()
+    b = None
+    if b1 is not None:
+        b = w2.double() @ b1.double()
+    if b2 is not None:
+        b = b2.double() if b is None else b + b2.double()
+    return w.to(w2.dtype), None if b is None else b.to(w2.dtype)
+
+
+def _gm(op: Op) -> fx.GraphModule:
+    return op.node.graph.owning_module
+
+
+def _const_linear(op: Op | None) -> bool:
+    return op is not None and op.kind == "linear" and op.const("weight") is not None and "bias" in op.consts
+
+
+# -- linear chains ---------------------------------------------------------------------------------
+class MergeLinearChain(Rule):
+    def match(self, op: Op, ctx: Any):
+        if not _const_linear(op) or not isinstance(op.x, fx.Node):
+            return None
+        first = view(op.x, _gm(op))
+        return (first, op) if _const_linear(first) else None
+
+    def guard(self, m, ctx):
+        first, second = m
+        if len(first.node.users) > 1:
+            return f"intermediate '{first.node.name}' has other users"
+        w1, w2 = first.const("weight"), second.const("weight")
+        readers = ir.tensor_readers(_gm(first))
+        if ir.is_shared(_gm(first), w1, first.node, readers) or ir.is_shared(_gm(first), w2, second.node, readers):
+            return "a weight is shared with another op (tied)"
+        mid, inp, out = w1.shape[0], w1.shape[1], w2.shape[0]
+        if inp * out >= inp * mid + mid * out:
+            return f"merged {out}×{inp} weight costs more than {mid}×{inp} + {out}×{mid}"
+        return None
+
+    def apply(self, m, ctx):
+        first, second = m
+        graph, gm = second.node.graph, _gm(second)
+        w, b = merge_linears(first.const("weight"), first.const("bias"), second.const("weight"), second.const("bias"))
+        with graph.inserting_before(second.node):
+            new = emit.linear(graph, first.x, emit.constant(graph, gm, w, "weight"), emit.constant(graph, gm, b, "bias"))
+        ir.replace(second.node, new, "fuse", [first.node, second.node])
+
+
+# -- horizontal fusion --------------------------------------------------------------------------------
+@dataclass
+class Siblings:
+    x: fx.Node
+    linears: list[Op] = field(default_factory=list)
+
+
+class HorizontalLinear(Rule):
+    def match(self, op: Op, ctx: Any):
+        if not _const_linear(op) or not isinstance(op.x, fx.Node):
+            return None
+        gm = _gm(op)
+        sibs = [v for u in ir.users_in_order(op.x) if (v := view(u, gm)) is not None and _const_linear(v) and v.x is op.x]
+        if len(sibs) < 2 or sibs[0].node is not op.node:
+            return None  # fire once per group, at its first member
+        return Siblings(op.x, sibs)
+
+    def guard(self, m: Siblings, ctx: Any):
+        ws = [lin.const("weight") for lin in m.linears]
+        if len({(w.shape[1], w.dtype) for w in ws}) != 1:
+            return "siblings differ in input features or dtype"
+        gm = m.x.graph.owning_module
+        readers = ir.tensor_readers(gm)
+        for lin in m.linears:
+            if ir.is_shared(gm, lin.const("weight"), lin.node, readers):
+                return f"weight of '{lin.node.name}' is shared with another op (tied)"
+        return None
+
+    def apply(self, m: Siblings, ctx: Any):
+        graph, gm = m.x.graph, m.x.graph.owning_module
+        ws = [lin.const("weight") for lin in m.linears]
+        bs = [lin.const("bias") for lin in m.linears]
+        w = torch.cat(ws, 0)
+        b = None
+        if any(x is not None for x in bs):
+            b = torch.cat([x if x is not None else torch.zeros(wt.shape[0], dtype=wt.dtype) for x, wt in zip(bs, ws, strict=True)])
+        with graph.inserting_before(m.linears[0].node):
+            fused = emit.linear(graph, m.x, emit.constant(graph, gm, w, "qkv_weight"), emit.constant(graph, gm, b, "qkv_bias"))
+            ir.stamp(fused, [lin.node for lin in m.linears], "fuse")
+            parts = emit.split_last(graph, fused, [wt.shape[0] for wt in ws])
+        for lin, part in zip(m.linears, parts, strict=True):
+            ir.replace(lin.node, part, "fuse")
+
+
+# -- attention ------------------------------------------------------------------------------------------
+@dataclass
+class Attention:
+    out: Op
+    q: fx.Node
+    kt: fx.Node
+    v: fx.Node
+    mask: Any
+    scale: float
+    chain: list[fx.Node]
+    reason: str | None = None
+
+
+def _scalar(value: Any, gm: fx.GraphModule) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        t = ir.fetch_attr(gm, value.target)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.reshape(()))
+    return None
+
+
+def _scaled(op: Op, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
+    """For ``a·s``, ``s·a`` or ``a/s`` with a scalar s: (a, s)."""
+    if op.kind == "mul":
+        for a, s in ((op.x, op.other), (op.other, op.x)):
+            if isinstance(a, fx.Node) and (v := _scalar(s, gm)) is not None and not _scalar(a, gm):
+                return a, v
+    if op.kind == "div" and isinstance(op.x, fx.Node) and (v := _scalar(op.other, gm)):
+        return op.x, 1.0 / v
+    return None
+
+
+class AttentionToSdpa(Rule):
+    def match(self, op: Op, ctx: Any):
+        if op.kind != "matmul" or not isinstance(op.x, fx.Node):
+            return None
+        gm = _gm(op)
+        probs = view(op.x, gm)
+        if probs is None or probs.kind != "softmax":
+            return None
+        chain = [probs.node]
+        node = probs.x
+        mask = None
+        cur = view(node, gm) if isinstance(node, fx.Node) else None
+        if cur is not None and cur.kind == "add":
+            # the mask is the operand that is not the (scaled) scores
+            for s_, m_ in ((cur.x, cur.other), (cur.other, cur.x)):
+                sv = view(s_, gm) if isinstance(s_, fx.Node) else None
+                if sv is not None and (sv.kind == "matmul" or _scaled(sv, gm)):
+                    chain.append(cur.node)
+                    node, mask = s_, m_
+                    cur = sv
+                    break
+        scale = 1.0
+        scaled = _scaled(cur, gm) if cur is not None else None
+        if scaled is not None:
+            chain.append(cur.node)
+            node, scale = scaled
+            cur = view(node, gm)
+        if cur is None or cur.kind != "matmul" or not isinstance(cur.x, fx.Node) or not isinstance(cur.other, fx.Node):
+            return None
+        chain.append(cur.node)
+        q = cur.x
+        qv = view(q, gm)
+        if qv is not None and (qs := _scaled(qv, gm)) is not None and len(q.users) == 1:
+            chain.append(q)
+            q, scale = qs[0], scale * qs[1]
+        m = Attention(op, q, cur.other, op.other, mask, scale, chain)
+        m.reason = self._why_not(m, probs, gm)
+        return m
+
+    @staticmethod
+    def _why_not(m: Attention, probs: Op, gm: fx.GraphModule) -> str | None:
+        for n in m.chain:
+            if len(n.users) > 1:
+                return f"intermediate '{n.name}' is also used elsewhere"
+        rank = len(ir.shape(probs.node) or ())
+        dim = probs.attrs.get("dim")
+        if rank == 0 or dim is None or dim not in (-1, rank - 1):
+            return f"softmax over dim {dim}, not the last"
+        if probs.attrs.get("dtype") not in (None, ir.dtype(probs.x)) or probs.attrs.get("half_to_float"):
+            return "softmax changes dtype"
+        qs, ks, vs = ir.shape(m.q), ir.shape(m.kt), ir.shape(m.v)
+        if qs is None or ks is None or vs is None or min(len(qs), len(ks), len(vs)) < 3:
+            return "Q, K, V need batch dimensions (rank ≥ 3)"
+        if not (qs[:-2] == ks[:-2] == vs[:-2]):
+            return f"batch dimensions differ: Q{qs} Kᵀ{ks} V{vs}"
+        if ks[-2] != qs[-1] or vs[-2] != ks[-1]:
+            return "shapes are not Q·Kᵀ·V"
+        if isinstance(m.mask, fx.Node):
+            ms = ir.shape(m.mask)
+            if ms is None or ir.dtype(m.mask) != ir.dtype(m.q) or len(ms) > len(qs):
+                return "mask is not an additive mask of the query's dtype"
+        elif m.mask is not None:
+            return "mask is a constant scalar"
+        if ir.dtype(m.q) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return f"dtype {ir.dtype(m.q)}"
+        return None
+
+    def guard(self, m: Attention, ctx: Any):
+        return m.reason
+
+    def apply(self, m: Attention, ctx: Any):
+        graph = m.out.node.graph
+        gm = _gm(m.out)
+        ktv = view(m.kt, gm)
+        with graph.inserting_before(m.out.node):
+            if ktv is not None and ktv.kind == "transpose" and len(m.kt.users) == 1 and \
+                    sorted(_norm_dims([ktv.attrs["dim0"], ktv.attrs["dim1"]], len(ir.shape(m.kt)))) == \
+                    [len(ir.shape(m.kt)) - 2, len(ir.shape(m.kt)) - 1]:
+                k = ktv.x
+            else:
+                k = emit.transpose_last(graph, m.kt)
+            new = emit.sdpa(graph, m.q, k, m.v, m.mask, m.scale)
+        ir.replace(m.out.node, new, "fuse", [m.out.node, *m.chain])
+
+
+def _norm_dims(dims: list[int], rank: int) -> list[int]:
+    return [d % rank for d in dims]
+
+
+# -- activations next to their producer --------------------------------------------------------------------
+class ActAdjacent(Rule):
+    def match(self, op: Op, ctx: Any):
+        if op.kind != "act" or not isinstance(op.x, fx.Node) or op.node.prev is op.x:
+            return None
+        prod = view(op.x, _gm(op))
+        if prod is None or prod.kind not in ("conv", "linear") or len(op.x.users) != 1:
+            return None
+        return op
+
+    def guard(self, op: Op, ctx: Any):
+        order = {n: i for i, n in enumerate(op.node.graph.nodes)}
+        if any(order[a] > order[op.x] for a in op.node.all_input_nodes if a is not op.x):
+            return "activation reads a value defined after its producer"
+        if ir.is_inplace(op.node):
+            return "in-place activation"
+        return None
+
+    def apply(self, op: Op, ctx: Any):
+        op.x.append(op.node)
+
+
+@register
+class Fuse:
+    name = "fuse"
+    exact = True
+    description = "merge linear chains, horizontal linear fusion (QKV), attention to SDPA, conv/linear+act adjacency"
+    rules = (AttentionToSdpa("attention_to_sdpa"), MergeLinearChain("merge_linear_chain"),
+             HorizontalLinear("horizontal_linear"), ActAdjacent("act_adjacent"))
+
+    def run(self, program, ctx) -> bool:
+        return apply_rules(program.gm, list(self.rules), ctx, ctx.stats)
+
