@@ -184,8 +184,14 @@ def is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_function":
         if node.target is getattr:
             return node.args[1] in ("shape", "dtype", "device", "ndim")
-        return getattr(node.target, "__name__", "") in ("sym_size", "sym_size.int", "size", "dim")
+        return getattr(node.target, "__name__", "") in (
+            "sym_size", "sym_size.int", "size", "dim", "_assert_tensor_metadata.default")
     return False
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read the value of ``node`` (shape queries and metadata asserts excluded)."""
+    return [u for u in node.users if not is_shape_query(u)]
 
 
 def users_in_order(node: fx.Node) -> list[fx.Node]:
@@ -214,3 +220,22 @@ def shape(node: Any) -> tuple[int, ...] | None:
 def dtype(node: Any) -> torch.dtype | None:
     tm = tensor_meta(node)
     return tm.dtype if tm is not None else None
+
+
+def subgraph_callable(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node):
+    """A callable ``f(value_of_x)`` running ``nodes`` (in order) as they are in ``gm``; for timing a
+    piece of the graph on its own. Constants are shared, not copied."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {x: graph.placeholder("x")}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if n.op != "get_attr":
+                raise ValueError(f"subgraph reads '{n.name}', which is neither its input nor a constant")
+            env[n] = graph.node_copy(n)
+        return env[n]
+
+    for n in nodes:
+        env[n] = graph.node_copy(n, lookup)
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(gm, graph)

@@ -138,6 +138,9 @@ _reg("cast", [_a("_to_copy"), _a("to")], ["input", "dtype"])
 _reg("split", [torch.split, _a("split"), _a("split_with_sizes")], ["input", "split_size", "dim"])
 _reg("getitem", [operator.getitem], ["input", "index"])
 _reg("cat", [torch.cat, _a("cat")], ["tensors", "dim"])
+_reg("masked_fill", [torch.masked_fill, _a("masked_fill")], ["input", "mask", "value"])
+_reg("where", [torch.where, _a("where")], ["condition", "input", "other"])
+_reg("logical_not", [torch.logical_not, _a("logical_not"), operator.invert], ["input"])
 _reg("sdpa", [F.scaled_dot_product_attention, _a("scaled_dot_product_attention")], _SDPA)
 
 _ACT_FUNCS: dict[Any, tuple[str, dict[str, Any]]] = {}
@@ -178,6 +181,7 @@ _METHODS: dict[str, tuple[str, list[str]]] = {
     "view": ("reshape", ["*shape"]), "reshape": ("reshape", ["*shape"]), "flatten": ("flatten", ["start_dim", "end_dim"]),
     "contiguous": ("contiguous", []), "to": ("cast", ["dtype"]), "float": ("cast", []), "type_as": ("cast", ["other"]),
     "split": ("split", ["split_size", "dim"]), "detach": ("identity", []),
+    "masked_fill": ("masked_fill", ["mask", "value"]), "logical_not": ("logical_not", []),
 }
 
 _MODULE_ACTS: dict[type, str] = {
@@ -335,6 +339,9 @@ def _function_op(node: fx.Node, gm: fx.GraphModule, target: Any) -> Op | None:
         return Op(kind, node, a.get("tensors"), attrs)
     x = a.get("input", a.get("query"))
     other = a.get("other", a.get("exponent"))
+    if kind in ("masked_fill", "where"):
+        attrs["mask"] = a.get("mask", a.get("condition"))
+        other = a.get("value", other)
     if kind == "sdpa":
         other = (a.get("key"), a.get("value"))
     return Op(kind, node, x, attrs, other=other)
@@ -363,6 +370,8 @@ def _method_op(node: fx.Node) -> Op | None:
     if kind.startswith("act:"):
         return Op("act", node, a.get("input"), {"fn": kind[4:]})
     attrs = {k.lstrip("*"): a.get(k.lstrip("*"), _DEFAULTS.get(k.lstrip("*"))) for k in names}
+    if kind == "masked_fill":
+        return Op(kind, node, a.get("input"), attrs, other=a.get("value"))
     if node.target == "float":
         attrs["dtype"] = torch.float32
     return Op(kind, node, a.get("input"), attrs, other=a.get("other", a.get("exponent")))

@@ -131,6 +131,12 @@ class Cleanup:
     def run(self, program, ctx) -> bool:
         changed = apply_rules(program.gm, [RemoveNoop("remove_noop")], ctx, ctx.stats)
         changed |= fold_constants(program, ctx.stats)
+        for node in list(program.gm.graph.nodes):
+            # export's dtype/device asserts on a static, verified graph always hold
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                program.gm.graph.erase_node(node)
+                ctx.stats.match("metadata_assert")
+                changed = True
         for _ in range(ir.eliminate_dead_code(program.gm)):
             ctx.stats.match("dead_code")
             changed = True

@@ -110,8 +110,8 @@ class BnIntoProducer(Rule):
         bn, p = m.bn, m.producer
         if reason := _bn_statistics_reason(bn):
             return reason
-        if len(p.node.users) > 1:
-            return f"producer '{p.node.name}' has {len(p.node.users)} users: folding would change what the others see"
+        if len(ir.value_users(p.node)) > 1:
+            return f"producer '{p.node.name}' has {len(ir.value_users(p.node))} users: folding would change what the others see"
         w = p.const("weight")
         if w is None or "bias" not in p.consts:
             return f"{p.kind} weight or bias is computed, not a constant"

@@ -58,7 +58,7 @@ class MergeLinearChain(Rule):
 
     def guard(self, m, ctx):
         first, second = m
-        if len(first.node.users) > 1:
+        if len(ir.value_users(first.node)) > 1:
             return f"intermediate '{first.node.name}' has other users"
         w1, w2 = first.const("weight"), second.const("weight")
         readers = ir.tensor_readers(_gm(first))
@@ -156,39 +156,38 @@ def _scaled(op: Op, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
     return None
 
 
+_MASK_FILL_LIMIT = -1e4  # a fill value this negative gives exp(·) == 0 in every float dtype, like -inf
+
+
 class AttentionToSdpa(Rule):
     def match(self, op: Op, ctx: Any):
         if op.kind != "matmul" or not isinstance(op.x, fx.Node):
             return None
         gm = _gm(op)
         probs = view(op.x, gm)
-        if probs is None or probs.kind != "softmax":
+        if probs is None or probs.kind != "softmax" or not isinstance(probs.x, fx.Node):
             return None
         chain = [probs.node]
-        node = probs.x
-        mask = None
-        cur = view(node, gm) if isinstance(node, fx.Node) else None
-        if cur is not None and cur.kind == "add":
-            # the mask is the operand that is not the (scaled) scores
-            for s_, m_ in ((cur.x, cur.other), (cur.other, cur.x)):
-                sv = view(s_, gm) if isinstance(s_, fx.Node) else None
-                if sv is not None and (sv.kind == "matmul" or _scaled(sv, gm)):
-                    chain.append(cur.node)
-                    node, mask = s_, m_
-                    cur = sv
-                    break
-        scale = 1.0
+        node, mask, scale = probs.x, None, 1.0
+        cur = view(node, gm)
+        masked = self._mask(cur, gm)
+        if masked is not None:
+            chain.append(cur.node)
+            node, mask = masked
+            cur = view(node, gm) if isinstance(node, fx.Node) else None
         scaled = _scaled(cur, gm) if cur is not None else None
         if scaled is not None:
             chain.append(cur.node)
             node, scale = scaled
             cur = view(node, gm)
         if cur is None or cur.kind != "matmul" or not isinstance(cur.x, fx.Node) or not isinstance(cur.other, fx.Node):
-            return None
+            found = "nothing known" if cur is None else f"a {cur.kind} ('{cur.node.name}')"
+            return Attention(op, None, None, op.other, None, 0.0, chain,
+                             f"softmax input is not (Q·Kᵀ)·scale [+ mask]: found {found}")
         chain.append(cur.node)
         q = cur.x
         qv = view(q, gm)
-        if qv is not None and (qs := _scaled(qv, gm)) is not None and len(q.users) == 1:
+        if qv is not None and (qs := _scaled(qv, gm)) is not None and len(ir.value_users(q)) == 1:
             chain.append(q)
             q, scale = qs[0], scale * qs[1]
         m = Attention(op, q, cur.other, op.other, mask, scale, chain)
@@ -196,9 +195,30 @@ class AttentionToSdpa(Rule):
         return m
 
     @staticmethod
+    def _mask(cur: Op | None, gm: fx.GraphModule) -> tuple[fx.Node, Any] | None:
+        """(scores, SDPA mask) for ``scores + mask``, ``scores.masked_fill(m, -inf)``, ``where(keep, scores, -inf)``."""
+        if cur is None:
+            return None
+        if cur.kind == "add":
+            for s_, m_ in ((cur.x, cur.other), (cur.other, cur.x)):
+                sv = view(s_, gm) if isinstance(s_, fx.Node) else None
+                if sv is not None and (sv.kind == "matmul" or _scaled(sv, gm)) and isinstance(m_, fx.Node):
+                    return s_, m_
+        fill = _scalar(cur.other, gm) if cur.kind in ("masked_fill", "where") else None
+        if fill is None or fill > _MASK_FILL_LIMIT or not isinstance(cur.attrs.get("mask"), fx.Node):
+            return None
+        if ir.dtype(cur.attrs["mask"]) != torch.bool:
+            return None
+        if cur.kind == "masked_fill" and isinstance(cur.x, fx.Node):
+            return cur.x, ("not", cur.attrs["mask"])
+        if cur.kind == "where" and isinstance(cur.x, fx.Node):
+            return cur.x, cur.attrs["mask"]
+        return None
+
+    @staticmethod
     def _why_not(m: Attention, probs: Op, gm: fx.GraphModule) -> str | None:
         for n in m.chain:
-            if len(n.users) > 1:
+            if len(ir.value_users(n)) > 1:
                 return f"intermediate '{n.name}' is also used elsewhere"
         rank = len(ir.shape(probs.node) or ())
         dim = probs.attrs.get("dim")
@@ -213,11 +233,14 @@ class AttentionToSdpa(Rule):
             return f"batch dimensions differ: Q{qs} Kᵀ{ks} V{vs}"
         if ks[-2] != qs[-1] or vs[-2] != ks[-1]:
             return "shapes are not Q·Kᵀ·V"
-        if isinstance(m.mask, fx.Node):
-            ms = ir.shape(m.mask)
-            if ms is None or ir.dtype(m.mask) != ir.dtype(m.q) or len(ms) > len(qs):
-                return "mask is not an additive mask of the query's dtype"
-        elif m.mask is not None:
+        mask = m.mask[1] if isinstance(m.mask, tuple) else m.mask
+        if isinstance(mask, fx.Node):
+            ms = ir.shape(mask)
+            if ms is None or len(ms) > len(qs) or ir.dtype(mask) not in (ir.dtype(m.q), torch.bool):
+                return "mask is neither additive (query dtype) nor boolean"
+            if ir.shape(m.out.node) != tuple(torch.broadcast_shapes(ms, qs[:-1] + (ks[-1],))[:-1]) + (vs[-1],):
+                return f"mask {ms} broadcasts the scores to another shape"
+        elif mask is not None:
             return "mask is a constant scalar"
         if ir.dtype(m.q) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             return f"dtype {ir.dtype(m.q)}"
@@ -237,7 +260,10 @@ class AttentionToSdpa(Rule):
                 k = ktv.x
             else:
                 k = emit.transpose_last(graph, m.kt)
-            new = emit.sdpa(graph, m.q, k, m.v, m.mask, m.scale)
+            mask = m.mask
+            if isinstance(mask, tuple):  # masked_fill(m, -inf) keeps where m is False
+                mask = graph.call_function(torch.ops.aten.logical_not.default, (mask[1],))
+            new = emit.sdpa(graph, m.q, k, m.v, mask, m.scale)
         ir.replace(m.out.node, new, "fuse", [m.out.node, *m.chain])
 
 
