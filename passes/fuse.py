@@ -262,7 +262,9 @@ class AttentionToSdpa(Rule):
                 k = emit.transpose_last(graph, m.kt)
             mask = m.mask
             if isinstance(mask, tuple):  # masked_fill(m, -inf) keeps where m is False
-                mask = graph.call_function(torch.ops.aten.logical_not.default, (mask[1],))
+                const = ir.fetch_attr(gm, mask[1].target) if mask[1].op == "get_attr" else None
+                mask = (ir.const_node(graph, gm, ~const, "keep_mask") if isinstance(const, torch.Tensor)
+                        else graph.call_function(torch.ops.aten.logical_not.default, (mask[1],)))
             new = emit.sdpa(graph, m.q, k, m.v, mask, m.scale)
         ir.replace(m.out.node, new, "fuse", [m.out.node, *m.chain])
 

@@ -7,10 +7,10 @@ import os
 import sys
 
 import pytest
-from optic.targets import Target, get, host, names
-from optic.targets.cpu import HostFacts, read_host_facts, target_from_facts
 
 from optic.errors import UnknownTargetError
+from optic.targets import Target, get, host, names
+from optic.targets.cpu import HostFacts, read_host_facts, target_from_facts
 
 GPU_NAMES = ["a100", "h100", "h200", "v100", "t4", "l4", "rtx4090"]
 

@@ -1,0 +1,30 @@
+"""Small helpers for pass tests: op kinds of a graph in order, and optimizing with the exact passes."""
+
+from __future__ import annotations
+
+import torch
+
+import optic
+from optic.opview import view
+from optic.verify import compare
+
+
+def op_kinds(gm) -> list[str]:
+    """The op-view kind of every op node, in graph order (activations as act:<fn>)."""
+    out = []
+    for n in gm.graph.nodes:
+        op = view(n, gm)
+        if op is not None:
+            out.append(f"act:{op.attrs['fn']}" if op.kind == "act" else op.kind)
+        elif n.op in ("call_function", "call_method", "call_module"):
+            out.append(str(getattr(n.target, "__name__", n.target)))
+    return out
+
+
+def run_exact(model, inputs, capture="fx", passes=("cleanup", "fold_norm", "fuse"), **kw):
+    """Optimize with the exact passes (no timing) and check the result against the model."""
+    opt = optic.optimize(model, inputs, passes=list(passes), capture=capture, measure=False, **kw)
+    with torch.no_grad():
+        c = compare(model(*inputs), opt(*inputs), 1e-4)
+    assert c.ok, str(c)
+    return opt

@@ -1,0 +1,92 @@
+"""cleanup: no-op removal, constant folding (and when it must not fold), dead code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import op_kinds, run_exact
+
+CAPTURES = ["fx", "export"]
+
+
+class Noops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.ident = nn.Identity()
+
+    def forward(self, x):
+        y = self.ident(self.drop(self.fc(x)))
+        y = torch.nn.functional.dropout(y, 0.2, training=False)
+        return y.to(torch.float32)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_noops_are_removed(capture):
+    opt = run_exact(Noops().eval(), (torch.randn(2, 4),), capture, passes=["cleanup"])
+    assert op_kinds(opt.program.gm) == ["linear"]
+
+
+class ConstantMask(nn.Module):
+    """A mask and position table built from buffers and fixed shapes, as HF models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("pos", torch.arange(8).float())
+
+    def forward(self, x):
+        mask = torch.ones(8, 8).tril().log()          # depends on nothing the caller passes
+        pos = (self.pos / 8.0).sin().unsqueeze(0)
+        return self.fc(x + pos) + mask.sum(0)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_constant_subgraphs_fold(capture):
+    m = ConstantMask().eval()
+    opt = run_exact(m, (torch.randn(3, 8),), capture, passes=["cleanup"])
+    if capture == "export":  # fx tracing already evaluates what does not touch a proxy
+        assert opt.report.matched("constant_fold") >= 1
+    kinds = op_kinds(opt.program.gm)
+    assert "sin" not in kinds and "tril" not in kinds and "ones" not in kinds
+    assert kinds.count("add") == 2 and "linear" in kinds
+
+
+class Growth(nn.Module):
+    """An expand of a weight that another op still reads would duplicate it: must not fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(512, 256))
+
+    def forward(self, x):
+        big = self.w.unsqueeze(0).expand(4, 512, 256).contiguous()
+        return torch.bmm(x, big.transpose(1, 2)).sum() + (x @ self.w.t()).sum()
+
+
+def test_folding_that_grows_the_model_declines():
+    opt = run_exact(Growth(), (torch.randn(4, 2, 256),), "fx", passes=["cleanup"])
+    assert opt.report.params[1] <= opt.report.params[0]
+    assert any("larger" in d["reason"] for d in opt.report.declines("constant_fold"))
+
+
+def test_fx_graphs_stay_shape_generic():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), -1) * 2
+
+    opt = run_exact(M(), (torch.randn(2, 3, 4),), "fx", passes=["cleanup"])
+    torch.testing.assert_close(opt(torch.ones(5, 3, 4)), torch.full((5, 12), 2.0))
+
+
+def test_random_ops_are_never_folded():
+    class M(nn.Module):
+        def forward(self, x):
+            return x + torch.randn(3)
+
+    import optic
+
+    o = optic.optimize(M(), (torch.randn(2, 3),), passes=["cleanup"], measure=False)
+    assert o.report.matched("constant_fold") == 0

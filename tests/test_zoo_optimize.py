@@ -1,0 +1,63 @@
+"""The zoo through the exact pipeline (tactics measured off: timing belongs to benchmarks):
+right capture path, outputs match eager, every foldable BN folded, Q/K/V fused, attention on SDPA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import op_kinds
+
+import optic
+from benchmarks.zoo import get, names
+from optic.verify import compare
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
+# Hugging Face models here are small configs (seconds each): they run by default, being what real
+# users bring; the full-size plain-torch ones are marked slow.
+FAST = [n for n in names() if not get(n).slow or get(n).source == "hf"]
+SLOW = [n for n in names() if n not in FAST]
+SEPARATE_QKV = {"tiny_transformer", "vit_s16", "bert_base", "hf_bert", "hf_bert_sdpa", "hf_llama", "hf_vit", "hf_swin"}
+
+
+def _check(name):
+    entry = get(name)
+    model, inputs = entry.factory(), entry.inputs(1)
+    opt = optic.optimize(model, inputs, measure=False)
+    rep = opt.report
+    assert rep.capture == entry.capture
+    assert not [p for p in rep.passes if p.rolled_back]
+    with torch.no_grad():
+        c = compare(model(*inputs), opt(*inputs), rep.tolerance)
+    assert c.ok, str(c)
+    kinds = op_kinds(opt.program.gm)
+    if entry.has_bn:
+        left = kinds.count("batch_norm") + kinds.count("addcmul.default")
+        declined = [d for d in rep.declines("bn_into_conv_or_linear")]
+        assert left == len(declined), f"{left} BN left, but only {len(declined)} declines explain why"
+        assert rep.matched("bn_into_conv_or_linear") >= 1
+    if entry.family == "transformer":
+        assert "softmax" not in kinds, "attention not on SDPA"
+        assert kinds.count("sdpa") >= 1
+    if name in SEPARATE_QKV:
+        assert rep.matched("horizontal_linear") >= 1
+    return rep
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_zoo_models(name):
+    if get(name).source == "hf":
+        pytest.importorskip("transformers")
+    _check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_slow_zoo_models(name):
+    _check(name)
+
+
+def test_shared_producer_bn_reason_is_reported():
+    rep = _check("shared_producer")
+    assert any("users" in d["reason"] for d in rep.declines("bn_into_conv_or_linear"))
