@@ -27,7 +27,7 @@ def _check(model, inputs, passes, capture):
         assert torch.equal(v, before[k]), f"optimize changed the user's {k}"
     assert not any(p.rolled_back for p in rep.passes), [(p.name, p.reason) for p in rep.passes if p.rolled_back]
     # agreement on the examples and on fresh inputs the pipeline never saw
-    for args, kwargs in [(inputs, {})] + generated_inputs(inputs, {}, 2, seed=99):
+    for args, _ in [(inputs, {})] + generated_inputs(inputs, {}, 2, seed=99):
         with torch.no_grad():
             c = compare(model(*args), opt(*args), TOL)
         assert c.ok, str(c)
