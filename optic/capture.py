@@ -20,6 +20,7 @@ import copy
 import inspect
 import logging
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -110,11 +111,30 @@ def _capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> Program:
     concrete = {name: p.default for name, p in sig.parameters.items()
                 if name not in bound.arguments and p.default is not inspect.Parameter.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True
+    tracer = _SourceTracer()
     graph = tracer.trace(model, concrete_args=concrete or None)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     return Program(gm, "fx", args, kwargs)
+
+
+class _SourceTracer(fx.Tracer):
+    """Records, for every node, the innermost frame of the model's own code (file, line, function).
+
+    fx's ``record_stack_traces`` formats the whole stack for every node (seconds on a GPT-2);
+    one frame is all provenance needs."""
+
+    _skip = (os.path.dirname(fx.__file__), os.path.dirname(nn.__file__))
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None and (frame.f_code.co_filename.startswith(self._skip)
+                                     or frame.f_code.co_filename == __file__):
+            frame = frame.f_back
+        if frame is not None:
+            code = frame.f_code
+            node.meta["stack_trace"] = f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n'
+        return node
 
 
 def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> Program:
