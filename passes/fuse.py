@@ -10,6 +10,7 @@
   scores or on Q) becomes ``scaled_dot_product_attention(Q, K, V, mask, scale=s)``. Never when an
   intermediate (scores, probabilities) is read elsewhere, the softmax is not over the last dim,
   or Q and K have different batch dimensions.
+- ``gelu_tanh``: GELU written out with pow/tanh (GPT-2's ``gelu_new``) becomes one ``gelu(x, "tanh")``.
 - ``act_adjacent``: an activation is moved right behind the conv/linear it reads (when that is its
   only user), so a backend fusing conv+activation finds them together.
 """
@@ -273,6 +274,73 @@ def _norm_dims(dims: list[int], rank: int) -> list[int]:
     return [d % rank for d in dims]
 
 
+# -- GELU written out ------------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = (2 / 3.141592653589793) ** 0.5
+
+
+def _with_scalar(node: Any, kind: str, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
+    """For ``node = a ∘ c`` (∘ = kind, c a scalar, either order): (a, c)."""
+    op = view(node, gm) if isinstance(node, fx.Node) else None
+    if op is None or op.kind != kind:
+        return None
+    for a, c in ((op.x, op.other), (op.other, op.x)):
+        if isinstance(a, fx.Node) and (v := _scalar(c, gm)) is not None and _scalar(a, gm) is None:
+            return a, v
+    return None
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+class GeluTanh(Rule):
+    """``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` (GPT-2's ``gelu_new``) → ``gelu(x, 'tanh')``."""
+
+    def match(self, op: Op, ctx: Any):
+        if op.kind != "mul" or not isinstance(op.x, fx.Node) or not isinstance(op.other, fx.Node):
+            return None
+        gm = _gm(op)
+        for half, rest in ((op.x, op.other), (op.other, op.x)):
+            h = _with_scalar(half, "mul", gm)
+            one = _with_scalar(rest, "add", gm)
+            if h is None or one is None or not _close(h[1], 0.5) or not _close(one[1], 1.0):
+                continue
+            x = h[0]
+            t = view(one[0], gm)
+            if t is None or t.kind != "act" or t.attrs.get("fn") != "tanh":
+                continue
+            u = _with_scalar(t.x, "mul", gm)
+            if u is None or not _close(u[1], _SQRT_2_OVER_PI):
+                continue
+            inner = view(u[0], gm)
+            if inner is None or inner.kind != "add":
+                continue
+            cube = inner.other if inner.x is x else inner.x if inner.other is x else None
+            w = _with_scalar(cube, "mul", gm)
+            if w is None or not _close(w[1], 0.044715):
+                continue
+            p = view(w[0], gm)
+            if p is None or p.kind != "pow" or p.x is not x or _scalar(p.other, gm) != 3.0:
+                continue
+            chain = [half, rest, one[0], t.x, u[0], cube, w[0]]
+            return op, x, chain
+        return None
+
+    def guard(self, m, ctx):
+        _, _, chain = m
+        for n in chain:
+            if len(ir.value_users(n)) > 1:
+                return f"intermediate '{n.name}' is also used elsewhere"
+        return None
+
+    def apply(self, m, ctx):
+        op, x, chain = m
+        graph = op.node.graph
+        with graph.inserting_before(op.node):
+            new = emit.activation(graph, x, "gelu", {"approximate": "tanh"})
+        ir.replace(op.node, new, "fuse", [op.node, *chain])
+
+
 # -- activations next to their producer --------------------------------------------------------------------
 class ActAdjacent(Rule):
     def match(self, op: Op, ctx: Any):
@@ -300,7 +368,7 @@ class Fuse:
     name = "fuse"
     exact = True
     description = "merge linear chains, horizontal linear fusion (QKV), attention to SDPA, conv/linear+act adjacency"
-    rules = (AttentionToSdpa("attention_to_sdpa"), MergeLinearChain("merge_linear_chain"),
+    rules = (AttentionToSdpa("attention_to_sdpa"), GeluTanh("gelu_tanh"), MergeLinearChain("merge_linear_chain"),
              HorizontalLinear("horizontal_linear"), ActAdjacent("act_adjacent"))
 
     def run(self, program, ctx) -> bool:

@@ -114,3 +114,31 @@ def test_activation_moves_next_to_its_conv():
     conv = next(i for i, n in enumerate(nodes) if n.target == "conv")
     assert "relu" in str(nodes[conv + 1].target)
     assert opt.report.matched("act_adjacent") == 1
+
+
+class NewGelu(nn.Module):
+    """GPT-2's gelu_new, as transformers writes it."""
+
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.fc, self.reuse = nn.Linear(8, 8), reuse
+
+    def forward(self, x):
+        x = self.fc(x)
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+        y = 0.5 * x * (1.0 + torch.tanh(inner))
+        return (y, inner) if self.reuse else y
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_written_out_gelu_becomes_one_op(capture):
+    opt = run_exact(NewGelu(), (torch.randn(4, 8),), capture)
+    assert opt.report.matched("gelu_tanh") == 1
+    assert op_kinds(opt.program.gm) == ["linear", "act:gelu"]
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_written_out_gelu_with_reused_intermediate_stays(capture):
+    opt = run_exact(NewGelu(reuse=True), (torch.randn(4, 8),), capture)
+    assert opt.report.matched("gelu_tanh") == 0
+    assert "used elsewhere" in opt.report.declines("gelu_tanh")[0]["reason"]
