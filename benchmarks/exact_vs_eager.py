@@ -109,7 +109,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         s = r["systems"]
 
-        def cell(k):
+        def cell(k, s=s):
             v = s.get(k, {})
             if "error" in v:
                 return f"fails ({v['error'][:40]})"

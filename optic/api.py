@@ -92,7 +92,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
              tolerance: float | None = None, verify: bool = True, disable: list[str] | str | None = None,
              inference: bool = True, capture: str = "auto", example_kwargs: dict | None = None,
              check_inputs: int = 2, options: dict | None = None, measure: bool | None = None,
-             on_pass: Callable | None = None) -> OptimizedModule:
+             on_pass: Callable | None = None, instruments: list | None = None) -> OptimizedModule:
     """Optimize ``model`` for ``target``; the result computes the same function, checked on data.
 
     Args:
@@ -109,6 +109,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         options: pass options (e.g. ``{"tactics_budget_s": 5}``).
         measure: let passes time candidates here (default: when the target is this machine's CPU).
         on_pass: called with each PassRecord as the pipeline goes (progress).
+        instruments: objects with ``after_pass(record, before, after)`` (Programs), e.g. dumps.
     """
     from . import targets as _targets  # optic.targets, installed from targets/
 
@@ -123,7 +124,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     checks += generated_inputs(program.example_args, program.example_kwargs, check_inputs, seed=1) if verify else []
     ctx = pipeline.PassContext(
         target=tgt, tolerance=tol if verify else float("inf"), check_inputs=checks, options=dict(options or {}),
-        measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass)
+        measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass,
+        instruments=list(instruments or []))
     report = Report(model=type(model).__name__, target=tgt.name, capture=program.capture,
                     notes=list(program.notes), tolerance=tol, checked_inputs=len(checks))
     report.nodes = (program.node_count(), 0)

@@ -123,13 +123,14 @@ class _SourceTracer(fx.Tracer):
     fx's ``record_stack_traces`` formats the whole stack for every node (seconds on a GPT-2);
     one frame is all provenance needs."""
 
-    _skip = (os.path.dirname(fx.__file__), os.path.dirname(nn.__file__))
+    _skip = (os.path.dirname(fx.__file__), os.path.dirname(nn.__file__), os.path.dirname(os.path.abspath(__file__)))
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
+        if node.op in ("placeholder", "output"):  # made by the tracer itself, not by a model line
+            return node
         frame = sys._getframe(1)
-        while frame is not None and (frame.f_code.co_filename.startswith(self._skip)
-                                     or frame.f_code.co_filename == __file__):
+        while frame is not None and frame.f_code.co_filename.startswith(self._skip):
             frame = frame.f_back
         if frame is not None:
             code = frame.f_code

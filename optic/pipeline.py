@@ -40,7 +40,10 @@ class PassContext:
     measure: bool = True  # the target is this machine: passes may time candidates
     stats: RuleStats = field(default_factory=RuleStats)
     record: PassRecord | None = None
-    on_pass: Callable[[PassRecord], None] | None = None  # instrument: called after each pass
+    on_pass: Callable[[PassRecord], None] | None = None  # progress: called after each pass
+    # instruments (TVM's PassInstrument idea): objects with ``after_pass(record, before, after)``,
+    # called after every pass, skipped ones included (then ``before is after``)
+    instruments: list[Any] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -68,10 +71,13 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
     for p in passes:
         rec = PassRecord(p.name, bool(getattr(p, "exact", True)))
         report.passes.append(rec)
+        before = program
         if p.name in disable:
             rec.skipped = f"disabled ({ENV_DISABLE} or disable=)"
-            continue
-        program = _run_one(program, p, ctx, rec, reference)
+        else:
+            program = _run_one(program, p, ctx, rec, reference)
+        for inst in ctx.instruments:
+            inst.after_pass(rec, before, program)
         if ctx.on_pass is not None:
             ctx.on_pass(rec)
     return program

@@ -1,0 +1,322 @@
+"""The ``optic`` command line: dump graphs, optimize a model, list targets and passes.
+
+    optic dump examples/resnet_bn.py:build                         # the captured graph, as fx source
+    optic dump examples/resnet_bn.py:build --after fold_norm --format dot -o g.dot
+    optic dump examples/resnet_bn.py:build --each-pass --format dot -o dumps/
+    optic optimize examples/resnet_bn.py:build --target cpu [--json] [-o resnet.pt2]
+    optic targets [--json]
+    optic passes [--json]
+
+MODEL is ``path/to/file.py:factory`` (a function or nn.Module class called with no arguments) or
+``package.module:attr``; example inputs come from ``example_inputs`` beside it or from
+``--input-shape``. Errors optic expects (bad model reference, unknown target, capture failures)
+print one message on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import OpticError
+
+EXIT_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has already printed
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
+                        format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except OpticError as e:
+        print(f"optic: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("optic: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `optic dump ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optic", description="A compiler-style graph optimizer for PyTorch models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="MODEL: path/to/file.py:factory or package.module:attr "
+                                            "(e.g. examples/resnet_bn.py:build)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dump = sub.add_parser("dump", help="print the captured graph, or the graph after a pass or after every pass",
+                          description="Print the captured graph (or the graph after --after PASS), or write one "
+                                      "file per pass with --each-pass -o DIR (NNN_<pass>.<ext>; DOT/SVG files "
+                                      "mark the nodes each pass created and erased).")
+    _model_args(dump)
+    dump.add_argument("--format", choices=("text", "json", "dot", "svg"),
+                      help="text: fx source (default); json; dot: Graphviz; svg: drawn with Graphviz "
+                           "(default: from the -o extension, else text)")
+    when = dump.add_mutually_exclusive_group()
+    when.add_argument("--after", metavar="PASS",
+                      help="the graph after this pass: a name (its first run) or a step number as in "
+                           "--each-pass file names (1 = first pass)")
+    when.add_argument("--each-pass", action="store_true", help="write one file per pass into -o DIR")
+    _pipeline_args(dump)
+    dump.add_argument("-o", "--output", metavar="PATH", help="file to write (a directory with --each-pass)")
+    dump.set_defaults(func=cmd_dump)
+
+    opt = sub.add_parser("optimize", help="optimize a model for a target and print the report",
+                         description="Optimize MODEL for --target and print the report. With -o, save the "
+                                     "optimized model with torch.export (load it with torch.export.load(path)"
+                                     ".module()).")
+    _model_args(opt)
+    _pipeline_args(opt)
+    opt.add_argument("--tolerance", type=float, metavar="T",
+                     help="max error relative to the output scale (default by dtype; fp32: 1e-4)")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON")
+    opt.add_argument("-o", "--output", metavar="OUT.pt2", help="save the optimized model (torch.export.save)")
+    opt.set_defaults(func=cmd_optimize)
+
+    tg = sub.add_parser("targets", help="list hardware targets and their key figures")
+    tg.add_argument("--json", action="store_true", help="every figure of every target, as JSON")
+    tg.set_defaults(func=cmd_targets)
+
+    ps = sub.add_parser("passes", help="list registered passes and presets")
+    ps.add_argument("--json", action="store_true", help="as JSON")
+    ps.set_defaults(func=cmd_passes)
+
+    for p in (dump, opt, tg, ps):
+        p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="path/to/file.py:factory or package.module:attr")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="an example input: sizes, optional dtype (1,3,224,224 or 1,128:int64); repeat per "
+                        "input; replaces the module's example_inputs")
+    p.add_argument("--weights", metavar="FILE", help="a state dict to load (torch.load with weights_only=True)")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="capture path (default: auto, fx then export)")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", help="target name (see `optic targets`; default: cpu, this machine)")
+    p.add_argument("--passes", default="exact", help="a preset or comma-separated pass names (default: exact)")
+    p.add_argument("--disable", metavar="A,B", help="pass names to switch off")
+    p.add_argument("--no-measure", action="store_true",
+                   help="never time candidates on this machine (deterministic; the cost model decides)")
+    p.add_argument("--progress", action="store_true", help="progress lines on stderr (default: when it is a terminal)")
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_dump(args: argparse.Namespace) -> int:
+    from . import dump, registry
+    from .capture import capture
+
+    fmt = args.format or _format_from_path(args.output) or "text"
+    if args.each_pass and not args.output:
+        raise OpticError("--each-pass writes one file per pass: give a directory with -o DIR.")
+    if fmt == "svg":
+        dump.dot_executable()  # fail before any work
+    _check_target(args)
+    pass_list = registry.resolve(args.passes)
+    progress = _Progress(args)
+    model, inputs = _load(args, progress)
+    opts = dict(capture=args.capture, disable=args.disable, measure=False if args.no_measure else None)
+
+    if args.each_pass:
+        progress.line(f"running {len(pass_list)} passes, writing {fmt} files to {args.output}")
+        paths, _ = dump.dump_each_pass(model, inputs, pass_list, args.output, fmt, args.target,
+                                       on_pass=progress.pass_done, **opts)
+        print("\n".join(str(p) for p in paths))
+        return 0
+    if args.after:
+        upto = _pass_position(pass_list, args.after)
+        steps, _ = dump.trace_passes(model, inputs, pass_list[:upto], args.target, on_pass=progress.pass_done, **opts)
+        step = steps[-1]
+        text = dump.render(step.program, fmt, step.previous, title=step.title)
+    else:
+        program = capture(model, inputs, method=args.capture)
+        text = dump.render(program, fmt, title="captured graph")
+    _emit(text, args.output, progress)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from .api import optimize
+
+    _check_target(args)
+    progress = _Progress(args)
+    model, inputs = _load(args, progress)
+    progress.line(f"optimizing {args.model} for {args.target}")
+    result = optimize(model, inputs, args.target, args.passes, tolerance=args.tolerance, disable=args.disable,
+                      capture=args.capture, measure=False if args.no_measure else None,
+                      on_pass=progress.pass_done)
+    print(result.report.to_json() if args.json else result.report.table())
+    if args.output:
+        _save(result, inputs, args.output)
+        print(f"optic: saved the optimized model to {args.output} (load it with "
+              f"torch.export.load({str(args.output)!r}).module())", file=sys.stderr)
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from . import targets
+
+    rows = [targets.get(n) for n in targets.names()]
+    if args.json:
+        print(json.dumps([_plain(dataclasses.asdict(t)) for t in rows], indent=2))
+        return 0
+    head = ("target", "kind", "SMs/cores", "fp32 TFLOP/s", "fp16 TFLOP/s", "GB/s", "smem/block", "L2")
+    table = [head] + [(t.name, t.kind, _num(t.sm_count if t.kind == "gpu" else t.cores),
+                       _num(t.peak_fp32_flops, 1e12, 1), _num(t.peak_fp16_flops, 1e12, 1),
+                       _num(t.mem_bandwidth, 1e9, 0), _bytes(t.smem_per_block), _bytes(t.l2_bytes)) for t in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for k, r in enumerate(table):
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\nfp16: dense tensor-core rate on GPUs. L2: whole chip on GPUs, per core on CPUs. "
+          "cpu is this machine, detected (`optic targets --json` shows how).")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from . import registry
+
+    rows = [registry.get(n) for n in registry.names()]
+    if args.json:
+        print(json.dumps({"passes": [{"name": p.name, "exact": bool(p.exact), "description": getattr(p, "description", "")}
+                                     for p in rows], "presets": registry.PRESETS}, indent=2))
+        return 0
+    width = max(len(p.name) for p in rows) if rows else 4
+    print(f"{'pass'.ljust(width)}  {'exact':<5}  description")
+    for p in rows:
+        print(f"{p.name.ljust(width)}  {'yes' if p.exact else 'no':<5}  {getattr(p, 'description', '')}")
+    print("\npresets (--passes):")
+    for name, names in registry.PRESETS.items():
+        print(f"  {name}: {' → '.join(names) if names else '(no passes)'}")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+class _Progress:
+    """Progress lines on stderr, only for a terminal or when asked (--progress)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.on = bool(getattr(args, "progress", False)) or sys.stderr.isatty()
+
+    def line(self, text: str) -> None:
+        if self.on:
+            print(f"optic: {text}", file=sys.stderr, flush=True)
+
+    def pass_done(self, rec: Any) -> None:
+        extra = f": {rec.reason}" if rec.rolled_back else ""
+        self.line(f"pass {rec.name}: {rec.status} ({rec.seconds:.2f} s){extra}")
+
+
+def _load(args: argparse.Namespace, progress: _Progress) -> tuple[Any, Any]:
+    from .modelref import load
+
+    progress.line(f"loading {args.model}")
+    return load(args.model, args.input_shape, args.weights)
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    from . import targets
+
+    targets.get(args.target)  # UnknownTargetError names the known targets
+
+
+def _pass_position(pass_list: list[Any], spec: str) -> int:
+    """How many passes to run so that the last one is ``spec`` (a name or a 1-based step number)."""
+    names = [p.name for p in pass_list]
+    if spec.isdigit():
+        if 1 <= int(spec) <= len(names):
+            return int(spec)
+        raise OpticError(f"--after {spec}: the pipeline has passes 1..{len(names)}: {_numbered(names)}.")
+    if spec not in names:
+        raise OpticError(f"--after {spec}: no such pass in the pipeline ({_numbered(names) or 'no passes'}); "
+                         "choose the pipeline with --passes.")
+    return names.index(spec) + 1
+
+
+def _numbered(names: list[str]) -> str:
+    return ", ".join(f"{i} {n}" for i, n in enumerate(names, start=1))
+
+
+def _format_from_path(path: str | None) -> str | None:
+    if not path:
+        return None
+    return {".py": "text", ".txt": "text", ".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"}.get(
+        Path(path).suffix.lower())
+
+
+def _emit(text: str, output: str | None, progress: _Progress) -> None:
+    if not output:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    path = Path(output)
+    if path.parent and not path.parent.exists():
+        raise OpticError(f"cannot write {output}: folder {path.parent} does not exist.")
+    path.write_text(text, encoding="utf-8")
+    progress.line(f"wrote {output}")
+
+
+def _save(result: Any, inputs: Any, path: str) -> None:
+    """Save with torch.export: a portable, pickle-free archive of the optimized graph."""
+    import torch
+
+    from .capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(inputs)
+    try:
+        ep = torch.export.export(result, args, kwargs, strict=False)
+        torch.export.save(ep, path)
+    except OSError as e:
+        raise OpticError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:
+        Path(path).unlink(missing_ok=True)  # never leave a half-written archive behind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OpticError(f"the optimized model could not be saved with torch.export ({type(e).__name__}: {first}). "
+                         "The report above stands. oneDNN kernels (prepacked weights) from cpu_tactics do not "
+                         "export: add --disable cpu_tactics to save a portable model.") from None
+
+
+def _num(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if x is None else f"{x / scale:,.{digits}f}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:g} {unit}" if n % div == 0 else f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _plain(d: Any) -> Any:
+    """JSON-ready: frozensets become sorted lists, tuples lists."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, frozenset | set):
+        return sorted(d)
+    if isinstance(d, list | tuple):
+        return [_plain(v) for v in d]
+    return d
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
