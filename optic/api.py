@@ -137,7 +137,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         raise OpticError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes are {registry.names()}")
     result = pipeline.run(program, pass_list, ctx, report, disabled)
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
-        result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 3.0)))
+        result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)))
 
     report.final_error = _final_check(original, result, checks, tol)
     if verify and report.final_error > tol:  # each pass was checked; this guards the whole

@@ -227,7 +227,7 @@ class CpuTactics:
     def _choose_kernels(self, program, ctx) -> list[str]:
         """Swap in the oneDNN kernels measured faster one by one; the rules that fired."""
         gm = program.gm
-        t_end = time.perf_counter() + float(ctx.option("tactics_budget_s", 8.0))
+        t_end = time.perf_counter() + float(ctx.option("tactics_budget_s", 4.0))
         cands = _candidates(gm, ctx.stats)
         if not cands:
             return []
@@ -270,7 +270,7 @@ class CpuTactics:
             return False, f"oneDNN result differs ({check})"
         slow = ir.subgraph_callable(gm, c.nodes, c.op.x)
         n = timing.calls_per_block(lambda: slow(x), target_s=0.005)
-        t = timing.compare({"torch": lambda: slow(x), "onednn": lambda: fast(x)}, rounds=5, block=n, warmup=1)
+        t = timing.compare({"torch": lambda: slow(x), "onednn": lambda: fast(x)}, rounds=4, block=n, warmup=1)
         ratio = t["onednn"].median / t["torch"].median
         if ratio < _KEEP_MARGIN:
             return True, ""
@@ -282,7 +282,7 @@ class CpuTactics:
         args, kwargs = program.example_args, program.example_kwargs
         fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}
         n = timing.calls_per_block(fns["torch ops"], target_s=0.02, cap=20)
-        t = timing.compare(fns, rounds=7, block=n, warmup=1, budget_s=float(ctx.option("tactics_confirm_s", 5.0)))
+        t = timing.compare(fns, rounds=7, block=n, warmup=1, budget_s=float(ctx.option("tactics_confirm_s", 3.0)))
         best = min(t, key=lambda k: t[k].median)
         before = t["torch ops"]
         ctx.record.measured["latency_s"] = (before.median, t[best].median)

@@ -55,25 +55,10 @@ def _idempotent(model, inputs, capture):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@given(case=cnn_models())
-def test_cnn_models_stay_correct(case, capture):
-    model, inputs = case
-    _check(model, inputs, EXACT, capture)
-    _idempotent(model, inputs, capture)
-
-
-@pytest.mark.parametrize("capture", ["fx", "export"])
-@given(case=mlp_models())
-def test_mlp_models_stay_correct(case, capture):
-    model, inputs = case
-    _check(model, inputs, EXACT, capture)
-    _idempotent(model, inputs, capture)
-
-
-@pytest.mark.parametrize("capture", ["fx", "export"])
-@given(case=token_models())
-def test_token_models_stay_correct(case, capture):
-    model, inputs = case
+@pytest.mark.parametrize("models", [cnn_models, mlp_models, token_models], ids=["cnn", "mlp", "tokens"])
+@given(data=st.data())
+def test_generated_models_stay_correct(models, capture, data):
+    model, inputs = data.draw(models())
     _check(model, inputs, EXACT, capture)
     _idempotent(model, inputs, capture)
 
