@@ -198,7 +198,7 @@ class CpuTactics:
             ctx.stats.decline("cpu_tactics", "*", f"target '{ctx.target.name}' is not a CPU")
             return False
         if not ctx.measure:
-            ctx.stats.decline("cpu_tactics", "*", "tactics are chosen by measurement, and the target is not this machine")
+            ctx.stats.decline("cpu_tactics", "*", "tactics are chosen by measurement: measuring is off (measure=False, or the target is not this machine)")
             return False
         if not torch.backends.mkldnn.is_available():
             ctx.stats.decline("cpu_tactics", "*", "this PyTorch build has no oneDNN")
