@@ -6,6 +6,7 @@
     optic optimize examples/resnet_bn.py:build --target cpu [--json] [-o resnet.pt2]
     optic targets [--json]
     optic passes [--json]
+    optic bench [--models resnet18,hf_bert] [--systems eager,optic,compile] [--batch 1,8]   # from a checkout
 
 MODEL is ``path/to/file.py:factory`` (a function or nn.Module class called with no arguments) or
 ``package.module:attr``; example inputs come from ``example_inputs`` beside it or from
@@ -95,7 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="as JSON")
     ps.set_defaults(func=cmd_passes)
 
-    for p in (dump, opt, tg, ps):
+    bench = sub.add_parser("bench", help="time optic against eager, torch.compile, ONNX Runtime and TVM on the zoo",
+                           description="Benchmark systems on the model zoo (benchmarks/zoo/): preparation time, "
+                                       "max error vs eager and steady-state latency, all systems alternated in "
+                                       "blocks over several rounds; a failing system is reported, never ends the "
+                                       "run. Writes bench.json, bench.md and bench.png. Needs a checkout of the "
+                                       "optic repository and pip install -e '.[bench]'.")
+    bench.add_argument("--models", metavar="A,B", help="zoo entries (default: every entry usable here)")
+    bench.add_argument("--systems", metavar="A,B", default="eager,optic,optic-tvm,compile,ort,tvm-default",
+                       help="systems to compare (default: %(default)s; also fx-ofi: torch.fx's "
+                            "optimize_for_inference), or package.module:ATTR naming a benchmarks.systems.System "
+                            "of your own; eager is always included")
+    bench.add_argument("--batch", metavar="1,8", default="1,8", help="batch sizes (default: %(default)s)")
+    bench.add_argument("--target", default="cpu", help="where to measure: only cpu, this machine (default)")
+    bench.add_argument("--rounds", type=int, default=20, metavar="N",
+                       help="alternation rounds per timing, at least (default: %(default)s)")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="threads for every system (default: $OMP_NUM_THREADS if set, else all cores here)")
+    bench.add_argument("--out", metavar="DIR", help="folder for the results (default: benchmarks/results)")
+    bench.add_argument("--readme", metavar="README.md",
+                       help="also replace the <!-- bench:begin -->…<!-- bench:end --> block of this file")
+    bench.add_argument("--in-process", action="store_true",
+                       help="run every model in this process (default: one child process per model and batch, "
+                            "so that a crash costs one system, not the run)")
+    bench.add_argument("--timeout", type=float, default=1800, metavar="S",
+                       help="seconds per model and batch before the system in progress is given up "
+                            "(default: %(default)s)")
+    bench.add_argument("--progress", action="store_true", help="progress lines on stderr (default: when it is a terminal)")
+    bench.set_defaults(func=cmd_bench)
+
+    for p in (dump, opt, tg, ps, bench):
         p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     return parser
 
@@ -208,6 +238,65 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for name, names in registry.PRESETS.items():
         print(f"  {name}: {' → '.join(names) if names else '(no passes)'}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    runner = _bench_runner()
+    from benchmarks import render, systems, zoo
+
+    if args.target != "cpu":
+        raise OpticError(f"optic bench measures on this machine's CPU; --target {args.target} is not supported "
+                         "(use --target cpu).")
+    known = zoo.names()
+    models = _csv(args.models) or known
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise OpticError(f"--models: {', '.join(unknown)} not in the zoo here (known: {', '.join(known)}; the hf_* "
+                         "entries need transformers).")
+    names = _csv(args.systems)
+    bad = [s for s in names if s not in systems.SYSTEMS and ":" not in s]
+    if bad:
+        raise OpticError(f"--systems: unknown {', '.join(bad)}; systems are {', '.join(systems.SYSTEMS)}.")
+    try:
+        batches = [int(b) for b in _csv(args.batch)]
+    except ValueError:
+        raise OpticError(f"--batch {args.batch}: give batch sizes as integers, e.g. 1,8.") from None
+    if not batches or min(batches) < 1 or args.rounds < 1 or (args.threads is not None and args.threads < 1):
+        raise OpticError("--batch, --rounds and --threads take positive integers.")
+    if args.readme:
+        try:
+            render.check_readme(Path(args.readme))
+        except ValueError as e:
+            raise OpticError(f"--readme: {e}") from None
+    progress = _Progress(args)
+    results = runner.run(models, names, batches, args.rounds, args.out or runner.RESULTS, progress.line,
+                         threads=args.threads, isolate=not args.in_process, timeout_s=args.timeout,
+                         readme=args.readme)
+    print(render.markdown(results), end="")
+    out = Path(args.out or runner.RESULTS)
+    print(f"optic: wrote {out / 'bench.json'}, {out / 'bench.md'}" + (
+        f", {out / 'bench.png'}" if (out / "bench.png").exists() else " (no chart: pip install matplotlib)"),
+        file=sys.stderr)
+    return 0
+
+
+def _bench_runner() -> Any:
+    """benchmarks.runner from the checkout this optic was installed from (benchmarks/ is not installed)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "runner.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from benchmarks import runner
+    except ImportError as e:
+        if e.name is not None and not e.name.startswith("benchmarks"):
+            raise OpticError(f"optic bench needs {e.name}: pip install -e '.[bench]' ({e})") from None
+        raise OpticError("run optic bench from a checkout of the optic repository (benchmarks/ is not "
+                         "installed)") from None
+    return runner
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 # -- helpers ----------------------------------------------------------------------------------------------

@@ -1,0 +1,422 @@
+"""Kernel templates as search spaces: each function declares one template's variables and constraints.
+
+A template is stated once here, for one workload on one target: its tunable
+variables with their domains, the constraints (each naming the limit it
+expresses), the derived quantities the cost model and code generators read
+(threads per block, shared-memory bytes, registers), and the numbers its
+parameters stand for. Domains are generic (powers of two, small ranges); every
+hardware limit enters as a parameter taken from the Target, never as a number
+baked into a domain.
+
+Two rules about the workload's extents, used throughout:
+
+- ``_fits_exactly_or_masked`` (GPU block tiles): when the extent is a multiple
+  of the smallest tile, tiles must divide it (no edge blocks); otherwise the edge
+  block is masked and a tile must be smaller than twice the extent (``T < 2*X``:
+  no block mostly empty).
+- ``_fits_masked`` (CPU cache blocks, conv output patches): edges are always
+  handled (packing pads them, masks cover them), so only ``T < 2*X``.
+
+GPU matmul is the SIMT tiling (CUTLASS's and Triton's hierarchy): a block
+computes BM x BN of C, looping over K in BK steps staged through shared memory
+in a STAGES-deep pipeline; it is split into warps of WM x WN and each thread
+owns a TM x TN accumulator tile. A and B are read with VEC-element vector loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sympy
+from sympy import Eq, Ge, Le, Lt, Mod, Or, ceiling
+
+from optic import targets
+from optic.targets import Target
+
+from .space import Constraint, Space, SpaceError, Var, powers_of_two, range_, symbols
+
+__all__ = [
+    "TEMPLATES",
+    "conv2d_cpu",
+    "conv2d_gpu",
+    "elementwise_cpu",
+    "elementwise_gpu",
+    "matmul_cpu",
+    "matmul_gpu",
+    "reduction_cpu",
+    "reduction_gpu",
+    "template",
+]
+
+_BYTES = {"float32": 4, "float": 4, "fp32": 4, "float16": 2, "half": 2, "fp16": 2,
+          "bfloat16": 2, "bf16": 2, "int8": 1}  # fmt: skip
+
+# Not in the Target tables because they are the same on every CUDA GPU, or are estimates of ours:
+LOAD_BYTES = 16  # widest global/shared load per thread (128-bit: LDG.128, ld.global.v4.b32)
+ACC_BYTES = 4  # accumulators are fp32 (fp16/bf16 GEMMs accumulate in fp32, as PyTorch's do)
+REG_BASE = 32  # registers for addresses, indices, loop state and predicates: an estimate, not a count
+
+EPILOGUES = ("bias", "residual", "relu", "gelu", "silu", "tanh", "sigmoid")
+
+c = Constraint  # short name: templates are lists of c(relation, "the limit it expresses")
+
+
+def _bytes(dtype: Any) -> int:
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _BYTES:
+        raise SpaceError(f"no template for dtype {dtype!r}; known: {sorted(_BYTES)}")
+    return _BYTES[key]
+
+
+def _target(target: str | Target, kind: str, fields: Sequence[str]) -> Target:
+    t = targets.get(target)
+    if t.kind != kind:
+        raise SpaceError(f"target {t.name} is a {t.kind}; this template is for a {kind}")
+    missing = [f for f in fields if getattr(t, f) is None]
+    if missing:
+        raise SpaceError(f"target {t.name} lacks {', '.join(missing)}, which this template needs")
+    return t
+
+
+def _epilogue(epilogue: Sequence[str]) -> tuple[str, ...]:
+    unknown = [e for e in epilogue if e not in EPILOGUES]
+    if unknown:
+        raise SpaceError(f"unknown epilogue {unknown}; known: {list(EPILOGUES)}")
+    return tuple(epilogue)
+
+
+def _fits_exactly_or_masked(extent: Any, tile: sympy.Symbol, extent_value: int, smallest: int) -> Constraint:
+    if extent_value % smallest == 0:
+        return c(Eq(Mod(extent, tile), 0), f"{tile} divides the extent {extent}: no edge blocks")
+    return c(Lt(tile, 2 * extent), f"edge blocks masked; {tile} under twice the extent {extent}")
+
+
+def _fits_masked(extent: Any, tile: sympy.Symbol) -> Constraint:
+    return c(Lt(tile, 2 * extent), f"edges handled; {tile} under twice the extent {extent}")
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise SpaceError(f"convolution output is empty: size {size}, kernel {kernel}, stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    return out
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+
+_GPU_FIELDS = ("smem_per_block", "max_threads_per_block", "warp_size", "regs_per_thread", "regs_per_sm")
+SMEM, MAX_THREADS, WARP, REGS, REGS_SM, BYTES, LOAD, ACC, RBASE = symbols(
+    "SMEM MAX_THREADS WARP REGS REGS_SM BYTES LOAD_BYTES ACC_BYTES REG_BASE")
+
+
+def _gpu_params(t: Target, dtype: Any) -> dict[str, int]:
+    return dict(SMEM=t.smem_per_block, MAX_THREADS=t.max_threads_per_block, WARP=t.warp_size,
+                REGS=t.regs_per_thread, REGS_SM=t.regs_per_sm, BYTES=_bytes(dtype), LOAD_BYTES=LOAD_BYTES,
+                ACC_BYTES=ACC_BYTES, REG_BASE=REG_BASE)
+
+
+def _gemm_gpu(epilogue: tuple[str, ...], a_vector: bool, b_contiguous: str, gemm_k: Any):
+    """Block/warp/thread tiling, shared-memory pipeline and vector loads of a GPU GEMM (the extents'
+    fits are the caller's). ``a_vector``: A is read with VEC-wide loads (K contiguous); ``b_contiguous``:
+    the dimension of B that is contiguous in memory ("k" for nn.Linear weights, "n" for a K x N matrix)."""
+    BM, BN, BK, WM, WN, TM, TN, STAGES, VEC = symbols("BM BN BK WM WN TM TN STAGES VEC")
+    variables = [
+        Var("BM", powers_of_two(16, 256)), Var("BN", powers_of_two(16, 256)), Var("BK", powers_of_two(16, 128)),
+        Var("WM", powers_of_two(8, 256)), Var("WN", powers_of_two(8, 256)),
+        Var("TM", powers_of_two(1, 16)), Var("TN", powers_of_two(1, 16)),
+        Var("STAGES", range_(1, 6)), Var("VEC", powers_of_two(1, 16)),
+    ]
+    threads = BM * BN / (TM * TN)
+    smem = STAGES * (BM * BK + BK * BN) * BYTES
+    # Registers per thread: fp32 accumulators, the A and B fragments of a k step double-buffered in the
+    # input dtype (packed 32-bit registers), what the epilogue holds, and REG_BASE.
+    regs = TM * TN * ACC / 4 + 2 * (TM + TN) * BYTES / 4 + RBASE
+    if "bias" in epilogue:
+        regs += TN * ACC / 4  # one bias value per output column of the thread tile
+    if "residual" in epilogue:
+        regs += TM * TN * BYTES / 4  # the residual tile, in the input dtype
+    a_vec = VEC if a_vector else 1
+    constraints = [
+        c(Eq(Mod(BM, WM), 0), "warp tiles partition the block tile along M"),
+        c(Eq(Mod(BN, WN), 0), "warp tiles partition the block tile along N"),
+        c(Eq(Mod(WM, TM), 0), "thread tiles partition the warp tile along M"),
+        c(Eq(Mod(WN, TN), 0), "thread tiles partition the warp tile along N"),
+        c(Eq((WM / TM) * (WN / TN), WARP), "a warp's threads cover its warp tile exactly"),
+        c(Le(threads, MAX_THREADS), "threads per block"),
+        c(Eq(Mod(threads, WARP), 0), "a block is whole warps"),
+        c(Le(smem, SMEM), "shared memory per block: STAGES copies of the A and B tiles"),
+        c(Le(BM * BN * ACC, SMEM), "shared memory per block: the epilogue stages the C tile for coalesced stores"),
+        c(Le(regs, REGS), "registers per thread"),
+        c(Le(threads * regs, REGS_SM), "registers per SM: one block must fit"),
+        c(Le(VEC * BYTES, LOAD), "widest vector load"),
+        c(Eq(Mod(BK, VEC), 0), "vector loads of A (and K-major B) stay inside the K tile"),
+        c(Eq(Mod(BM * BK, threads * a_vec), 0), "the A tile splits into equal per-thread loads"),
+        c(Eq(Mod(BK * BN, threads * VEC), 0), "the B tile splits into equal per-thread vector loads"),
+        c(Le(STAGES, ceiling(gemm_k / BK)), "pipeline no deeper than the K loop"),
+    ]
+    if b_contiguous == "n":
+        constraints.append(c(Eq(Mod(BN, VEC), 0), "vector loads of N-major B stay inside the N tile"))
+    elif b_contiguous != "k":
+        raise SpaceError(f"b_contiguous is 'k' or 'n', not {b_contiguous!r}")
+    derived = {"threads": threads, "warps": (BM / WM) * (BN / WN), "smem_bytes": smem, "regs_per_thread": regs}
+    return variables, constraints, derived
+
+
+def matmul_gpu(M: int, N: int, K: int, target: str | Target, dtype: Any = "float16",
+               epilogue: Sequence[str] = (), b_contiguous: str = "k") -> Space:
+    """Tiled GEMM ``C[M, N] = A[M, K] @ B`` on a GPU, with an optional fused epilogue
+    (``bias``, ``residual`` add, an activation). ``b_contiguous="k"`` is an nn.Linear weight (N x K)."""
+    t = _target(target, "gpu", _GPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    Ms, Ns, Ks = symbols("M N K")
+    variables, constraints, derived = _gemm_gpu(epilogue, True, b_contiguous, Ks)
+    BM, BN, BK = symbols("BM BN BK")
+    constraints = [
+        _fits_exactly_or_masked(Ms, BM, M, 16),
+        _fits_exactly_or_masked(Ns, BN, N, 16),
+        _fits_exactly_or_masked(Ks, BK, K, 16),
+        *constraints,
+    ]
+    derived["blocks"] = ceiling(Ms / BM) * ceiling(Ns / BN)
+    return Space(f"matmul_gpu[{t.name}]", variables, constraints, {"M": M, "N": N, "K": K, **_gpu_params(t, dtype)},
+                 derived, {"op": "matmul", "target": t.name, "dtype": str(dtype), "epilogue": epilogue,
+                           "b_contiguous": b_contiguous})
+
+
+def conv2d_gpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: str | Target, *,
+               stride: int = 1, padding: int = 0, dilation: int = 1, dtype: Any = "float16",
+               layout: str = "NHWC", epilogue: Sequence[str] = ()) -> Space:
+    """2-D convolution as an implicit GEMM on a GPU: M = output pixels, N = F filters, K = C*R*S.
+
+    A block computes a TOH x TOW patch of output pixels (``BM == TOH*TOW``) for BN filters. The
+    template prefers NHWC: channels are contiguous, so A (the gathered input) is read with vector
+    loads along C. With NCHW the gather is scalar and only the weights are read with vector loads.
+    """
+    if layout not in ("NHWC", "NCHW"):
+        raise SpaceError(f"conv2d_gpu layout is 'NHWC' or 'NCHW', not {layout!r}")
+    t = _target(target, "gpu", _GPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
+    Cs, Rs, Ss, Fs, OH, OW = symbols("C R S F OH OW")
+    variables, constraints, derived = _gemm_gpu(epilogue, layout == "NHWC", "k", Cs * Rs * Ss)
+    BM, BN, BK, VEC, TOH, TOW = symbols("BM BN BK VEC TOH TOW")
+    variables += [Var("TOH", powers_of_two(1, 64)), Var("TOW", powers_of_two(1, 64))]
+    constraints = [
+        c(Eq(BM, TOH * TOW), "a block's M tile is a TOH x TOW patch of output pixels"),
+        _fits_exactly_or_masked(OH, TOH, oh, 8),
+        _fits_exactly_or_masked(OW, TOW, ow, 8),
+        _fits_exactly_or_masked(Fs, BN, F, 16),
+        _fits_exactly_or_masked(Cs * Rs * Ss, BK, C * R * S, 16),
+        *constraints,
+    ]
+    if layout == "NHWC":
+        constraints.append(c(Eq(Mod(Cs, VEC), 0), "NHWC: a vector load stays within one pixel's channels"))
+    derived["blocks"] = N * ceiling(OH / TOH) * ceiling(OW / TOW) * ceiling(Fs / BN)
+    params = {"C": C, "R": R, "S": S, "F": F, "OH": oh, "OW": ow, **_gpu_params(t, dtype)}
+    meta = {"op": "conv2d", "target": t.name, "dtype": str(dtype), "layout": layout, "epilogue": epilogue,
+            "shape": dict(N=N, C=C, H=H, W=W, F=F, R=R, S=S, stride=stride, padding=padding, dilation=dilation)}
+    return Space(f"conv2d_gpu[{t.name}]", variables, constraints, params, derived, meta)
+
+
+def elementwise_gpu(numel: int, target: str | Target, *, dtype: Any = "float16", inputs: int = 1) -> Space:
+    """An elementwise (injective) kernel over ``numel`` elements reading ``inputs`` tensors and writing one:
+    THREADS per block, EPT elements per thread, read and written VEC at a time."""
+    t = _target(target, "gpu", _GPU_FIELDS)
+    THREADS, EPT, VEC, NUMEL, INPUTS = symbols("THREADS EPT VEC NUMEL INPUTS")
+    regs = EPT * (INPUTS + 1) * BYTES / 4 + RBASE  # the thread's elements in flight, packed
+    constraints = [
+        c(Le(THREADS, MAX_THREADS), "threads per block"),
+        c(Eq(Mod(THREADS, WARP), 0), "a block is whole warps"),
+        c(Le(VEC * BYTES, LOAD), "widest vector load"),
+        c(Eq(Mod(EPT, VEC), 0), "a thread's elements are whole vectors"),
+        c(Eq(Mod(NUMEL, VEC), 0), "vector loads need no scalar tail"),
+        _fits_masked(NUMEL, THREADS * EPT),
+        c(Le(regs, REGS), "registers per thread"),
+        c(Le(THREADS * regs, REGS_SM), "registers per SM: one block must fit"),
+    ]
+    variables = [Var("THREADS", powers_of_two(32, 2048)), Var("EPT", powers_of_two(1, 32)),
+                 Var("VEC", powers_of_two(1, 16))]
+    derived = {"blocks": ceiling(NUMEL / (THREADS * EPT)), "regs_per_thread": regs}
+    return Space(f"elementwise_gpu[{t.name}]", variables, constraints,
+                 {"NUMEL": numel, "INPUTS": inputs, **_gpu_params(t, dtype)}, derived,
+                 {"op": "elementwise", "target": t.name, "dtype": str(dtype)})
+
+
+def _reduction_kind(kind: str) -> int:
+    """Partial results per row that a reduction combines: softmax's max then sum reuse one slot;
+    layer norm combines mean and sum of squares (Welford) together."""
+    partials = {"softmax": 1, "layernorm": 2}
+    if kind not in partials:
+        raise SpaceError(f"reduction kind is one of {sorted(partials)}, not {kind!r}")
+    return partials[kind]
+
+
+def reduction_gpu(rows: int, cols: int, target: str | Target, *, kind: str = "softmax",
+                  dtype: Any = "float16") -> Space:
+    """A row reduction with a normalising epilogue (softmax, layer norm) over the last dimension:
+    TPR threads per row, RPB rows per block, VEC-wide loads."""
+    t = _target(target, "gpu", _GPU_FIELDS)
+    TPR, RPB, VEC, ROWS, COLS, PARTIALS = symbols("TPR RPB VEC ROWS COLS PARTIALS")
+    threads = TPR * RPB
+    smem = RPB * ceiling(TPR / WARP) * PARTIALS * ACC  # one fp32 partial per warp and row
+    constraints = [
+        c(Le(threads, MAX_THREADS), "threads per block"),
+        c(Eq(Mod(threads, WARP), 0), "a block is whole warps"),
+        c(Or(Eq(Mod(WARP, TPR), 0), Eq(Mod(TPR, WARP), 0)),
+          "a row's threads are part of one warp (shuffles only) or whole warps (shuffles, then shared memory)"),
+        c(Le(smem, SMEM), "shared memory per block: the per-warp partials"),
+        c(Le(VEC * BYTES, LOAD), "widest vector load"),
+        c(Eq(Mod(COLS, VEC), 0), "vector loads need no scalar tail"),
+        _fits_masked(COLS, TPR * VEC),
+        _fits_masked(ROWS, RPB),
+    ]
+    variables = [Var("TPR", powers_of_two(1, 1024)), Var("RPB", powers_of_two(1, 64)),
+                 Var("VEC", powers_of_two(1, 16))]
+    derived = {"threads": threads, "smem_bytes": smem, "blocks": ceiling(ROWS / RPB)}
+    params = {"ROWS": rows, "COLS": cols, "PARTIALS": _reduction_kind(kind), **_gpu_params(t, dtype)}
+    return Space(f"reduction_gpu[{t.name}]", variables, constraints, params, derived,
+                 {"op": kind, "target": t.name, "dtype": str(dtype)})
+
+
+# -- CPU ---------------------------------------------------------------------------------------------
+
+_CPU_FIELDS = ("cores", "vector_bits", "l1d_bytes", "l2_bytes", "isa")
+LANES, VREGS, L1, L2, L3, CORES = symbols("LANES VREGS L1 L2 L3 CORES")
+
+
+def _vector_registers(t: Target) -> int:
+    """Architectural SIMD registers: 32 with AVX-512 (zmm0-31) and on AArch64 (v0-v31), else 16 (ymm0-15)."""
+    return 32 if t.isa & {"avx512f", "neon", "asimd", "sve"} else 16
+
+
+def _cpu_params(t: Target, dtype: Any) -> dict[str, int]:
+    # Templates compute in fp32 (LANES fp32 elements per register); BYTES is the storage size.
+    # Without an L3, the cores' L2s together hold what would be shared.
+    return dict(LANES=t.vector_lanes_fp32, VREGS=_vector_registers(t), L1=t.l1d_bytes, L2=t.l2_bytes,
+                L3=t.l3_bytes or t.l2_bytes * t.cores, CORES=t.cores, BYTES=_bytes(dtype))
+
+
+def _gemm_cpu(MC: Any, gemm_m: Any, gemm_n: Any, epilogue: tuple[str, ...]):
+    """BLIS-style GEMM blocking: an MR x NR register tile, KC x NR micro-panels of B in L1, an MC x KC
+    block of A in L2, a KC x NC panel of B in L3; PARALLEL threads share the macro tiles."""
+    MR, NR, KC, NC, UNROLL, PARALLEL = symbols("MR NR KC NC UNROLL PARALLEL")
+    vregs = MR * NR / LANES + NR / LANES + 1  # accumulators, one row of B, one broadcast A value
+    if "bias" in epilogue:
+        vregs += NR / LANES  # the bias vectors stay loaded across the rows of a tile
+    constraints = [
+        c(Eq(Mod(NR, LANES), 0), "the register tile's N side is whole vectors"),
+        c(Le(vregs, VREGS), "vector registers"),
+        c(Le((MR + NR) * KC * BYTES, L1), "L1: the A and B micro-panels of one k block"),
+        c(Le(MC * KC * BYTES, L2), "L2: the packed A block"),
+        c(Le(KC * NC * BYTES, L3), "L3 (or all cores' L2): the packed B panel"),
+        c(Eq(Mod(MC, MR), 0), "the A block is whole register tiles"),
+        c(Eq(Mod(NC, NR), 0), "the B panel is whole register tiles"),
+        c(Eq(Mod(KC, UNROLL), 0), "the k loop unrolls evenly"),
+        c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
+        c(Ge(ceiling(gemm_m / MC) * ceiling(gemm_n / NC), PARALLEL), "a macro tile for every thread"),
+    ]
+    variables = [
+        Var("MR", range_(1, 17)), Var("NR", powers_of_two(4, 128)), Var("KC", powers_of_two(16, 2048)),
+        Var("NC", powers_of_two(16, 8192)), Var("UNROLL", powers_of_two(1, 8)), Var("PARALLEL", range_(1, 257)),
+    ]
+    derived = {"vector_registers": vregs, "l1_bytes": (MR + NR) * KC * BYTES, "l2_bytes": MC * KC * BYTES,
+               "l3_bytes": KC * NC * BYTES}
+    return variables, constraints, derived
+
+
+def matmul_cpu(M: int, N: int, K: int, target: str | Target = "cpu", dtype: Any = "float32",
+               epilogue: Sequence[str] = ()) -> Space:
+    """Blocked, vectorised GEMM on a CPU (fp32 compute), with an optional fused epilogue."""
+    t = _target(target, "cpu", _CPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    Ms, Ns, Ks, MC, NC, KC = symbols("M N K MC NC KC")
+    variables, constraints, derived = _gemm_cpu(MC, Ms, Ns, epilogue)
+    variables.insert(3, Var("MC", range_(16, 1025, 16)))
+    constraints = [_fits_masked(Ms, MC), _fits_masked(Ns, NC), _fits_masked(Ks, KC), *constraints]
+    return Space(f"matmul_cpu[{t.name}]", variables, constraints, {"M": M, "N": N, "K": K, **_cpu_params(t, dtype)},
+                 derived, {"op": "matmul", "target": t.name, "dtype": str(dtype), "epilogue": epilogue})
+
+
+def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: str | Target = "cpu", *,
+               stride: int = 1, padding: int = 0, dilation: int = 1, dtype: Any = "float32",
+               layout: str = "NHWC", epilogue: Sequence[str] = ()) -> Space:
+    """2-D convolution as an implicit GEMM on a CPU: M = output pixels, N = F filters (in vector
+    lanes), K = C*R*S. A macro tile is TOH whole output rows (``MC = TOH*OW``). The template prefers
+    NHWC (an im2col row is contiguous runs of C); with NCHW the packing gathers strided pixels, which
+    costs time but changes no constraint."""
+    if layout not in ("NHWC", "NCHW"):
+        raise SpaceError(f"conv2d_cpu layout is 'NHWC' or 'NCHW', not {layout!r}")
+    t = _target(target, "cpu", _CPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
+    Cs, Rs, Ss, Fs, OH, OW, TOH, NC, KC = symbols("C R S F OH OW TOH NC KC")
+    variables, constraints, derived = _gemm_cpu(TOH * OW, N * OH * OW, Fs, epilogue)
+    variables.insert(3, Var("TOH", powers_of_two(1, 256)))
+    constraints = [_fits_masked(OH, TOH), _fits_masked(Fs, NC), _fits_masked(Cs * Rs * Ss, KC), *constraints]
+    derived["MC"] = TOH * OW
+    params = {"C": C, "R": R, "S": S, "F": F, "OH": oh, "OW": ow, **_cpu_params(t, dtype)}
+    meta = {"op": "conv2d", "target": t.name, "dtype": str(dtype), "layout": layout, "epilogue": epilogue,
+            "shape": dict(N=N, C=C, H=H, W=W, F=F, R=R, S=S, stride=stride, padding=padding, dilation=dilation)}
+    return Space(f"conv2d_cpu[{t.name}]", variables, constraints, params, derived, meta)
+
+
+def elementwise_cpu(numel: int, target: str | Target = "cpu", *, dtype: Any = "float32", inputs: int = 1) -> Space:
+    """An elementwise (injective) loop: VEC elements a step, CHUNK elements a task, PARALLEL threads."""
+    t = _target(target, "cpu", _CPU_FIELDS)
+    VEC, CHUNK, PARALLEL, NUMEL, INPUTS = symbols("VEC CHUNK PARALLEL NUMEL INPUTS")
+    constraints = [
+        c(Eq(Mod(VEC, LANES), 0), "a step is whole vectors"),
+        c(Le(VEC * (INPUTS + 1) / LANES, VREGS), "vector registers: one step's operands and result"),
+        c(Eq(Mod(CHUNK, VEC), 0), "a task is whole steps"),
+        c(Le(CHUNK * (INPUTS + 1) * BYTES, L2), "L2: a task's operands stay in its core's cache"),
+        _fits_masked(NUMEL, CHUNK),
+        c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
+        c(Ge(ceiling(NUMEL / CHUNK), PARALLEL), "a chunk for every thread"),
+    ]
+    variables = [Var("VEC", powers_of_two(1, 512)), Var("CHUNK", powers_of_two(256, 2**20)),
+                 Var("PARALLEL", range_(1, 257))]
+    return Space(f"elementwise_cpu[{t.name}]", variables, constraints,
+                 {"NUMEL": numel, "INPUTS": inputs, **_cpu_params(t, dtype)}, {"tasks": ceiling(NUMEL / CHUNK)},
+                 {"op": "elementwise", "target": t.name, "dtype": str(dtype)})
+
+
+def reduction_cpu(rows: int, cols: int, target: str | Target = "cpu", *, kind: str = "softmax",
+                  dtype: Any = "float32") -> Space:
+    """A row reduction with a normalising epilogue (softmax, layer norm): VEC elements a step,
+    RPT rows a task, PARALLEL threads."""
+    t = _target(target, "cpu", _CPU_FIELDS)
+    VEC, RPT, PARALLEL, ROWS, COLS, PARTIALS = symbols("VEC RPT PARALLEL ROWS COLS PARTIALS")
+    constraints = [
+        c(Eq(Mod(VEC, LANES), 0), "a step is whole vectors"),
+        c(Le(VEC / LANES * (PARTIALS + 1), VREGS), "vector registers: the partial accumulators and the loaded step"),
+        c(Or(Lt(VEC, 2 * COLS), Eq(VEC, LANES)), "a row is more than half a step, or the step is one (masked) vector"),
+        c(Le(RPT * COLS * BYTES, L2), "L2: a task's rows stay cached between the passes over them"),
+        _fits_masked(ROWS, RPT),
+        c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
+        c(Ge(ceiling(ROWS / RPT), PARALLEL), "a task for every thread"),
+    ]
+    variables = [Var("VEC", powers_of_two(1, 512)), Var("RPT", powers_of_two(1, 4096)),
+                 Var("PARALLEL", range_(1, 257))]
+    params = {"ROWS": rows, "COLS": cols, "PARTIALS": _reduction_kind(kind), **_cpu_params(t, dtype)}
+    return Space(f"reduction_cpu[{t.name}]", variables, constraints, params, {"tasks": ceiling(ROWS / RPT)},
+                 {"op": kind, "target": t.name, "dtype": str(dtype)})
+
+
+# -- by name -------------------------------------------------------------------------------------------
+
+TEMPLATES: dict[tuple[str, str], Callable[..., Space]] = {
+    ("matmul", "gpu"): matmul_gpu, ("matmul", "cpu"): matmul_cpu,
+    ("conv2d", "gpu"): conv2d_gpu, ("conv2d", "cpu"): conv2d_cpu,
+    ("elementwise", "gpu"): elementwise_gpu, ("elementwise", "cpu"): elementwise_cpu,
+    ("reduction", "gpu"): reduction_gpu, ("reduction", "cpu"): reduction_cpu,
+}  # fmt: skip
+
+
+def template(op: str, *args: Any, target: str | Target, **kwargs: Any) -> Space:
+    """The template for ``op`` ("matmul", "conv2d", "elementwise", "reduction") on ``target``'s kind."""
+    t = targets.get(target)
+    if (op, t.kind) not in TEMPLATES:
+        raise SpaceError(f"no {t.kind} template for {op!r}; known: {sorted({o for o, _ in TEMPLATES})}")
+    return TEMPLATES[op, t.kind](*args, target=t, **kwargs)

@@ -1,0 +1,248 @@
+"""The systems the benchmark compares: one small adapter each.
+
+A :class:`System` has a name, ``available()`` (``None`` when it can run here, else the reason, e.g. a
+missing package and how to install it) and ``prepare(model, inputs) -> Prepared``: everything that
+happens once before steady-state calls (trace, export, compile, tune) happens in ``prepare``, so the
+runner's clock around it is the preparation time. ``Prepared.call()`` runs the model once on inputs
+already converted to the system's own format (what is timed); ``Prepared.outputs()`` runs it and
+returns torch tensors (what is checked against eager).
+
+Every system runs on this machine's CPU with the thread count the runner pinned
+(``torch.get_num_threads()``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Prepared:
+    call: Callable[[], Any]  # one steady-state call on pre-converted inputs: what is timed
+    outputs: Callable[[], Any]  # one call, outputs as torch tensors: what is checked
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-ready facts (capture path, export route)
+
+    def __call__(self) -> Any:
+        return self.call()
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    description: str
+    prepare: Callable[[nn.Module, tuple], Prepared]
+    available: Callable[[], str | None] = lambda: None
+
+
+def _missing(*modules: str, extra: str = "bench") -> str | None:
+    for mod in modules:
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install -e '.[{extra}]')"
+    return None
+
+
+def _same(fn: Callable[[], Any]) -> Prepared:
+    return Prepared(call=fn, outputs=fn)
+
+
+# -- eager PyTorch --------------------------------------------------------------------------------------
+def _eager(model: nn.Module, inputs: tuple) -> Prepared:
+    return _same(lambda: model(*inputs))
+
+
+# -- optic ----------------------------------------------------------------------------------------------
+def coverage(report: Any) -> dict[str, Any]:
+    """What optic's report says about capture and passes, JSON-ready (the coverage table's row)."""
+    return {
+        "capture": report.capture,
+        "passes": {p.name: dict(p.matched) for p in report.passes if p.changed and not p.rolled_back},
+        "rolled_back": {p.name: p.reason or "" for p in report.passes if p.rolled_back},
+        "skipped": {p.name: p.skipped for p in report.passes if p.skipped},
+        "declined": sum(len(p.declined) for p in report.passes if not p.rolled_back),
+        "notes": list(report.notes),
+        "nodes": list(report.nodes),
+        "final_error": report.final_error,
+    }
+
+
+def _optic(model: nn.Module, inputs: tuple, **kwargs: Any) -> Prepared:
+    import optic
+
+    opt = optic.optimize(model, inputs, target="cpu", **kwargs)
+    p = _same(lambda: opt(*inputs))
+    p.info["coverage"] = coverage(opt.report)
+    return p
+
+
+def _optic_tvm_available() -> str | None:
+    import optic
+
+    if "backend" not in inspect.signature(optic.optimize).parameters:
+        return "not available yet (TVM backend lands with the lowering issue)"
+    return _tvm_available()
+
+
+# -- torch.compile (inductor) ---------------------------------------------------------------------------
+def _compile_available() -> str | None:
+    if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler on CPU and none was found (install g++)"
+    return None
+
+
+def _compile(model: nn.Module, inputs: tuple) -> Prepared:
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # a fresh cache: earlier models would count against the recompile limit
+    compiled = torch.compile(model)  # default mode, inductor
+    # compile now (the first calls), cold: an on-disk cache hit would hide the real compile time
+    with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
+        compiled(*inputs)
+        compiled(*inputs)
+    return _same(lambda: compiled(*inputs))
+
+
+# -- torch.fx optimize_for_inference (not in the default set) -------------------------------------------
+def _fx_ofi(model: nn.Module, inputs: tuple) -> Prepared:
+    from torch.fx.experimental.optimization import optimize_for_inference
+
+    fast = optimize_for_inference(model)  # symbolic trace: fails on what fx cannot trace
+    with torch.no_grad():
+        fast(*inputs)
+    return _same(lambda: fast(*inputs))
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------------
+def _ort_available() -> str | None:
+    return _missing("onnx", "onnxruntime")
+
+
+def _onnx_export(model: nn.Module, inputs: tuple, path: Path) -> str:
+    """Export with the dynamo exporter (needs onnxscript), falling back to the TorchScript one;
+    returns the route taken and, on fallback, why."""
+    dynamo_error = _missing("onnxscript")
+    if dynamo_error is None:
+        try:
+            torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
+            return "dynamo"
+        except Exception as e:
+            dynamo_error = first_line(e)
+    torch.onnx.export(model, inputs, str(path), dynamo=False)
+    return f"torchscript (dynamo export failed: {dynamo_error})"
+
+
+def _ort(model: nn.Module, inputs: tuple) -> Prepared:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    # ORT's threads spin after each run; alternated with PyTorch's OpenMP pool on few cores they
+    # would steal each other's cores and inflate both timings
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory(prefix="optic-bench-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        route = _onnx_export(model, inputs, path)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.numpy() for t in inputs]
+    if len(names) != len(arrays):
+        raise RuntimeError(f"the exported graph takes {len(names)} inputs ({names}); the model {len(arrays)}")
+    feed = dict(zip(names, arrays, strict=True))
+    p = Prepared(call=lambda: session.run(None, feed),
+                 outputs=lambda: [torch.from_numpy(a) for a in session.run(None, feed)])
+    p.info["export"] = route
+    return p
+
+
+# -- TVM, default (untuned) build -----------------------------------------------------------------------
+BROKEN_TVM_FFI = "0.1.15"  # apache-tvm-ffi 0.1.15.x segfaults serializing to JSON
+
+
+def _tvm_available() -> str | None:
+    missing = _missing("tvm", "tvm_ffi")
+    if missing:
+        return missing
+    ffi = importlib.metadata.version("apache-tvm-ffi")
+    if ffi.startswith(BROKEN_TVM_FFI):
+        return f"apache-tvm-ffi {ffi} segfaults on JSON serialization (pip install apache-tvm-ffi==0.1.14.post1)"
+    return None
+
+
+def tvm_target() -> Any:
+    """LLVM for this machine's CPU (its name as LLVM knows it, e.g. 'icelake-server'), else generic."""
+    import tvm
+
+    try:
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+    except Exception:  # an LLVM without host detection: generic code
+        cpu = ""
+    spec: dict[str, Any] = {"kind": "llvm"}
+    if cpu and cpu != "generic":
+        spec["mcpu"] = cpu
+    return tvm.target.Target(spec)
+
+
+def _tvm_default(model: nn.Module, inputs: tuple) -> Prepared:
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))  # read when the pool starts
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    exported = torch.export.export(model, inputs, strict=False)
+    mod = from_exported_program(exported)  # PyTorch's default decomposition
+    target = tvm_target()
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    main = vm["main"]
+    args = [tvm.runtime.tensor(t.numpy()) for t in inputs]
+    p = Prepared(call=lambda: main(*args), outputs=lambda: _tvm_to_torch(main(*args)))
+    p.info["target"] = str(target)
+    return p
+
+
+def _tvm_to_torch(out: Any) -> Any:
+    if hasattr(out, "numpy"):
+        return torch.from_numpy(out.numpy())
+    return [_tvm_to_torch(o) for o in out]
+
+
+# -- the table ------------------------------------------------------------------------------------------
+SYSTEMS: dict[str, System] = {s.name: s for s in [
+    System("eager", "eager PyTorch", _eager),
+    System("optic", "optic, exact passes, torch backend", _optic),
+    System("optic-tvm", "optic, exact passes, TVM backend",
+           lambda m, x: _optic(m, x, backend="tvm"), _optic_tvm_available),
+    System("compile", "torch.compile, default mode (inductor)", _compile, _compile_available),
+    System("ort", "ONNX Runtime, all graph optimizations", _ort, _ort_available),
+    System("tvm-default", "TVM Relax, default untuned build", _tvm_default, _tvm_available),
+    System("fx-ofi", "torch.fx.experimental.optimization.optimize_for_inference", _fx_ofi),
+]}
+DEFAULT = ["eager", "optic", "optic-tvm", "compile", "ort", "tvm-default"]
+
+
+def get(name: str) -> System:
+    try:
+        return SYSTEMS[name]
+    except KeyError:
+        raise KeyError(f"no system '{name}'; systems: {', '.join(SYSTEMS)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first non-empty line of the message`` (what the tables show for a failure)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
