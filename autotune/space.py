@@ -28,7 +28,7 @@ from __future__ import annotations
 import keyword
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
@@ -48,8 +48,8 @@ __all__ = [
     "symbols",
 ]
 
-# Names the compiled constraint code uses itself (optic.autotune.solver); a variable may not shadow them.
-_RESERVED = frozenset({"math", "Fraction"})
+# Names the compiled constraints and search use (optic.autotune.constraints); a variable may not shadow them.
+_RESERVED = frozenset({"math", "Fraction", "min", "max", "abs", "len"})
 
 
 class SpaceError(OpticError, ValueError):
@@ -127,13 +127,7 @@ class Constraint:
     why: str = ""
 
     def __str__(self) -> str:
-        text = _show(self.relation)
-        return f"{text} [{self.why}]" if self.why else text
-
-
-def _show(relation: Any) -> str:
-    """Relations printed the way they are written (``a <= b``, ``Eq(Mod(M, BM), 0)``)."""
-    return str(relation)
+        return f"{self.relation} [{self.why}]" if self.why else str(self.relation)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,9 +146,9 @@ class Space:
     name: str
     variables: tuple[Var, ...]
     constraints: tuple[Constraint, ...]
-    params: Mapping[str, int] = field(default_factory=dict)
-    derived: Mapping[str, sympy.Expr] = field(default_factory=dict)
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, int]
+    derived: Mapping[str, sympy.Expr]
+    meta: Mapping[str, Any]
 
     def __init__(
         self,
@@ -239,14 +233,19 @@ class Space:
 
     # -- configurations -------------------------------------------------------------------------
 
-    def _values(self, config: Mapping[str, int]) -> dict[sympy.Symbol, sympy.Integer]:
+    def _values(self, config: Mapping[str, int]) -> dict[str, sympy.Integer]:
         missing = [n for n in self.names if n not in config]
         extra = sorted(set(config) - set(self._index))
         if missing or extra:
             raise SpaceError(f"config for space {self.name}: missing {missing}, unknown {extra}")
-        subs = {self._symbols[n]: sympy.Integer(int(config[n])) for n in self.names}
-        subs.update({self._symbols[p]: sympy.Integer(v) for p, v in self.params.items()})
-        return subs
+        values = {n: sympy.Integer(int(config[n])) for n in self.names}
+        values.update({p: sympy.Integer(v) for p, v in self.params.items()})
+        return values
+
+    @staticmethod
+    def _at(expr: Any, values: Mapping[str, sympy.Integer]) -> Any:
+        """``expr`` with its symbols, matched by name, replaced by ``values``."""
+        return expr.xreplace({s: values[s.name] for s in expr.free_symbols if s.name in values})
 
     def check(self, config: Mapping[str, int]) -> list[str]:
         """The constraints ``config`` violates, as readable strings; empty when it is valid.
@@ -254,14 +253,21 @@ class Space:
         Evaluated exactly by sympy (the reference semantics the solver's compiled
         checks must agree with). A value outside its variable's domain is a violation too.
         """
-        subs = self._values(config)
+        values = self._values(config)
         out = [f"{v.name}={config[v.name]} is not in its domain {v.domain}"
                for v in self.variables if int(config[v.name]) not in v.domain]
         for c in self.constraints:
-            value = c.relation.xreplace(subs) if not isinstance(c.relation, bool) else c.relation
-            if value is sympy.true or value is True:
+            try:
+                value = self._at(c.relation, values)
+                undefined = any(self._at(side, values).has(sympy.zoo, sympy.nan)
+                                for rel in c.relation.atoms(sympy.Rel) for side in rel.args)
+            except (TypeError, ZeroDivisionError) as e:  # e.g. comparing an infinite quotient
+                out.append(f"{c}: undefined ({e})")
                 continue
-            out.append(f"{c}: {_explain(c.relation, subs)}")
+            if undefined:  # a division by zero satisfies no constraint
+                out.append(f"{c}: undefined (division by zero)")
+            elif value is not sympy.true:
+                out.append(f"{c}: {_explain(c.relation, values)}")
         return out
 
     def is_valid(self, config: Mapping[str, int]) -> bool:
@@ -271,7 +277,7 @@ class Space:
         """The exact value of a derived quantity (by name) or of an expression, for ``config``."""
         if isinstance(expr, str):
             expr = self.derived[expr]
-        value = sympy.sympify(expr).xreplace(self._values(config))
+        value = self._at(sympy.sympify(expr), self._values(config))
         if value.is_Integer:
             return int(value)
         if value.is_Rational:
@@ -295,15 +301,15 @@ class Space:
         return f"<Space {self.name}: {len(self.variables)} variables, {len(self.constraints)} constraints>"
 
 
-def _explain(relation: Any, subs: Mapping[sympy.Symbol, sympy.Integer]) -> str:
-    """Why ``relation`` fails at ``subs``: both sides evaluated, or the value of a Mod."""
+def _explain(relation: Any, values: Mapping[str, sympy.Integer]) -> str:
+    """Why ``relation`` fails at ``values``: both sides evaluated, or the value of a Mod."""
     if isinstance(relation, sympy.Rel):
-        lhs, rhs = (side.xreplace(subs) for side in (relation.lhs, relation.rhs))
+        try:
+            lhs, rhs = (Space._at(side, values) for side in (relation.lhs, relation.rhs))
+        except (TypeError, ZeroDivisionError) as e:
+            return f"undefined ({e})"
         if isinstance(relation, sympy.Eq) and rhs == 0 and isinstance(relation.lhs, sympy.Mod):
-            a, b = (arg.xreplace(subs) for arg in relation.lhs.args)
+            a, b = (Space._at(arg, values) for arg in relation.lhs.args)
             return f"Mod({a}, {b}) = {lhs}"
         return f"{lhs} {relation.rel_op} {rhs} is false"
-    try:
-        return f"{relation.xreplace(subs)}"
-    except (TypeError, ZeroDivisionError) as e:  # a comparison with an undefined value
-        return f"undefined ({e})"
+    return "false"
