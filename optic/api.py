@@ -16,8 +16,7 @@ from .capture import capture as capture_program
 from .errors import InputMismatchError, OpticError
 from .program import Program
 from .report import Report
-from .timing import calls_per_block
-from .timing import compare as time_compare
+from .timing import compare_models
 from .verify import compare, generated_inputs, run_seeded, tolerance_for
 
 log = logging.getLogger("optic")
@@ -57,11 +56,10 @@ class OptimizedModule(nn.Module):
                 "with example inputs of the shapes you will use (one optimized module per shape).")
 
 
-def _final_check(original: Program, result: Program, checks: list, tol: float) -> float:
+def _final_check(reference: list, result: Program, checks: list, tol: float) -> float:
     worst = 0.0
-    for args, kwargs in checks:
-        c = compare(run_seeded(original.gm, args, kwargs), run_seeded(result.gm, args, kwargs), tol)
-        worst = max(worst, c.rel)
+    for ref, (args, kwargs) in zip(reference, checks, strict=True):
+        worst = max(worst, compare(ref, run_seeded(result.gm, args, kwargs), tol).rel)
     return worst
 
 
@@ -70,9 +68,8 @@ def _never_slower(original: Program, result: Program, report: Report, budget_s: 
     unless it is slower beyond the measured noise (then the captured graph is returned, and the
     report says so)."""
     args, kwargs = original.example_args, original.example_kwargs
-    fns = {"original": lambda: original.gm(*args, **kwargs), "optimized": lambda: result.gm(*args, **kwargs)}
-    block = calls_per_block(fns["original"], target_s=0.02, cap=20)
-    t = time_compare(fns, rounds=7, block=block, warmup=1, budget_s=budget_s)
+    t = compare_models({"original": lambda: original.gm(*args, **kwargs),
+                        "optimized": lambda: result.gm(*args, **kwargs)}, budget_s)
     before, after = t["original"], t["optimized"]
     report.measured_latency_s = (before.median, after.median)
     noise = max(before.spread, after.spread)
@@ -118,10 +115,10 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     pass_list = registry.resolve(passes)
     program = capture_program(model, example_inputs, example_kwargs, method=capture, inference=inference)
     original = program.clone()
-    ref_out = run_seeded(program.gm, program.example_args, program.example_kwargs)
-    tol = tolerance_for(ref_out, tolerance)
     checks = [(program.example_args, program.example_kwargs)]
     checks += generated_inputs(program.example_args, program.example_kwargs, check_inputs, seed=1) if verify else []
+    reference = [run_seeded(program.gm, a, k) for a, k in checks]  # the original's outputs, computed once
+    tol = tolerance_for(reference[0], tolerance)
     ctx = pipeline.PassContext(
         target=tgt, tolerance=tol if verify else float("inf"), check_inputs=checks, options=dict(options or {}),
         measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass,
@@ -135,17 +132,17 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     unknown = disabled - set(registry.names())
     if unknown:
         raise OpticError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes are {registry.names()}")
-    result = pipeline.run(program, pass_list, ctx, report, disabled)
+    result = pipeline.run(program, pass_list, ctx, report, disabled, reference)
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
         result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)))
 
-    report.final_error = _final_check(original, result, checks, tol)
+    report.final_error = _final_check(reference, result, checks, tol)
     if verify and report.final_error > tol:  # each pass was checked; this guards the whole
         report.notes.append(f"the optimized graph disagrees with the original on the checked inputs "
                             f"(error {report.final_error:.2e} > {tol:g}); returned the captured graph. "
                             "Please report it; bisect with disable=[...] or OPTIC_DISABLE.")
         result = original
-        report.final_error = _final_check(original, result, checks, tol)
+        report.final_error = _final_check(reference, result, checks, tol)
     report.nodes = (report.nodes[0], result.node_count())
     report.params = (report.params[0], result.param_count())
     report.flops = (report.flops[0], float(cost.total_flops(result)))

@@ -79,3 +79,10 @@ def calls_per_block(fn: Callable[[], object], target_s: float = 0.02, cap: int =
         fn()
         dt = time.perf_counter() - t0
     return max(1, min(cap, int(target_s / max(dt, 1e-7))))
+
+
+def compare_models(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[str, Timing]:
+    """Whole-model variants (zero-argument calls, the first one the baseline) timed against each other:
+    blocks of about 20 ms (sized on the first), 7 rounds at most, within ``budget_s``."""
+    block = calls_per_block(next(iter(fns.values())), target_s=0.02, cap=20)
+    return compare(fns, rounds=7, block=block, warmup=1, budget_s=budget_s)

@@ -77,6 +77,21 @@ def _fusable_act(op: Op, gm: fx.GraphModule) -> Op | None:
     return act
 
 
+_CONV_ONLY = "only 2-D, non-transposed, zero-padded convolutions have a oneDNN pointwise kernel"
+
+
+def _why_not_dense_fp32(op: Op) -> str | None:
+    """Why a conv/linear is not a float32 op on constant, dense weights (what every tactic needs)."""
+    w = op.const("weight")
+    if w is None or "bias" not in op.consts:
+        return "weight or bias is computed, not a constant"
+    if w.dtype != torch.float32 or ir.dtype(op.x) != torch.float32 or getattr(w, "is_mkldnn", False):
+        return "not a float32 op on dense weights"
+    if op.kind == "conv" and (op.attrs.get("nd") != 2 or op.attrs.get("padding") is None):
+        return _CONV_ONLY
+    return None
+
+
 def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
     out = []
     for node in gm.graph.nodes:
@@ -84,19 +99,16 @@ def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
         if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node):
             continue
         w = op.const("weight")
-        reason = None
-        if w is None or "bias" not in op.consts:
-            reason = "weight or bias is computed, not a constant"
-        elif w.dtype != torch.float32 or ir.dtype(op.x) != torch.float32 or getattr(w, "is_mkldnn", False):
-            reason = "not a float32 op on dense weights"
-        elif op.kind == "conv" and (op.attrs.get("nd") != 2 or op.attrs.get("transposed") or op.attrs.get("padding") is None
-                                    or op.attrs.get("padding_mode", "zeros") != "zeros"):
-            reason = "only 2-D, non-transposed, zero-padded convolutions have a oneDNN pointwise kernel"
+        reason = _why_not_dense_fp32(op)
+        if reason is None and op.kind == "conv" and (op.attrs.get("transposed")
+                                                     or op.attrs.get("padding_mode", "zeros") != "zeros"):
+            reason = _CONV_ONLY
         if reason:
             stats.decline("onednn_" + op.kind, node.name, reason)
             continue
         act = _fusable_act(op, gm)
-        attr = _ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+        name, scalars, algo = _ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+        attr = (name, scalars or [None], algo)  # the kernels take [None] for "no scalars"
         sig = (op.kind, ir.shape(op.x), tuple(w.shape), op.const("bias") is not None, repr(attr),
                repr({k: op.attrs.get(k) for k in ("stride", "padding", "dilation", "groups")}))
         out.append(Candidate(op, act, sig, attr=attr))
@@ -123,7 +135,6 @@ def _fast_call(c: Candidate, gm: fx.GraphModule):
     op = c.op
     bias = op.const("bias")
     attr, scalars, algo = c.attr
-    scalars = scalars or [None]
     if op.kind == "conv":
         a = op.attrs
         c.packed = mkldnn._reorder_convolution_weight(
@@ -138,7 +149,6 @@ def _fast_call(c: Candidate, gm: fx.GraphModule):
 def _emit(c: Candidate, gm: fx.GraphModule) -> None:
     graph = gm.graph
     attr, scalars, algo = c.attr
-    scalars = scalars or [None]
     with graph.inserting_before(c.op.node):
         w = ir.const_node(graph, gm, c.packed, "onednn_weight")
         b = c.op.consts["bias"].tensor
@@ -161,9 +171,7 @@ def to_channels_last(gm: fx.GraphModule) -> int:
     cl = torch.channels_last
     for node in list(graph.nodes):
         op = view(node, gm)
-        if op is None or op.kind != "conv" or op.attrs.get("nd") != 2 or not isinstance(op.x, fx.Node) \
-                or op.const("weight") is None or "bias" not in op.consts or op.attrs.get("padding") is None \
-                or op.const("weight").dtype != torch.float32 or getattr(op.const("weight"), "is_mkldnn", False):
+        if op is None or op.kind != "conv" or not isinstance(op.x, fx.Node) or _why_not_dense_fp32(op):
             continue
         with graph.inserting_before(node):
             x = graph.call_function(torch.ops.aten.contiguous.default, (op.x,), {"memory_format": cl})
@@ -280,9 +288,8 @@ class CpuTactics:
     def _fastest(variants: dict[str, Any], program, ctx) -> str:
         """Time the whole model in every variant, alternated in blocks; the fastest one's name."""
         args, kwargs = program.example_args, program.example_kwargs
-        fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}
-        n = timing.calls_per_block(fns["torch ops"], target_s=0.02, cap=20)
-        t = timing.compare(fns, rounds=7, block=n, warmup=1, budget_s=float(ctx.option("tactics_confirm_s", 3.0)))
+        fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}  # "torch ops" first
+        t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s", 3.0)))
         best = min(t, key=lambda k: t[k].median)
         before = t["torch ops"]
         ctx.record.measured["latency_s"] = (before.median, t[best].median)
