@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import targets
 from .api import OptimizedModule, optimize
+from .calibration import Budget, Labeled
 from .capture import capture
 from .errors import (
     CaptureError,
@@ -24,6 +25,6 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "InputMismatchError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
+    "Budget", "CaptureError", "Labeled", "InputMismatchError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
     "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "optimize", "targets",
 ]

@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from . import cost, pipeline, registry
+from .calibration import Budget, Evaluator
+from .calibration import split as split_calibration
 from .capture import capture as capture_program
 from .errors import InputMismatchError, OpticError
 from .program import Program
@@ -59,17 +61,26 @@ class OptimizedModule(nn.Module):
 def _final_check(reference: list, result: Program, checks: list, tol: float) -> float:
     worst = 0.0
     for ref, (args, kwargs) in zip(reference, checks, strict=True):
-        worst = max(worst, compare(ref, run_seeded(result.gm, args, kwargs), tol).rel)
+        worst = max(worst, compare(ref, run_seeded(result, args, kwargs), tol).rel)
     return worst
 
 
-def _never_slower(original: Program, result: Program, report: Report, budget_s: float) -> Program:
-    """Time the captured and the optimized graph alternated in blocks; keep the optimized one
-    unless it is slower beyond the measured noise (then the captured graph is returned, and the
-    report says so)."""
-    args, kwargs = original.example_args, original.example_kwargs
-    t = compare_models({"original": lambda: original.gm(*args, **kwargs),
-                        "optimized": lambda: result.gm(*args, **kwargs)}, budget_s)
+def _never_slower(original: Program, result: Program, report: Report, budget_s: float,
+                  inputs: list[tuple[tuple, dict]]) -> Program:
+    """Time the captured and the optimized model alternated in blocks (each call on the next of
+    ``inputs``, so data-dependent models such as early exit are timed on real data); keep the
+    optimized one unless it is slower beyond the measured noise (then the captured graph is
+    returned, and the report says so)."""
+    def rotating(prog: Program):
+        state = {"i": 0}
+
+        def call():
+            args, kwargs = inputs[state["i"] % len(inputs)]
+            state["i"] += 1
+            return prog(*args, **kwargs)
+        return call
+
+    t = compare_models({"original": rotating(original), "optimized": rotating(result)}, budget_s)
     before, after = t["original"], t["optimized"]
     report.measured_latency_s = (before.median, after.median)
     noise = max(before.spread, after.spread)
@@ -81,6 +92,11 @@ def _never_slower(original: Program, result: Program, report: Report, budget_s: 
     return result
 
 
+def _example_batch(flat: list) -> int | None:
+    sizes = [t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return int(sizes[0]) if sizes else None
+
+
 def _describe(sig: list) -> str:
     return ", ".join("non-tensor" if s is None else f"{list(s[0])}:{str(s[1]).replace('torch.', '')}" for s in sig)
 
@@ -89,7 +105,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
              tolerance: float | None = None, verify: bool = True, disable: list[str] | str | None = None,
              inference: bool = True, capture: str = "auto", example_kwargs: dict | None = None,
              check_inputs: int = 2, options: dict | None = None, measure: bool | None = None,
-             on_pass: Callable | None = None, instruments: list | None = None) -> OptimizedModule:
+             on_pass: Callable | None = None, instruments: list | None = None, budget: Budget | None = None,
+             calibration: Any = None, progress: Callable[[str, int, int], None] | None = None) -> OptimizedModule:
     """Optimize ``model`` for ``target``; the result computes the same function, checked on data.
 
     Args:
@@ -107,6 +124,15 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         measure: let passes time candidates here (default: when the target is this machine's CPU).
         on_pass: called with each PassRecord as the pipeline goes (progress).
         instruments: objects with ``after_pass(record, before, after)`` (Programs), e.g. dumps.
+        budget: ``optic.Budget(max_drop=0.01, metric="top1")``: lets the lossy passes of the preset
+            (``passes="default"``: low-rank, pruning, 2:4 sparsity, early exit) change the model's
+            results by at most ``max_drop`` of the metric on held-out calibration data. Without it
+            no lossy pass runs.
+        calibration: the data the budget is measured on (required with ``budget``): an iterable of
+            batches, each the model's inputs or an ``(inputs, labels)`` pair; see
+            :mod:`optic.calibration` for the rules and ``optic.Labeled`` for the explicit form.
+        progress: called as ``progress(what, done, total)`` during long work (budget allocation,
+            training exit heads).
     """
     from . import targets as _targets  # optic.targets, installed from targets/
 
@@ -128,21 +154,50 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     report.nodes = (program.node_count(), 0)
     report.params = (program.param_count(), 0)
     report.flops = (float(cost.total_flops(program)), 0.0)
+    if budget is not None:
+        flat = program.flat_inputs()
+        batch = _example_batch(flat)
+        cal = split_calibration(calibration, budget, single_input=len(flat) == 1 and not program.example_kwargs,
+                                batch_size=batch if program.capture == "export" else None)
+        ctx.budget, ctx.calibration, ctx.budget_left, ctx.progress = budget, cal, float(budget.max_drop), progress
+        ctx.evaluator = Evaluator(budget, cal, original)
+        report.notes += cal.notes
+    elif calibration is not None:
+        report.notes.append("calibration= was given without budget=: no lossy pass ran (pass optic.Budget(...) "
+                            "to allow them)")
     disabled = pipeline.disabled_passes(disable)
     unknown = disabled - set(registry.names())
     if unknown:
         raise OpticError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes are {registry.names()}")
     result = pipeline.run(program, pass_list, ctx, report, disabled, reference)
+    lossy = ctx.reference is not reference  # a lossy pass changed what the model computes
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
-        result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)))
+        timed = ctx.calibration.holdout_inputs()[:16] if ctx.calibration is not None else []
+        result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)),
+                               timed or [(original.example_args, original.example_kwargs)])
+        if result is original:
+            lossy = False
 
-    report.final_error = _final_check(reference, result, checks, tol)
+    report.final_error = _final_check(ctx.reference if lossy else reference, result, checks, tol)
     if verify and report.final_error > tol:  # each pass was checked; this guards the whole
         report.notes.append(f"the optimized graph disagrees with the original on the checked inputs "
                             f"(error {report.final_error:.2e} > {tol:g}); returned the captured graph. "
                             "Please report it; bisect with disable=[...] or OPTIC_DISABLE.")
-        result = original
+        result, lossy = original, False
         report.final_error = _final_check(reference, result, checks, tol)
+    if lossy:
+        final_drop = ctx.evaluator.drop(result, "holdout")
+        report.budget = dict(report.budget or {}, final_holdout_drop=final_drop,
+                             final_holdout=ctx.evaluator.base["holdout"] - final_drop)
+        if final_drop > budget.max_drop + 1e-12:  # the stages are checked; this guards the whole
+            report.notes.append(f"the held-out drop {final_drop:.4f} exceeds the budget {budget.max_drop}; "
+                                "returned the captured graph. Please report it.")
+            result = original
+            report.final_error = _final_check(reference, result, checks, tol)
+        else:
+            report.notes.append(f"lossy passes changed the results within the budget: held-out {ctx.evaluator.metric_name} "
+                                f"{ctx.evaluator.base['holdout']:.4f} → {report.budget['final_holdout']:.4f}; the "
+                                "max error above is against the budgeted model")
     report.nodes = (report.nodes[0], result.node_count())
     report.params = (report.params[0], result.param_count())
     report.flops = (report.flops[0], float(cost.total_flops(result)))

@@ -105,6 +105,21 @@ def stamp(new: fx.Node, replaced: Iterable[fx.Node], pass_name: str) -> None:
     new.meta["optic"] = {"origin": origins(replaced), "source": source, "pass": pass_name}
 
 
+def layer_name(node: fx.Node) -> str:
+    """The name a user knows a node by: the module path it came from (``layer1.0.conv1``) when the
+    capture recorded one, else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        if path:
+            return str(path).removeprefix("L['self'].").removeprefix("L__self___")
+    origin = node.meta.get("optic", {}).get("origin")
+    return origin[0] if origin else node.name
+
+
 def init_provenance(gm: fx.GraphModule) -> None:
     """At capture: every node is its own origin; source line from the recorded stack trace."""
     for n in gm.graph.nodes:

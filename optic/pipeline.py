@@ -44,6 +44,14 @@ class PassContext:
     # instruments (TVM's PassInstrument idea): objects with ``after_pass(record, before, after)``,
     # called after every pass, skipped ones included (then ``before is after``)
     instruments: list[Any] = field(default_factory=list)
+    # lossy passes (only with budget=): the budget, the calibration split and the evaluator that
+    # scores a candidate against the original; ``budget_left`` is what the passes so far left unspent
+    budget: Any = None
+    calibration: Any = None
+    evaluator: Any = None
+    budget_left: float = 0.0
+    progress: Callable[[str, int, int], None] | None = None  # long work: (what, done, total)
+    reference: list[Any] | None = None  # what exact passes are checked against (after lossy ones: their result)
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -67,23 +75,116 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
         disable: set[str] | None = None, reference: list[Any] | None = None) -> Program:
     """Run ``passes`` over ``program``; return the last good Program. ``report`` gets one record a pass.
 
-    ``reference``: the original model's outputs on ``ctx.check_inputs`` when the caller has them."""
+    ``reference``: the original model's outputs on ``ctx.check_inputs`` when the caller has them.
+    Exact passes are checked against the reference under ``ctx.tolerance``. Lossy passes (``exact``
+    False) run only with ``ctx.budget``: consecutive passes that propose actions (``candidates``)
+    form one stage whose budget :func:`optic.budget.allocate` spends; a lossy pass that rewrites
+    by itself (``run``) is checked on the held-out calibration split instead of the tolerance. After
+    a lossy change, later exact passes are checked against the changed model's outputs; the final
+    reference is left in ``ctx.reference``."""
     disable = disable or set()
     if reference is None:
         reference = [run_seeded(program.gm, a, k) for a, k in ctx.check_inputs]
-    for p in passes:
+    ctx.reference = reference
+    i = 0
+    while i < len(passes):
+        p = passes[i]
+        if _proposes(p) and ctx.budget is not None and p.name not in disable and program.runner is None:
+            stage = [p]
+            while (i + len(stage) < len(passes) and _proposes(passes[i + len(stage)])
+                   and passes[i + len(stage)].name not in disable):
+                stage.append(passes[i + len(stage)])
+            before = program
+            program = _run_stage(program, stage, ctx, report)
+            for rec in report.passes[-len(stage):]:
+                for inst in ctx.instruments:
+                    inst.after_pass(rec, before, program)
+                if ctx.on_pass is not None:
+                    ctx.on_pass(rec)
+            i += len(stage)
+            continue
         rec = PassRecord(p.name, bool(getattr(p, "exact", True)))
         report.passes.append(rec)
         before = program
         if p.name in disable:
             rec.skipped = f"disabled ({ENV_DISABLE} or disable=)"
+        elif not rec.exact and ctx.budget is None:
+            rec.skipped = "lossy: runs only with budget= and calibration="
+        elif not rec.exact and ctx.budget.max_drop <= 0:
+            rec.skipped = "lossy: the budget is 0"
+        elif program.runner is not None:
+            rec.skipped = "the graph already runs in segments (early exit); passes after it cannot rewrite it"
         else:
-            program = _run_one(program, p, ctx, rec, reference)
+            program = _run_one(program, p, ctx, rec, ctx.reference)
         for inst in ctx.instruments:
             inst.after_pass(rec, before, program)
         if ctx.on_pass is not None:
             ctx.on_pass(rec)
+        i += 1
     return program
+
+
+def _proposes(p: Pass) -> bool:
+    return not getattr(p, "exact", True) and hasattr(p, "candidates")
+
+
+def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report) -> Program:
+    """One budget stage: every pass proposes actions, the allocator chooses across all of them."""
+    from .budget import allocate
+
+    recs = []
+    for p in stage:
+        rec = PassRecord(p.name, False)
+        report.passes.append(rec)
+        recs.append(rec)
+    if ctx.budget.max_drop <= 0:
+        for rec in recs:
+            rec.skipped = "lossy: the budget is 0"
+        return program
+    t0 = time.perf_counter()
+    actions, by_pass = [], {}
+    for p, rec in zip(stage, recs, strict=True):
+        ctx.stats, ctx.record = RuleStats(), rec
+        rec.nodes_before, rec.params_before = program.node_count(), program.param_count()
+        rec.flops_before = float(cost.total_flops(program))
+        try:
+            proposed = list(p.candidates(program, ctx))
+        except Exception as e:
+            log.debug("pass %s crashed proposing:\n%s", p.name, traceback.format_exc())
+            _rollback(rec, f"pass raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            proposed = []
+        rec.declined = [{"rule": r, "node": n, "reason": why} for r, n, why in ctx.stats.declined]
+        by_pass[p.name] = proposed
+        actions += proposed
+    ctx.record = None
+    alloc = allocate(program, actions, ctx.evaluator, ctx.budget_left, measure=ctx.measure,
+                     measure_s=float(ctx.option("budget_measure_s", 0.6)), progress=ctx.progress)
+    seconds = (time.perf_counter() - t0) / max(len(stage), 1)
+    result = alloc.program
+    for p, rec in zip(stage, recs, strict=True):
+        mine = by_pass[p.name]
+        kept = [a for a in mine if a in alloc.kept]
+        rec.changed = bool(kept)
+        rec.matched = {f"{p.name} actions kept": len(kept)} if kept else {}
+        rec.measured["actions"] = [a.row() for a in mine]
+        rec.measured["proposed"] = len(mine)
+        rec.seconds = seconds
+        rec.nodes_after, rec.params_after = result.node_count(), result.param_count()
+        rec.flops_after = float(cost.total_flops(result))
+        if kept:
+            gain = sum(a.predicted_gain_s for a in kept)
+            rec.notes.append(f"kept {len(kept)} of {len(mine)} proposed actions; predicted gain on the target "
+                             f"{gain * 1e6:.1f} µs")
+    report.budget = {
+        "max_drop": ctx.budget.max_drop, "metric": ctx.evaluator.metric_name,
+        "fit_samples": ctx.calibration.sizes[0], "holdout_samples": ctx.calibration.sizes[1],
+        "base_fit": ctx.evaluator.base["fit"], "base_holdout": ctx.evaluator.base["holdout"],
+        "fit_drop": alloc.fit_drop, "holdout_drop": alloc.holdout_drop, "evaluations": alloc.evaluations,
+        "notes": alloc.notes, "actions": alloc.rows}
+    if alloc.kept:
+        ctx.budget_left = max(0.0, ctx.budget_left - max(alloc.fit_drop, alloc.holdout_drop))
+        ctx.reference = [run_seeded(result, a, k) for a, k in ctx.check_inputs]
+    return result
 
 
 def _run_one(program: Program, p: Pass, ctx: PassContext, rec: PassRecord, reference: list[Any]) -> Program:
@@ -94,9 +195,21 @@ def _run_one(program: Program, p: Pass, ctx: PassContext, rec: PassRecord, refer
     t0 = time.perf_counter()
     try:
         rec.changed = bool(p.run(candidate, ctx))
-        if rec.changed:
+        if rec.changed and not rec.exact:
             candidate.recompile()
-            got = [run_seeded(candidate.gm, a, k) for a, k in ctx.check_inputs]
+            drop = ctx.evaluator.drop(candidate, "holdout")
+            rec.measured["holdout_drop"] = drop
+            spent = ctx.budget.max_drop - ctx.budget_left
+            if spent + drop > ctx.budget.max_drop + 1e-12:
+                _rollback(rec, f"held-out {ctx.evaluator.metric_name} dropped {drop:.4f}; with {spent:.4f} "
+                               f"spent before, over the budget {ctx.budget.max_drop}")
+            else:
+                ctx.budget_left = max(0.0, ctx.budget_left - max(drop, 0.0))
+                candidate.annotate_shapes()
+                ctx.reference = [run_seeded(candidate, a, k) for a, k in ctx.check_inputs]
+        elif rec.changed:
+            candidate.recompile()
+            got = [run_seeded(candidate, a, k) for a, k in ctx.check_inputs]
             worst = 0.0
             for ref, out in zip(reference, got, strict=True):
                 c = compare(ref, out, ctx.tolerance)

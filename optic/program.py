@@ -35,6 +35,10 @@ class Program:
     example_args: tuple
     example_kwargs: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Set by passes that change how the graph is executed (early exit runs it in segments and may
+    # return early): a module called instead of ``gm`` with the same inputs. ``gm`` stays the whole
+    # graph (for counting and dumps); no pass may rewrite ``gm`` once a runner is set.
+    runner: Any = None
 
     # -- running -------------------------------------------------------------------------
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list[Any]:
@@ -48,13 +52,13 @@ class Program:
         return list(bound.arguments.values())
 
     def __call__(self, *args, **kwargs):
-        return self.gm(*args, **kwargs)
+        return (self.runner or self.gm)(*args, **kwargs)
 
     def run(self, args: tuple | None = None, kwargs: dict | None = None):
         args = self.example_args if args is None else args
         kwargs = self.example_kwargs if kwargs is None else kwargs
         with torch.no_grad():
-            return self.gm(*args, **kwargs)
+            return self(*args, **kwargs)
 
     # -- copies ----------------------------------------------------------------------------
     def clone(self) -> Program:
@@ -67,7 +71,7 @@ class Program:
             if hasattr(self.gm, attr):
                 setattr(gm, attr, getattr(self.gm, attr))
         gm.meta = dict(getattr(self.gm, "meta", {}))
-        return Program(gm, self.capture, self.example_args, dict(self.example_kwargs), list(self.notes))
+        return Program(gm, self.capture, self.example_args, dict(self.example_kwargs), list(self.notes), self.runner)
 
     # -- analysis ----------------------------------------------------------------------------
     def annotate_shapes(self) -> None:

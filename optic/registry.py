@@ -26,6 +26,11 @@ _PASSES: dict[str, Pass] = {}
 # Presets name passes in order. "exact" is the default; budgeted lossy passes join "default" later.
 PRESETS: dict[str, list[str]] = {
     "exact": ["cleanup", "fold_norm", "fuse", "cleanup", "cpu_tactics"],
+    # lossy passes run only with budget= (otherwise they are skipped and "default" is "exact");
+    # they see the graph before the CPU tactics rewrite ops into oneDNN kernels, and early exit,
+    # which splits the graph into segments, comes last
+    "default": ["cleanup", "fold_norm", "fuse", "cleanup", "lowrank", "prune", "sparse24", "cleanup",
+                "cpu_tactics", "early_exit"],
     "none": [],
 }
 

@@ -53,6 +53,7 @@ class Report:
     latency_estimate_s: tuple[float, float] = (0.0, 0.0)
     measured_latency_s: tuple[float, float] | None = None
     seconds: float = 0.0
+    budget: dict[str, Any] | None = None  # the accuracy budget and what lossy passes spent (see budget_table)
 
     def pass_record(self, name: str) -> PassRecord:
         """The last record of pass ``name`` (a pass may run more than once in a pipeline)."""
@@ -104,6 +105,9 @@ class Report:
             if p.rolled_back:
                 lines.append(f"{'':>6}↺ rolled back: {p.reason}")
         lines.append("-" * len(head))
+        if self.budget:
+            lines += self.budget_table().splitlines()
+            lines.append("-" * len(head))
         lines.append(f"nodes {self.nodes[0]}→{self.nodes[1]}  params {_si(self.params[0])}→{_si(self.params[1])}  "
                      f"GFLOPs {self.flops[0] / 1e9:.3f}→{self.flops[1] / 1e9:.3f}")
         lines.append(f"estimated latency on {self.target}: {self.latency_estimate_s[0] * 1e3:.3f} ms → "
@@ -113,6 +117,34 @@ class Report:
             lines.append(f"measured latency here: {a * 1e3:.3f} ms → {b * 1e3:.3f} ms ({a / b:.2f}× speed-up)")
         lines.append(f"verified on {self.checked_inputs} input sets: max error {self.final_error:.2e} of output scale "
                      f"(tolerance {self.tolerance:g}); optimize took {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+    def budget_table(self) -> str:
+        """Per layer: what each lossy pass proposed and did, predicted and measured gain, metric change."""
+        b = self.budget or {}
+        if not b:
+            return "no accuracy budget: lossy passes did not run"
+        lines = [f"accuracy budget: {b['metric']} may drop {b['max_drop']:g} "
+                 f"(calibration: {b['fit_samples']} samples to fit, {b['holdout_samples']} held out)",
+                 f"  original {b['base_fit']:.4f} fit / {b['base_holdout']:.4f} held-out; spent "
+                 f"{b['fit_drop']:.4f} fit / {b['holdout_drop']:.4f} held-out in {b['evaluations']} evaluations"]
+        rows = [r for r in b.get("actions", []) if r["status"] not in ("superseded",)]
+        shown = [r for r in rows if r["status"] == "kept"] + [r for r in rows if r["status"] != "kept"]
+        head = f"  {'pass':<10} {'layer':<28} {'action':<44} {'pred µs':>8} {'meas µs':>8} {'Δ alone':>8} {'status'}"
+        lines.append(head)
+        best_per_layer: dict[tuple, dict] = {}
+        for r in shown:  # one line per layer and pass: the level kept, else the mildest one tried
+            key = (r["pass"], r["layer"])
+            if key not in best_per_layer:
+                best_per_layer[key] = r
+        for r in best_per_layer.values():
+            meas = "pred." if r["predicted_only"] else (
+                "" if r["measured_gain_s"] is None else f"{r['measured_gain_s'] * 1e6:.1f}")
+            alone = "" if r["drop_alone"] is None else f"{r['drop_alone']:+.4f}"
+            lines.append(f"  {r['pass']:<10} {str(r['layer'])[:28]:<28} {str(r['action'])[:44]:<44} "
+                         f"{r['predicted_gain_s'] * 1e6:>8.1f} {meas:>8} {alone:>8} {r['status']}")
+        lines += [f"  · {n}" for n in b.get("notes", [])]
         return "\n".join(lines)
 
 
