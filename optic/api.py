@@ -34,6 +34,7 @@ class OptimizedModule(nn.Module):
     def __init__(self, program: Program, report: Report):
         super().__init__()
         self.graph_module = program.gm
+        self.runner = program.runner  # early exit: runs the graph in segments, may return early
         self.report = report
         self._program = program
         self._signature = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
@@ -46,7 +47,7 @@ class OptimizedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._program.capture == "export":
             self._check_inputs(args, kwargs)
-        return self.graph_module(*args, **kwargs)
+        return (self.runner or self.graph_module)(*args, **kwargs)
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> None:
         leaves = pytree.tree_leaves((args, kwargs))
@@ -172,7 +173,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     result = pipeline.run(program, pass_list, ctx, report, disabled, reference)
     lossy = ctx.reference is not reference  # a lossy pass changed what the model computes
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
-        timed = ctx.calibration.holdout_inputs()[:16] if ctx.calibration is not None else []
+        batch = _example_batch(original.flat_inputs())
+        timed = ctx.calibration.holdout_like(batch, 16) if ctx.calibration is not None and batch else []
         result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)),
                                timed or [(original.example_args, original.example_kwargs)])
         if result is original:

@@ -93,6 +93,19 @@ class Calibration:
     def holdout_inputs(self) -> list[tuple[tuple, dict]]:
         return [(b.args, b.kwargs) for b in self.holdout]
 
+    def holdout_like(self, batch: int, n: int) -> list[tuple[tuple, dict]]:
+        """Up to ``n`` held-out input sets of ``batch`` samples each (to time data-dependent models on
+        real data at the example's batch size)."""
+        out = []
+        for b in self.holdout:
+            for s in range(0, b.size - batch + 1, batch):
+                idx = torch.arange(s, s + batch)
+                args, kwargs = _take((b.args, b.kwargs), idx)
+                out.append((tuple(args), dict(kwargs)))
+                if len(out) >= n:
+                    return out
+        return out
+
     @property
     def sizes(self) -> tuple[int, int]:
         return sum(b.size for b in self.fit), sum(b.size for b in self.holdout)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max error relative to the output scale (default by dtype; fp32: 1e-4)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
     opt.add_argument("-o", "--output", metavar="OUT.pt2", help="save the optimized model (torch.export.save)")
+    opt.add_argument("--budget", type=float, metavar="DROP",
+                     help="let lossy passes (low-rank, pruning, 2:4, early exit) lose at most DROP of the metric "
+                          "on held-out calibration data, e.g. 0.01 for 1%%; implies --passes default")
+    opt.add_argument("--metric", default="auto", choices=("auto", "top1", "agreement", "rel_error"),
+                     help="what the budget measures (default: top1 for classifiers, else relative error)")
+    opt.add_argument("--calibration", metavar="FILE.py:ATTR",
+                     help="calibration batches (default: the 'calibration' function beside the model's factory)")
     opt.set_defaults(func=cmd_optimize)
 
     tg = sub.add_parser("targets", help="list hardware targets and their key figures")
@@ -189,10 +197,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _check_target(args)
     progress = _Progress(args)
     model, inputs = _load(args, progress)
+    budget, data, passes = None, None, args.passes
+    if args.budget is not None:
+        from .calibration import Budget
+        from .modelref import load_calibration
+
+        budget = Budget(max_drop=args.budget, metric=args.metric)
+        data = load_calibration(args.model, args.calibration)
+        passes = "default" if passes == "exact" else passes
     progress.line(f"optimizing {args.model} for {args.target}")
-    result = optimize(model, inputs, args.target, args.passes, tolerance=args.tolerance, disable=args.disable,
+    result = optimize(model, inputs, args.target, passes, tolerance=args.tolerance, disable=args.disable,
                       capture=args.capture, measure=False if args.no_measure else None,
-                      on_pass=progress.pass_done)
+                      on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work)
     print(result.report.to_json() if args.json else result.report.table())
     if args.output:
         _save(result, inputs, args.output)
@@ -309,6 +325,14 @@ class _Progress:
     def line(self, text: str) -> None:
         if self.on:
             print(f"optic: {text}", file=sys.stderr, flush=True)
+
+    def work(self, what: str, done: int, total: int) -> None:
+        """Long work (budget allocation, training exit heads): a line at most every 2 s."""
+        now = time.monotonic()
+        if self.on and (now - getattr(self, "_last", 0.0) > 2.0 or done + 1 >= total):
+            self._last = now
+            bar = "#" * int(20 * (done + 1) / max(total, 1))
+            print(f"optic: {what} [{bar:<20}] {done + 1}/{total}", file=sys.stderr, flush=True)
 
     def pass_done(self, rec: Any) -> None:
         extra = f": {rec.reason}" if rec.rolled_back else ""

@@ -92,6 +92,33 @@ def load(spec: str, input_shapes: list[str] | None = None, weights: str | None =
     return model, inputs
 
 
+CALIBRATION_ATTR = "calibration"
+
+
+def load_calibration(model_spec: str, ref: str | None) -> Any:
+    """Calibration batches for ``--budget``: ``ref`` (``file.py:attr``) when given, else the
+    ``calibration`` attribute beside the model's factory; a function is called."""
+    if ref:
+        where, sep, attr = ref.rpartition(":")
+        if not sep or not where or not attr:
+            raise OpticError(f"--calibration '{ref}' should be path/to/file.py:attr or package.module:attr")
+    else:
+        where, attr = model_spec.rpartition(":")[0], CALIBRATION_ATTR
+    module = _import(where)
+    with _on_path(module):
+        if not hasattr(module, attr):
+            raise OpticError(f"a budget needs calibration data: '{where}' defines no '{attr}'. Define "
+                             f"{attr}() beside the factory (batches of inputs, or (inputs, labels) pairs), or pass "
+                             "--calibration file.py:attr")
+        value = getattr(module, attr)
+        if callable(value) and not isinstance(value, torch.Tensor):
+            try:
+                value = value()
+            except Exception as e:
+                raise _user_code_error(f"calling {where}:{attr}()", e) from None
+    return value
+
+
 # -- importing ------------------------------------------------------------------------------------
 def _import(where: str) -> ModuleType:
     if where.endswith(".py") or os.sep in where or "/" in where:
