@@ -110,13 +110,7 @@ def load_calibration(model_spec: str, ref: str | None) -> Any:
             raise OpticError(f"a budget needs calibration data: '{where}' defines no '{attr}'. Define "
                              f"{attr}() beside the factory (batches of inputs, or (inputs, labels) pairs), or pass "
                              "--calibration file.py:attr")
-        value = getattr(module, attr)
-        if callable(value) and not isinstance(value, torch.Tensor):
-            try:
-                value = value()
-            except Exception as e:
-                raise _user_code_error(f"calling {where}:{attr}()", e) from None
-    return value
+        return _value_of(module, attr, where)
 
 
 # -- importing ------------------------------------------------------------------------------------
@@ -204,15 +198,21 @@ def _needs_arguments(fn: Any) -> bool:
                for p in sig.parameters.values())
 
 
-def _module_inputs(module: ModuleType, where: str) -> Any:
-    if not hasattr(module, INPUTS_ATTR):
-        return None
-    value = getattr(module, INPUTS_ATTR)
+def _value_of(module: ModuleType, attr: str, where: str) -> Any:
+    """``module.attr``, called when it is a function (the user's code: errors name it)."""
+    value = getattr(module, attr)
     if callable(value) and not isinstance(value, torch.Tensor):
         try:
             value = value()
         except Exception as e:
-            raise _user_code_error(f"calling {where}:{INPUTS_ATTR}()", e) from None
+            raise _user_code_error(f"calling {where}:{attr}()", e) from None
+    return value
+
+
+def _module_inputs(module: ModuleType, where: str) -> Any:
+    if not hasattr(module, INPUTS_ATTR):
+        return None
+    value = _value_of(module, INPUTS_ATTR, where)
     if not isinstance(value, torch.Tensor | tuple | list | dict):
         raise OpticError(f"{where}:{INPUTS_ATTR} is a {type(value).__name__}; it should be a tensor, a tuple "
                          "of tensors, a dict of keyword inputs, or a function returning one.")
