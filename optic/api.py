@@ -18,7 +18,7 @@ from .capture import capture as capture_program
 from .errors import InputMismatchError, OpticError
 from .program import Program
 from .report import Report
-from .timing import compare_models
+from .timing import compare_models, rotating
 from .verify import compare, generated_inputs, run_seeded, tolerance_for
 
 log = logging.getLogger("optic")
@@ -72,16 +72,7 @@ def _never_slower(original: Program, result: Program, report: Report, budget_s: 
     ``inputs``, so data-dependent models such as early exit are timed on real data); keep the
     optimized one unless it is slower beyond the measured noise (then the captured graph is
     returned, and the report says so)."""
-    def rotating(prog: Program):
-        state = {"i": 0}
-
-        def call():
-            args, kwargs = inputs[state["i"] % len(inputs)]
-            state["i"] += 1
-            return prog(*args, **kwargs)
-        return call
-
-    t = compare_models({"original": rotating(original), "optimized": rotating(result)}, budget_s)
+    t = compare_models({"original": rotating(original, inputs), "optimized": rotating(result, inputs)}, budget_s)
     before, after = t["original"], t["optimized"]
     report.measured_latency_s = (before.median, after.median)
     noise = max(before.spread, after.spread)

@@ -8,6 +8,7 @@ reported. Ratios come from one call to :func:`compare`, never from separate runs
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -86,3 +87,14 @@ def compare_models(fns: dict[str, Callable[[], object]], budget_s: float) -> dic
     blocks of about 20 ms (sized on the first), 7 rounds at most, within ``budget_s``."""
     block = calls_per_block(next(iter(fns.values())), target_s=0.02, cap=20)
     return compare(fns, rounds=7, block=block, warmup=1, budget_s=budget_s)
+
+
+def rotating(fn: Callable[..., object], inputs: list[tuple[tuple, dict]]) -> Callable[[], object]:
+    """A zero-argument call of ``fn`` on the next of ``inputs`` each time: models whose time depends
+    on the data (early exit) are timed over real samples, not one."""
+    it = itertools.cycle(inputs)
+
+    def call() -> object:
+        args, kwargs = next(it)
+        return fn(*args, **kwargs)
+    return call
