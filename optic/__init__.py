@@ -14,17 +14,19 @@ from .capture import capture
 from .errors import (
     CaptureError,
     InputMismatchError,
+    LoweringError,
     OpticError,
     UnknownPassError,
     UnknownTargetError,
     VerificationError,
 )
+from .lower import Lowered, lower
 from .program import Program
 from .report import PassRecord, Report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "CaptureError", "Labeled", "InputMismatchError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
-    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "optimize", "targets",
+    "Budget", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
+    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "lower", "optimize", "targets",
 ]

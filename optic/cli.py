@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "file per pass with --each-pass -o DIR (NNN_<pass>.<ext>; DOT/SVG files "
                                       "mark the nodes each pass created and erased).")
     _model_args(dump)
-    dump.add_argument("--format", choices=("text", "json", "dot", "svg"),
-                      help="text: fx source (default); json; dot: Graphviz; svg: drawn with Graphviz "
+    dump.add_argument("--format", choices=("text", "json", "dot", "svg", "tvmscript"),
+                      help="text: fx source (default); json; dot: Graphviz; svg: drawn with Graphviz; "
+                           "tvmscript: lowered to TVM Relax (needs optic[tvm]) "
                            "(default: from the -o extension, else text)")
+    dump.add_argument("--kernel", metavar="NAME", help="with --format tvmscript: one fused TIR kernel")
     when = dump.add_mutually_exclusive_group()
     when.add_argument("--after", metavar="PASS",
                       help="the graph after this pass: a name (its first run) or a step number as in "
@@ -183,10 +185,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
         upto = _pass_position(pass_list, args.after)
         steps, _ = dump.trace_passes(model, inputs, pass_list[:upto], args.target, on_pass=progress.pass_done, **opts)
         step = steps[-1]
-        text = dump.render(step.program, fmt, step.previous, title=step.title)
+        text = dump.render(step.program, fmt, step.previous, title=step.title, target=args.target, kernel=args.kernel)
     else:
         program = capture(model, inputs, method=args.capture)
-        text = dump.render(program, fmt, title="captured graph")
+        text = dump.render(program, fmt, title="captured graph", target=args.target, kernel=args.kernel)
     _emit(text, args.output, progress)
     return 0
 

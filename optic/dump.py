@@ -9,6 +9,9 @@
   erased are drawn as red dashed ghosts (``class="erased"``) with their old edges. Tooltips carry
   the provenance.
 - ``svg``: the DOT drawn by Graphviz's ``dot`` program.
+- ``tvmscript``: the Program lowered to TVM (``optic.lower``) as TVMScript: the Relax module, one
+  function per partition, under a comment header that lists the fused kernels and the ops kept in
+  PyTorch; or, with ``kernel=NAME``, that one fused TIR kernel. Needs TVM (``optic[tvm]``).
 
 :func:`dump_each_pass` writes ``000_capture.<ext>``, ``001_<pass>.<ext>``, ... one file per pass
 of the pipeline, in order; a DOT or SVG file shows what its pass changed.
@@ -32,11 +35,17 @@ from .errors import OpticError
 from .program import Program
 from .report import PassRecord, Report
 
-FORMATS = {"text": "py", "json": "json", "dot": "dot", "svg": "svg"}
+FORMATS = {"text": "py", "json": "json", "dot": "dot", "svg": "svg", "tvmscript": "py"}
 
 
-def render(program: Program, fmt: str, previous: Program | None = None, title: str | None = None) -> str:
-    """``program``'s graph in ``fmt`` (text, json, dot, svg); dot/svg mark changes from ``previous``."""
+def render(program: Program, fmt: str, previous: Program | None = None, title: str | None = None, *,
+           target: Any = "cpu", kernel: str | None = None) -> str:
+    """``program``'s graph in ``fmt`` (text, json, dot, svg, tvmscript); dot/svg mark changes from
+    ``previous``; tvmscript lowers for ``target`` and shows one ``kernel`` when named."""
+    if fmt == "tvmscript":
+        return render_tvmscript(program, target, kernel, title)
+    if kernel is not None:
+        raise OpticError("a kernel can be chosen only with the tvmscript format.")
     if fmt == "text":
         return render_text(program, title)
     if fmt == "json":
@@ -71,6 +80,29 @@ def _describe_inputs(program: Program) -> str:
             shape, dtype = _shape_dtype(n)
             parts.append(f"{n.name}: {dtype}{shape}" if shape is not None else n.name)
     return ", ".join(parts) or "none"
+
+
+# -- tvmscript ----------------------------------------------------------------------------------------
+def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None = None,
+                     title: str | None = None) -> str:
+    """The Program lowered to TVM as TVMScript: the Relax module, or one fused kernel."""
+    from .lower import lower  # TVM loads only when this format is asked for
+
+    lowered = lower(program, target)
+    head = [f"# optic TVMScript dump{': ' + title if title else ''}",
+            f"# target {lowered.target}; {len(lowered.partitions)} partition(s) in TVM, "
+            f"{len(lowered.fallbacks)} op(s) kept in PyTorch"]
+    if kernel is not None:
+        k = lowered.kernel(kernel)
+        head.append(f"# kernel {k}")
+        return "\n".join(head) + "\n" + k.script().strip("\n") + "\n"
+    head.append("# fused kernels (show one with kernel=NAME):")
+    head += [f"#   {k}" for k in lowered.kernels] or ["#   none"]
+    if lowered.fallbacks:
+        head.append("# ops kept in PyTorch:")
+        head += [f"#   {f}" for f in lowered.fallbacks]
+    head.append("# the Relax module as imported (one function per partition), before fusion:")
+    return "\n".join(head) + "\n" + lowered.script().strip("\n") + "\n"
 
 
 # -- json ---------------------------------------------------------------------------------------------
@@ -352,6 +384,6 @@ def dump_each_pass(model: Any, example_inputs: Any, passes: str | list, out_dir:
     paths = []
     for step in steps:
         path = out / f"{step.filename_stem}.{FORMATS[fmt]}"
-        path.write_text(render(step.program, fmt, step.previous, title=step.title), encoding="utf-8")
+        path.write_text(render(step.program, fmt, step.previous, title=step.title, target=target), encoding="utf-8")
         paths.append(path)
     return paths, report

@@ -47,3 +47,8 @@ class VerificationError(OpticError):
 
 class InputMismatchError(OpticError):
     """An optimized module was called with inputs unlike the ones it was specialized to."""
+
+
+class LoweringError(OpticError):
+    """Lowering to TVM cannot start: TVM is missing, the target is one TVM has no code generator
+    for, or the model cannot be exported. (One op TVM cannot take never raises: it stays in PyTorch.)"""
