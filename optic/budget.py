@@ -3,7 +3,9 @@
 A lossy pass with ``candidates(program, ctx) -> list[Action]`` proposes per-layer actions (factor
 this linear at rank 32, prune 25 % of this channel group, ...). Actions of one ``group`` are
 alternative levels of the same change (at most one of them applies); actions of different groups
-that rewrite the same nodes conflict (the first chosen wins).
+that rewrite the same nodes conflict (the first chosen wins), and so do actions of different
+passes that change the same nodes at all (``touches``: pruning a channel group slices its
+consumers, which low-rank factoring must then leave alone).
 
 The allocator, greedy by marginal gain per unit of metric lost:
 
@@ -48,6 +50,9 @@ class Action:
     predicted_gain_s: float  # latency saved on the target, by the target's cost model
     apply: Callable[[Program], None]
     predicted_only: bool = False  # the gain exists on the target only (e.g. 2:4 on a CPU): never measured here
+    # nodes the action changes without owning them (pruning slices its consumers' inputs); they
+    # conflict only with other passes' actions: a pass composes its own actions
+    touches: frozenset[str] = frozenset()
     # filled by the allocator
     drop_alone: float | None = None
     drop_cumulative: float | None = None
@@ -83,7 +88,14 @@ def build(base: Program, actions: list[Action]) -> Program:
 
 
 def _conflicts(a: Action, chosen: dict[str, Action]) -> bool:
-    return any(a.nodes & b.nodes for g, b in chosen.items() if g != a.group)
+    for g, b in chosen.items():
+        if g == a.group:
+            continue
+        if a.nodes & b.nodes:
+            return True
+        if a.pass_name != b.pass_name and (a.nodes | a.touches) & (b.nodes | b.touches):
+            return True
+    return False
 
 
 def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: float, *, measure: bool = False,

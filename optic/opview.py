@@ -8,7 +8,11 @@ passes ask the view.
 
 Kinds: conv, linear, batch_norm, layer_norm, rms_norm, group_norm, act (``attrs["fn"]`` names
 the activation), softmax, matmul, add, sub, mul, div, pow, mean, rsqrt, sqrt, neg, exp, reshape,
-flatten, transpose, permute, contiguous, dropout, identity, cast, split, getitem, cat, sdpa.
+flatten, transpose, permute, contiguous, dropout, identity, cast, split, getitem, cat, sdpa, pool
+(max/avg/adaptive/lp pooling over the last ``attrs["nd"]`` dims, ``attrs["fn"]`` names it),
+resample (interpolate/upsample over the last ``attrs["nd"]`` dims, or all dims after the first two),
+pad (``attrs["pad"]``: before/after pairs, last dim first), slice (ATen's ``slice.Tensor``: one dim,
+start, end, step), unsqueeze, squeeze.
 """
 
 from __future__ import annotations
@@ -142,6 +146,24 @@ _reg("masked_fill", [torch.masked_fill, _a("masked_fill")], ["input", "mask", "v
 _reg("where", [torch.where, _a("where")], ["condition", "input", "other"])
 _reg("logical_not", [torch.logical_not, _a("logical_not"), operator.invert], ["input"])
 _reg("sdpa", [F.scaled_dot_product_attention, _a("scaled_dot_product_attention")], _SDPA)
+_reg("pad", [F.pad, _a("pad")], ["input", "pad", "mode", "value"])
+_reg("pad", [_a("constant_pad_nd")], ["input", "pad", "value"])
+_reg("slice", [_a("slice")], ["input", "dim", "start", "end", "step"])
+_reg("unsqueeze", [torch.unsqueeze, _a("unsqueeze")], ["input", "dim"])
+_reg("squeeze", [torch.squeeze, _a("squeeze")], ["input", "dim"])
+for _nd in (1, 2, 3):
+    for _fn in ("max", "avg", "adaptive_avg", "adaptive_max", "lp"):
+        _reg("pool", [getattr(F, f"{_fn}_pool{_nd}d", None), getattr(torch, f"{_fn}_pool{_nd}d", None)], ["input"], fn=_fn, nd=_nd)
+        _reg("pool", [_a(f"{_fn}_pool{_nd}d"), _a(f"_{_fn}_pool{_nd}d")], ["input"], fn=_fn, nd=_nd,
+             tuple_out=_fn == "adaptive_max")
+    _reg("pool", [_a(f"max_pool{_nd}d_with_indices")], ["input"], fn="max", nd=_nd, tuple_out=True)
+_reg("resample", [F.interpolate, getattr(F, "upsample", None), getattr(F, "upsample_nearest", None),
+                  getattr(F, "upsample_bilinear", None)], ["input"], nd=None)
+for _name, _nd in (("upsample_nearest1d", 1), ("upsample_nearest2d", 2), ("upsample_nearest3d", 3),
+                   ("_upsample_nearest_exact1d", 1), ("_upsample_nearest_exact2d", 2), ("_upsample_nearest_exact3d", 3),
+                   ("upsample_linear1d", 1), ("upsample_bilinear2d", 2), ("upsample_bicubic2d", 2),
+                   ("_upsample_bilinear2d_aa", 2), ("upsample_trilinear3d", 3)):
+    _reg("resample", [_a(_name)], ["input"], nd=_nd)
 
 _ACT_FUNCS: dict[Any, tuple[str, dict[str, Any]]] = {}
 
@@ -153,7 +175,7 @@ def _act(fn: str, targets: list[Any], **attrs: Any) -> None:
 
 
 _act("relu", [F.relu, torch.relu, _a("relu"), torch.relu_, _a("relu_")])
-_act("hardtanh", [F.relu6], min_val=0.0, max_val=6.0)
+_act("hardtanh", [F.relu6, _a("relu6")], min_val=0.0, max_val=6.0)
 _act("hardtanh", [F.hardtanh, _a("hardtanh"), _a("hardtanh_")])
 _act("gelu", [F.gelu, _a("gelu")])
 _act("silu", [F.silu, _a("silu"), _a("silu_")])
@@ -182,6 +204,7 @@ _METHODS: dict[str, tuple[str, list[str]]] = {
     "contiguous": ("contiguous", []), "to": ("cast", ["dtype"]), "float": ("cast", []), "type_as": ("cast", ["other"]),
     "split": ("split", ["split_size", "dim"]), "detach": ("identity", []),
     "masked_fill": ("masked_fill", ["mask", "value"]), "logical_not": ("logical_not", []),
+    "unsqueeze": ("unsqueeze", ["dim"]), "squeeze": ("squeeze", ["dim"]),
 }
 
 _MODULE_ACTS: dict[type, str] = {
@@ -190,8 +213,16 @@ _MODULE_ACTS: dict[type, str] = {
     nn.Hardsigmoid: "hardsigmoid", nn.ELU: "elu", nn.Mish: "mish",
 }
 
+_MODULE_POOLS: dict[int, dict[str, type]] = {
+    nd: {fn: cls for fn, cls in (("max", getattr(nn, f"MaxPool{nd}d", None)), ("avg", getattr(nn, f"AvgPool{nd}d", None)),
+                                 ("adaptive_avg", getattr(nn, f"AdaptiveAvgPool{nd}d", None)),
+                                 ("adaptive_max", getattr(nn, f"AdaptiveMaxPool{nd}d", None)),
+                                 ("lp", getattr(nn, f"LPPool{nd}d", None))) if cls is not None}
+    for nd in (1, 2, 3)}
+
 ELEMENTWISE_KINDS = frozenset({"act", "add", "sub", "mul", "div", "pow", "rsqrt", "sqrt", "neg", "exp", "cast"})
-SHAPE_KINDS = frozenset({"reshape", "flatten", "transpose", "permute", "contiguous", "split", "getitem", "cat"})
+SHAPE_KINDS = frozenset({"reshape", "flatten", "transpose", "permute", "contiguous", "split", "getitem", "cat",
+                         "slice", "unsqueeze", "squeeze"})
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -262,6 +293,12 @@ def _module_op(node: fx.Node, gm: fx.GraphModule) -> Op | None:
         return Op("identity", node, x, base)
     if isinstance(mod, nn.Softmax):
         return Op("softmax", node, x, dict(base, dim=mod.dim, dtype=None))
+    for nd, classes in _MODULE_POOLS.items():
+        for fn, cls in classes.items():
+            if isinstance(mod, cls):
+                return Op("pool", node, x, dict(base, fn=fn, nd=nd))
+    if isinstance(mod, nn.Upsample):
+        return Op("resample", node, x, dict(base, nd=None))
     if isinstance(mod, nn.Flatten):
         return Op("flatten", node, x, dict(base, start_dim=mod.start_dim, end_dim=mod.end_dim))
     return None

@@ -95,7 +95,8 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
                    and passes[i + len(stage)].name not in disable):
                 stage.append(passes[i + len(stage)])
             before = program
-            program = _run_stage(program, stage, ctx, report)
+            later = any(not getattr(q, "exact", True) and q.name not in disable for q in passes[i + len(stage):])
+            program = _run_stage(program, stage, ctx, report, later)
             for rec in report.passes[-len(stage):]:
                 for inst in ctx.instruments:
                     inst.after_pass(rec, before, program)
@@ -128,8 +129,11 @@ def _proposes(p: Pass) -> bool:
     return not getattr(p, "exact", True) and hasattr(p, "candidates")
 
 
-def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report) -> Program:
-    """One budget stage: every pass proposes actions, the allocator chooses across all of them."""
+def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool) -> Program:
+    """One budget stage: every pass proposes actions, the allocator chooses across all of them.
+
+    When lossy passes follow (early exit), the stage may spend only ``budget_stage_share`` (default
+    half) of what is left, so that they are not starved by small per-layer gains."""
     from .budget import allocate
 
     recs = []
@@ -157,7 +161,8 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
         by_pass[p.name] = proposed
         actions += proposed
     ctx.record = None
-    alloc = allocate(program, actions, ctx.evaluator, ctx.budget_left, measure=ctx.measure,
+    allowed = ctx.budget_left * (float(ctx.option("budget_stage_share", 0.5)) if later else 1.0)
+    alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
                      measure_s=float(ctx.option("budget_measure_s", 0.6)), progress=ctx.progress)
     seconds = (time.perf_counter() - t0) / max(len(stage), 1)
     result = alloc.program

@@ -115,6 +115,23 @@ def test_metrics_score_what_they_say():
     assert custom.base["fit"] == 1.0 and seen[0] == torch.int64
 
 
+def test_top1_budget_counts_broken_samples_and_fixes_do_not_pay_for_them():
+    m = classifier()
+    data = labeled_batches(m, n=2, noisy=0.5)
+    cal = split(data, Budget(holdout=0.5), single_input=True, batch_size=None)
+    x = torch.cat([b.args[0] for b in cal.fit])
+    y = torch.cat([b.labels for b in cal.fit])
+    orig = m(x).argmax(-1)
+    # a candidate that answers the label wherever the original was wrong and a wrong class wherever it was right
+    flipped = torch.where(orig == y, (y + 1) % 4, y)
+    table = {tuple(row.tolist()): int(p) for row, p in zip(x, flipped, strict=True)}
+    cand = lambda t: torch.nn.functional.one_hot(  # noqa: E731
+        torch.tensor([table[tuple(r.tolist())] for r in t]), 4).float()
+    ev = Evaluator(Budget(metric="top1"), cal, m)
+    assert ev.drop(cand, "fit") == pytest.approx(float((orig == y).float().mean()))
+    assert ev.base["fit"] - ev.score(cand, "fit") < ev.drop(cand, "fit")  # the net drop would hide the breaks
+
+
 def test_auto_metric_picks_top1_for_logits_and_rel_error_otherwise():
     m = classifier()
     cal = split(labeled_batches(m), Budget(), single_input=True, batch_size=None)
@@ -190,6 +207,19 @@ def test_allocator_skips_conflicting_actions_and_actions_without_gain():
     c = _action("c", "_0", 0.99, gain=0.0)
     alloc = allocate(prog, [a, b, c], ev, 0.5)
     assert alloc.kept == [a] and b.status == "conflict" and c.status.startswith("no predicted gain")
+
+
+def test_consumers_a_pass_touches_conflict_with_other_passes_only():
+    prog, ev = _setup(0.5)
+    owner = _action("a", "_0", 0.99, gain=2.0)
+    owner.touches = frozenset({"_2"})  # like pruning _0's channels, which slices _2's inputs
+    same_pass = _action("b", "_2", 0.99, gain=1.0)  # the same pass composes its own actions
+    other = _action("c", "_2", 0.99, gain=1.0)
+    other.pass_name = "other"
+    alloc = allocate(prog, [owner, same_pass], ev, 0.5)
+    assert {a.group for a in alloc.kept} == {"a", "b"}
+    allocate(prog, [owner, other], ev, 0.5)
+    assert other.status == "conflict"
 
 
 def test_allocator_with_a_zero_budget_keeps_only_free_actions():
