@@ -169,6 +169,10 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
         best.drop_cumulative = drop
         best.status = "kept"
 
+    for a in actions:  # levels never tried: stronger than one found over budget, or never the best ratio
+        if a.status == "candidate":
+            over = a.level >= ceiling.get(a.group, float("inf"))
+            a.status = "over budget (a milder level was)" if over else "not chosen"
     kept = list(chosen.values())
     if measure and kept:  # 3. a change that is not faster here is undone
         kept = _measured(base, kept, measure_s, progress)

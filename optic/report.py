@@ -102,6 +102,8 @@ class Report:
                 lines.append(f"{'':>6}  … {len(p.declined) - max_declines} more declines (see to_json())")
             for n in p.notes:
                 lines.append(f"{'':>6}· {n}")
+            if p.measured.get("exits") and not p.rolled_back:
+                lines += [f"{'':>6}{line}" for line in _exit_lines(p.measured)]
             if p.rolled_back:
                 lines.append(f"{'':>6}↺ rolled back: {p.reason}")
         lines.append("-" * len(head))
@@ -146,6 +148,17 @@ class Report:
                          f"{r['predicted_gain_s'] * 1e6:>8.1f} {meas:>8} {alone:>8} {r['status']}")
         lines += [f"  · {n}" for n in b.get("notes", [])]
         return "\n".join(lines)
+
+
+def _exit_lines(m: dict[str, Any]) -> list[str]:
+    """Where early exit put its heads and how many held-out samples leave at each."""
+    lines = [f"⇥ exit after {e.get('module') or e.get('node')} ({e.get('cost_before', 0):.0%} of the cost before it): "
+             f"threshold {e.get('threshold', 0):.3f}, {e.get('holdout_exit_rate', 0):.0%} of held-out samples leave"
+             for e in m["exits"]]
+    tail = f"⇥ {m.get('holdout_rate_to_end', 0):.0%} run to the end; expected {m.get('expected_speedup', 1):.2f}×"
+    if "measured_speedup" in m:
+        tail += f", measured {m['measured_speedup']:.2f}× at batch {m.get('measured_batch', 1)}"
+    return [*lines, tail]
 
 
 def _si(n: float) -> str:
