@@ -11,7 +11,9 @@ hierarchy that shares leaf tensors), which is what makes roll-back cheap.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -76,7 +78,8 @@ class Program:
     # -- analysis ----------------------------------------------------------------------------
     def annotate_shapes(self) -> None:
         """Record shape and dtype of every value (``node.meta['tensor_meta']``) by running the examples."""
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node before raising; the caller reports it
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(self.gm).propagate(*self.flat_inputs())
 
     def node_count(self) -> int:
