@@ -4,9 +4,18 @@ measurement, tuning database).
 A template (``templates``) declares a kernel's tunable variables and the sympy constraints
 that the workload and the target put on them, once, as a ``Space``; ``solve`` enumerates exactly
 the configurations that satisfy them all, by propagation and backtracking rather than by
-filtering the Cartesian product.
+filtering the Cartesian product. ``cost_model`` ranks them for the target; ``codegen_cpu`` turns
+one into a TIR schedule for LLVM; ``measure`` builds, checks and times candidates in a worker
+process (locally or through TVM's RPC tracker); ``db`` keeps every result; ``tune`` does it all
+for one ``Operator``:
+
+    from optic.autotune import Operator, tune
+    result = tune(Operator("matmul", (512, 512, 512)), "cpu", trials=32)
 """
 
+from .db import TuningDB
+from .measure import EvaluatorConfig, Measurement, Runner
+from .operator import Operator
 from .solver import SolveResult, brute_force, solve
 from .space import Constraint, Space, SpaceError, Var, divisors, powers_of_two, range_, symbols
 from .templates import (
@@ -21,13 +30,20 @@ from .templates import (
     reduction_gpu,
     template,
 )
+from .tune import TuneResult, tune
 
 __all__ = [
     "TEMPLATES",
     "Constraint",
+    "EvaluatorConfig",
+    "Measurement",
+    "Operator",
+    "Runner",
     "SolveResult",
     "Space",
     "SpaceError",
+    "TuneResult",
+    "TuningDB",
     "Var",
     "brute_force",
     "conv2d_cpu",
@@ -44,4 +60,5 @@ __all__ = [
     "solve",
     "symbols",
     "template",
+    "tune",
 ]

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sympy
-from sympy import Eq, Ge, Le, Lt, Mod, Or, ceiling
+from sympy import And, Eq, Ge, Le, Lt, Mod, Or, ceiling
 
 from optic import targets
 from optic.targets import Target
@@ -298,7 +298,13 @@ def _cpu_params(t: Target, dtype: Any) -> dict[str, int]:
                 L3=t.l3_bytes or t.l2_bytes * t.cores, CORES=t.cores, BYTES=_bytes(dtype))
 
 
-def _gemm_cpu(MC: Any, gemm_m: Any, gemm_n: Any, epilogue: tuple[str, ...]):
+def _fits_vector_masked(extent: Any, tile: sympy.Symbol, register_tile: sympy.Symbol) -> Constraint:
+    """``_fits_masked`` for a block of whole vectors: an extent under half a vector takes one masked vector."""
+    return c(Or(Lt(tile, 2 * extent), And(Eq(tile, register_tile), Eq(register_tile, LANES))),
+             f"edges handled; {tile} under twice the extent {extent}, or one vector for an extent under half of one")
+
+
+def _gemm_cpu(MC: Any, gemm_m: Any, gemm_n: Any, gemm_k: Any, epilogue: tuple[str, ...]):
     """BLIS-style GEMM blocking: an MR x NR register tile, KC x NR micro-panels of B in L1, an MC x KC
     block of A in L2, a KC x NC panel of B in L3; PARALLEL threads share the macro tiles."""
     MR, NR, KC, NC, UNROLL, PARALLEL = symbols("MR NR KC NC UNROLL PARALLEL")
@@ -316,9 +322,10 @@ def _gemm_cpu(MC: Any, gemm_m: Any, gemm_n: Any, epilogue: tuple[str, ...]):
         c(Eq(Mod(KC, UNROLL), 0), "the k loop unrolls evenly"),
         c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
         c(Ge(ceiling(gemm_m / MC) * ceiling(gemm_n / NC), PARALLEL), "a macro tile for every thread"),
+        c(Or(Ge(KC, 16), Ge(KC, gemm_k)), "k blocks under 16 only when K is that small"),
     ]
     variables = [
-        Var("MR", range_(1, 17)), Var("NR", powers_of_two(4, 128)), Var("KC", powers_of_two(16, 2048)),
+        Var("MR", range_(1, 17)), Var("NR", powers_of_two(4, 128)), Var("KC", powers_of_two(1, 2048)),
         Var("NC", powers_of_two(16, 8192)), Var("UNROLL", powers_of_two(1, 8)), Var("PARALLEL", range_(1, 257)),
     ]
     derived = {"vector_registers": vregs, "l1_bytes": (MR + NR) * KC * BYTES, "l2_bytes": MC * KC * BYTES,
@@ -332,9 +339,12 @@ def matmul_cpu(M: int, N: int, K: int, target: str | Target = "cpu", dtype: Any 
     t = _target(target, "cpu", _CPU_FIELDS)
     epilogue = _epilogue(epilogue)
     Ms, Ns, Ks, MC, NC, KC = symbols("M N K MC NC KC")
-    variables, constraints, derived = _gemm_cpu(MC, Ms, Ns, epilogue)
-    variables.insert(3, Var("MC", range_(16, 1025, 16)))
-    constraints = [_fits_masked(Ms, MC), _fits_masked(Ns, NC), _fits_masked(Ks, KC), *constraints]
+    variables, constraints, derived = _gemm_cpu(MC, Ms, Ns, Ks, epilogue)
+    NR = symbols("NR")[0]
+    variables.insert(3, Var("MC", (*range_(1, 16), *range_(16, 1025, 16))))
+    constraints = [_fits_masked(Ms, MC), _fits_vector_masked(Ns, NC, NR), _fits_masked(Ks, KC),
+                   c(Or(Ge(MC, 16), Ge(MC, Ms)), "blocks of fewer than 16 rows only when M is that small"),
+                   *constraints]
     return Space(f"matmul_cpu[{t.name}]", variables, constraints, {"M": M, "N": N, "K": K, **_cpu_params(t, dtype)},
                  derived, {"op": "matmul", "target": t.name, "dtype": str(dtype), "epilogue": epilogue})
 
@@ -352,9 +362,11 @@ def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: s
     epilogue = _epilogue(epilogue)
     oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
     Cs, Rs, Ss, Fs, OH, OW, TOH, NC, KC = symbols("C R S F OH OW TOH NC KC")
-    variables, constraints, derived = _gemm_cpu(TOH * OW, N * OH * OW, Fs, epilogue)
+    variables, constraints, derived = _gemm_cpu(TOH * OW, N * OH * OW, Fs, Cs * Rs * Ss, epilogue)
+    NR = symbols("NR")[0]
     variables.insert(3, Var("TOH", powers_of_two(1, 256)))
-    constraints = [_fits_masked(OH, TOH), _fits_masked(Fs, NC), _fits_masked(Cs * Rs * Ss, KC), *constraints]
+    constraints = [_fits_masked(OH, TOH), _fits_vector_masked(Fs, NC, NR), _fits_masked(Cs * Rs * Ss, KC),
+                   *constraints]
     derived["MC"] = TOH * OW
     params = {"C": C, "R": R, "S": S, "F": F, "OH": oh, "OW": ow, **_cpu_params(t, dtype)}
     meta = {"op": "conv2d", "target": t.name, "dtype": str(dtype), "layout": layout, "epilogue": epilogue,
@@ -371,11 +383,13 @@ def elementwise_cpu(numel: int, target: str | Target = "cpu", *, dtype: Any = "f
         c(Le(VEC * (INPUTS + 1) / LANES, VREGS), "vector registers: one step's operands and result"),
         c(Eq(Mod(CHUNK, VEC), 0), "a task is whole steps"),
         c(Le(CHUNK * (INPUTS + 1) * BYTES, L2), "L2: a task's operands stay in its core's cache"),
-        _fits_masked(NUMEL, CHUNK),
+        c(Or(Lt(CHUNK, 2 * NUMEL), And(Eq(CHUNK, VEC), Eq(VEC, LANES))),
+          "edges handled; CHUNK under twice NUMEL, or one (masked) vector when there are fewer elements"),
+        c(Or(Ge(CHUNK, 256), Ge(CHUNK, NUMEL)), "tasks under 256 elements only when there are that few"),
         c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
         c(Ge(ceiling(NUMEL / CHUNK), PARALLEL), "a chunk for every thread"),
     ]
-    variables = [Var("VEC", powers_of_two(1, 512)), Var("CHUNK", powers_of_two(256, 2**20)),
+    variables = [Var("VEC", powers_of_two(1, 512)), Var("CHUNK", powers_of_two(1, 2**20)),
                  Var("PARALLEL", range_(1, 257))]
     return Space(f"elementwise_cpu[{t.name}]", variables, constraints,
                  {"NUMEL": numel, "INPUTS": inputs, **_cpu_params(t, dtype)}, {"tasks": ceiling(NUMEL / CHUNK)},

@@ -7,6 +7,8 @@
     optic targets [--json]
     optic passes [--json]
     optic bench [--models resnet18,hf_bert] [--systems eager,optic,compile] [--batch 1,8]   # from a checkout
+    optic kernel matmul 512x512x512 --target cpu --trials 32 [--json] [--db PATH]   # tune one operator
+    optic db [--db PATH] [--json]                                   # what the tuning database holds
 
 MODEL is ``path/to/file.py:factory`` (a function or nn.Module class called with no arguments) or
 ``package.module:attr``; example inputs come from ``example_inputs`` beside it or from
@@ -135,7 +137,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--progress", action="store_true", help="progress lines on stderr (default: when it is a terminal)")
     bench.set_defaults(func=cmd_bench)
 
-    for p in (dump, opt, tg, ps, bench):
+    kern = sub.add_parser("kernel", help="tune one operator on its own and print the chosen configuration",
+                          description="Tune one operator (a template's kernel) for --target: solve the template's "
+                                      "space, rank it with the cost model, build, check and time the --trials best "
+                                      "candidates, and keep every result in the tuning database (a second run "
+                                      "measures nothing). On a GPU target the cost model's choice is printed, "
+                                      "unmeasured. SHAPE: matmul MxNxK[,b_layout=nk]; conv2d "
+                                      "NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NCHW]; "
+                                      "elementwise NUMEL[,inputs=2][,fn=add]; reduction ROWSxCOLS[,kind=layernorm]; "
+                                      "any of them [,epilogue=bias+relu] where the template has one.")
+    kern.add_argument("op", metavar="OP", choices=("matmul", "conv2d", "elementwise", "reduction"),
+                      help="matmul, conv2d, elementwise or reduction")
+    kern.add_argument("shape", metavar="SHAPE", help="sizes and options, e.g. 512x512x512 or 1x64x56x56,64x64x3x3,pad=1")
+    kern.add_argument("--target", default="cpu", help="target name (default: cpu, this machine)")
+    kern.add_argument("--trials", type=int, default=32, metavar="N", help="candidates to measure (default: %(default)s)")
+    kern.add_argument("--json", action="store_true", help="print one JSON object")
+    kern.add_argument("--db", metavar="PATH", help="tuning database (default: $OPTIC_TUNING_DB, else "
+                                                   "~/.cache/optic/tuning.db)")
+    kern.add_argument("--threads", type=int, metavar="N",
+                      help="threads for the kernel and for PyTorch's baseline (default: the target's cores)")
+    kern.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="seconds per candidate (build, check, time) before it counts as failed "
+                           "(default: %(default)s)")
+    kern.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on a device of this TVM RPC tracker")
+    kern.add_argument("--no-baseline", action="store_true",
+                      help="do not time PyTorch's call for the same operator against the chosen kernel")
+    kern.add_argument("--progress", action="store_true", help="a line per measurement on stderr (default: when it "
+                                                              "is a terminal)")
+    kern.set_defaults(func=cmd_kernel)
+
+    tdb = sub.add_parser("db", help="show what the tuning database holds",
+                         description="List the workloads of the tuning database: operator, target, records (by "
+                                     "status), the best configuration and its time, and the toolchain.")
+    tdb.add_argument("--db", metavar="PATH", help="tuning database (default: $OPTIC_TUNING_DB, else "
+                                                  "~/.cache/optic/tuning.db)")
+    tdb.add_argument("--json", action="store_true", help="as JSON")
+    tdb.set_defaults(func=cmd_db)
+
+    for p in (dump, opt, tg, ps, bench, kern, tdb):
         p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     return parser
 
@@ -255,6 +294,56 @@ def cmd_passes(args: argparse.Namespace) -> int:
     print("\npresets (--passes):")
     for name, names in registry.PRESETS.items():
         print(f"  {name}: {' → '.join(names) if names else '(no passes)'}")
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from . import targets
+    from .autotune.measure import EvaluatorConfig, parse_rpc
+    from .autotune.operator import Operator
+    from .autotune.tune import tune
+
+    _check_target(args)
+    operator = Operator.parse(args.op, args.shape)
+    target = targets.get(args.target)
+    progress = _Progress(args)
+
+    def on_measured(done: int, total: int, best: float, last: Any) -> None:
+        what = f"{last.seconds * 1e3:.3f} ms" if last.ok else f"{last.status}: {last.error.splitlines()[0] if last.error else ''}"
+        progress.line(f"{done}/{total} {last.config}: {what} (best {best * 1e3:.3f} ms)")
+
+    progress.line(f"tuning {operator} on {target.name}")
+    threads = args.threads or (target.cores if target.kind == "cpu" else None)
+    result = tune(operator, target, args.trials, db=args.db, rpc=parse_rpc(args.rpc) if args.rpc else None,
+                  evaluator=EvaluatorConfig(timeout_s=args.timeout), threads=threads,
+                  baseline=not args.no_baseline, progress=on_measured)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .autotune.db import TuningDB, default_path
+
+    path = Path(args.db).expanduser() if args.db else default_path()
+    if not path.exists():  # showing is not creating
+        print(json.dumps({"db": str(path), "workloads": []}) if args.json else f"{path}: no tuning database yet")
+        return 0
+    with TuningDB(path) as db:
+        rows = db.summary()
+        path = db.path
+    if args.json:
+        print(json.dumps({"db": str(path), "workloads": rows}, indent=2))
+        return 0
+    print(f"{path}: {len(rows)} workload(s), {sum(r['records'] for r in rows)} record(s)")
+    for r in rows:
+        tc = r["toolchain"]
+        status = ", ".join(f"{n} {k}" for k, n in sorted(r["by_status"].items()))
+        best = (f"best {r['best_seconds'] * 1e3:.3f} ms ({r['best_gflops']:.1f} GFLOP/s) "
+                + " ".join(f"{k}={v}" for k, v in r["best_config"].items()) if r["best_config"] else "no correct record")
+        print(f"  {r['key'][:12]}  {r['description']} on {r['target']}: {r['records']} record(s) ({status or 'none'})")
+        print(f"                {best}")
+        print(f"                tvm {tc.get('tvm')}, llvm {tc.get('llvm')}, torch {tc.get('torch')}, "
+              f"codegen {tc.get('codegen')}")
     return 0
 
 

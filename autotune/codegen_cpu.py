@@ -1,0 +1,394 @@
+"""CPU code generation: a template configuration becomes a scheduled TIR module for LLVM.
+
+Every function here takes an :class:`~optic.autotune.operator.Operator` and one configuration
+of its template (``operator.space("cpu")``) and returns a ``tvm.IRModule`` with one PrimFunc,
+``main``, whose parameters are the operator's inputs in ``Operator.input_shapes()`` order and
+then the output. The schedule applies the template's variables and nothing else: every limit
+the configuration respects was stated once, in the template, and the constraints there are what
+make every schedule here legal (whole register tiles in a block, whole vectors in a tile).
+
+GEMM (matmul, and conv2d as an implicit GEMM), BLIS's blocking::
+
+    Ap[Mp, Kp] = A padded or gathered (im2col); A itself when it needs neither
+    for outer in (N/NC) x (M/MC)         parallel over PARALLEL threads (macro tiles)
+      Cb[MC, NC] = 0
+      for ko in K/KC                     a KC-deep slice: A block MC x KC in L2
+        Bp[NC/NR, KC, NR] = the tile's B panel, packed in NR-column micro-panels
+        for jr in NC/NR                  a KC x NR micro-panel of B in L1, reused by every ir
+          for ir in MC/MR                MR x NR accumulators in vector registers
+            for ki in KC/UNROLL, ku in UNROLL (unrolled), ii in MR (unrolled), jv in NR (vectorized)
+              Cb[ii, jv] += Ap[ir*MR + ii, k] * Bp[jr, k, jv]
+      C[tile] = epilogue(Cb)             bias, residual, activations, fused into the write-back
+                                         (conv2d: after the GEMM, as the output's index is not
+                                         affine in the tile)
+
+Edges: the template lets a block overhang the extent (``MC < 2*M``); the packing stages pad A and B
+with zeros to whole blocks (``Mp = ceil(M/MC)*MC``, likewise N and K), so the GEMM loops never need
+a predicate and only the write-back clips to the real extent. Padding costs work the cost model
+charges (``Mp*Np*Kp`` against ``M*N*K``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from optic.tvm_compat import require_tvm
+
+from .operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
+
+__all__ = ["BUILDERS", "CODEGEN_VERSION", "build"]
+
+# Part of every tuning-database key: records measured with another code generator are not reused.
+CODEGEN_VERSION = 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def build(operator: Operator, config: Mapping[str, int]) -> Any:
+    """The scheduled TIR module (``main``) of ``operator`` with ``config`` (see the module docstring)."""
+    return BUILDERS[operator.op](operator, dict(config))
+
+
+# -- GEMM ------------------------------------------------------------------------------------------------
+
+
+def _guard(tvm: Any, conds: list[Any], value: Any) -> Any:
+    """``value`` where every condition holds, else 0 (padding); no select when there is no condition."""
+    conds = [c for c in conds if c is not None]
+    if not conds:
+        return value
+    return tvm.tirx.if_then_else(tvm.tirx.all(*conds) if len(conds) > 1 else conds[0], value,
+                                 tvm.tirx.const(0, "float32"))
+
+
+def _epilogue(tvm: Any, value: Any, epilogue: tuple[str, ...], bias: Any, residual: Any) -> Any:
+    """The fused epilogue applied to one output element. ``bias``/``residual``: that element's operand."""
+    for e in epilogue:
+        if e == "bias":
+            value = value + bias
+        elif e == "residual":
+            value = value + residual
+        elif e == "relu":
+            value = tvm.tirx.max(value, tvm.tirx.const(0, "float32"))
+        elif e == "gelu":
+            value = 0.5 * value * (1.0 + tvm.tirx.erf(value * (1.0 / math.sqrt(2.0))))
+        elif e == "silu":
+            value = value * tvm.tirx.sigmoid(value)
+        elif e == "tanh":
+            value = tvm.tirx.tanh(value)
+        elif e == "sigmoid":
+            value = tvm.tirx.sigmoid(value)
+        else:  # the Operator validated the names against the templates' EPILOGUES
+            raise AssertionError(f"epilogue {e} has no code")
+    return value
+
+
+def _gemm_te(tvm: Any, Mp: int, Np: int, Kp: int, MR: int, NR: int,
+             a_value: Callable[[Any, Any], Any], b_value: Callable[[Any, Any], Any], pack_a: bool = True) -> Any:
+    """The packing stages and the padded product ``Cp[Mp, Np] = sum_k Ap * Bp``.
+
+    ``a_value(i, k)`` / ``b_value(k, j)``: the (zero-padded) operand elements as TE expressions.
+    A is copied row-major (``Ap[Mp, Kp]``: the micro-kernel broadcasts one element of each of MR rows
+    per k step, and contiguous rows are all that needs; an MR-panel layout measured slower, its copy
+    being a transposition), and only when it must be padded or gathered (im2col): ``pack_a=False``
+    reads ``a_value`` directly."""
+    te = tvm.te
+    if pack_a:
+        Ap = te.compute((Mp, Kp), a_value, name="Ap")
+
+        def a(i: Any, k: Any) -> Any:
+            return Ap[i, k]
+    else:
+        a = a_value
+    Bp = te.compute((Np // NR, Kp, NR), lambda jo, k, jv: b_value(k, jo * NR + jv), name="Bp")
+    k = te.reduce_axis((0, Kp), name="k")
+    return te.compute((Mp, Np), lambda i, j: te.sum(a(i, k) * Bp[j // NR, k, j % NR], axis=k), name="Cp")
+
+
+def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int, Np: int, Kp: int,
+                   write_back_at_tile: bool, out_inner: int, b_k_contiguous: bool) -> Any:
+    """Schedule the GEMM of ``func`` (blocks ``Ap`` (if A is packed), ``Bp``, ``Cp`` and the write-back
+    ``C``) with the template's tiles; ``write_back_at_tile``: the write-back runs inside each macro
+    tile (its region is affine in the tile), else as its own parallel loop nest after the GEMM.
+    ``out_inner``: extent of the write-back's innermost (contiguous) loop, vectorized.
+    ``b_k_contiguous``: B's source is contiguous along k (an nn.Linear weight), not along n."""
+    MR, NR, KC, NC, UNROLL, PARALLEL = (cfg[v] for v in ("MR", "NR", "KC", "NC", "UNROLL", "PARALLEL"))
+    s = tvm.s_tir.Schedule(func)
+    cp = s.get_sblock("Cp")
+    i, j, k = s.get_loops(cp)
+    ic, ir, ii = s.split(i, [Mp // MC, MC // MR, MR])
+    jc, jr, jv = s.split(j, [Np // NC, NC // NR, NR])
+    ko, ki, ku = s.split(k, [Kp // KC, KC // UNROLL, UNROLL])
+    s.reorder(jc, ic, ko, jr, ir, ki, ku, ii, jv)
+    outer = s.fuse(jc, ic)
+    s.unroll(ku)
+    s.unroll(ii)
+    s.vectorize(jv)
+    wb = s.get_sblock("C")
+    if write_back_at_tile:
+        s.reverse_compute_at(wb, outer)
+    if PARALLEL > 1:
+        s.parallel(outer)
+    # B is packed where it is used: the KC x NC panel of each k block, by the thread that owns the
+    # tile, while it is hot in L2 (a separate pass over all of B measured up to 20% slower on wide
+    # GEMMs). A row of macro tiles packs it again: the cost model charges Mp/MC packings.
+    s.compute_at(s.get_sblock("Bp"), ko)
+    init = s.decompose_reduction(cp, ko)
+    update_loops = s.get_loops(cp)
+    init_loops = _own_loops(s, init, update_loops)
+    if init_loops:
+        s.vectorize(init_loops[-1])
+    wl = _own_loops(s, wb, update_loops)
+    if wl:
+        _vectorize_inner(s, wl[-1], out_inner)
+    if not write_back_at_tile and PARALLEL > 1 and len(wl) > 1:
+        s.parallel(s.fuse(*wl[:-1]) if len(wl) > 2 else wl[0])
+    # Packing reads its source along the source's contiguous axis (a gather along the other would be
+    # a strided load per element): A's rows and a K-contiguous B are copied k innermost.
+    bp_loops = _own_loops(s, s.get_sblock("Bp"), update_loops)  # (panel, k, lane), unit loops dropped
+    if len(bp_loops) == 3 and b_k_contiguous:
+        s.reorder(bp_loops[2], bp_loops[1])
+    elif bp_loops and not b_k_contiguous:
+        s.vectorize(bp_loops[-1])
+    names = {s.get(b).name_hint for b in s.get_child_blocks(s.get_sblock("root"))}
+    if "Ap" in names:  # rows of A, padded: contiguous in k
+        loops = s.get_loops(s.get_sblock("Ap"))
+        _vectorize_inner(s, loops[-1], Kp)
+        if PARALLEL > 1:
+            s.parallel(loops[0])
+    return s.mod
+
+
+def _own_loops(s: Any, block: Any, others: list[Any]) -> list[Any]:
+    """The loops of ``block`` that enclose none of ``others`` (unit loops vanish, so the innermost loop
+    of a block may be one it shares with the GEMM)."""
+    shared = {s.get_sref(loop) for loop in others}
+    return [loop for loop in s.get_loops(block) if s.get_sref(loop) not in shared]
+
+
+def _vectorize_inner(s: Any, loop: Any, extent: int, lanes: int = 16) -> None:
+    """Vectorize a contiguous innermost loop ``lanes`` at a time (a partial vector is predicated)."""
+    if extent >= lanes:
+        _, v = s.split(loop, [None, lanes])
+        s.vectorize(v)
+    else:
+        s.vectorize(loop)
+
+
+def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
+    """``C[M, N] = epilogue(A[M, K] @ B)``, B as ``[K, N]`` or, with ``b_layout="nk"``, ``[N, K]``."""
+    tvm = require_tvm()
+    te = tvm.te
+    M, N, K = operator.args
+    o = operator.opts
+    epi = tuple(o.get("epilogue", ()))
+    MR, NR, KC, MC, NC = (cfg[v] for v in ("MR", "NR", "KC", "MC", "NC"))
+    Mp, Np, Kp = _cdiv(M, MC) * MC, _cdiv(N, NC) * NC, _cdiv(K, KC) * KC
+    A = te.placeholder((M, K), name="A")
+    B = te.placeholder((K, N) if o["b_layout"] == "kn" else (N, K), name="B")
+    in_m = (lambda i: i < M) if Mp != M else (lambda i: None)
+    in_n = (lambda j: j < N) if Np != N else (lambda j: None)
+    in_k = (lambda k: k < K) if Kp != K else (lambda k: None)
+
+    def a_value(i: Any, k: Any) -> Any:
+        return _guard(tvm, [in_m(i), in_k(k)], A[i, k])
+
+    def b_value(k: Any, j: Any) -> Any:
+        return _guard(tvm, [in_n(j), in_k(k)], B[k, j] if o["b_layout"] == "kn" else B[j, k])
+
+    Cp = _gemm_te(tvm, Mp, Np, Kp, MR, NR, a_value, b_value, pack_a=(Mp, Kp) != (M, K))
+    bias = te.placeholder((N,), name="bias") if "bias" in epi else None
+    residual = te.placeholder((M, N), name="residual") if "residual" in epi else None
+    extra = [t for t in (bias, residual) if t is not None]
+    C = te.compute((M, N), lambda i, j: _epilogue(
+        tvm, Cp[i, j], epi, bias[j] if bias is not None else None,
+        residual[i, j] if residual is not None else None), name="C")
+    func = te.create_prim_func([A, B, *extra, C])
+    return _schedule_gemm(tvm, func, cfg, MC, Mp, Np, Kp, write_back_at_tile=True, out_inner=min(NC, N),
+                          b_k_contiguous=o["b_layout"] == "nk")
+
+
+def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
+    """2-D convolution as an implicit GEMM: rows are output pixels ``(n, oh, ow)`` with OH padded to
+    whole TOH-row blocks, columns are filters, the reduction is ``(c, r, s)`` (NCHW) or ``(r, s, c)``
+    (NHWC, channels innermost, as the template prefers). A packs the input patches (im2col) in MR-row
+    panels; the write-back scatters the GEMM's rows into the output layout."""
+    tvm = require_tvm()
+    te = tvm.te
+    n_, c_, h_, w_, f_, r_, s_ = operator.args
+    o = operator.opts
+    epi = tuple(o.get("epilogue", ()))
+    stride, pad, dil, nhwc = o["stride"], o["padding"], o["dilation"], o["layout"] == "NHWC"
+    oh_, ow_ = operator.conv_out_hw
+    MR, NR, KC, NC, TOH = (cfg[v] for v in ("MR", "NR", "KC", "NC", "TOH"))
+    OHp = _cdiv(oh_, TOH) * TOH
+    MC = TOH * ow_
+    Kdim = c_ * r_ * s_
+    Mp, Np, Kp = n_ * OHp * ow_, _cdiv(f_, NC) * NC, _cdiv(Kdim, KC) * KC
+    X = te.placeholder((n_, h_, w_, c_) if nhwc else (n_, c_, h_, w_), name="X")
+    Wt = te.placeholder((f_, c_, r_, s_), name="W")
+
+    def split_k(k: Any) -> tuple[Any, Any, Any]:
+        if nhwc:
+            return k % c_, k // (s_ * c_), k // c_ % s_
+        return k // (r_ * s_), k // s_ % r_, k % s_
+
+    def a_value(m: Any, k: Any) -> Any:
+        n, oh, ow = m // (OHp * ow_), m // ow_ % OHp, m % ow_
+        c, r, s = split_k(k)
+        h, w = oh * stride - pad + r * dil, ow * stride - pad + s * dil
+        conds = [oh < oh_ if OHp != oh_ else None, k < Kdim if Kp != Kdim else None]
+        if pad:
+            conds += [h >= 0, h < h_, w >= 0, w < w_]
+        return _guard(tvm, conds, X[n, h, w, c] if nhwc else X[n, c, h, w])
+
+    def b_value(k: Any, f: Any) -> Any:
+        c, r, s = split_k(k)
+        return _guard(tvm, [f < f_ if Np != f_ else None, k < Kdim if Kp != Kdim else None], Wt[f, c, r, s])
+
+    Cp = _gemm_te(tvm, Mp, Np, Kp, MR, NR, a_value, b_value)
+    bias = te.placeholder((f_,), name="bias") if "bias" in epi else None
+    residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
+    extra = [t for t in (bias, residual) if t is not None]
+
+    def out(n: Any, f: Any, oh: Any, ow: Any, idx: tuple[Any, ...]) -> Any:
+        return _epilogue(tvm, Cp[(n * OHp + oh) * ow_ + ow, f], epi, bias[f] if bias is not None else None,
+                         residual[idx] if residual is not None else None)
+
+    if nhwc:
+        C = te.compute(operator.out_shape, lambda n, oh, ow, f: out(n, f, oh, ow, (n, oh, ow, f)), name="C")
+    else:
+        C = te.compute(operator.out_shape, lambda n, f, oh, ow: out(n, f, oh, ow, (n, f, oh, ow)), name="C")
+    func = te.create_prim_func([X, Wt, *extra, C])
+    # The output's index is not affine in the GEMM's macro tile, so it is written after the GEMM.
+    return _schedule_gemm(tvm, func, cfg, MC, Mp, Np, Kp, write_back_at_tile=False,
+                          out_inner=f_ if nhwc else ow_, b_k_contiguous=not nhwc)
+
+
+# -- memory-bound kernels --------------------------------------------------------------------------------
+
+
+def _elementwise_expr(tvm: Any, fn: str, values: list[Any]) -> Any:
+    zero = tvm.tirx.const(0, "float32")
+    unary = {
+        "relu": lambda x: tvm.tirx.max(x, zero), "sigmoid": tvm.tirx.sigmoid, "tanh": tvm.tirx.tanh,
+        "exp": tvm.tirx.exp, "neg": lambda x: zero - x, "silu": lambda x: x * tvm.tirx.sigmoid(x),
+        "gelu": lambda x: 0.5 * x * (1.0 + tvm.tirx.erf(x * (1.0 / math.sqrt(2.0)))),
+    }  # fmt: skip
+    binary = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+              "maximum": tvm.tirx.max}
+    if fn in unary:
+        return unary[fn](values[0])
+    out = values[0]
+    for v in values[1:]:
+        out = binary[fn](out, v)
+    return out
+
+
+def elementwise(operator: Operator, cfg: dict[str, int]) -> Any:
+    """``out[i] = fn(x0[i], x1[i], ...)``: tasks of CHUNK elements over PARALLEL threads, VEC lanes a step.
+    The last task may be partial (the template allows CHUNK to overhang): its steps are predicated."""
+    tvm = require_tvm()
+    te = tvm.te
+    (numel,) = operator.args
+    o = operator.opts
+    assert ELEMENTWISE_FNS[o["fn"]][0] in (1, 2)
+    xs = [te.placeholder((numel,), name=f"x{i}") for i in range(o["inputs"])]
+    C = te.compute((numel,), lambda i: _elementwise_expr(tvm, o["fn"], [x[i] for x in xs]), name="C")
+    s = tvm.s_tir.Schedule(te.create_prim_func([*xs, C]))
+    (i,) = s.get_loops(s.get_sblock("C"))
+    VEC, CHUNK = cfg["VEC"], cfg["CHUNK"]
+    task, step, lane = s.split(i, [None, CHUNK // VEC, VEC])
+    s.vectorize(lane)
+    if cfg["PARALLEL"] > 1:
+        s.parallel(task)
+    return s.mod
+
+
+def reduction(operator: Operator, cfg: dict[str, int]) -> Any:
+    """Softmax or layer norm over the last axis of ``x[ROWS, COLS]``: tasks of RPT rows over PARALLEL
+    threads; a row's statistics are computed at the row as VEC partial results (one accumulator per
+    lane, a vector of dependency chains instead of one; lanes past the row's end contribute the
+    reduction's identity) then combined, and the elementwise passes run VEC lanes a step (a partial
+    last step predicated)."""
+    tvm = require_tvm()
+    te = tvm.te
+    rows, cols = operator.args
+    kind = operator.opts["kind"]
+    VEC = cfg["VEC"]
+    steps = _cdiv(cols, VEC)
+    X = te.placeholder((rows, cols), name="X")
+
+    def partial(name: str, value: Callable[[Any, Any], Any], combine: str) -> Any:
+        """``stat[r] = combine_c value(r, c)`` as VEC lanes of partial results, then across the lanes."""
+        identity = tvm.tirx.const(-3.4028234663852886e38 if combine == "max" else 0.0, "float32")
+        reducer = te.max if combine == "max" else te.sum
+        ko = te.reduce_axis((0, steps), name=f"{name}_k")
+
+        def lane_value(r: Any, lane: Any) -> Any:
+            col = ko * VEC + lane
+            if cols % VEC == 0:
+                return value(r, col)
+            # Past the row's end: the identity, from an in-bounds (clamped) read, so that a vector
+            # select that evaluates both sides never reads outside X.
+            return tvm.tirx.if_then_else(col < cols, value(r, tvm.tirx.min(col, cols - 1)), identity)
+
+        part = te.compute((rows, VEC), lambda r, lane: reducer(lane_value(r, lane), axis=ko), name=f"{name}_part")
+        lane = te.reduce_axis((0, VEC), name=f"{name}_lane")
+        return te.compute((rows,), lambda r: reducer(part[r, lane], axis=lane), name=name)
+
+    if kind == "softmax":
+        mx = partial("stat0", lambda r, c: X[r, c], "max")
+        e = te.compute((rows, cols), lambda r, c: _fast_exp(tvm, X[r, c] - mx[r]), name="expv")
+        sm = partial("stat1", lambda r, c: e[r, c], "sum")
+        Y = te.compute((rows, cols), lambda r, c: e[r, c] * (1.0 / sm[r]), name="C")
+        stages = ["stat0_part", "stat0", "expv", "stat1_part", "stat1"]
+    else:
+        mean = partial("stat0", lambda r, c: X[r, c] * (1.0 / cols), "sum")
+        var = partial("stat1", lambda r, c: (X[r, c] - mean[r]) * (X[r, c] - mean[r]) * (1.0 / cols), "sum")
+        Y = te.compute((rows, cols), lambda r, c: (X[r, c] - mean[r]) * te.rsqrt(var[r] + LAYERNORM_EPS),
+                       name="C")
+        stages = ["stat0_part", "stat0", "stat1_part", "stat1"]
+    s = tvm.s_tir.Schedule(te.create_prim_func([X, Y]))
+    r, c = s.get_loops(s.get_sblock("C"))
+    task, row = s.split(r, [None, cfg["RPT"]])
+    for name in reversed(stages):
+        s.compute_at(s.get_sblock(name), row)
+    for name in stages:
+        loops = _own_loops(s, s.get_sblock(name), [task, row])
+        if name.endswith("_part"):  # (lane, step) or, with one step, (lane): lanes go innermost, vectorized
+            if len(loops) == 2:
+                s.reorder(loops[1], loops[0])
+            if loops:
+                s.vectorize(loops[0])
+        elif name == "expv" and loops:
+            _vectorize_inner(s, loops[-1], cols, VEC)
+    _vectorize_inner(s, c, cols, VEC)
+    if cfg["PARALLEL"] > 1:
+        s.parallel(task)
+    return s.mod
+
+
+def _fast_exp(tvm: Any, x: Any) -> Any:
+    """``exp(x)`` for float32 as Cephes' ``expf`` computes it (range reduction by ln 2, a degree-6
+    polynomial, the exponent set directly): vectorizes, where LLVM's ``exp`` becomes a libm call per
+    lane. Relative error about 1e-7; underflows to 0 below -88."""
+    f32 = "float32"
+    x = tvm.tirx.max(tvm.tirx.min(x, tvm.tirx.const(88.3762626647949, f32)), tvm.tirx.const(-88.3762626647949, f32))
+    n = tvm.tirx.floor(x * tvm.tirx.const(1.44269504088896341, f32) + tvm.tirx.const(0.5, f32))
+    r = x - n * tvm.tirx.const(0.693359375, f32) + n * tvm.tirx.const(2.12194440e-4, f32)
+    p = tvm.tirx.const(1.9875691500e-4, f32)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + tvm.tirx.const(coef, f32)
+    p = p * r * r + r + tvm.tirx.const(1.0, f32)
+    scale = tvm.tirx.reinterpret(f32, tvm.tirx.shift_left(n.astype("int32") + 127, 23))
+    return p * scale
+
+
+BUILDERS: dict[str, Callable[[Operator, dict[str, int]], Any]] = {
+    "matmul": matmul, "conv2d": conv2d, "elementwise": elementwise, "reduction": reduction,
+}

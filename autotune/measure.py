@@ -1,0 +1,288 @@
+"""Measuring candidates: build, check against the reference, time, in a worker process with a timeout.
+
+The habits are Triton's and TVM's (``runner/config.py`` ``EvaluatorConfig``): a candidate is timed
+only after its output matched the reference (Kernel Tuner's ``answer``/``verify``); timing is a
+warm-up call, then ``repeat`` repeats of ``number`` calls (at least ``min_repeat_ms`` each) and the
+median repeat; everything runs in a child process (:mod:`optic.autotune.worker`), so a candidate
+that fails to build, fails to run, computes a wrong result, hangs past ``timeout_s`` or crashes the
+process is a :class:`Measurement` with ``seconds = inf`` and a status saying which, never an
+exception in the tuner. A worker that hung or died is replaced before the next candidate.
+
+With ``rpc=(host, port, key)`` the worker builds here and sends each library to a device of a TVM
+RPC tracker, where it is checked and timed (``python -m tvm.exec.rpc_tracker`` and
+``python -m tvm.exec.rpc_server --tracker host:port --key KEY`` on the device).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from optic.errors import OpticError
+
+from . import worker as _wire
+from .operator import Operator
+
+__all__ = ["DEFAULT_BUILDER", "Baseline", "EvaluatorConfig", "Final", "Measurement", "Runner", "parse_rpc"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUILDER = "optic.autotune.codegen_cpu:build"
+STATUSES = ("ok", "build_error", "run_error", "wrong", "timeout", "crash")
+SPIN_LIMITS = {"GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """How a candidate is timed and checked."""
+
+    number: int = 1  # calls per repeat (raised by TVM until a repeat lasts min_repeat_ms)
+    repeat: int = 5
+    min_repeat_ms: int = 40
+    tolerance: float = 1e-4  # max |out - ref| / max |ref| (fp32, as optic.verify)
+    timeout_s: float = 60.0  # one candidate: build, check and time
+    startup_timeout_s: float = 300.0  # a new worker: importing torch and TVM
+    session_timeout: int = 600  # RPC session
+
+
+@dataclass
+class Measurement:
+    """One candidate's result: ``seconds`` is the median per call, ``inf`` unless ``status == "ok"``."""
+
+    config: dict[str, int]
+    seconds: float
+    status: str
+    error: str = ""
+    samples: list[float] = field(default_factory=list)
+    build_seconds: float = 0.0
+    max_error: float | None = None  # relative to the output scale, when the output was checked
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The chosen kernel and PyTorch's call for the same operator, alternated in one run."""
+
+    kernel_seconds: float
+    torch_seconds: float
+    kernel_spread: float
+    torch_spread: float
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_seconds / self.kernel_seconds
+
+
+@dataclass(frozen=True)
+class Final:
+    """Configurations (and PyTorch's call) timed alternated in one run: medians per call."""
+
+    kernel_seconds: list[float]
+    kernel_spreads: list[float]
+    torch_seconds: float | None
+    torch_spread: float | None
+    threads: int
+
+    def baseline(self, i: int) -> Baseline | None:
+        if self.torch_seconds is None:
+            return None
+        return Baseline(self.kernel_seconds[i], self.torch_seconds, self.kernel_spreads[i], self.torch_spread or 0.0,
+                        self.threads)
+
+
+def parse_rpc(text: str) -> tuple[str, int, str]:
+    """``host:port:key`` -> ``(host, port, key)``."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[0] or not parts[2]:
+        raise OpticError(f"--rpc takes host:port:key (a TVM RPC tracker and a device key), not {text!r}")
+    return parts[0], int(parts[1]), parts[2]
+
+
+class Runner:
+    """Measures candidates in a worker process; use as a context manager (the worker is closed after).
+
+    ``builder`` ("module:function") turns ``(operator, config)`` into a TIR module; tests pass
+    builders that fail, hang or compute the wrong thing.
+    """
+
+    def __init__(self, evaluator: EvaluatorConfig | None = None, *, rpc: tuple[str, int, str] | None = None,
+                 builder: str = DEFAULT_BUILDER, threads: int | None = None):
+        self.evaluator = evaluator or EvaluatorConfig()
+        self.threads = threads
+        self.rpc = rpc
+        self.builder = builder
+        self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
+        self.toolchain: dict[str, Any] | None = None
+        self.restarts = 0
+
+    # -- the worker -----------------------------------------------------------------------------------
+    def _start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the caller's modules (builders)
+        if self.threads:  # TVM's thread pool reads TVM_NUM_THREADS, else OMP_NUM_THREADS; PyTorch the latter
+            env["TVM_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(self.threads)
+        # Idle threads of both runtimes spin briefly, then sleep: libgomp's default (300k pause loops,
+        # ~20 ms on Sapphire Rapids) would keep PyTorch's threads on the cores well into the kernel's
+        # turn when the baseline alternates them, and TVM's pool likewise into PyTorch's.
+        for name in SPIN_LIMITS:
+            env.setdefault(name, SPIN_LIMITS[name])
+        if self._stderr is not None:
+            self._stderr.close()
+        self._stderr = tempfile.TemporaryFile()  # the worker's log: its last line explains a crash
+        self._proc = subprocess.Popen([sys.executable, "-m", "optic.autotune.worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+        reply = self._call({"kind": "hello"}, self.evaluator.startup_timeout_s)
+        if reply.get("status") != "ok":
+            raise OpticError(f"the measurement worker did not start: {reply.get('error', reply)}")
+        self.toolchain = reply["toolchain"]
+        if self.rpc:
+            reply = self._call({"kind": "rpc_ping", "rpc": self.rpc}, self.evaluator.timeout_s)
+            if reply.get("status") != "ok":
+                self._stop(kill=True)
+                host, port, key = self.rpc
+                raise OpticError(f"no device {key!r} at the RPC tracker {host}:{port}: "
+                                 f"{reply.get('error', reply.get('status'))}. Start one with python -m "
+                                 f"tvm.exec.rpc_server --tracker {host}:{port} --key {key}")
+
+    def _stop(self, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if not kill:
+            try:
+                _wire.send(proc.stdin, {"kind": "stop"})
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                kill = True
+        if kill:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0, os.SEEK_END)
+        size = self._stderr.tell()
+        self._stderr.seek(max(0, size - 1500))
+        return self._stderr.read().decode(errors="replace").strip()
+
+    def _call(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one request and wait for its reply; ``{"status": "timeout" | "crash"}`` when none comes."""
+        proc = self._proc
+        assert proc is not None
+        try:
+            _wire.send(proc.stdin, msg)
+        except OSError:
+            return self._lost("crash")
+        deadline = time.monotonic() + timeout_s
+        fd = proc.stdout.fileno()
+        chunks, need, header = [], _wire.HEADER.size, None
+        while need:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return self._lost("timeout", timeout_s)
+            data = os.read(fd, need)
+            if not data:
+                return self._lost("crash")
+            chunks.append(data)
+            need -= len(data)
+            if not need and header is None:
+                header = b"".join(chunks)
+                (need,) = _wire.HEADER.unpack(header)
+                chunks = []
+        return pickle.loads(b"".join(chunks))  # noqa: S301 - our own worker
+
+    def _lost(self, status: str, timeout_s: float = 0.0) -> dict[str, Any]:
+        proc = self._proc
+        code = None
+        if proc is not None and status == "crash":
+            try:
+                code = proc.wait(timeout=5)  # the pipe closed: the process is ending
+            except subprocess.TimeoutExpired:
+                pass
+        tail = self._stderr_tail()
+        self._stop(kill=True)
+        self.restarts += 1
+        if status == "timeout":
+            error = f"no result within {timeout_s:g} s; the worker was killed"
+        else:
+            error = f"the worker died (exit status {code})" + (f": {tail.splitlines()[-1]}" if tail else "")
+        return {"status": status, "error": error}
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def ensure_started(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop(kill=True)
+            self._start()
+
+    # -- requests -------------------------------------------------------------------------------------
+    def measure(self, operator: Operator, config: Mapping[str, int]) -> Measurement:
+        """Build, check and time one configuration; failures are Measurements with ``seconds = inf``."""
+        config = {k: int(v) for k, v in config.items()}
+        self.ensure_started()
+        ev = self.evaluator
+        reply = self._call({"kind": "measure", "operator": operator.as_dict(), "config": config,
+                            "builder": self.builder, "rpc": self.rpc, "evaluator": asdict(ev)}, ev.timeout_s)
+        status = reply.get("status", "run_error")
+        samples = [float(x) for x in reply.get("samples", [])]
+        seconds = statistics.median(samples) if status == "ok" and samples else float("inf")
+        if status != "ok":
+            log.info("candidate %s: %s: %s", config, status, reply.get("error", ""))
+        return Measurement(config, seconds, status if status in STATUSES else "run_error", reply.get("error", ""),
+                           samples, float(reply.get("build_seconds", 0.0)), reply.get("max_error"))
+
+    def final(self, operator: Operator, configs: list[Mapping[str, int]], *, torch: bool = True,
+              budget_s: float = 20.0) -> Final | None:
+        """Time ``configs`` (already checked) and, with ``torch``, PyTorch's call for the operator,
+        alternated in one run; None if that fails, or when measuring remotely (PyTorch runs here)."""
+        if self.rpc or not configs:
+            return None
+        self.ensure_started()
+        reply = self._call({"kind": "final", "operator": operator.as_dict(), "configs": [dict(c) for c in configs],
+                            "builder": self.builder, "threads": self.threads, "torch": torch,
+                            "budget_s": budget_s}, budget_s * 3 + self.evaluator.timeout_s * len(configs))
+        if reply.get("status") != "ok":
+            log.warning("the final round failed: %s", reply.get("error", reply))
+            return None
+        return Final(reply["kernels"], reply["spreads"], reply.get("torch"), reply.get("torch_spread"),
+                     reply["threads"])
+
+    def baseline(self, operator: Operator, config: Mapping[str, int], *, budget_s: float = 20.0) -> Baseline | None:
+        """The kernel of ``config`` against PyTorch's call, alternated in one run; None if it fails."""
+        final = self.final(operator, [config], budget_s=budget_s)
+        return None if final is None else final.baseline(0)

@@ -1,0 +1,114 @@
+"""CPU code generation: every configuration the solver yields builds, runs and computes the reference.
+
+"Zero invalid configurations built" is a property of templates and code generator together: the
+constraints must rule out whatever the schedule cannot do. Hypothesis draws operators (odd sizes,
+both matmul layouts, epilogues, strided and padded convolutions in both layouts, elementwise and
+reduction kernels) and a configuration from the solver's answer for each; the configuration must
+build with TVM and match PyTorch's float64 result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tvm")
+
+from optic.autotune import codegen_cpu, solve  # noqa: E402
+from optic.autotune.operator import ELEMENTWISE_FNS, Operator  # noqa: E402
+from optic.tvm_compat import host_target, require_tvm  # noqa: E402
+from optic.verify import compare  # noqa: E402
+
+EPILOGUES = st.lists(st.sampled_from(["bias", "residual", "relu", "gelu", "silu", "tanh", "sigmoid"]),
+                     max_size=2, unique=True).map(tuple)
+
+
+@functools.lru_cache(maxsize=64)
+def _configs(operator: Operator) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    result = solve(operator.space("cpu"))
+    return result.names, result.rows
+
+
+def _build_and_check(operator: Operator, config: dict[str, int]) -> None:
+    tvm = require_tvm()
+    lib = tvm.compile(codegen_cpu.build(operator, config), target=host_target()).jit()
+    inputs = operator.make_inputs(seed=1)
+    out = torch.full(operator.out_shape, float("nan"))
+    lib["main"](*[tvm.runtime.from_dlpack(t) for t in (*inputs, out)])
+    check = compare(operator.reference(inputs), out, 1e-4)
+    assert check.ok, f"{operator} {config}: {check}"
+
+
+def _check_drawn(data: st.DataObject, operator: Operator) -> None:
+    names, rows = _configs(operator)
+    assert rows, f"{operator}: the template has no valid configuration"
+    row = rows[data.draw(st.integers(0, len(rows) - 1), label="config index")]
+    _build_and_check(operator, dict(zip(names, row, strict=True)))
+
+
+@settings(max_examples=25)
+@given(m=st.integers(1, 70), n=st.integers(1, 70), k=st.integers(1, 90), layout=st.sampled_from(["kn", "nk"]),
+       epilogue=EPILOGUES, data=st.data())
+@example(m=512, n=512, k=512, layout="kn", epilogue=(), data=None)
+def test_matmul_configs_build_and_compute_the_reference(m, n, k, layout, epilogue, data):
+    operator = Operator("matmul", (m, n, k), b_layout=layout, epilogue=epilogue)
+    if data is None:  # the explicit example: the fastest-looking and the most overhanging configurations
+        names, rows = _configs(operator)
+        for row in (rows[0], rows[-1]):
+            _build_and_check(operator, dict(zip(names, row, strict=True)))
+        return
+    _check_drawn(data, operator)
+
+
+@st.composite
+def convolutions(draw) -> Operator:
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 6))
+    r, s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride, padding, dilation = draw(st.integers(1, 2)), draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    h = draw(st.integers(dilation * (r - 1) + 1, 12))
+    w = draw(st.integers(dilation * (s - 1) + 1, 12))
+    f = draw(st.integers(9, 40))  # the template's smallest N block is 16 and must stay under 2*F
+    return Operator("conv2d", (n, c, h, w, f, r, s), stride=stride, padding=padding, dilation=dilation,
+                    layout=draw(st.sampled_from(["NHWC", "NCHW"])), epilogue=draw(EPILOGUES))
+
+
+@settings(max_examples=20)
+@given(operator=convolutions(), data=st.data())
+def test_conv2d_configs_build_and_compute_the_reference(operator, data):
+    _check_drawn(data, operator)
+
+
+@settings(max_examples=12)
+@given(numel=st.integers(1, 5000), fn=st.sampled_from(sorted(ELEMENTWISE_FNS)), extra=st.integers(0, 1),
+       data=st.data())
+def test_elementwise_configs_build_and_compute_the_reference(numel, fn, extra, data):
+    inputs = 1 if ELEMENTWISE_FNS[fn][0] == 1 else 2 + extra
+    _check_drawn(data, Operator("elementwise", (numel,), fn=fn, inputs=inputs))
+
+
+@settings(max_examples=12)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), kind=st.sampled_from(["softmax", "layernorm"]),
+       data=st.data())
+def test_reduction_configs_build_and_compute_the_reference(rows, cols, kind, data):
+    _check_drawn(data, Operator("reduction", (rows, cols), kind=kind))
+
+
+def test_operator_parsing_and_errors():
+    op = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=2,pad=1")
+    assert op.args == (1, 64, 56, 56, 64, 3, 3) and op.opts["stride"] == 2 and op.opts["padding"] == 1
+    assert op.out_shape == (1, 28, 28, 64)  # NHWC, the template's preferred layout
+    assert Operator.parse("matmul", "128x3072x768").flops == 2 * 128 * 3072 * 768
+    assert Operator.parse("reduction", "4x8x32,kind=layernorm").args == (32, 32)
+    assert Operator.parse("matmul", "8x8x8,epilogue=bias+relu").opts["epilogue"] == ("bias", "relu")
+    assert Operator("matmul", (8, 8, 8)).key == Operator.parse("matmul", "8x8x8").key
+    assert Operator("matmul", (8, 8, 8)).key != Operator("matmul", (8, 8, 8), b_layout="nk").key
+    from optic.autotune import SpaceError
+
+    for op, shape in (("matmul", "8x8"), ("conv2d", "1x3x8x8,4x2x3x3"), ("matmul", "8x8x8,colour=red"),
+                      ("elementwise", "8,fn=nope"), ("matmul", "axbxc")):
+        with pytest.raises(SpaceError):
+            Operator.parse(op, shape)
