@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import inspect
+import io
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
