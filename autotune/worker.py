@@ -121,7 +121,6 @@ class Worker:
         import torch
         import tvm
 
-        from optic.verify import compare
 
         ev = msg["evaluator"]
         try:
@@ -132,23 +131,13 @@ class Worker:
             module["main"](*args)
         except Exception as e:
             return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
-        check = compare(ref, out, ev["tolerance"])
-        if not check.ok:
-            return {"status": "wrong", "error": str(check), "max_error": check.rel, "build_seconds": build_s}
-        try:
-            timer = module.time_evaluator("main", tvm.cpu(), number=ev["number"], repeat=ev["repeat"],
-                                          min_repeat_ms=ev["min_repeat_ms"])
-            samples = list(timer(*args).results)
-        except Exception as e:
-            return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
-        return {"status": "ok", "samples": samples, "max_error": check.rel, "build_seconds": build_s}
+        return _check_then_time(module, tvm.cpu(), args, ref, out, ev, build_s)
 
     def _measure_remote(self, msg: dict[str, Any], operator: Any, lib: Any, build_s: float) -> dict[str, Any]:
         import torch
         import tvm
         from tvm import rpc
 
-        from optic.verify import compare
 
         host, port, key = msg["rpc"]
         ev = msg["evaluator"]
@@ -168,16 +157,7 @@ class Worker:
             got = torch.from_numpy(args[-1].numpy())
         except Exception as e:
             return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
-        check = compare(ref, got, ev["tolerance"])
-        if not check.ok:
-            return {"status": "wrong", "error": str(check), "max_error": check.rel, "build_seconds": build_s}
-        try:
-            timer = rlib.time_evaluator("main", dev, number=ev["number"], repeat=ev["repeat"],
-                                        min_repeat_ms=ev["min_repeat_ms"])
-            samples = list(timer(*args).results)
-        except Exception as e:
-            return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
-        return {"status": "ok", "samples": samples, "max_error": check.rel, "build_seconds": build_s}
+        return _check_then_time(rlib, dev, args, ref, got, ev, build_s)
 
     def final(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Several configurations (and, with ``torch``, PyTorch's call) timed alternated in one run."""
@@ -230,6 +210,24 @@ def main() -> int:
         except Exception as e:  # a bug of ours, not the candidate's: say so, keep serving
             reply = {"status": "run_error", "error": _error(e), "traceback": traceback.format_exc()[-4000:]}
         send(channel_out, reply)
+
+
+def _check_then_time(module: Any, dev: Any, args: list, ref: Any, got: Any, ev: dict[str, Any],
+                     build_s: float) -> dict[str, Any]:
+    """A candidate's output against the reference first; only a correct one is timed (warm-up,
+    number × repeat), locally or on an RPC device alike."""
+    from optic.verify import compare
+
+    check = compare(ref, got, ev["tolerance"])
+    if not check.ok:
+        return {"status": "wrong", "error": str(check), "max_error": check.rel, "build_seconds": build_s}
+    try:
+        timer = module.time_evaluator("main", dev, number=ev["number"], repeat=ev["repeat"],
+                                      min_repeat_ms=ev["min_repeat_ms"])
+        samples = list(timer(*args).results)
+    except Exception as e:
+        return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
+    return {"status": "ok", "samples": samples, "max_error": check.rel, "build_seconds": build_s}
 
 
 if __name__ == "__main__":

@@ -198,17 +198,18 @@ def _measured(base: Program, kept: list[Action], budget_s: float,
               progress: Callable[[str, int, int], None] | None) -> list[Action]:
     args, kwargs = base.example_args, base.example_kwargs
     out = list(kept)
+    with_ = build(base, out)  # rebuilt only when an action is undone
     for i, a in enumerate(list(kept)):
         if progress:
             progress("measuring kept actions", i, len(kept))
         if a.predicted_only:
             continue
         without = build(base, [b for b in out if b is not a])
-        with_ = build(base, out)
         t = compare_models({"without": lambda p=without: p(*args, **kwargs),
                             "with": lambda p=with_: p(*args, **kwargs)}, budget_s)
         a.measured_gain_s = t["without"].median - t["with"].median
         if a.measured_gain_s <= 0:
             a.status = "not faster here"
             out = [b for b in out if b is not a]
+            with_ = without
     return out

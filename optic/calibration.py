@@ -28,7 +28,7 @@ The metric (higher is better; the *drop* is the original's score minus the candi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,8 +283,9 @@ class Evaluator:
 
 
 # -- activations -----------------------------------------------------------------------------------
-def record_values(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]]) -> dict[str, list]:
-    """The values of ``nodes`` (of ``program.gm``) on each input set, by node name.
+def iter_values(program: Any, nodes: list[fx.Node], inputs: Iterable[tuple[tuple, dict]]) -> Iterator[dict[str, Any]]:
+    """The values of ``nodes`` (of ``program.gm``) on each input set in turn, by node name: one
+    batch of activations in memory at a time, the probe built once.
 
     Runs a copy of the graph that returns the probed values (the Program is not changed); placeholders
     are fed positionally, so fx- and export-captured graphs are probed alike."""
@@ -299,10 +300,16 @@ def record_values(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, 
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_node.args = (tuple(by_name[n.name] for n in nodes),)
     probe = fx.GraphModule(program.gm, graph)
-    result: dict[str, list] = {n.name: [] for n in nodes}
-    with torch.no_grad():
-        for args, kwargs in inputs:
+    for args, kwargs in inputs:
+        with torch.no_grad():
             values = probe(*program.flat_inputs(args, kwargs))
-            for n, v in zip(nodes, values, strict=True):
-                result[n.name].append(v)
+        yield {n.name: v for n, v in zip(nodes, values, strict=True)}
+
+
+def record_values(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]]) -> dict[str, list]:
+    """The values of ``nodes`` (of ``program.gm``) on each input set, by node name (all kept)."""
+    result: dict[str, list] = {n.name: [] for n in nodes}
+    for values in iter_values(program, nodes, inputs):
+        for name, v in values.items():
+            result[name].append(v)
     return result

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from optic import cost
-from optic.calibration import record_values
+from optic.calibration import iter_values
 from optic.ir import dtype as dtype_of
 from optic.ir import shape as shape_of
 from optic.ir import value_users
@@ -472,11 +472,11 @@ class EarlyExit:
                      for c in cuts]
         pooled: list[list[torch.Tensor]] = [[] for _ in cuts]
         final: list[torch.Tensor] = []
-        for b in fit:
-            values = record_values(program, [by_name[c.node] for c in cuts] + [logits_node], [(b.args, b.kwargs)])
+        probed = [by_name[c.node] for c in cuts] + [logits_node]
+        for values in iter_values(program, probed, [(b.args, b.kwargs) for b in fit]):  # one batch at a time
             for k, c in enumerate(cuts):
-                pooled[k].append(heads[k].pool(values[c.node][0]))
-            final.append(values[logits_node.name][0])
+                pooled[k].append(heads[k].pool(values[c.node]))
+            final.append(values[logits_node.name])
         device = final[0].device
         heads = [h.to(device) for h in heads]
         seed = int(getattr(ctx.budget, "seed", 0) or 0)

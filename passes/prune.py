@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from optic import cost, ir, timing
 from optic.budget import Action
-from optic.calibration import record_values
+from optic.calibration import iter_values, record_values
 from optic.channels import Analysis, Edit, Group, analyse, set_shape_arg
 from optic.errors import OpticError
 from optic.registry import register
@@ -308,10 +308,9 @@ def mean_abs_inputs(program: Any, consumers: list[tuple[fx.Node, Edit, int]], in
     nodes = [x for x, _ in axes.values()]
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    for inp in inputs:  # one batch at a time: memory stays at one batch of activations
-        values = record_values(program, nodes, [inp])
+    for values in iter_values(program, nodes, inputs):  # memory stays at one batch of activations
         for name, (_, axis) in axes.items():
-            v = values[name][0].detach().double().abs()
+            v = values[name].detach().double().abs()
             v = v.movedim(axis, -1).reshape(-1, v.shape[axis])
             sums[name] = sums.get(name, 0) + v.sum(0)
             rows[name] = rows.get(name, 0) + v.shape[0]
