@@ -61,6 +61,11 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (key, config)
 );
 CREATE INDEX IF NOT EXISTS records_by_key ON records (key, seconds);
+CREATE TABLE IF NOT EXISTS tactics (
+    context TEXT PRIMARY KEY,    -- JSON: the tuning key, the chosen config and the candidates compared
+    seconds TEXT NOT NULL,       -- JSON: candidate -> median seconds per call, alternated in one run
+    created REAL NOT NULL
+);
 """
 
 
@@ -189,7 +194,18 @@ class TuningDB:
                  seconds if math.isfinite(seconds) else None, status, error[:4000], predicted, build_seconds,
                  json.dumps(samples or []), final_round, time.time()))
 
+    def add_tactic(self, context: str, seconds: Mapping[str, float]) -> None:
+        """Store a per-kernel tactic verdict: the generated kernel and PyTorch's, timed in the model's process."""
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO tactics VALUES (?, ?, ?)",
+                               (context, json.dumps({k: float(v) for k, v in seconds.items()}), time.time()))
+
     # -- reading --------------------------------------------------------------------------------------
+    def tactic(self, context: str) -> dict[str, float] | None:
+        """The timings stored for ``context`` by :meth:`add_tactic`, or None."""
+        row = self._conn.execute("SELECT seconds FROM tactics WHERE context = ?", (context,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def records(self, key: str) -> list[Record]:
         """Every record of ``key``, fastest first (failures last)."""
         rows = self._conn.execute(

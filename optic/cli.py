@@ -98,7 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the budget measures (default: top1 for classifiers, else relative error)")
     opt.add_argument("--calibration", metavar="FILE.py:ATTR",
                      help="calibration batches (default: the 'calibration' function beside the model's factory)")
+    _backend_args(opt)
     opt.set_defaults(func=cmd_optimize)
+
+    tune = sub.add_parser("tune", help="tune the generated kernels of a model (backend tvm) and print what was chosen",
+                          description="Tune every dense conv/linear kernel of MODEL (with its fused bias, "
+                                      "activation and residual add) on this CPU, keep the results in the tuning "
+                                      "database, and print per kernel the configuration, the measured times of the "
+                                      "generated kernel and of PyTorch's, and which one the model runs. A second "
+                                      "run measures nothing the database already holds.")
+    _model_args(tune)
+    tune.add_argument("--target", default="cpu", help="only cpu, this machine (default)")
+    tune.add_argument("--trials", default="32", metavar="N",
+                      help="measurements per kernel, or an effort level none|fast|full (default: %(default)s)")
+    tune.add_argument("--passes", default="exact", help="passes that run before (default: exact)")
+    tune.add_argument("--db", metavar="PATH", help="tuning database (default: $OPTIC_TUNING_DB, else "
+                                                   "~/.cache/optic/tuning.db)")
+    tune.add_argument("--json", action="store_true", help="print the kernel table as JSON")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    tune.set_defaults(func=cmd_tune)
 
     tg = sub.add_parser("targets", help="list hardware targets and their key figures")
     tg.add_argument("--json", action="store_true", help="every figure of every target, as JSON")
@@ -174,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     tdb.add_argument("--json", action="store_true", help="as JSON")
     tdb.set_defaults(func=cmd_db)
 
-    for p in (dump, opt, tg, ps, bench, kern, tdb):
+    for p in (dump, opt, tune, tg, ps, bench, kern, tdb):
         p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     return parser
 
@@ -187,6 +205,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE", help="a state dict to load (torch.load with weights_only=True)")
     p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
                    help="capture path (default: auto, fx then export)")
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("torch", "tvm"), default="torch",
+                   help="torch: PyTorch's kernels; tvm: also generated kernels, kept where measured faster "
+                        "(default: %(default)s)")
+    p.add_argument("--tune", default="fast", metavar="LEVEL",
+                   help="with --backend tvm: none|fast|full or measurements per kernel (default: %(default)s)")
+    p.add_argument("--db", metavar="PATH", help="tuning database (default: $OPTIC_TUNING_DB, else "
+                                                "~/.cache/optic/tuning.db)")
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -249,13 +277,53 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     progress.line(f"optimizing {args.model} for {args.target}")
     result = optimize(model, inputs, args.target, passes, tolerance=args.tolerance, disable=args.disable,
                       capture=args.capture, measure=False if args.no_measure else None,
-                      on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work)
+                      on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work,
+                      backend=args.backend, tune=args.tune, tuning_db=args.db)
     print(result.report.to_json() if args.json else result.report.table())
     if args.output:
         _save(result, inputs, args.output)
         print(f"optic: saved the optimized model to {args.output} (load it with "
               f"torch.export.load({str(args.output)!r}).module())", file=sys.stderr)
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .api import optimize
+
+    _check_target(args)
+    progress = _Progress(args)
+    progress.on = not args.quiet
+    model, inputs = _load(args, progress)
+    progress.line(f"tuning the kernels of {args.model} on {args.target} ({args.trials} per kernel)")
+    result = optimize(model, inputs, args.target, args.passes, capture=args.capture, on_pass=progress.pass_done,
+                      progress=progress.work, backend="tvm", tune=args.trials, tuning_db=args.db)
+    rec = next((r for r in result.report.passes if r.name == "tvm_kernels"), None)
+    kernels = (rec.measured.get("kernels") if rec else None) or []
+    if args.json:
+        print(json.dumps({"kernels": kernels, "tuning_measurements": rec.measured.get("tuning_measurements") if rec
+                          else 0, "tuning_s": rec.measured.get("tuning_s") if rec else 0,
+                          "latency_s": result.report.measured_latency_s}, indent=2, default=str))
+        return 0
+    if rec is None or not kernels:
+        why = "; ".join(sorted({d["reason"] for d in rec.declined})) if rec else "the pass did not run"
+        print(f"optic: no kernel to tune in {args.model} ({why or 'no dense conv/linear layer'})")
+        return 0
+    print(f"{'kernel':<58} {'layers':>6}  {'tuning':<22} {'generated ms':>12} {'PyTorch ms':>10}  runs")
+    for k in kernels:
+        times = k.get("times_ms") or {}
+        vendor = min((v for n, v in times.items() if n != "tvm"), default=None)
+        print(f"{k['operator'][:58]:<58} {len(k['layers']):>6}  {k['tuned'][:22]:<22} "
+              f"{_ms(times.get('tvm')):>12} {_ms(vendor):>10}  {k['chosen']}")
+    print(f"\n{rec.measured.get('tuning_measurements', 0)} measurement(s) in {rec.measured.get('tuning_s', 0)} s; "
+          f"database {args.db or 'default'}")
+    lat = result.report.measured_latency_s
+    if lat:
+        print(f"whole model here: {lat[0] * 1e3:.3f} ms → {lat[1] * 1e3:.3f} ms ({lat[0] / lat[1]:.2f}×)")
+    return 0
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def cmd_targets(args: argparse.Namespace) -> int:

@@ -1,0 +1,498 @@
+"""tvm_kernels: generated (TVM, LLVM) kernels where they beat PyTorch's own, per kernel, by measurement.
+
+The pass behind ``optic.optimize(..., backend="tvm", tune=...)`` on this machine's CPU. Exact.
+
+1. Kernels. Every float32 linear and 2-D convolution (dense, not grouped or transposed, one
+   stride/padding/dilation for both dims) with constant weights becomes one kernel together with
+   what follows it and can run in its write-back: the bias, an activation the code generator has
+   (relu, gelu, silu, tanh, sigmoid), a residual add (``relu(conv(x) + b + skip)`` is one kernel).
+   Each is an :class:`optic.autotune.Operator` (matmul ``MxNxK`` with B as ``nn.Linear``'s weight,
+   conv2d NCHW), whatever its spelling in the graph.
+2. Tuning (``tune``, the effort level, option ``tune``): each distinct operator is tuned with
+   :func:`optic.autotune.tune` against the tuning database (option ``tuning_db``: a path or a
+   ``TuningDB``; default the user's cache): ``"none"`` measures no candidate (the database's best,
+   else the cost model's first choice), ``"fast"`` measures the cost model's 4 best and stops tuning
+   new operators after ``tune_budget_s`` (60 s; the rest get the cost model's choice), ``"full"``
+   32, an integer that many. An operator the database already holds enough records for measures
+   nothing: a second ``optimize`` of the same model tunes nothing.
+3. Tactics, not faith. The chosen kernel is built here (LLVM) and checked on the values the layer
+   really sees (recorded on the example inputs), then timed in this process, alternated in blocks,
+   against what PyTorch would run for the same ops: the ATen ops as they are and, where it exists,
+   oneDNN's fused kernel with prepacked weights (what ``cpu_tactics`` would choose). The generated
+   kernel replaces the ops only when it is at least 3 % faster than the fastest of them; the verdict
+   is kept in the database beside the tuning records, so it too is measured once.
+4. The whole model is timed before and after, alternated; the pass keeps its kernels only when the
+   model is faster. Layers left in PyTorch go on to ``cpu_tactics``. (Option ``tvm_keep="all"``
+   keeps every generated kernel untimed: for testing the rewrite, never for speed.)
+
+Data crosses by DLPack, without copies. The compiled kernels are not picklable: the optimized
+module cannot be saved with ``torch.save`` (its ``state_dict`` can).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from optic import ir, timing
+from optic.errors import OpticError
+from optic.opview import Op, view
+from optic.registry import register
+from optic.verify import compare
+
+from .cpu_tactics import _ATTRS as ONEDNN_ATTRS
+from .cpu_tactics import Candidate as OneDNNCandidate
+from .cpu_tactics import _fast_call as onednn_call
+from .cpu_tactics import _recorded_inputs as recorded_inputs
+from .cpu_tactics import _why_not_dense_fp32
+
+EFFORT = {"none": 0, "fast": 4, "full": 32}
+FAST_BUDGET_S = 60.0
+_ACTS = {"relu": "relu", "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid", "gelu": "gelu"}
+_KEEP_MARGIN = 0.97  # the generated kernel must be at least 3 % faster than PyTorch's fastest
+
+
+def trials_for(tune: Any) -> int:
+    """Measurements per operator for an effort level (``"none"``, ``"fast"``, ``"full"``) or a count."""
+    if isinstance(tune, bool):
+        raise OpticError(f"tune takes 'none', 'fast', 'full' or a number of measurements per kernel, not {tune!r}")
+    if isinstance(tune, int):
+        if tune < 0:
+            raise OpticError(f"tune must be 0 or more measurements per kernel, not {tune}")
+        return tune
+    if isinstance(tune, str) and tune.isdigit():
+        return int(tune)
+    if tune not in EFFORT:
+        raise OpticError(f"tune takes 'none', 'fast', 'full' or a number of measurements per kernel, not {tune!r}")
+    return EFFORT[tune]
+
+
+def describe_effort(tune: Any) -> str:
+    n = trials_for(tune)
+    if n == 0:
+        return "tune='none': no candidate measured; each kernel takes the database's best, else the cost model's first choice"
+    if tune == "fast":
+        return (f"tune='fast': the cost model's {n} best candidates measured per kernel, new kernels tuned for "
+                f"at most {FAST_BUDGET_S:.0f} s (the rest take the cost model's choice)")
+    return f"tune={tune!r}: up to {n} candidates measured per kernel"
+
+
+# -- finding kernels ----------------------------------------------------------------------------------
+@dataclass
+class Site:
+    """One kernel in the graph: the main op, what fuses after it, and its operator."""
+
+    op: Op
+    nodes: list[fx.Node]  # in graph order; the last one's value is the kernel's output
+    epilogue: tuple[str, ...]
+    residual: fx.Node | None
+    operator: Any  # optic.autotune.Operator
+    onednn_act: Op | None = None  # the activation oneDNN would fuse (no residual)
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    @property
+    def last(self) -> fx.Node:
+        return self.nodes[-1]
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return [self.op.x] + ([self.residual] if self.residual is not None else [])
+
+    @property
+    def label(self) -> str:
+        return f"{self.op.node.name} ({self.operator}{' + ' + '+'.join(self.epilogue) if self.epilogue else ''})"
+
+
+def _single_user(node: fx.Node, gm: fx.GraphModule) -> Op | None:
+    users = ir.value_users(node)
+    if len(users) != 1 or ir.is_inplace(users[0]):
+        return None
+    return view(users[0], gm)
+
+
+def _activation(op: Op | None, x: fx.Node) -> str | None:
+    if op is None or op.kind != "act" or op.x is not x:
+        return None
+    fn = op.attrs.get("fn")
+    if fn == "gelu" and op.attrs.get("approximate", "none") != "none":
+        return None
+    return _ACTS.get(fn)
+
+
+def _residual(op: Op | None, x: fx.Node) -> fx.Node | None:
+    if op is None or op.kind != "add" or op.attrs.get("alpha", 1) != 1:
+        return None
+    a, b = op.node.args[:2] if len(op.node.args) >= 2 else (op.x, op.other)
+    other = b if a is x else a if b is x else None
+    if not isinstance(other, fx.Node) or other is x:
+        return None
+    if ir.shape(other) != ir.shape(x) or ir.dtype(other) != torch.float32:
+        return None
+    return other
+
+
+def _uniform(value: Any) -> int | None:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or any(not isinstance(v, int) or v != values[0] for v in values):
+        return None
+    return int(values[0])
+
+
+def _operator(op: Op, epilogue: tuple[str, ...]) -> tuple[Any, tuple, tuple, str | None]:
+    """``(operator, kernel input shape, kernel output shape, None)`` or ``(None, (), (), why not)``."""
+    from optic.autotune import Operator, SpaceError
+
+    w = op.const("weight")
+    xs = ir.shape(op.x)
+    if xs is None:
+        return None, (), (), "input shape unknown"
+    try:
+        if op.kind == "linear":
+            n, k = w.shape
+            m = math.prod(xs[:-1])
+            return (Operator("matmul", (m, n, k), b_layout="nk", epilogue=epilogue), (m, k), (m, n), None)
+        a = op.attrs
+        if a.get("nd") != 2 or a.get("transposed") or a.get("groups", 1) != 1 or len(xs) != 4 \
+                or a.get("padding_mode", "zeros") != "zeros":
+            return None, (), (), "only dense, non-transposed, zero-padded 2-D convolutions have a template"
+        stride, padding, dilation = (_uniform(a.get(k)) for k in ("stride", "padding", "dilation"))
+        if None in (stride, padding, dilation):
+            return None, (), (), "stride, padding or dilation differ between the dims"
+        f, c, r, s = w.shape
+        operator = Operator("conv2d", (xs[0], c, xs[2], xs[3], f, r, s), stride=stride, padding=padding,
+                            dilation=dilation, epilogue=epilogue, layout="NCHW")
+        return operator, tuple(xs), operator.out_shape, None
+    except SpaceError as e:
+        return None, (), (), str(e)
+
+
+def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
+    sites: list[Site] = []
+    taken: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        op = view(node, gm)
+        if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node) or node in taken:
+            continue
+        why = _why_not_dense_fp32(op) if op.const("weight") is not None else "the weight is computed"
+        if why and why.startswith("weight or bias") and op.const("weight") is not None and op.const("weight").dtype == torch.float32:
+            why = None  # no bias is fine here
+        if why:
+            stats.decline("tvm_" + op.kind, node.name, why)
+            continue
+        nodes, epilogue, residual, act_op = [node], [], None, None
+        if op.const("bias") is not None:
+            epilogue.append("bias")
+        while True:
+            nxt = _single_user(nodes[-1], gm)
+            act = _activation(nxt, nodes[-1])
+            if act and not any(e in _ACTS for e in epilogue):
+                epilogue.append(act)
+                act_op = nxt if residual is None else act_op
+                nodes.append(nxt.node)
+                continue
+            res = _residual(nxt, nodes[-1]) if residual is None else None
+            if res is not None and res not in nodes and not _reaches(res, nxt.node, nodes):
+                residual = res
+                epilogue.append("residual")
+                nodes.append(nxt.node)
+                continue
+            break
+        operator, in_shape, out_shape, why = _operator(op, tuple(epilogue))
+        if operator is None:
+            stats.decline("tvm_" + op.kind, node.name, why)
+            continue
+        onednn_act = None
+        if residual is None and len(nodes) == 2:
+            onednn_act = view(nodes[1], gm)
+        taken.update(nodes)
+        sites.append(Site(op, nodes, tuple(epilogue), residual, operator, onednn_act, in_shape, out_shape))
+    return sites
+
+
+def _reaches(value: fx.Node, add: fx.Node, kernel_nodes: list[fx.Node]) -> bool:
+    """Whether ``value`` depends on one of the kernel's nodes (then it cannot be an input of the kernel)."""
+    inside = set(kernel_nodes)
+    stack, seen = [value], set()
+    while stack:
+        n = stack.pop()
+        if n in inside:
+            return True
+        if n in seen or n.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return False
+
+
+# -- the runtime module -----------------------------------------------------------------------------
+class TVMKernel(nn.Module):
+    """One compiled kernel: takes the layer's input (and the residual), returns its output. DLPack in and
+    out; the weights are buffers (they appear in ``state_dict``)."""
+
+    def __init__(self, fn: Any, lib: Any, weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple,
+                 out_shape: tuple, result_shape: tuple, description: str):
+        super().__init__()
+        self._fn, self._lib = fn, lib  # keep the library loaded as long as the function lives
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
+        self.description = description
+
+    def __deepcopy__(self, memo: dict) -> TVMKernel:  # the compiled function is immutable: share it
+        w = self.weight.clone()
+        b = None if self.bias is None else self.bias.clone()
+        return TVMKernel(self._fn, self._lib, w, b, self.in_shape, self.out_shape, self.result_shape,
+                         self.description)
+
+    def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
+        out = torch.empty(self.out_shape, dtype=torch.float32)
+        args = [x.detach().reshape(self.in_shape).contiguous(), self.weight]
+        args += [] if self.bias is None else [self.bias]
+        args += [r.detach().reshape(self.out_shape).contiguous() for r in residual]
+        self._fn(*args, out)
+        return out.view(self.result_shape)
+
+    def extra_repr(self) -> str:
+        return self.description
+
+
+def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
+    """``(function, library)`` of ``operator`` with ``config``, built for this CPU (LLVM)."""
+    from optic.autotune import codegen_cpu
+    from optic.tvm_compat import host_target, require_tvm
+
+    tvm = require_tvm()
+    lib = tvm.compile(codegen_cpu.build(operator, config), target=host_target()).jit()
+    return lib["main"], lib
+
+
+def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKernel:
+    cfg = " ".join(f"{k}={v}" for k, v in config.items())
+    return TVMKernel(fn, lib, site.op.const("weight"), site.op.const("bias"), site.in_shape, site.out_shape,
+                     ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}")
+
+
+# -- the pass ----------------------------------------------------------------------------------------
+@dataclass
+class KernelChoice:
+    """What the pass decided for one operator (the report's per-kernel lines)."""
+
+    operator: str
+    layers: list[str]
+    config: dict[str, int] | None
+    tuned: str  # "database", "measured N", "cost model"
+    times_ms: dict[str, float] = field(default_factory=dict)
+    chosen: str = "torch"
+    why: str = ""
+    cached: bool = False
+
+    def line(self) -> str:
+        times = ", ".join(f"{k} {v:.4f} ms" for k, v in self.times_ms.items())
+        cache = " (verdict from the database)" if self.cached else ""
+        return (f"{self.operator} ×{len(self.layers)} [{self.tuned}]: {times or 'not timed'} → {self.chosen}"
+                f"{cache}{'; ' + self.why if self.why else ''}")
+
+
+def _region(gm: fx.GraphModule, site: Site) -> fx.GraphModule:
+    """The site's ops as they are in ``gm``, as a module taking the kernel's inputs."""
+    graph = fx.Graph()
+    env = {n: graph.placeholder(f"in{i}") for i, n in enumerate(site.inputs)}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:
+            env[n] = graph.node_copy(n)  # get_attr constants
+        return env[n]
+
+    for n in site.nodes:
+        env[n] = graph.node_copy(n, lookup)
+    graph.output(env[site.last])
+    return fx.GraphModule(gm, graph)
+
+
+@register
+class TVMKernels:
+    name = "tvm_kernels"
+    exact = True
+    description = "generated TVM kernels (tuned tile sizes, fused epilogue) where measured faster than PyTorch's, per kernel"
+
+    def run(self, program: Any, ctx: Any) -> bool:
+        if ctx.target.kind != "cpu" or not ctx.measure:
+            ctx.stats.decline("tvm_kernels", "*", "generated kernels replace PyTorch's only where both are measured: "
+                              "the target must be this machine's CPU with measuring on")
+            return False
+        from optic.tvm_compat import tvm_available
+
+        if not tvm_available():
+            ctx.stats.decline("tvm_kernels", "*", "TVM is not installed (pip install 'optic[tvm]')")
+            return False
+        gm = program.gm
+        sites = find_sites(gm, ctx.stats)
+        if not sites:
+            return False
+        tune_level = ctx.option("tune", "fast")
+        ctx.note(describe_effort(tune_level))
+        groups: dict[str, list[Site]] = {}
+        for s in sites:
+            groups.setdefault(s.operator.key, []).append(s)
+        values = recorded_inputs(program, {n for s in sites for n in (*s.inputs, s.last)})
+        choices = self._choose(list(groups.values()), gm, values, ctx, tune_level)
+        chosen = [(s, c) for group, c in zip(groups.values(), choices, strict=True) if c[0] is not None for s in group]
+        if not chosen:
+            return False
+        before = program.clone()
+        renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier site ended with
+        for i, (site, (fn, lib, config)) in enumerate(chosen):
+            mod = make_module(site, fn, lib, config)
+            name = f"tvm_kernel_{i}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.add_submodule(name, mod)
+            with gm.graph.inserting_before(site.last):
+                new = gm.graph.call_module(name, tuple(renamed.get(n, n) for n in site.inputs))
+            ir.replace(site.last, new, "tvm_kernels", site.nodes)
+            renamed[site.last] = new
+        ir.eliminate_dead_code(gm)
+        ir.drop_unused_constants(gm)
+        gm.recompile()
+        program.annotate_shapes()
+        if ctx.option("tvm_keep", "faster") == "all":
+            return True
+        return self._confirm(before, program, ctx, len(chosen))
+
+    def _choose(self, groups: list[list[Site]], gm: fx.GraphModule, values: dict, ctx: Any, tune_level: Any) -> list:
+        from optic.autotune import Runner, TuningDB, tune
+
+        trials = trials_for(tune_level)
+        budget_s = float(ctx.option("tune_budget_s", FAST_BUDGET_S if tune_level == "fast" else math.inf))
+        db_opt = ctx.option("tuning_db", None)
+        db = db_opt if isinstance(db_opt, TuningDB) else TuningDB(db_opt)
+        runner = Runner() if trials else None
+        start = time.perf_counter()
+        out, report, measurements = [], [], 0
+        try:
+            for i, group in enumerate(groups):
+                site = group[0]
+                level = trials if time.perf_counter() - start < budget_s else 0
+
+                def progress(done: int, total: int, best: float, last: Any, op=site.operator, i=i) -> None:
+                    if ctx.progress is not None:  # the bar counts kernels; the text says the measurements
+                        ctx.progress(f"tuning {op}: {done}/{total} measured, best {best * 1e3:.4f} ms; kernels",
+                                     i, len(groups))
+
+                try:
+                    result = tune(site.operator, ctx.target, level, db=db, runner=runner, progress=progress)
+                except Exception as e:  # a template that cannot cover the sizes: PyTorch keeps the layer
+                    choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], None, "no template",
+                                          why=str(e).splitlines()[0][:160])
+                    report.append(choice)
+                    out.append((None, None, None))
+                    continue
+                measurements += result.measurements
+                tuned = (f"measured {result.measurements}" if result.measurements else
+                         f"database ({result.records} records)" if result.measured else "cost model")
+                choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], result.config, tuned)
+                out.append(self._tactic(group, gm, values, ctx, result, db, choice))
+                report.append(choice)
+                if ctx.progress is not None:
+                    ctx.progress(f"{site.operator}: {choice.chosen}; kernels", i, len(groups))
+        finally:
+            if runner is not None:
+                runner.close()
+            if not isinstance(db_opt, TuningDB):
+                db.close()
+        ctx.record.measured["tuning_measurements"] = measurements
+        ctx.record.measured["tuning_s"] = round(time.perf_counter() - start, 2)
+        ctx.record.measured["kernels"] = [c.__dict__ for c in report]
+        n_tvm = sum(c.chosen == "tvm" for c in report)
+        ctx.note(f"{len(report)} distinct kernel(s), {sum(len(c.layers) for c in report)} layer(s): "
+                 f"{n_tvm} run generated code, {len(report) - n_tvm} stay with PyTorch; {measurements} tuning "
+                 f"measurement(s) in {time.perf_counter() - start:.1f} s")
+        for c in report:
+            ctx.note("  " + c.line())
+        return out
+
+    def _tactic(self, group: list[Site], gm: fx.GraphModule, values: dict, ctx: Any, result: Any, db: Any,
+                choice: KernelChoice) -> tuple:
+        site = group[0]
+        none = (None, None, None)
+        try:
+            fn, lib = compile_kernel(site.operator, result.config)
+        except Exception as e:
+            choice.why = f"build failed: {str(e).splitlines()[0][:160]}"
+            return none
+        ins = [values.get(n) for n in site.inputs]
+        expected = values.get(site.last)
+        if not all(isinstance(t, torch.Tensor) for t in (*ins, expected)):
+            choice.why = "inputs not recorded"
+            return none
+        mod = make_module(site, fn, lib, result.config)
+        with torch.no_grad():
+            try:
+                got = mod(*ins)
+            except Exception as e:
+                choice.why = f"run failed: {str(e).splitlines()[0][:160]}"
+                return none
+        check = compare(expected, got, ctx.tolerance)
+        if not check.ok:
+            choice.why = f"generated kernel's result differs ({check})"
+            return none
+        if ctx.option("tvm_keep", "faster") == "all":  # testing the rewrite itself: no timing, keep every kernel
+            choice.chosen, choice.why = "tvm", "kept without timing (option tvm_keep='all')"
+            return fn, lib, result.config
+        region = _region(gm, site)
+        fns = {"torch": lambda: region(*ins)}
+        act = site.onednn_act
+        if site.residual is None and (act is None or act.attrs.get("fn") in ONEDNN_ATTRS) \
+                and not (site.op.kind == "conv" and site.op.attrs.get("padding") is None):
+            name, scalars, algo = ONEDNN_ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+            cand = OneDNNCandidate(site.op, act, (), attr=(name, scalars or [None], algo))
+            try:
+                fast = onednn_call(cand, gm)
+                if compare(expected, fast(ins[0]), ctx.tolerance).ok:
+                    fns["oneDNN"] = lambda: fast(ins[0])
+            except RuntimeError:
+                pass
+        fns["tvm"] = lambda: mod(*ins)
+        context = json.dumps({"config": result.config, "candidates": sorted(fns), "key": result.key}, sort_keys=True)
+        cached = db.tactic(context)
+        if cached is None:
+            with torch.no_grad():
+                n = timing.calls_per_block(fns["torch"], target_s=0.005)
+                t = timing.compare(fns, rounds=int(ctx.option("tactic_rounds", 5)), block=n, warmup=1)
+            times = {k: v.median for k, v in t.items()}
+            db.add_tactic(context, times)
+        else:
+            times, choice.cached = cached, True
+        choice.times_ms = {k: v * 1e3 for k, v in times.items()}
+        vendor = min(v for k, v in times.items() if k != "tvm")
+        if times["tvm"] < _KEEP_MARGIN * vendor:
+            choice.chosen = "tvm"
+            return fn, lib, result.config
+        best = min((k for k in times if k != "tvm"), key=times.__getitem__)
+        choice.chosen = best
+        choice.why = f"generated kernel {times['tvm'] / vendor:.2f}× the time of PyTorch's {best}"
+        return none
+
+    @staticmethod
+    def _confirm(before: Any, after: Any, ctx: Any, kernels: int) -> bool:
+        args, kwargs = after.example_args, after.example_kwargs
+        fns = {"torch": (lambda g=before.gm: g(*args, **kwargs)), "tvm": (lambda g=after.gm: g(*args, **kwargs))}
+        with torch.no_grad():
+            t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s", 3.0)))
+        ctx.record.measured["latency_s"] = (t["torch"].median, t["tvm"].median)
+        ctx.note(f"whole model, measured here: PyTorch kernels {t['torch']}, with {kernels} generated kernel(s) "
+                 f"{t['tvm']}")
+        if t["tvm"].median < t["torch"].median:
+            return True
+        after.gm = before.gm
+        ctx.note("the model is not faster with the generated kernels: kept PyTorch's")
+        return False
