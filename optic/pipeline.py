@@ -52,6 +52,9 @@ class PassContext:
     budget_left: float = 0.0
     progress: Callable[[str, int, int], None] | None = None  # long work: (what, done, total)
     reference: list[Any] | None = None  # what exact passes are checked against (after lossy ones: their result)
+    # set by tvm_kernels when it kept generated kernels: the program without them, which cpu_tactics
+    # times too, so that backend="tvm" is never slower than PyTorch's own kernels on the whole model
+    without_generated: Any = None
 
     def note(self, text: str) -> None:
         if self.record is not None:

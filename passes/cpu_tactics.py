@@ -211,15 +211,12 @@ class CpuTactics:
         if not torch.backends.mkldnn.is_available():
             ctx.stats.decline("cpu_tactics", "*", "this PyTorch build has no oneDNN")
             return False
-        variants: dict[str, Any] = {"torch ops": program.clone()}
-        base = program.clone()
-        if to_channels_last(base.gm):
-            base.annotate_shapes()
-            variants["channels-last"] = base.clone()
-        onednn = base.clone()
-        kernels = self._choose_kernels(onednn, ctx)
-        if kernels:
-            variants[("channels-last + " if len(variants) > 1 else "") + "oneDNN kernels"] = onednn
+        variants, kernels = self._variants(program, ctx, "")
+        fallback = ctx.without_generated  # backend="tvm": the same model with PyTorch's kernels only
+        if fallback is not None:
+            more, more_kernels = self._variants(fallback, ctx, "no generated kernels: ")
+            variants.update(more)
+            kernels.update(more_kernels)
         if len(variants) == 1:
             return False
         best = self._fastest(variants, program, ctx)
@@ -227,10 +224,24 @@ class CpuTactics:
             return False
         program.gm = variants[best].gm
         ctx.stats.match(best)
-        if "oneDNN" in best:
-            for rule in kernels:
-                ctx.stats.match(rule)
+        for rule in kernels.get(best, []):
+            ctx.stats.match(rule)
         return True
+
+    def _variants(self, program, ctx, prefix: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """Whole-model variants of ``program``: as it is, channels-last, and with the oneDNN kernels
+        measured faster; and the kernel rules of the oneDNN variant."""
+        variants: dict[str, Any] = {prefix + "torch ops": program.clone()}
+        base = program.clone()
+        if to_channels_last(base.gm):
+            base.annotate_shapes()
+            variants[prefix + "channels-last"] = base.clone()
+        onednn = base.clone()
+        kernels = self._choose_kernels(onednn, ctx)
+        name = prefix + ("channels-last + " if len(variants) > 1 else "") + "oneDNN kernels"
+        if kernels:
+            variants[name] = onednn
+        return variants, {name: kernels}
 
     def _choose_kernels(self, program, ctx) -> list[str]:
         """Swap in the oneDNN kernels measured faster one by one; the rules that fired."""

@@ -22,7 +22,9 @@ The pass behind ``optic.optimize(..., backend="tvm", tune=...)`` on this machine
    kernel replaces the ops only when it is at least 3 % faster than the fastest of them; the verdict
    is kept in the database beside the tuning records, so it too is measured once.
 4. The whole model is timed before and after, alternated; the pass keeps its kernels only when the
-   model is faster. Layers left in PyTorch go on to ``cpu_tactics``. (Option ``tvm_keep="all"``
+   model is faster. Layers left in PyTorch go on to ``cpu_tactics``, which times its variants of the
+   model both with the generated kernels and without them (``PassContext.without_generated``), so
+   the TVM backend ends no slower than the torch backend would on the same model. (Option ``tvm_keep="all"``
    keeps every generated kernel untimed: for testing the rewrite, never for speed.)
 
 Data crosses by DLPack, without copies. The compiled kernels are not picklable: the optimized
@@ -492,6 +494,7 @@ class TVMKernels:
         ctx.note(f"whole model, measured here: PyTorch kernels {t['torch']}, with {kernels} generated kernel(s) "
                  f"{t['tvm']}")
         if t["tvm"].median < t["torch"].median:
+            ctx.without_generated = before  # cpu_tactics times this one too (never slower than PyTorch's)
             return True
         after.gm = before.gm
         ctx.note("the model is not faster with the generated kernels: kept PyTorch's")

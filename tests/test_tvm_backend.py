@@ -206,3 +206,26 @@ def test_cli_tune_twice(tmp_path):
     assert [len(r["kernels"]) for r in runs] == [2, 2]
     assert runs[0]["tuning_measurements"] == 4 and runs[1]["tuning_measurements"] == 0
     assert {k["chosen"] for k in runs[0]["kernels"]} <= {"tvm", "torch", "oneDNN"}
+
+
+def test_cpu_tactics_also_times_the_model_without_generated_kernels(tmp_path, monkeypatch):
+    """backend="tvm" never ends slower than the torch backend: once generated kernels are kept, cpu_tactics
+    times its variants of the model with them and without them, and keeps the fastest."""
+    from optic.passes.tvm_kernels import TVMKernels
+
+    def keep(before, after, ctx, kernels):
+        ctx.without_generated = before
+        return True
+
+    monkeypatch.setattr(TuningDB, "tactic", _stored_verdict(True, []))
+    monkeypatch.setattr(TVMKernels, "_confirm", staticmethod(keep))
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    out = optic.optimize(model, x, passes=[*PASSES, "cpu_tactics"], backend="tvm", tune="none",
+                         tuning_db=tmp_path / "t.db")
+    assert tvm_record(out.report).changed
+    tactics = next(r for r in out.report.passes if r.name == "cpu_tactics")
+    variants = tactics.measured["variants_ms"]
+    assert "torch ops" in variants and "no generated kernels: torch ops" in variants
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
