@@ -116,14 +116,15 @@ def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
 
 
 def _recorded_inputs(program, nodes: set[fx.Node]) -> dict[fx.Node, Any]:
-    """The values ``nodes`` take on the example inputs."""
+    """The values ``nodes`` take on the example inputs (copies: a later in-place op, e.g. ``ReLU6(inplace=True)``,
+    must not change what was recorded)."""
     seen: dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             value = super().run_node(n)
             if n in nodes:
-                seen[n] = value
+                seen[n] = value.clone() if isinstance(value, torch.Tensor) else value
             return value
 
     with torch.no_grad():

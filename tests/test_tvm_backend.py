@@ -229,3 +229,17 @@ def test_cpu_tactics_also_times_the_model_without_generated_kernels(tmp_path, mo
     assert "torch ops" in variants and "no generated kernels: torch ops" in variants
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_followed_by_an_inplace_activation_is_checked_on_its_own_output(tmp_path):
+    """The values a layer is checked on are copies: ReLU6(inplace=True) after it must not change them
+    (it did: every such conv was declined as 'result differs')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 1), nn.ReLU6(inplace=True)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    assert len([m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(grab.program.gm(x), model(x), rtol=1e-4, atol=1e-4)
