@@ -4,7 +4,9 @@ and propagation instead of a filtered product on the realistic A100 GEMM space."
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
+import numpy as np
 import sympy
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,6 +14,7 @@ from sympy import Eq, Ge, Gt, Le, Lt, Mod, Ne, Or, ceiling
 
 from optic import autotune
 from optic.autotune import Constraint, Space, Var, brute_force, solve, symbols
+from optic.autotune import solver as solver_module
 
 NAMES = ("A", "B", "C", "D")
 P = sympy.Symbol("P")
@@ -66,6 +69,72 @@ def test_solver_yields_exactly_the_brute_force_set(space):
     assert sorted(brute_force(space).rows) == expected
     for cfg in solved.configs:
         assert space.check(cfg) == []
+
+
+@st.composite
+def large_valued_spaces(draw) -> Space:
+    """Three variables whose values reach past int64 (2**70) or make products that do (2**40), with the
+    polynomial and divisibility constraints the search evaluates in numpy: each check must fall back
+    to Python integers exactly when int64 could overflow, and pair tables must work by domain index."""
+    values = st.one_of(st.integers(1, 16), st.integers(1, 1 << 40), st.integers(1, 1 << 70))
+    variables = [Var(n, draw(st.sets(values, min_size=1, max_size=4))) for n in NAMES[:3]]
+    A, B, C = symbols("A B C")
+    bound = st.integers(1, 1 << 120)
+    kinds = [
+        st.builds(lambda k: Le(A * B * C, k), bound),
+        st.builds(lambda k: Ge(A * B - C, k - (1 << 80)), bound),
+        st.just(Eq(Mod(A * B, C), 0)),
+        st.just(Eq(Mod(C, A), 0)),
+        st.builds(lambda k: Lt(A + B, k), bound),
+        st.just(Ne(A * C, B)),
+    ]
+    return Space("large", variables, draw(st.lists(st.one_of(kinds), max_size=3)))
+
+
+@given(large_valued_spaces())
+def test_exact_beyond_int64(space):
+    expected = sorted(brute_force(space).rows)
+    assert sorted(solve(space).rows) == expected
+    assert expected == _reference(space)
+
+
+@given(small_spaces(), st.integers(1, 40))
+def test_chunked_search_finds_the_same_rows_in_the_same_order(space, cells):
+    # A frontier of more than _CELLS candidates is searched in chunks, depth first.
+    whole = solve(space)
+    with mock.patch.object(solver_module, "_CELLS", cells):
+        chunked = solve(space)
+        first = solve(space, limit=3)
+    assert chunked.rows == whole.rows
+    assert first.rows == whole.rows[:3]
+
+
+def test_checks_numpy_cannot_evaluate_fall_back_to_exact_functions():
+    # A three-variable Or: a truth table over small domains, a call per candidate when the table would be
+    # larger than the candidates (40**3 values, a few dozen candidates).
+    X, Y, Z = symbols("X Y Z")
+    relation = Or(Eq(Mod(X + Y, Z), 0), Le(X * Y, Z))
+    for size in (4, 40):
+        space = Space("or", [Var(n, range(1, size + 1)) for n in "XYZ"], [Eq(X, Y), relation])
+        assert sorted(solve(space).rows) == sorted(brute_force(space).rows)
+        assert len(solve(space).rows) > size
+
+
+def test_int64_only_when_no_intermediate_can_overflow():
+    small, large = {"X": 1, "Y": 1}, {"X": 1 << 40, "Y": 1 << 40}
+    assert solver_module._vectorized("X*Y*Y <= 5", ("X", "Y"), small, small).int64
+    assert not solver_module._vectorized("X*Y*Y <= 5", ("X", "Y"), small, large).int64
+    assert solver_module._vectorized("(X) % (Y + 1) == 0", ("X", "Y"), small, small).int64
+    assert solver_module._vectorized("(X) % (Y - 1) == 0", ("X", "Y"), small, large) is None  # Y - 1 may be 0
+    assert solver_module._vectorized("X < 1 or Y < 2", ("X", "Y"), small, large) is None  # `or` is not elementwise
+
+
+def test_result_is_an_array_and_rows_are_tuples_of_ints():
+    result = solve(autotune.matmul_gpu(4096, 4096, 4096, "a100"))
+    assert result.found.dtype == np.int16 and result.found.shape == (result.valid, 9)  # values up to 256
+    assert result.array.dtype == np.int64
+    assert type(result.rows[0]) is tuple and all(type(x) is int for x in result.rows[0])
+    assert brute_force(Space("free", [Var("X", (1, 1 << 70))])).array.tolist() == [[1], [1 << 70]]
 
 
 @given(small_spaces(), st.integers(0, 4))
