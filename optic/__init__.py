@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import targets
 from .api import OptimizedModule, optimize
+from .artifact import load_artifact
 from .calibration import Budget, Labeled
 from .capture import capture
 from .errors import (
@@ -27,6 +28,7 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
+    "load_artifact",
     "Budget", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
     "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "lower", "optimize", "targets",
 ]

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--tolerance", type=float, metavar="T",
                      help="max error relative to the output scale (default by dtype; fp32: 1e-4)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
-    opt.add_argument("-o", "--output", metavar="OUT.pt2", help="save the optimized model (torch.export.save)")
+    opt.add_argument("-o", "--output", metavar="OUT.pt2", help="save the optimized model (torch.export.save; with "
+                     "--backend tvm and a GPU target: the artifact directory, e.g. model.artifact)")
     opt.add_argument("--budget", type=float, metavar="DROP",
                      help="let lossy passes (low-rank, pruning, 2:4, early exit) lose at most DROP of the metric "
                           "on held-out calibration data, e.g. 0.01 for 1%%; implies --passes default")
@@ -280,7 +281,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work,
                       backend=args.backend, tune=args.tune, tuning_db=args.db)
     print(result.report.to_json() if args.json else result.report.table())
-    if args.output:
+    if args.output and getattr(result, "artifact", None) is not None:
+        path = result.artifact.save(args.output)
+        print(f"optic: saved the {args.target} artifact to {path} (load it with optic.load_artifact({str(path)!r}); "
+              "its CUDA kernels run where a CUDA device and a CUDA-enabled TVM runtime are present)", file=sys.stderr)
+    elif args.output:
         _save(result, inputs, args.output)
         print(f"optic: saved the optimized model to {args.output} (load it with "
               f"torch.export.load({str(args.output)!r}).module())", file=sys.stderr)
