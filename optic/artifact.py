@@ -237,7 +237,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     from optic.autotune.codegen_cuda import build, compile_cuda, gpu_space
     from optic.autotune.space import SpaceError
     from optic.autotune.toolchain import toolchain
-    from optic.passes.tvm_kernels import _region, find_sites
+    from optic.passes.tvm_kernels import _region, find_sites, replace_sites
     from optic.rewrite import RuleStats
 
     from .tvm_compat import require_tvm
@@ -286,19 +286,10 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     except Exception as e:
         raise OpticError(f"TVM could not build the CUDA library for {target.name}: {str(e).splitlines()[0]}") from None
     regions = [_region(gm, site) for site, _ in chosen]  # before any replacement renames their inputs
-    renamed: dict[fx.Node, fx.Node] = {}
-    for (site, symbol), region in zip(chosen, regions, strict=True):
-        kernel = GPUKernel(symbol, region, site.op.const("weight"), site.op.const("bias"), site.in_shape,
-                           site.out_shape, ir.shape(site.last), str(site.operator))
-        name = f"gpu_{symbol}_{site.op.node.name}"
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(site.last):
-            new = gm.graph.call_module(name, tuple(renamed.get(n, n) for n in site.inputs))
-        ir.replace(site.last, new, "tvm_gpu", site.nodes)
-        renamed[site.last] = new
-    ir.eliminate_dead_code(gm)
-    ir.drop_unused_constants(gm)
-    gm.recompile()
+    replace_sites(gm, [(site, GPUKernel(symbol, region, site.op.const("weight"), site.op.const("bias"), site.in_shape,
+                                        site.out_shape, ir.shape(site.last), str(site.operator)),
+                        f"gpu_{symbol}_{site.op.node.name}") for (site, symbol), region in zip(chosen, regions, strict=True)],
+                  "tvm_gpu")
     # the artifact's graph, checked here on CPU (each kernel runs PyTorch's ops for its layer on CPU tensors)
     with torch.no_grad():
         args, kwargs = program.example_args, program.example_kwargs

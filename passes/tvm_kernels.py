@@ -283,6 +283,22 @@ def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKer
                      ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}")
 
 
+def replace_sites(gm: fx.GraphModule, items: list[tuple[Site, nn.Module, str]], pass_name: str) -> None:
+    """Replace each site's nodes with a call of its module (added under a free name near ``name``)."""
+    renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier site ended with
+    for site, module, name in items:
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(site.last):
+            new = gm.graph.call_module(name, tuple(renamed.get(n, n) for n in site.inputs))
+        ir.replace(site.last, new, pass_name, site.nodes)
+        renamed[site.last] = new
+    ir.eliminate_dead_code(gm)
+    ir.drop_unused_constants(gm)
+    gm.recompile()
+
+
 # -- the pass ----------------------------------------------------------------------------------------
 @dataclass
 class KernelChoice:
@@ -351,20 +367,8 @@ class TVMKernels:
         if not chosen:
             return False
         before = program.clone()
-        renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier site ended with
-        for i, (site, (fn, lib, config)) in enumerate(chosen):
-            mod = make_module(site, fn, lib, config)
-            name = f"tvm_kernel_{i}"
-            while hasattr(gm, name):
-                name += "_"
-            gm.add_submodule(name, mod)
-            with gm.graph.inserting_before(site.last):
-                new = gm.graph.call_module(name, tuple(renamed.get(n, n) for n in site.inputs))
-            ir.replace(site.last, new, "tvm_kernels", site.nodes)
-            renamed[site.last] = new
-        ir.eliminate_dead_code(gm)
-        ir.drop_unused_constants(gm)
-        gm.recompile()
+        replace_sites(gm, [(site, make_module(site, fn, lib, config), f"tvm_kernel_{i}")
+                           for i, (site, (fn, lib, config)) in enumerate(chosen)], "tvm_kernels")
         program.annotate_shapes()
         if ctx.option("tvm_keep", "faster") == "all":
             return True

@@ -177,8 +177,8 @@ def test_effort_levels_and_errors():
         optic.optimize(model, x, backend="tvm", tune="quick")
     with pytest.raises(OpticError, match="backends are 'torch'"):
         optic.optimize(model, x, backend="tensorrt")
-    with pytest.raises(OpticError, match="must be 'cpu'"):
-        optic.optimize(model, x, "a100", backend="tvm")
+    with pytest.raises(OpticError, match="known targets|unknown target"):
+        optic.optimize(model, x, "a101", backend="tvm")
 
 
 def test_declines_what_has_no_template(tmp_path):
