@@ -95,7 +95,10 @@ def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None =
     if kernel is not None:
         k = lowered.kernel(kernel)
         head.append(f"# kernel {k}")
-        return "\n".join(head) + "\n" + k.script().strip("\n") + "\n"
+        head.append("# as TVM fused it (unscheduled loop nest):")
+        text = "\n".join(head) + "\n" + k.script().strip("\n") + "\n"
+        return text + "\n" + scheduled_kernel(k, target)
+
     head.append("# fused kernels (show one with kernel=NAME):")
     head += [f"#   {k}" for k in lowered.kernels] or ["#   none"]
     if lowered.fallbacks:
@@ -103,6 +106,43 @@ def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None =
         head += [f"#   {f}" for f in lowered.fallbacks]
     head.append("# the Relax module as imported (one function per partition), before fusion:")
     return "\n".join(head) + "\n" + lowered.script().strip("\n") + "\n"
+
+
+def scheduled_kernel(k: Any, target: Any = "cpu") -> str:
+    """The kernel scheduled by optic's template for ``target``: the tuning database's best configuration
+    (else the cost model's choice; nothing is measured), as TVMScript; or why there is none."""
+    from . import targets
+    from .autotune import Operator, tune
+    from .autotune.space import SpaceError
+
+    op = Operator.from_workload(k.workload)
+    if op is None:
+        return "# no optic template covers this kernel: it runs with the schedule above\n"
+    t = targets.get(target)
+    try:
+        if t.kind == "cpu":
+            from .autotune.codegen_cpu import build
+
+            result = tune(op, t, 0)
+            config, how = result.config, ("the tuning database's best" if result.measured
+                                          else "the cost model's choice (not tuned yet: optic tune / optic kernel)")
+            mod = build(op, config)
+        else:
+            from .autotune import cost_model, solve
+            from .autotune.codegen_cuda import build, gpu_space
+
+            space = gpu_space(op, t)
+            solved = solve(space)
+            if not solved.valid:
+                raise SpaceError(f"no configuration of {space.name} fits these sizes")
+            order, _ = cost_model.rank(space, solved.names, solved.rows, t)
+            config = dict(zip(solved.names, (int(v) for v in solved.rows[int(order[0])]), strict=True))
+            how, mod = "the cost model's choice (GPU: nothing is measured here)", build(op, config)
+    except (SpaceError, OpticError) as e:
+        return f"# optic's {op.op} template cannot schedule it for {t.name}: {str(e).splitlines()[0]}\n"
+    cfg = " ".join(f"{n}={v}" for n, v in config.items())
+    return (f"# scheduled by optic's {op.op} template for {t.name} ({op}), {how}:\n# {cfg}\n"
+            + mod.script().strip("\n") + "\n")
 
 
 # -- json ---------------------------------------------------------------------------------------------

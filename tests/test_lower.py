@@ -252,6 +252,23 @@ def test_tvmscript_dump(mlp):
     name = by_class(lowered, "matmul")[0].name
     one = dump.render(program, "tvmscript", kernel=name)
     assert f"# kernel {name}" in one and "def part_0(" not in one
+    # then the same kernel scheduled by optic's template: its variables in the header, parallel loops in the TIR
+    assert "# scheduled by optic's matmul template for cpu" in one and "MR=" in one and "NR=" in one
+    assert one.count("def main(") == 2
+
+
+def test_scheduled_kernel_for_a_gpu_binds_threads_or_says_why(block):
+    from optic import dump
+
+    _, _, lowered = block
+    texts = [dump.scheduled_kernel(k, "a100") for k in lowered.kernels]
+    assert any("scheduled by optic's" in t for t in texts)
+    for text in texts:
+        assert text.startswith("# ")
+        if "scheduled by optic's" in text:
+            assert "thread_binding" in text and "blockIdx" in text
+        else:
+            assert "no optic template" in text or "cannot schedule" in text
 
 
 # -- transformer block -----------------------------------------------------------------------------------------
