@@ -9,18 +9,22 @@ make every schedule here legal (whole register tiles in a block, whole vectors i
 
 GEMM (matmul, and conv2d as an implicit GEMM), BLIS's blocking::
 
-    Ap[Mp, Kp] = A padded or gathered (im2col); A itself when it needs neither
     for outer in (N/NC) x (M/MC)         parallel over PARALLEL threads (macro tiles)
-      Cb[MC, NC] = 0
+      Cb[MC, NC] = 0                     Cb: C's own tile when the product is the output, else Cp's
       for ko in K/KC                     a KC-deep slice: A block MC x KC in L2
+        Ap[MC, KC] = the tile's A block, padded or gathered (im2col); A itself when it needs neither
         Bp[NC/NR, KC, NR] = the tile's B panel, packed in NR-column micro-panels
         for jr in NC/NR                  a KC x NR micro-panel of B in L1, reused by every ir
           for ir in MC/MR                MR x NR accumulators in vector registers
             for ki in KC/UNROLL, ku in UNROLL (unrolled), ii in MR (unrolled), jv in NR (vectorized)
               Cb[ii, jv] += Ap[ir*MR + ii, k] * Bp[jr, k, jv]
       C[tile] = epilogue(Cb)             bias, residual, activations, fused into the write-back
-                                         (conv2d: after the GEMM, as the output's index is not
-                                         affine in the tile)
+                                         (none when C itself accumulated: nothing to clip or apply)
+
+A convolution's GEMM rows are the output's own (n, OH, OW) (a macro tile is TOH whole output rows),
+so with NHWC the tile is a block of the output: it accumulates there, or is written back while in
+L2; NCHW transposes after the GEMM. Its weights, contiguous along neither GEMM axis with NHWC, are
+packed once before the GEMM instead of by every row of tiles.
 
 Edges: the template lets a block overhang the extent (``MC < 2*M``); the packing stages pad A and B
 with zeros to whole blocks (``Mp = ceil(M/MC)*MC``, likewise N and K), so the GEMM loops never need
@@ -41,7 +45,7 @@ from .operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "build"]
 
 # Part of every tuning-database key: records measured with another code generator are not reused.
-CODEGEN_VERSION = 1
+CODEGEN_VERSION = 2
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -87,40 +91,54 @@ def _epilogue(tvm: Any, value: Any, epilogue: tuple[str, ...], bias: Any, residu
     return value
 
 
-def _gemm_te(tvm: Any, Mp: int, Np: int, Kp: int, MR: int, NR: int,
-             a_value: Callable[[Any, Any], Any], b_value: Callable[[Any, Any], Any], pack_a: bool = True) -> Any:
-    """The packing stages and the padded product ``Cp[Mp, Np] = sum_k Ap * Bp``.
+def _gemm_te(tvm: Any, rows: tuple[int, ...], Np: int, Kp: int, NR: int,
+             a_value: Callable[..., Any], b_value: Callable[[Any, Any], Any], pack_a: bool = True,
+             name: str = "Cp") -> Any:
+    """The packing stages and the padded product ``Cp[*rows, Np] = sum_k Ap * Bp``.
 
-    ``a_value(i, k)`` / ``b_value(k, j)``: the (zero-padded) operand elements as TE expressions.
-    A is copied row-major (``Ap[Mp, Kp]``: the micro-kernel broadcasts one element of each of MR rows
-    per k step, and contiguous rows are all that needs; an MR-panel layout measured slower, its copy
-    being a transposition), and only when it must be padded or gathered (im2col): ``pack_a=False``
-    reads ``a_value`` directly."""
+    ``rows``: the (padded) extents of the GEMM's row index, one dimension (a matmul's Mp) or several
+    (a convolution's n, OHp, OW: rows in the output's own order, so that the product, or its
+    write-back, lands in an NHWC output block by block). ``a_value(*row, k)`` / ``b_value(k, j)``:
+    the (zero-padded) operand elements as TE expressions. A is copied row-major (``Ap[*rows, Kp]``:
+    the micro-kernel broadcasts one element of each of MR rows per k step, and contiguous rows are
+    all that needs; an MR-panel layout measured slower, its copy being a transposition), and only
+    when it must be padded or gathered (im2col): ``pack_a=False`` reads ``a_value`` directly."""
     te = tvm.te
     if pack_a:
-        Ap = te.compute((Mp, Kp), a_value, name="Ap")
+        Ap = te.compute((*rows, Kp), a_value, name="Ap")
 
-        def a(i: Any, k: Any) -> Any:
-            return Ap[i, k]
+        def a(*idx: Any) -> Any:
+            return Ap[idx]
     else:
         a = a_value
     Bp = te.compute((Np // NR, Kp, NR), lambda jo, k, jv: b_value(k, jo * NR + jv), name="Bp")
     k = te.reduce_axis((0, Kp), name="k")
-    return te.compute((Mp, Np), lambda i, j: te.sum(a(i, k) * Bp[j // NR, k, j % NR], axis=k), name="Cp")
+    return te.compute((*rows, Np), lambda *ij: te.sum(a(*ij[:-1], k) * Bp[ij[-1] // NR, k, ij[-1] % NR], axis=k),
+                      name=name)
 
 
 def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int, Np: int, Kp: int,
-                   write_back_at_tile: bool, out_inner: int, b_k_contiguous: bool) -> Any:
+                   write_back_at_tile: bool, out_inner: int, b_k_contiguous: bool, pack_b_once: bool = False) -> Any:
     """Schedule the GEMM of ``func`` (blocks ``Ap`` (if A is packed), ``Bp``, ``Cp`` and the write-back
     ``C``) with the template's tiles; ``write_back_at_tile``: the write-back runs inside each macro
     tile (its region is affine in the tile), else as its own parallel loop nest after the GEMM.
     ``out_inner``: extent of the write-back's innermost (contiguous) loop, vectorized.
-    ``b_k_contiguous``: B's source is contiguous along k (an nn.Linear weight), not along n."""
+    ``b_k_contiguous``: B's source is contiguous along k (an nn.Linear weight), not along n.
+    ``pack_b_once``: B is packed whole before the GEMM (its source is contiguous along neither
+    axis, so that packing is a gather best done once, not once per row of macro tiles)."""
     MR, NR, KC, NC, UNROLL, PARALLEL = (cfg[v] for v in ("MR", "NR", "KC", "NC", "UNROLL", "PARALLEL"))
     s = tvm.s_tir.Schedule(func)
-    cp = s.get_sblock("Cp")
-    i, j, k = s.get_loops(cp)
-    ic, ir, ii = s.split(i, [Mp // MC, MC // MR, MR])
+    names = {s.get(b).name_hint for b in s.get_child_blocks(s.get_sblock("root"))}
+    direct = "Cp" not in names  # the GEMM accumulates in the output itself: no write-back
+    cp = s.get_sblock("C" if direct else "Cp")
+    *rows, j, k = s.get_loops(cp)
+    if len(rows) == 1:
+        ic, ir, ii = s.split(rows[0], [Mp // MC, MC // MR, MR])
+    else:  # (n, OHp, OW): a macro tile is MC // OW whole output rows of one image
+        n, oh, ow = rows
+        oh_o, oh_i = s.split(oh, [None, MC // s.get(ow).extent])
+        ic = s.fuse(n, oh_o)
+        ir, ii = s.split(s.fuse(oh_i, ow), [MC // MR, MR])
     jc, jr, jv = s.split(j, [Np // NC, NC // NR, NR])
     ko, ki, ku = s.split(k, [Kp // KC, KC // UNROLL, UNROLL])
     s.reorder(jc, ic, ko, jr, ir, ki, ku, ii, jv)
@@ -128,21 +146,28 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
     s.unroll(ku)
     s.unroll(ii)
     s.vectorize(jv)
-    wb = s.get_sblock("C")
-    if write_back_at_tile:
+    wb = None if direct else s.get_sblock("C")
+    if write_back_at_tile and wb is not None:
         s.reverse_compute_at(wb, outer)
     if PARALLEL > 1:
         s.parallel(outer)
     # B is packed where it is used: the KC x NC panel of each k block, by the thread that owns the
     # tile, while it is hot in L2 (a separate pass over all of B measured up to 20% slower on wide
     # GEMMs). A row of macro tiles packs it again: the cost model charges Mp/MC packings.
-    s.compute_at(s.get_sblock("Bp"), ko)
+    if not pack_b_once:
+        s.compute_at(s.get_sblock("Bp"), ko)
+    if "Ap" in names:
+        # Likewise A's padded or gathered (im2col) block: MC x KC into L2 by the tile's thread, just
+        # before its use (a pass over all of A first wrote, and read back, the whole im2col matrix:
+        # 9x the input for a 3x3 convolution). A column of macro tiles gathers it again: the cost
+        # model charges Np/NC gatherings.
+        s.compute_at(s.get_sblock("Ap"), ko)
     init = s.decompose_reduction(cp, ko)
     update_loops = s.get_loops(cp)
     init_loops = _own_loops(s, init, update_loops)
     if init_loops:
         s.vectorize(init_loops[-1])
-    wl = _own_loops(s, wb, update_loops)
+    wl = [] if wb is None else _own_loops(s, wb, update_loops)
     if wl:
         _vectorize_inner(s, wl[-1], out_inner)
     if not write_back_at_tile and PARALLEL > 1 and len(wl) > 1:
@@ -150,16 +175,16 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
     # Packing reads its source along the source's contiguous axis (a gather along the other would be
     # a strided load per element): A's rows and a K-contiguous B are copied k innermost.
     bp_loops = _own_loops(s, s.get_sblock("Bp"), update_loops)  # (panel, k, lane), unit loops dropped
+    if pack_b_once and PARALLEL > 1 and len(bp_loops) > 1:
+        s.parallel(s.fuse(*bp_loops[:-1]) if len(bp_loops) > 2 else bp_loops[0])
     if len(bp_loops) == 3 and b_k_contiguous:
         s.reorder(bp_loops[2], bp_loops[1])
     elif bp_loops and not b_k_contiguous:
         s.vectorize(bp_loops[-1])
-    names = {s.get(b).name_hint for b in s.get_child_blocks(s.get_sblock("root"))}
-    if "Ap" in names:  # rows of A, padded: contiguous in k
-        loops = s.get_loops(s.get_sblock("Ap"))
-        _vectorize_inner(s, loops[-1], Kp)
-        if PARALLEL > 1:
-            s.parallel(loops[0])
+    if "Ap" in names:  # rows of A's block, padded: contiguous in k
+        ap_loops = _own_loops(s, s.get_sblock("Ap"), update_loops)
+        if ap_loops:
+            _vectorize_inner(s, ap_loops[-1], KC)
     return s.mod
 
 
@@ -200,11 +225,13 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
     def b_value(k: Any, j: Any) -> Any:
         return _guard(tvm, [in_n(j), in_k(k)], B[k, j] if o["b_layout"] == "kn" else B[j, k])
 
-    Cp = _gemm_te(tvm, Mp, Np, Kp, MR, NR, a_value, b_value, pack_a=(Mp, Kp) != (M, K))
+    direct = (Mp, Np) == (M, N) and not epi  # nothing to clip or apply: accumulate in C itself
+    Cp = _gemm_te(tvm, (Mp,), Np, Kp, NR, a_value, b_value, pack_a=(Mp, Kp) != (M, K),
+                  name="C" if direct else "Cp")
     bias = te.placeholder((N,), name="bias") if "bias" in epi else None
     residual = te.placeholder((M, N), name="residual") if "residual" in epi else None
     extra = [t for t in (bias, residual) if t is not None]
-    C = te.compute((M, N), lambda i, j: _epilogue(
+    C = Cp if direct else te.compute((M, N), lambda i, j: _epilogue(
         tvm, Cp[i, j], epi, bias[j] if bias is not None else None,
         residual[i, j] if residual is not None else None), name="C")
     func = te.create_prim_func([A, B, *extra, C])
@@ -237,8 +264,7 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
             return k % c_, k // (s_ * c_), k // c_ % s_
         return k // (r_ * s_), k // s_ % r_, k % s_
 
-    def a_value(m: Any, k: Any) -> Any:
-        n, oh, ow = m // (OHp * ow_), m // ow_ % OHp, m % ow_
+    def a_value(n: Any, oh: Any, ow: Any, k: Any) -> Any:
         c, r, s = split_k(k)
         h, w = oh * stride - pad + r * dil, ow * stride - pad + s * dil
         conds = [oh < oh_ if OHp != oh_ else None, k < Kdim if Kp != Kdim else None]
@@ -250,23 +276,30 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
         c, r, s = split_k(k)
         return _guard(tvm, [f < f_ if Np != f_ else None, k < Kdim if Kp != Kdim else None], Wt[f, c, r, s])
 
-    Cp = _gemm_te(tvm, Mp, Np, Kp, MR, NR, a_value, b_value)
+    # NHWC without padding to clip or an epilogue: the product is the output, accumulated in place.
+    direct = nhwc and (OHp, Np) == (oh_, f_) and not epi
+    Cp = _gemm_te(tvm, (n_, OHp, ow_), Np, Kp, NR, a_value, b_value, name="C" if direct else "Cp")
     bias = te.placeholder((f_,), name="bias") if "bias" in epi else None
     residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
     extra = [t for t in (bias, residual) if t is not None]
 
     def out(n: Any, f: Any, oh: Any, ow: Any, idx: tuple[Any, ...]) -> Any:
-        return _epilogue(tvm, Cp[(n * OHp + oh) * ow_ + ow, f], epi, bias[f] if bias is not None else None,
+        return _epilogue(tvm, Cp[n, oh, ow, f], epi, bias[f] if bias is not None else None,
                          residual[idx] if residual is not None else None)
 
-    if nhwc:
+    if direct:
+        C = Cp
+    elif nhwc:
         C = te.compute(operator.out_shape, lambda n, oh, ow, f: out(n, f, oh, ow, (n, oh, ow, f)), name="C")
     else:
         C = te.compute(operator.out_shape, lambda n, f, oh, ow: out(n, f, oh, ow, (n, f, oh, ow)), name="C")
     func = te.create_prim_func([X, Wt, *extra, C])
-    # The output's index is not affine in the GEMM's macro tile, so it is written after the GEMM.
-    return _schedule_gemm(tvm, func, cfg, MC, Mp, Np, Kp, write_back_at_tile=False,
-                          out_inner=f_ if nhwc else ow_, b_k_contiguous=not nhwc)
+    # NHWC: the tile's rows are whole output rows, so its write-back is a block of the output, done
+    # while the tile is in L2; NCHW transposes, after the GEMM. With NHWC the reduction runs (r, s, c)
+    # while the weights are stored (f, c, r, s): contiguous along neither GEMM axis, they are packed
+    # once (a strided gather), not by every row of tiles.
+    return _schedule_gemm(tvm, func, cfg, MC, Mp, Np, Kp, write_back_at_tile=nhwc,
+                          out_inner=min(NC, f_) if nhwc else ow_, b_k_contiguous=not nhwc, pack_b_once=nhwc)
 
 
 # -- memory-bound kernels --------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ CPU GEMM (``matmul_cpu``, ``conv2d_cpu``; the schedule of ``codegen_cpu``):
   by the next level, in proportion to the overflow;
 - parallel balance: ``ceil(tiles / PARALLEL)`` macro tiles on the slowest thread;
 - packing: each tile packs the B panel of each k block (so a row of ``Mp/MC`` macro tiles packs
-  B that many times, into L2); A is copied before the GEMM only when it must be padded or gathered;
+  B that many times, into L2); A is copied only when it must be padded or gathered (im2col), and
+  then likewise, block by block into L2 by each tile (a column of ``Np/NC`` tiles gathers it that
+  many times); the im2col matrix never crosses memory whole;
+- write-back: a pass over the output, after each tile, unless the GEMM accumulates in the output
+  itself (no padding to clip, no epilogue);
 - time = the 3-norm of (compute, L2, L3, DRAM times), a roofline per level that still charges the
   terms it is not bound by, + packing and write-back.
 
@@ -102,9 +106,13 @@ def _ratio_over(size: Any, capacity: float) -> Any:
 
 
 def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, Np: Any, Kp: Any,
-              MC: Any, a_pack_bytes: Any, io_bytes: float, out_bytes: float, useful_flops: float) -> dict[str, Any]:
-    """``a_pack_bytes``: A's padded or gathered copy, written before the GEMM (0 when A is read in
-    place); ``io_bytes``: the operands and the output, which cross DRAM at least once."""
+              MC: Any, a_pack_bytes: Any, io_bytes: float, out_bytes: Any, useful_flops: float,
+              b_gathered: bool = False) -> dict[str, Any]:
+    """``a_pack_bytes``: A's padded or gathered copy (``Mp*Kp`` elements; 0 when A is read in place),
+    built block by block by the tiles; ``io_bytes``: the operands and the output, which cross DRAM at
+    least once; ``out_bytes``: what the write-back copies (0 when the GEMM writes the output);
+    ``b_gathered``: B's source is contiguous along neither axis, so B is packed once, before the
+    GEMM, an element at a time (an NHWC convolution's weights)."""
     MR, NR, KC, NC, UNROLL, P = (np.asarray(c[v], dtype=float) for v in ("MR", "NR", "KC", "NC", "UNROLL", "PARALLEL"))
     lanes, esize = p["LANES"], 4.0  # fp32 compute
     clock, fu = t.clock_hz or 2.5e9, float(t.fma_units or 1)
@@ -133,11 +141,14 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
     l3_bytes = (Mp * Kp * (Np / NC) * esize + b_source + l2_over * a_stream) * share
     l3_time = l3_bytes / (L3_BYTES_PER_CYCLE * clock)
     bw = t.mem_bandwidth or 10e9 * (t.cores or 1)
-    dram_time = (io_bytes + a_pack_bytes) / bw
+    dram_time = io_bytes / bw
     threads_used = np.minimum(P, tiles)
-    # The B panels are written into L2 by the tile's thread; A's copy is a pass of its own.
-    pack_time = (b_source * share / (L2_BYTES_PER_CYCLE * clock)
-                 + 2 * a_pack_bytes / (L3_BYTES_PER_CYCLE * clock * threads_used))
+    # The B panels and A's blocks (when A is copied) are written into L2 by the tile's thread; A's
+    # blocks are gathered once per column of tiles, from a source that stays in L3.
+    a_packs = a_pack_bytes * (Np / NC) * share
+    b_pack = (Kp * Np / (clock * threads_used) if b_gathered
+              else b_source * share / (L2_BYTES_PER_CYCLE * clock))
+    pack_time = b_pack + a_packs / (L2_BYTES_PER_CYCLE * clock) + a_packs / (L3_BYTES_PER_CYCLE * clock)
     write_back = 2 * out_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used)
     overhead = np.where(P > 1, 2 * PARALLEL_REGION_S, 0.0)
     gemm = _overlap(compute, l2_time, l3_time, dram_time)
@@ -153,8 +164,11 @@ def _matmul_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
     M, N, K = p["M"], p["N"], p["K"]
     MC, NC, KC = (np.asarray(c[v], dtype=float) for v in ("MC", "NC", "KC"))
     Mp, Np, Kp = _cdiv(M, MC) * MC, _cdiv(N, NC) * NC, _cdiv(K, KC) * KC
-    a_pack = np.where((Mp != M) | (Kp != K), 4 * (M * K + Mp * Kp), 0.0)
-    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (M * K + K * N + M * N), 4 * M * N, 2 * M * N * K)
+    a_pack = np.where((Mp != M) | (Kp != K), 4 * Mp * Kp, 0.0)
+    # codegen_cpu.matmul: without padding to clip or an epilogue, the GEMM accumulates in C itself.
+    direct = (Mp == M) & (Np == N) & (not space.meta.get("epilogue"))
+    out = np.where(direct, 0.0, 4 * M * N)
+    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (M * K + K * N + M * N), out, 2 * M * N * K)
 
 
 def _conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,9 +183,15 @@ def _conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
     Np, Kp = _cdiv(p["F"], NC) * NC, _cdiv(kdim, KC) * KC
     inp = n * p["C"] * shape["H"] * shape["W"]
     out = n * p["F"] * oh * ow
-    a_pack = 4 * (inp + Mp * Kp)  # im2col: A is always gathered
-    # The output is written after the GEMM: the product and the output both cross memory.
-    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (inp + kdim * p["F"] + out), 4 * out * 2, 2 * out * kdim)
+    a_pack = 4 * Mp * Kp  # im2col: A is always gathered
+    # codegen_cpu.conv2d: NHWC accumulates in the output (no padding, no epilogue) or writes each
+    # tile's block back while it is in L2; NCHW transposes after the GEMM, the product and the
+    # output both crossing memory.
+    nhwc = space.meta["layout"] == "NHWC"
+    direct = nhwc & (Np == p["F"]) & (_cdiv(oh, TOH) * TOH == oh) & (not space.meta.get("epilogue"))
+    written = np.where(direct, 0.0, 4.0 * out * (1 if nhwc else 2))
+    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (inp + kdim * p["F"] + out), written, 2 * out * kdim,
+                     b_gathered=nhwc)
 
 
 # -- CPU memory-bound --------------------------------------------------------------------------------------

@@ -82,6 +82,58 @@ def test_conv2d_configs_build_and_compute_the_reference(operator, data):
     _check_drawn(data, operator)
 
 
+def test_the_benchmark_convolution_builds_at_both_ends_of_its_space():
+    """The ResNet 3x3 convolution optic's benchmark tunes: its model-preferred and its last configuration."""
+    operator = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1")
+    names, rows = _configs(operator)
+    for row in (rows[0], rows[-1]):
+        _build_and_check(operator, dict(zip(names, row, strict=True)))
+
+
+def _allocations(operator: Operator, config: dict[str, int]) -> dict[str, int]:
+    """Elements of every buffer the scheduled kernel allocates, after TVM narrows each to the region
+    its loop nest uses (as compilation does)."""
+    tvm = require_tvm()
+    t = tvm.s_tir.transform
+    mod = codegen_cpu.build(operator, config)
+    for p in (t.LowerInitBlock(), t.PlanAndUpdateBufferAllocationLocation(), t.ConvertBlocksToOpaque(),
+              t.CompactBufferAllocation()):
+        mod = p(mod)
+    sizes: dict[str, int] = {}
+    todo = [mod["main"].body]
+    while todo:  # the statement tree: loops, sequences, blocks and their realizations, branches
+        node = todo.pop()
+        for buf in getattr(node, "alloc_buffers", ()):
+            sizes[buf.name] = int(functools.reduce(lambda a, b: a * b, [int(x) for x in buf.shape], 1))
+        todo += list(getattr(node, "seq", ()))
+        todo += [getattr(node, f) for f in ("body", "block", "then_case", "else_case", "init")
+                 if getattr(node, f, None) is not None]
+    return sizes
+
+
+def test_matmul_accumulates_in_its_output_unless_it_must_clip_or_apply_an_epilogue():
+    config = dict(MR=4, NR=64, KC=64, MC=256, NC=128, UNROLL=4, PARALLEL=2)
+    exact = _allocations(Operator("matmul", (512, 512, 512)), config)
+    assert "Cp" not in exact  # no product buffer, no write-back pass
+    assert exact["Bp"] == 128 * 64  # one KC x NC panel per tile
+    assert "Cp" in _allocations(Operator("matmul", (512, 512, 512), epilogue=("relu",)), config)
+    assert "Cp" in _allocations(Operator("matmul", (500, 512, 512)), config)  # M padded to 512
+
+
+def test_conv2d_gathers_im2col_blocks_per_tile_and_nhwc_writes_its_output_in_place():
+    operator = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1")
+    config = dict(MR=4, NR=64, KC=64, TOH=4, NC=64, UNROLL=8, PARALLEL=2)
+    sizes = _allocations(operator, config)
+    assert sizes["Ap"] == 4 * 56 * 64  # one MC x KC block, not the 3136 x 576 im2col matrix
+    assert sizes["Bp"] == 64 * 576  # the weights, packed once
+    assert "Cp" not in sizes
+    _build_and_check(operator, config)
+    nchw = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1,layout=NCHW")
+    sizes = _allocations(nchw, config)
+    assert sizes["Ap"] == 4 * 56 * 64 and sizes["Bp"] == 64 * 64 and "Cp" in sizes  # transposed after the GEMM
+    _build_and_check(nchw, config)
+
+
 @settings(max_examples=12)
 @given(numel=st.integers(1, 5000), fn=st.sampled_from(sorted(ELEMENTWISE_FNS)), extra=st.integers(0, 1),
        data=st.data())
