@@ -47,8 +47,13 @@ class EvaluatorConfig:
     """How a candidate is timed and checked."""
 
     number: int = 1  # calls per repeat (raised by TVM until a repeat lasts min_repeat_ms)
-    repeat: int = 5
-    min_repeat_ms: int = 40
+    repeat: int = 3
+    min_repeat_ms: int = 20
+    cutoff: float = 2.0  # after one repeat, a candidate this many times slower than the best so far stops
+    # LLVM's optimization level for the candidates measured while tuning: 1 builds the GEMM micro-kernels
+    # 2-3x faster than 3, and they run within 2 % (the code is vectorized by the schedule, not by LLVM);
+    # the finalists are built again at 3 (what optic deploys) and re-timed side by side
+    search_opt_level: int = 1
     tolerance: float = 1e-4  # max |out - ref| / max |ref| (fp32, as optic.verify)
     timeout_s: float = 60.0  # one candidate: build, check and time
     startup_timeout_s: float = 300.0  # a new worker: importing torch and TVM
@@ -132,9 +137,14 @@ class Runner:
         self._stderr: Any = None
         self.toolchain: dict[str, Any] | None = None
         self.restarts = 0
+        self._greeted = False
 
     # -- the worker -----------------------------------------------------------------------------------
     def _start(self) -> None:
+        self._start_process()
+        self._handshake()
+
+    def _start_process(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the caller's modules (builders)
         if self.threads:  # TVM's thread pool reads TVM_NUM_THREADS, else OMP_NUM_THREADS; PyTorch the latter
@@ -149,6 +159,17 @@ class Runner:
         self._stderr = tempfile.TemporaryFile()  # the worker's log: its last line explains a crash
         self._proc = subprocess.Popen([sys.executable, "-m", "optic.autotune.worker"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+        self._greeted = False
+
+    def spawn(self) -> None:
+        """Start the worker process without waiting for it (its imports take seconds): the caller can
+        solve and rank the space meanwhile. ``ensure_started`` (or the first request) waits for it."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop(kill=True)
+            self._start_process()
+
+    def _handshake(self) -> None:
+        self._greeted = True
         reply = self._call({"kind": "hello"}, self.evaluator.startup_timeout_s)
         if reply.get("status") != "ok":
             raise OpticError(f"the measurement worker did not start: {reply.get('error', reply)}")
@@ -166,6 +187,7 @@ class Runner:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        kill = kill or not self._greeted  # spawned and never used: do not wait for its imports to finish
         if not kill:
             try:
                 _wire.send(proc.stdin, {"kind": "stop"})
@@ -249,15 +271,21 @@ class Runner:
         if self._proc is None or self._proc.poll() is not None:
             self._stop(kill=True)
             self._start()
+        elif not self._greeted:
+            self._handshake()
 
     # -- requests -------------------------------------------------------------------------------------
-    def measure(self, operator: Operator, config: Mapping[str, int]) -> Measurement:
-        """Build, check and time one configuration; failures are Measurements with ``seconds = inf``."""
+    def measure(self, operator: Operator, config: Mapping[str, int], best_seconds: float | None = None) -> Measurement:
+        """Build, check and time one configuration; failures are Measurements with ``seconds = inf``.
+        ``best_seconds``: the best time so far; a candidate ``evaluator.cutoff`` times slower after its first
+        repeat is not timed further (its record then has one sample)."""
         config = {k: int(v) for k, v in config.items()}
         self.ensure_started()
         ev = self.evaluator
+        evaluator = {**asdict(ev), "best_seconds": best_seconds if best_seconds and best_seconds < float("inf") else None}
         reply = self._call({"kind": "measure", "operator": operator.as_dict(), "config": config,
-                            "builder": self.builder, "rpc": self.rpc, "evaluator": asdict(ev)}, ev.timeout_s)
+                            "builder": self.builder, "rpc": self.rpc, "evaluator": evaluator,
+                            "opt_level": ev.search_opt_level}, ev.timeout_s)
         status = reply.get("status", "run_error")
         samples = [float(x) for x in reply.get("samples", [])]
         seconds = statistics.median(samples) if status == "ok" and samples else float("inf")
@@ -266,6 +294,21 @@ class Runner:
         return Measurement(config, seconds, status if status in STATUSES else "run_error", reply.get("error", ""),
                            samples, float(reply.get("build_seconds", 0.0)), reply.get("max_error"))
 
+    def prebuild(self, operator: Operator, configs: list[Mapping[str, int]], opt_level: int | None = -1) -> bool:
+        """Build ``configs`` in the worker at once, on every core (nothing is timed meanwhile), so that
+        the ``measure`` requests that follow only check and time. False when the batch failed as a whole
+        (a build that hung or crashed the worker): then each configuration is built by its own request."""
+        if len(configs) < 2:
+            return False
+        self.ensure_started()
+        threads = max(1, min(len(configs), os.cpu_count() or 1))
+        level = self.evaluator.search_opt_level if opt_level == -1 else opt_level  # None: LLVM's default (3)
+        reply = self._call({"kind": "build", "operator": operator.as_dict(), "builder": self.builder,
+                            "configs": [{k: int(v) for k, v in c.items()} for c in configs], "threads": threads,
+                            "opt_level": level},
+                           self.evaluator.timeout_s * -(-len(configs) // threads))
+        return reply.get("status") == "ok"
+
     def final(self, operator: Operator, configs: list[Mapping[str, int]], *, torch: bool = True,
               budget_s: float = 20.0) -> Final | None:
         """Time ``configs`` (already checked) and, with ``torch``, PyTorch's call for the operator,
@@ -273,6 +316,7 @@ class Runner:
         if self.rpc or not configs:
             return None
         self.ensure_started()
+        self.prebuild(operator, configs, opt_level=None)  # as deployed (LLVM's default level), in parallel
         reply = self._call({"kind": "final", "operator": operator.as_dict(), "configs": [dict(c) for c in configs],
                             "builder": self.builder, "threads": self.threads, "torch": torch,
                             "budget_s": budget_s}, budget_s * 3 + self.evaluator.timeout_s * len(configs))

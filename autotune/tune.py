@@ -9,7 +9,7 @@ the valid configurations (so an invalid one is never built); the cost model rank
 ``trials`` best (spread over the model's distinct predictions, see :func:`select`) are built,
 checked against the reference and timed in a worker process (``measure.Runner``); each result is
 committed to the database (``db.TuningDB``) before the next candidate starts. The fastest few
-(a quarter of the trials, 3 to 8) are then re-timed alternated in one run (with PyTorch's call for the operator when a baseline is
+(an eighth of the trials, 3 to 8) are then re-timed alternated in one run (with PyTorch's call for the operator when a baseline is
 asked for), and that run decides between them. The database is
 consulted first: once a workload has ``trials`` records on this target and toolchain, tuning it
 again measures nothing. Where nothing can be measured (a GPU target on this machine) the model's
@@ -44,6 +44,8 @@ __all__ = ["Progress", "TuneResult", "select", "tune", "with_cores"]
 
 
 INVALID = ("build_error", "run_error", "wrong", "crash")
+BUILD_BATCH = 8  # candidates built together (in parallel, nothing timed meanwhile) before they are timed
+FINAL_BUDGET_S = 3.0  # the final round's timing (after a warm-up); its rounds stop early once it is spent
 MAX_FINALISTS = 8  # the fastest measured candidates re-timed side by side at the end of a run  # a configuration that should not have been built
 Progress = Callable[[int, int, float, Measurement], None]  # (done, total, best seconds so far, last result)
 
@@ -203,10 +205,23 @@ def tune(operator: Operator, target: str | Target = "cpu", trials: int = 32, *,
         raise OpticError(f"trials must be 0 or more, not {trials}")
     rpc = rpc or (runner.rpc if runner is not None else None)
     if t.kind != "cpu" and rpc:
-        raise OpticError(f"measuring on {t.name} needs a CUDA code generator, which optic does not have yet; "
-                         "without --rpc the cost model ranks the configurations")
+        raise OpticError(f"measuring on {t.name} through --rpc is not supported yet (the RPC path sends CPU "
+                         "libraries); without --rpc the cost model ranks the configurations")
     if threads and t.kind == "cpu" and threads != t.cores:
         t = with_cores(t, threads)
+    early = None
+    if runner is None and t.kind == "cpu" and (trials or baseline):
+        early = Runner(evaluator, rpc=rpc, builder=builder, threads=threads)
+        early.spawn()  # the worker imports torch and TVM (seconds) while the space is solved and ranked
+    try:
+        return _tune(operator, t, trials, db, runner or early, rpc, baseline, progress, start)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | None,
+          rpc: tuple[str, int, str] | None, baseline: bool, progress: Progress | None, start: float) -> TuneResult:
     space = operator.space(t)
     solved = solve(space)
     if solved.valid == 0:
@@ -230,30 +245,26 @@ def tune(operator: Operator, target: str | Target = "cpu", trials: int = 32, *,
             best = min((r.seconds for r in known), default=math.inf)
             todo = [] if len(existing) >= trials else [
                 i for i in select(predicted, order, trials) if tuple(solved.rows[i]) not in existing]
-            own_runner = runner is None and bool(todo or baseline)
-            if own_runner:
-                runner = Runner(evaluator, rpc=rpc, builder=builder, threads=threads)
-            try:
-                if todo:
-                    runner.ensure_started()  # an unreachable RPC device is an error before anything is recorded
-                    database.register(key, operator.as_dict(), str(operator), fingerprint, tools, operator.flops)
-                for n, i in enumerate(todo):
-                    config = dict(zip(names, solved.rows[i], strict=True))
-                    m = runner.measure(operator, config)
-                    database.add(key, config, m.seconds, m.status, error=m.error, predicted=float(predicted[i]),
-                                 build_seconds=m.build_seconds, samples=m.samples)
-                    measured.append(m)
-                    best = min(best, m.seconds)
-                    if progress is not None:
-                        progress(n + 1, len(todo), best, m)
+            if todo:
+                runner.ensure_started()  # an unreachable RPC device is an error before anything is recorded
+                database.register(key, operator.as_dict(), str(operator), fingerprint, tools, operator.flops)
+            for n, i in enumerate(todo):
+                config = dict(zip(names, solved.rows[i], strict=True))
+                if n % BUILD_BATCH == 0:  # the next few built together on every core, then timed one by one
+                    runner.prebuild(operator, [dict(zip(names, solved.rows[j], strict=True))
+                                               for j in todo[n:n + BUILD_BATCH]])
+                m = runner.measure(operator, config, best_seconds=best)
+                database.add(key, config, m.seconds, m.status, error=m.error, predicted=float(predicted[i]),
+                             build_seconds=m.build_seconds, samples=m.samples)
+                measured.append(m)
+                best = min(best, m.seconds)
+                if progress is not None:
+                    progress(n + 1, len(todo), best, m)
+            records = database.records(key)
+            finalists = [r for r in records if r.ok][: _finalists(trials) if todo else 1]
+            if len(finalists) > 1 or (baseline and finalists):
+                base = _final_round(runner, database, key, operator, finalists, baseline)
                 records = database.records(key)
-                finalists = [r for r in records if r.ok][: _finalists(trials) if todo else 1]
-                if len(finalists) > 1 or (baseline and finalists):
-                    base = _final_round(runner, database, key, operator, finalists, baseline)
-                    records = database.records(key)
-            finally:
-                if own_runner:
-                    runner.close()
     finally:
         if own_db:
             database.close()
@@ -273,8 +284,9 @@ def tune(operator: Operator, target: str | Target = "cpu", trials: int = 32, *,
 
 
 def _finalists(trials: int) -> int:
-    """How many of the fastest candidates the final round re-times: a quarter of the trials, 3 to 8."""
-    return max(3, min(MAX_FINALISTS, trials // 4))
+    """How many of the fastest candidates the final round rebuilds as deployed and re-times: an eighth of
+    the trials, 3 to 8 (4 of 32: each one costs a full-optimization build and its share of the round)."""
+    return max(3, min(MAX_FINALISTS, trials // 8))
 
 
 def _final_round(runner: Runner, database: TuningDB, key: str, operator: Operator, finalists: list[Any],
@@ -282,7 +294,7 @@ def _final_round(runner: Runner, database: TuningDB, key: str, operator: Operato
     """Re-time the finalists (and PyTorch's call) alternated in one run; their records take the
     re-timed medians. The best of many noisy measurements is the luckiest as often as the fastest;
     timed side by side, the finalists are compared under the same conditions."""
-    final = runner.final(operator, [r.config for r in finalists], torch=baseline)
+    final = runner.final(operator, [r.config for r in finalists], torch=baseline, budget_s=FINAL_BUDGET_S)
     if final is None:
         return None
     if len(finalists) > 1:

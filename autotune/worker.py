@@ -70,6 +70,8 @@ class Worker:
 
     def __init__(self) -> None:
         self._data: dict[str, tuple[Any, Any]] = {}
+        self._libs: dict[str, Any] = {}  # the libraries built last (the final round re-times them unbuilt)
+        self._build_seconds: dict[str, float] = {}  # of configurations built ahead by a build request
 
     def hello(self, msg: dict[str, Any]) -> dict[str, Any]:
         from .toolchain import toolchain
@@ -98,6 +100,8 @@ class Worker:
         return self._data[key]
 
     def _compile(self, msg: dict[str, Any]) -> tuple[Any, Any, float]:
+        """``(operator, built, seconds)``: ``built`` is ``(library, jitted module)`` with its ``main`` looked
+        up (which is when LLVM generates the code), or the exception the build raised; cached."""
         import tvm
 
         from optic.tvm_compat import host_target
@@ -105,17 +109,44 @@ class Worker:
         from .operator import Operator
 
         operator = Operator.from_dict(msg["operator"])
-        start = time.perf_counter()
-        mod = load_builder(msg["builder"])(operator, msg["config"])
-        lib = tvm.compile(mod, target=host_target())
-        return operator, lib, time.perf_counter() - start
-
-    def measure(self, msg: dict[str, Any]) -> dict[str, Any]:
+        opt_level = msg.get("opt_level")
+        key = repr((msg["operator"], sorted(msg["config"].items()), msg["builder"], opt_level))
+        if key in self._libs:
+            return operator, self._libs[key], 0.0
         start = time.perf_counter()
         try:
-            operator, lib, build_s = self._compile(msg)
+            mod = load_builder(msg["builder"])(operator, msg["config"])
+            lib = tvm.compile(mod, target=host_target(opt_level))
+            module = lib.jit()
+            module["main"]  # noqa: B018 - the lookup makes LLVM generate the code (lazily, else on first call)
+            built: Any = (lib, module)
         except Exception as e:
-            return {"status": "build_error", "error": _error(e), "build_seconds": time.perf_counter() - start}
+            built = e
+        if len(self._libs) >= 64:
+            self._libs.pop(next(iter(self._libs)))
+        self._libs[key] = built
+        return operator, built, time.perf_counter() - start
+
+    def build(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Build several configurations at once, on ``threads`` threads (TVM's compiler releases the GIL),
+        into the cache the measure requests then read: nothing is timed while they build."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(config: dict[str, int]) -> float:
+            _, built, seconds = self._compile({**msg, "config": config})
+            self._build_seconds[repr((sorted(config.items()), msg.get("opt_level")))] = seconds
+            return seconds
+
+        with ThreadPoolExecutor(max(1, int(msg.get("threads") or 1))) as pool:
+            seconds = list(pool.map(one, msg["configs"]))
+        return {"status": "ok", "seconds": seconds}
+
+    def measure(self, msg: dict[str, Any]) -> dict[str, Any]:
+        operator, built, build_s = self._compile(msg)
+        build_s = self._build_seconds.pop(repr((sorted(msg["config"].items()), msg.get("opt_level"))), build_s)
+        if isinstance(built, Exception):
+            return {"status": "build_error", "error": _error(built), "build_seconds": build_s}
+        lib, module = built
         if msg.get("rpc"):
             return self._measure_remote(msg, operator, lib, build_s)
         import torch
@@ -124,7 +155,6 @@ class Worker:
 
         ev = msg["evaluator"]
         try:
-            module = lib.jit()
             inputs, ref = self._operator_data(operator)
             out = torch.full(operator.out_shape, float("nan"))  # a kernel that writes nothing fails the check
             args = [tvm.runtime.from_dlpack(t) for t in (*inputs, out)]
@@ -171,8 +201,10 @@ class Worker:
             torch.set_num_threads(threads)
         fns = {}
         for i, config in enumerate(msg["configs"]):
-            operator, lib, _ = self._compile({**msg, "config": config})
-            fn = lib.jit()["main"]
+            operator, built, _ = self._compile({**msg, "config": config})
+            if isinstance(built, Exception):
+                raise built
+            fn = built[1]["main"]
             inputs, _ = self._operator_data(operator)
             args = [tvm.runtime.from_dlpack(t) for t in (*inputs, torch.empty(operator.out_shape))]
             fns[i] = lambda fn=fn, args=args: fn(*args)
@@ -180,12 +212,12 @@ class Worker:
             fns["torch"] = operator.torch_call(inputs)
         # Warm everything up first (thread pools started, buffers allocated, clocks up): the first
         # rounds of a fresh process are slower for whichever runs first.
-        end = time.perf_counter() + msg.get("warmup_s", 0.5)
+        end = time.perf_counter() + msg.get("warmup_s", 0.3)
         while time.perf_counter() < end:
             for f in fns.values():
                 f()
         block = calls_per_block(fns[0], target_s=0.02, cap=50)
-        timings = compare(fns, rounds=msg.get("rounds", 15), block=block, warmup=2, budget_s=msg.get("budget_s"))
+        timings = compare(fns, rounds=msg.get("rounds", 9), block=block, warmup=2, budget_s=msg.get("budget_s"))
         out = {"status": "ok", "threads": torch.get_num_threads(),
                "kernels": [timings[i].median for i in range(len(msg["configs"]))],
                "spreads": [timings[i].spread for i in range(len(msg["configs"]))]}
@@ -222,9 +254,15 @@ def _check_then_time(module: Any, dev: Any, args: list, ref: Any, got: Any, ev: 
     if not check.ok:
         return {"status": "wrong", "error": str(check), "max_error": check.rel, "build_seconds": build_s}
     try:
-        timer = module.time_evaluator("main", dev, number=ev["number"], repeat=ev["repeat"],
-                                      min_repeat_ms=ev["min_repeat_ms"])
+        # one repeat first: a candidate already ``cutoff`` times slower than the best so far is not
+        # worth the others (it cannot be chosen; its one sample is its record)
+        timer = module.time_evaluator("main", dev, number=ev["number"], repeat=1, min_repeat_ms=ev["min_repeat_ms"])
         samples = list(timer(*args).results)
+        best = ev.get("best_seconds")
+        if ev["repeat"] > 1 and not (best and samples[0] > ev.get("cutoff", 2.0) * best):
+            timer = module.time_evaluator("main", dev, number=ev["number"], repeat=ev["repeat"] - 1,
+                                          min_repeat_ms=ev["min_repeat_ms"])
+            samples += list(timer(*args).results)
     except Exception as e:
         return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
     return {"status": "ok", "samples": samples, "max_error": check.rel, "build_seconds": build_s}

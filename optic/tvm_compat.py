@@ -63,12 +63,14 @@ def host_cpu() -> str | None:
         return None
 
 
-def host_target() -> Any:
-    """The TVM target for code that runs here: LLVM tuned for this CPU."""
+def host_target(opt_level: int | None = None) -> Any:
+    """The TVM target for code that runs here: LLVM tuned for this CPU (``opt_level``: LLVM's, default 3)."""
     tvm = require_tvm()
     config: dict[str, Any] = {"kind": "llvm"}
     if host_cpu():
         config["mcpu"] = host_cpu()
+    if opt_level is not None:
+        config["opt-level"] = int(opt_level)
     return tvm.target.Target(config)
 
 

@@ -382,6 +382,8 @@ class TVMKernels:
         db_opt = ctx.option("tuning_db", None)
         db = db_opt if isinstance(db_opt, TuningDB) else TuningDB(db_opt)
         runner = Runner() if trials else None
+        if runner is not None:
+            runner.spawn()  # its imports overlap with what follows
         start = time.perf_counter()
         out, report, measurements = [], [], 0
         try:

@@ -160,6 +160,29 @@ def test_failing_hanging_and_crashing_candidates_are_infinite_never_a_crash():
     assert runner.restarts == 2
 
 
+def test_a_batch_builds_ahead_and_a_failing_batch_falls_back_to_one_at_a_time():
+    evaluator = EvaluatorConfig(repeat=3, min_repeat_ms=5, timeout_s=8)
+    good, broken, hung = _config(UNROLL=8), _config(UNROLL=1), _config(UNROLL=2)
+    with Runner(evaluator, builder="test_autotune_tune:flaky_builder", threads=1) as runner:
+        assert runner.prebuild(SMALL, [good, broken])  # a build error is the candidate's, not the batch's
+        built = [runner.measure(SMALL, c) for c in (good, broken)]
+        assert runner.restarts == 0
+        assert not runner.prebuild(SMALL, [good, hung])  # a hang takes the batch (and the worker) down ...
+        again = [runner.measure(SMALL, c) for c in (good, hung)]  # ... then each is built on its own
+    assert built[0].ok and built[0].build_seconds > 0
+    assert built[1].status == "build_error" and "deliberately" in built[1].error
+    assert again[0].ok and again[1].status == "timeout"
+
+
+def test_a_candidate_far_slower_than_the_best_is_timed_once():
+    with Runner(FAST, threads=1) as runner:
+        full = runner.measure(SMALL, _config(UNROLL=8))
+        cut = runner.measure(SMALL, _config(UNROLL=8), best_seconds=full.seconds / 10)
+        kept = runner.measure(SMALL, _config(UNROLL=8), best_seconds=full.seconds * 10)
+    assert len(full.samples) == 3 and len(kept.samples) == 3
+    assert cut.ok and len(cut.samples) == 1
+
+
 def test_output_is_checked_before_timing_and_a_wrong_kernel_is_rejected():
     with Runner(FAST, builder="test_autotune_tune:wrong_builder", threads=1) as runner:
         wrong = runner.measure(Operator("matmul", (32, 16, 24)), {"MR": 1})
