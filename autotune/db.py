@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (key, config)
 );
 CREATE INDEX IF NOT EXISTS records_by_key ON records (key, seconds);
+CREATE TABLE IF NOT EXISTS settled (
+    key TEXT NOT NULL,           -- a workload tuned (or left to the cost model) for a model at an effort level
+    level TEXT NOT NULL,         -- the effort level ("fast", "full", a count): a later optimize at it measures nothing
+    created REAL NOT NULL,
+    PRIMARY KEY (key, level)
+);
 CREATE TABLE IF NOT EXISTS tactics (
     context TEXT PRIMARY KEY,    -- JSON: the tuning key, the chosen config and the candidates compared
     seconds TEXT NOT NULL,       -- JSON: candidate -> median seconds per call, alternated in one run
@@ -200,7 +206,16 @@ class TuningDB:
             self._conn.execute("INSERT OR REPLACE INTO tactics VALUES (?, ?, ?)",
                                (context, json.dumps({k: float(v) for k, v in seconds.items()}), time.time()))
 
+    def settle(self, key: str, level: str) -> None:
+        """Mark ``key`` as done for the effort level ``level`` (its measurements, or none when a time budget
+        ran out first): ``optimize`` at that level does not tune it again."""
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO settled VALUES (?, ?, ?)", (key, level, time.time()))
+
     # -- reading --------------------------------------------------------------------------------------
+    def settled(self, key: str, level: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM settled WHERE key = ? AND level = ?", (key, level)).fetchone() is not None
+
     def tactic(self, context: str) -> dict[str, float] | None:
         """The timings stored for ``context`` by :meth:`add_tactic`, or None."""
         row = self._conn.execute("SELECT seconds FROM tactics WHERE context = ?", (context,)).fetchone()

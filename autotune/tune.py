@@ -261,7 +261,9 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
                 if progress is not None:
                     progress(n + 1, len(todo), best, m)
             records = database.records(key)
-            finalists = [r for r in records if r.ok][: _finalists(trials) if todo else 1]
+            # a final round pays for itself only when there is something to choose between (8+ trials);
+            # with fewer, the best measured is the answer (optimize times it in the model anyway)
+            finalists = [r for r in records if r.ok][: _finalists(trials) if todo and trials >= 8 else 1]
             if len(finalists) > 1 or (baseline and finalists):
                 base = _final_round(runner, database, key, operator, finalists, baseline)
                 records = database.records(key)

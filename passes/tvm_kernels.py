@@ -13,8 +13,9 @@ The pass behind ``optic.optimize(..., backend="tvm", tune=...)`` on this machine
    ``TuningDB``; default the user's cache): ``"none"`` measures no candidate (the database's best,
    else the cost model's first choice), ``"fast"`` measures the cost model's 4 best and stops tuning
    new operators after ``tune_budget_s`` (60 s; the rest get the cost model's choice), ``"full"``
-   32, an integer that many. An operator the database already holds enough records for measures
-   nothing: a second ``optimize`` of the same model tunes nothing.
+   32, an integer that many. Each operator is then marked settled at that level in the database
+   (also one the budget left to the cost model): a second ``optimize`` of the same model at the same
+   level measures nothing. A higher level, or ``optic tune MODEL --trials N``, tunes further.
 3. Tactics, not faith. The chosen kernel is built here (LLVM) and checked on the values the layer
    really sees (recorded on the example inputs), then timed in this process, alternated in blocks,
    against what PyTorch would run for the same ops: the ATen ops as they are and, where it exists,
@@ -397,7 +398,13 @@ class TVMKernels:
                                      i, len(groups))
 
                 try:
-                    result = tune(site.operator, ctx.target, level, db=db, runner=runner, progress=progress)
+                    # what the database holds, measuring nothing; then tuning, unless this kernel is settled at
+                    # this level (tuned before, or left to the cost model when a time budget ran out)
+                    result = tune(site.operator, ctx.target, 0, db=db)
+                    if trials and not db.settled(result.key, str(tune_level)):
+                        if level:
+                            result = tune(site.operator, ctx.target, level, db=db, runner=runner, progress=progress)
+                        db.settle(result.key, str(tune_level))
                 except Exception as e:  # a template that cannot cover the sizes: PyTorch keeps the layer
                     choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], None, "no template",
                                           why=str(e).splitlines()[0][:160])

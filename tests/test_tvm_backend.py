@@ -243,3 +243,17 @@ def test_layer_followed_by_an_inplace_activation_is_checked_on_its_own_output(tm
     assert len([m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]) == 2
     with torch.no_grad():
         torch.testing.assert_close(grab.program.gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_the_time_budget_skipped_is_not_tuned_by_the_next_optimize(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    x, db = torch.randn(16, 64), tmp_path / "t.db"
+    opts = {"tune_budget_s": 0.0}  # the budget is spent before the first kernel: the cost model decides all
+    first = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db,
+                                      options=opts).report)
+    assert first.measured["tuning_measurements"] == 0
+    second = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db).report)
+    assert second.measured["tuning_measurements"] == 0  # settled at this level
+    third = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=3, tuning_db=db).report)
+    assert third.measured["tuning_measurements"] == 6  # a higher level tunes them
