@@ -299,7 +299,7 @@ def _final_round(runner: Runner, database: TuningDB, key: str, operator: Operato
     final = runner.final(operator, [r.config for r in finalists], torch=baseline, budget_s=FINAL_BUDGET_S)
     if final is None:
         return None
-    if len(finalists) > 1:
+    if finalists:  # the re-timed medians (as deployed, -O3) replace the search's
         now = time.time()
         for r, seconds in zip(finalists, final.kernel_seconds, strict=True):
             database.add(key, r.config, seconds, "ok", predicted=r.predicted, build_seconds=r.build_seconds,
