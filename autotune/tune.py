@@ -44,6 +44,7 @@ __all__ = ["Progress", "TuneResult", "select", "tune", "with_cores"]
 
 
 INVALID = ("build_error", "run_error", "wrong", "crash")
+REFINE_SHARE = 0.5  # of the trials (16 or more): spent near the best measured configuration
 BUILD_BATCH = 8  # candidates built together (in parallel, nothing timed meanwhile) before they are timed
 FINAL_BUDGET_S = 3.0  # the final round's timing (after a warm-up); its rounds stop early once it is spent
 MAX_FINALISTS = 8  # the fastest measured candidates re-timed side by side at the end of a run  # a configuration that should not have been built
@@ -245,21 +246,32 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
             best = min((r.seconds for r in known), default=math.inf)
             todo = [] if len(existing) >= trials else [
                 i for i in select(predicted, order, trials) if tuple(solved.rows[i]) not in existing]
+            todo = todo[: trials - len(existing)] if todo else []
             if todo:
                 runner.ensure_started()  # an unreachable RPC device is an error before anything is recorded
                 database.register(key, operator.as_dict(), str(operator), fingerprint, tools, operator.flops)
-            for n, i in enumerate(todo):
-                config = dict(zip(names, solved.rows[i], strict=True))
-                if n % BUILD_BATCH == 0:  # the next few built together on every core, then timed one by one
-                    runner.prebuild(operator, [dict(zip(names, solved.rows[j], strict=True))
-                                               for j in todo[n:n + BUILD_BATCH]])
-                m = runner.measure(operator, config, best_seconds=best)
-                database.add(key, config, m.seconds, m.status, error=m.error, predicted=float(predicted[i]),
-                             build_seconds=m.build_seconds, samples=m.samples)
-                measured.append(m)
-                best = min(best, m.seconds)
-                if progress is not None:
-                    progress(n + 1, len(todo), best, m)
+            total = len(todo)
+            # the model's picks first; then, with 16+ trials, half of them spent around the best measured
+            # (configurations one variable away from it, in the model's order): the model ranks the good
+            # micro-kernels only roughly, the measurements tell which one this machine prefers
+            explore = todo[: max(total - int(total * REFINE_SHARE), 1)] if total >= 16 else todo
+            tried = set(existing)
+            for phase in range(2):
+                batch = explore if phase == 0 else _neighbours(solved, names, predicted, order, known + measured,
+                                                               tried, total - len(measured), todo)
+                for n, i in enumerate(batch):
+                    config = dict(zip(names, solved.rows[i], strict=True))
+                    tried.add(tuple(solved.rows[i]))
+                    if n % BUILD_BATCH == 0:  # the next few built together on every core, then timed one by one
+                        runner.prebuild(operator, [dict(zip(names, solved.rows[j], strict=True))
+                                                   for j in batch[n:n + BUILD_BATCH]])
+                    m = runner.measure(operator, config, best_seconds=best)
+                    database.add(key, config, m.seconds, m.status, error=m.error, predicted=float(predicted[i]),
+                                 build_seconds=m.build_seconds, samples=m.samples)
+                    measured.append(m)
+                    best = min(best, m.seconds)
+                    if progress is not None:
+                        progress(len(measured), total, best, m)
             records = database.records(key)
             # a final round pays for itself only when there is something to choose between (8+ trials);
             # with fewer, the best measured is the answer (optimize times it in the model anyway)
@@ -283,6 +295,35 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
         records=len(records), rank_correlation=_correlation(space, t, names, records), solve_seconds=solve_s,
         tune_seconds=time.perf_counter() - start, baseline=base,
         failures=[{"config": m.config, "status": m.status, "error": m.error} for m in measured if not m.ok])
+
+
+def _neighbours(solved: Any, names: Sequence[str], predicted: np.ndarray, order: np.ndarray, results: Sequence[Any],
+                tried: set, k: int, planned: Sequence[int]) -> list[int]:
+    """``k`` untried rows near the best measured configuration: one variable away first, then two, each in
+    the model's order; the model's own picks (``planned``) fill what is left."""
+    if k <= 0:
+        return []
+    ok = [r for r in results if getattr(r, "status", "ok") == "ok" and math.isfinite(r.seconds)]
+    chosen: list[int] = []
+    if ok:
+        best = min(ok, key=lambda r: r.seconds).config
+        rows = solved.array
+        distance = (rows != np.asarray([best[n] for n in names], dtype=rows.dtype)).sum(axis=1)
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        for d in (1, 2):
+            near = np.flatnonzero(distance == d)
+            for i in near[np.argsort(rank[near], kind="stable")]:
+                if len(chosen) >= k:
+                    return chosen
+                if tuple(solved.rows[i]) not in tried:
+                    chosen.append(int(i))
+    for i in planned:
+        if len(chosen) >= k:
+            break
+        if tuple(solved.rows[i]) not in tried and i not in chosen:
+            chosen.append(int(i))
+    return chosen
 
 
 def _finalists(trials: int) -> int:

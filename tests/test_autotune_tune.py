@@ -8,6 +8,7 @@ fail, hang, crash the worker or compute the wrong thing on purpose.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -181,6 +182,18 @@ def test_a_candidate_far_slower_than_the_best_is_timed_once():
         kept = runner.measure(SMALL, _config(UNROLL=8), best_seconds=full.seconds * 10)
     assert len(full.samples) == 3 and len(kept.samples) == 3
     assert cut.ok and len(cut.samples) == 1
+
+
+def test_half_of_16_trials_go_near_the_best_measured_configuration(tmp_path):
+    seen = []  # (config, seconds) in the order measured (the final round re-times the records later)
+    result = tune(SMALL, "cpu", 16, db=tmp_path / "t.db", evaluator=FAST, threads=1,
+                  progress=lambda done, total, best, m: seen.append((m.config, m.seconds)))
+    assert result.measurements == 16 == len(seen) and result.invalid == 0
+    first, second = seen[:8], [c for c, _ in seen[8:]]
+    best = min(first, key=lambda cs: cs[1])[0]
+    distance = [sum(c[k] != best[k] for k in best) for c in second]
+    assert all(1 <= d <= 2 for d in distance), distance  # refinement: one or two variables away from the best
+    assert len({json.dumps(c, sort_keys=True) for c, _ in seen}) == 16  # nothing measured twice
 
 
 def test_output_is_checked_before_timing_and_a_wrong_kernel_is_rejected():
