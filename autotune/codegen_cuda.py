@@ -81,7 +81,7 @@ from .space import Space, SpaceError
 from .templates import elementwise_gpu, matmul_gpu, reduction_gpu
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "CompiledKernel", "PtxasKernel", "build", "compile_cuda",
-           "compile_module", "default_schedule", "gpu_space", "notes", "nvcc_version",
+           "compile_module", "default_schedule", "gpu_space", "model_config", "notes", "nvcc_version",
            "schedule_injective"]
 
 CODEGEN_VERSION = 1
@@ -121,6 +121,20 @@ def gpu_space(operator: Operator, target: str | Target, dtype: str | None = None
     if operator.op == "reduction":
         return reduction_gpu(*operator.args, t, kind=o["kind"], dtype=d)
     raise SpaceError(f"no CUDA code generator for {operator.op}; known: {sorted(BUILDERS)}")
+
+
+def model_config(operator: Operator, target: str | Target, dtype: str | None = None) -> dict[str, int]:
+    """The cost model's best valid configuration of ``operator`` on the GPU ``target`` (nothing can be
+    measured here); ``SpaceError`` when no configuration fits the sizes."""
+    from . import cost_model
+    from .solver import solve
+
+    space = gpu_space(operator, target, dtype)
+    solved = solve(space)
+    if not solved.valid:
+        raise SpaceError(f"no configuration of {space.name} fits these sizes")
+    order, _ = cost_model.rank(space, solved.names, solved.rows, targets.get(target))
+    return dict(zip(solved.names, (int(v) for v in solved.rows[int(order[0])]), strict=True))
 
 
 def build(operator: Operator, config: Mapping[str, int], dtype: str | None = None) -> Any:

@@ -40,7 +40,7 @@ from .solver import solve
 from .space import SpaceError
 from .toolchain import toolchain
 
-__all__ = ["Progress", "TuneResult", "select", "tune", "with_cores"]
+__all__ = ["Progress", "TuneResult", "select", "tune", "with_cores", "workload_key"]
 
 
 INVALID = ("build_error", "run_error", "wrong", "crash")
@@ -221,6 +221,12 @@ def tune(operator: Operator, target: str | Target = "cpu", trials: int = 32, *,
             early.close()
 
 
+def workload_key(operator: Operator, target: str | Target = "cpu", rpc: tuple[str, int, str] | None = None) -> str:
+    """The database key ``tune`` files ``operator``'s records under on ``target`` (and the RPC device)."""
+    fingerprint = target_fingerprint(targets.get(target), f"rpc:{rpc[2]}" if rpc else None)
+    return tuning_key(operator.as_dict(), fingerprint, toolchain())
+
+
 def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | None,
           rpc: tuple[str, int, str] | None, baseline: bool, progress: Progress | None, start: float) -> TuneResult:
     space = operator.space(t)
@@ -234,7 +240,7 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
     measurable = t.kind == "cpu"  # code generation is for CPUs (LLVM); GPUs are ranked by the model
     fingerprint = target_fingerprint(t, f"rpc:{rpc[2]}" if rpc else None)
     tools = toolchain()
-    key = tuning_key(operator.as_dict(), fingerprint, tools)
+    key = workload_key(operator, t, rpc)
     measured: list[Measurement] = []
     records: list[Any] = []
     base = None

@@ -233,11 +233,10 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
                        progress: Any = None) -> tuple[GPUArtifact | None, list[str]]:
     """Generate, compile and check the GPU kernels of ``program`` for ``target`` (see the module docstring).
     Returns the artifact (None when no layer gets a kernel) and the layers left with PyTorch, with why."""
-    from optic.autotune import cost_model, solve
-    from optic.autotune.codegen_cuda import build, compile_cuda, gpu_space
+    from optic.autotune.codegen_cuda import build, compile_cuda, model_config
     from optic.autotune.space import SpaceError
     from optic.autotune.toolchain import toolchain
-    from optic.passes.tvm_kernels import _region, find_sites, replace_sites
+    from optic.passes.tvm_kernels import find_sites, replace_sites
     from optic.rewrite import RuleStats
 
     from .tvm_compat import require_tvm
@@ -260,12 +259,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
             if progress is not None:
                 progress(f"CUDA kernel {site.operator}", i, len(groups))
             try:
-                space = gpu_space(site.operator, target)
-                solved = solve(space)
-                if not solved.valid:
-                    raise SpaceError(f"no configuration of {space.name} fits these sizes")
-                order, _ = cost_model.rank(space, solved.names, solved.rows, target)
-                config = dict(zip(solved.names, (int(v) for v in solved.rows[int(order[0])]), strict=True))
+                config = model_config(site.operator, target)
                 compiled = compile_cuda(site.operator, config, target, workdir=work)
             except (SpaceError, OpticError) as e:
                 left += [f"{n}: {str(e).splitlines()[0][:160]}" for n in names]
@@ -285,7 +279,8 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
         library = tvm.compile(tvm.IRModule(funcs), target=cuda)
     except Exception as e:
         raise OpticError(f"TVM could not build the CUDA library for {target.name}: {str(e).splitlines()[0]}") from None
-    regions = [_region(gm, site) for site, _ in chosen]  # before any replacement renames their inputs
+    regions = [ir.subgraph_callable(gm, site.nodes, site.inputs)  # before any replacement renames their inputs
+               for site, _ in chosen]
     replace_sites(gm, [(site, GPUKernel(symbol, region, site.op.const("weight"), site.op.const("bias"), site.in_shape,
                                         site.out_shape, ir.shape(site.last), str(site.operator)),
                         f"gpu_{symbol}_{site.op.node.name}") for (site, symbol), region in zip(chosen, regions, strict=True)],

@@ -128,15 +128,9 @@ def scheduled_kernel(k: Any, target: Any = "cpu") -> str:
                                           else "the cost model's choice (not tuned yet: optic tune / optic kernel)")
             mod = build(op, config)
         else:
-            from .autotune import cost_model, solve
-            from .autotune.codegen_cuda import build, gpu_space
+            from .autotune.codegen_cuda import build, model_config
 
-            space = gpu_space(op, t)
-            solved = solve(space)
-            if not solved.valid:
-                raise SpaceError(f"no configuration of {space.name} fits these sizes")
-            order, _ = cost_model.rank(space, solved.names, solved.rows, t)
-            config = dict(zip(solved.names, (int(v) for v in solved.rows[int(order[0])]), strict=True))
+            config = model_config(op, t)
             how, mod = "the cost model's choice (GPU: nothing is measured here)", build(op, config)
     except (SpaceError, OpticError) as e:
         return f"# optic's {op.op} template cannot schedule it for {t.name}: {str(e).splitlines()[0]}\n"

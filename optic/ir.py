@@ -7,7 +7,7 @@ Passes never write loops of bookkeeping themselves; they call these. Provenance 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -237,11 +237,13 @@ def dtype(node: Any) -> torch.dtype | None:
     return tm.dtype if tm is not None else None
 
 
-def subgraph_callable(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node):
-    """A callable ``f(value_of_x)`` running ``nodes`` (in order) as they are in ``gm``; for timing a
-    piece of the graph on its own. Constants are shared, not copied."""
+def subgraph_callable(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node | Sequence[fx.Node]):
+    """A callable ``f(value_of_x, ...)`` running ``nodes`` (in order) as they are in ``gm``; for timing a
+    piece of the graph on its own. ``x``: its input node, or several (then one argument each, in order).
+    Constants are shared, not copied."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {x: graph.placeholder("x")}
+    inputs = [x] if isinstance(x, fx.Node) else list(x)
+    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(f"x{i}" if i else "x") for i, n in enumerate(inputs)}
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:

@@ -58,7 +58,7 @@ from .cpu_tactics import _why_not_dense_fp32
 
 EFFORT = {"none": 0, "fast": 4, "full": 32}
 FAST_BUDGET_S = 60.0
-_ACTS = {"relu": "relu", "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid", "gelu": "gelu"}
+_ACTS = frozenset({"relu", "silu", "tanh", "sigmoid", "gelu"})  # the activations the code generator fuses
 _KEEP_MARGIN = 0.97  # the generated kernel must be at least 3 % faster than PyTorch's fastest
 
 
@@ -109,10 +109,6 @@ class Site:
     def inputs(self) -> list[fx.Node]:
         return [self.op.x] + ([self.residual] if self.residual is not None else [])
 
-    @property
-    def label(self) -> str:
-        return f"{self.op.node.name} ({self.operator}{' + ' + '+'.join(self.epilogue) if self.epilogue else ''})"
-
 
 def _single_user(node: fx.Node, gm: fx.GraphModule) -> Op | None:
     users = ir.value_users(node)
@@ -127,7 +123,7 @@ def _activation(op: Op | None, x: fx.Node) -> str | None:
     fn = op.attrs.get("fn")
     if fn == "gelu" and op.attrs.get("approximate", "none") != "none":
         return None
-    return _ACTS.get(fn)
+    return fn if fn in _ACTS else None
 
 
 def _residual(op: Op | None, x: fx.Node) -> fx.Node | None:
@@ -184,13 +180,11 @@ def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
         op = view(node, gm)
         if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node) or node in taken:
             continue
-        why = _why_not_dense_fp32(op) if op.const("weight") is not None else "the weight is computed"
-        if why and why.startswith("weight or bias") and op.const("weight") is not None and op.const("weight").dtype == torch.float32:
-            why = None  # no bias is fine here
+        why = _why_not_dense_fp32(op)
         if why:
             stats.decline("tvm_" + op.kind, node.name, why)
             continue
-        nodes, epilogue, residual, act_op = [node], [], None, None
+        nodes, epilogue, residual = [node], [], None
         if op.const("bias") is not None:
             epilogue.append("bias")
         while True:
@@ -198,11 +192,10 @@ def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
             act = _activation(nxt, nodes[-1])
             if act and not any(e in _ACTS for e in epilogue):
                 epilogue.append(act)
-                act_op = nxt if residual is None else act_op
                 nodes.append(nxt.node)
                 continue
             res = _residual(nxt, nodes[-1]) if residual is None else None
-            if res is not None and res not in nodes and not _reaches(res, nxt.node, nodes):
+            if res is not None and res not in nodes and not _reaches(res, nodes):
                 residual = res
                 epilogue.append("residual")
                 nodes.append(nxt.node)
@@ -220,7 +213,7 @@ def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
     return sites
 
 
-def _reaches(value: fx.Node, add: fx.Node, kernel_nodes: list[fx.Node]) -> bool:
+def _reaches(value: fx.Node, kernel_nodes: list[fx.Node]) -> bool:
     """Whether ``value`` depends on one of the kernel's nodes (then it cannot be an input of the kernel)."""
     inside = set(kernel_nodes)
     stack, seen = [value], set()
@@ -321,22 +314,6 @@ class KernelChoice:
                 f"{cache}{'; ' + self.why if self.why else ''}")
 
 
-def _region(gm: fx.GraphModule, site: Site) -> fx.GraphModule:
-    """The site's ops as they are in ``gm``, as a module taking the kernel's inputs."""
-    graph = fx.Graph()
-    env = {n: graph.placeholder(f"in{i}") for i, n in enumerate(site.inputs)}
-
-    def lookup(n: fx.Node) -> fx.Node:
-        if n not in env:
-            env[n] = graph.node_copy(n)  # get_attr constants
-        return env[n]
-
-    for n in site.nodes:
-        env[n] = graph.node_copy(n, lookup)
-    graph.output(env[site.last])
-    return fx.GraphModule(gm, graph)
-
-
 @register
 class TVMKernels:
     name = "tvm_kernels"
@@ -377,6 +354,7 @@ class TVMKernels:
 
     def _choose(self, groups: list[list[Site]], gm: fx.GraphModule, values: dict, ctx: Any, tune_level: Any) -> list:
         from optic.autotune import Runner, TuningDB, tune
+        from optic.autotune.tune import workload_key
 
         trials = trials_for(tune_level)
         budget_s = float(ctx.option("tune_budget_s", FAST_BUDGET_S if tune_level == "fast" else math.inf))
@@ -398,12 +376,12 @@ class TVMKernels:
                                      i, len(groups))
 
                 try:
-                    # what the database holds, measuring nothing; then tuning, unless this kernel is settled at
-                    # this level (tuned before, or left to the cost model when a time budget ran out)
-                    result = tune(site.operator, ctx.target, 0, db=db)
-                    if trials and not db.settled(result.key, str(tune_level)):
-                        if level:
-                            result = tune(site.operator, ctx.target, level, db=db, runner=runner, progress=progress)
+                    # tuning, unless this kernel is settled at this level (tuned before, or left to the cost
+                    # model when a time budget ran out); else what the database holds, measuring nothing
+                    settle = bool(trials) and not db.settled(workload_key(site.operator, ctx.target), str(tune_level))
+                    result = tune(site.operator, ctx.target, level if settle else 0, db=db, runner=runner,
+                                  progress=progress)
+                    if settle:
                         db.settle(result.key, str(tune_level))
                 except Exception as e:  # a template that cannot cover the sizes: PyTorch keeps the layer
                     choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], None, "no template",
@@ -463,7 +441,7 @@ class TVMKernels:
         if ctx.option("tvm_keep", "faster") == "all":  # testing the rewrite itself: no timing, keep every kernel
             choice.chosen, choice.why = "tvm", "kept without timing (option tvm_keep='all')"
             return fn, lib, result.config
-        region = _region(gm, site)
+        region = ir.subgraph_callable(gm, site.nodes, site.inputs)
         fns = {"torch": lambda: region(*ins)}
         act = site.onednn_act
         if site.residual is None and (act is None or act.attrs.get("fn") in ONEDNN_ATTRS) \
