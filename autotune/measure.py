@@ -294,7 +294,7 @@ class Runner:
         return Measurement(config, seconds, status if status in STATUSES else "run_error", reply.get("error", ""),
                            samples, float(reply.get("build_seconds", 0.0)), reply.get("max_error"))
 
-    def prebuild(self, operator: Operator, configs: list[Mapping[str, int]], opt_level: int | None = -1) -> bool:
+    def prebuild(self, operator: Operator, configs: list[Mapping[str, int]], deployed: bool = False) -> bool:
         """Build ``configs`` in the worker at once, on every core (nothing is timed meanwhile), so that
         the ``measure`` requests that follow only check and time. False when the batch failed as a whole
         (a build that hung or crashed the worker): then each configuration is built by its own request."""
@@ -302,7 +302,7 @@ class Runner:
             return False
         self.ensure_started()
         threads = max(1, min(len(configs), os.cpu_count() or 1))
-        level = self.evaluator.search_opt_level if opt_level == -1 else opt_level  # None: LLVM's default (3)
+        level = None if deployed else self.evaluator.search_opt_level  # None: LLVM's default (3), as deployed
         reply = self._call({"kind": "build", "operator": operator.as_dict(), "builder": self.builder,
                             "configs": [{k: int(v) for k, v in c.items()} for c in configs], "threads": threads,
                             "opt_level": level},
@@ -316,7 +316,7 @@ class Runner:
         if self.rpc or not configs:
             return None
         self.ensure_started()
-        self.prebuild(operator, configs, opt_level=None)  # as deployed (LLVM's default level), in parallel
+        self.prebuild(operator, configs, deployed=True)  # as deployed (LLVM's default level), in parallel
         reply = self._call({"kind": "final", "operator": operator.as_dict(), "configs": [dict(c) for c in configs],
                             "builder": self.builder, "threads": self.threads, "torch": torch,
                             "budget_s": budget_s}, budget_s * 3 + self.evaluator.timeout_s * len(configs))
