@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_BUILDER", "Baseline", "EvaluatorConfig", "Final", "Measureme
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUILDER = "optic.autotune.codegen_cpu:build"
+DEFAULT_BUILDER = "optic.targets.codegen_cpu:build"
 STATUSES = ("ok", "build_error", "run_error", "wrong", "timeout", "crash")
 SPIN_LIMITS = {"GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
 

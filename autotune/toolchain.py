@@ -23,7 +23,7 @@ def toolchain() -> dict[str, str | int | None]:
     """``{"tvm": ..., "tvm_ffi": ..., "llvm": ..., "torch": ..., "python": ..., "codegen": ...}``."""
     import torch
 
-    from .codegen_cpu import CODEGEN_VERSION
+    from optic.targets.codegen_cpu import CODEGEN_VERSION
 
     llvm = None
     try:

@@ -233,11 +233,11 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
                        progress: Any = None) -> tuple[GPUArtifact | None, list[str]]:
     """Generate, compile and check the GPU kernels of ``program`` for ``target`` (see the module docstring).
     Returns the artifact (None when no layer gets a kernel) and the layers left with PyTorch, with why."""
-    from optic.autotune.codegen_cuda import build, compile_cuda, model_config
     from optic.autotune.space import SpaceError
     from optic.autotune.toolchain import toolchain
     from optic.passes.tvm_kernels import find_sites, replace_sites
     from optic.rewrite import RuleStats
+    from optic.targets.codegen_cuda import build, compile_cuda, model_config
 
     from .tvm_compat import require_tvm
 

@@ -263,7 +263,7 @@ class TVMKernel(nn.Module):
 
 def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
     """``(function, library)`` of ``operator`` with ``config``, built for this CPU (LLVM)."""
-    from optic.autotune import codegen_cpu
+    from optic.targets import codegen_cpu
     from optic.tvm_compat import host_target, require_tvm
 
     tvm = require_tvm()

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tvm")
 
-from optic.autotune import codegen_cpu, solve  # noqa: E402
+from optic.autotune import solve  # noqa: E402
 from optic.autotune.operator import ELEMENTWISE_FNS, Operator  # noqa: E402
+from optic.targets import codegen_cpu  # noqa: E402
 from optic.tvm_compat import host_target, require_tvm  # noqa: E402
 from optic.verify import compare  # noqa: E402
 

@@ -38,9 +38,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from optic.autotune.operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
 from optic.tvm_compat import require_tvm
-
-from .operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "build"]
 

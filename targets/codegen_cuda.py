@@ -71,14 +71,14 @@ from pathlib import Path
 from typing import Any
 
 from optic import targets
+from optic.autotune.operator import LAYERNORM_EPS, Operator
+from optic.autotune.space import Space, SpaceError
+from optic.autotune.templates import elementwise_gpu, matmul_gpu, reduction_gpu
 from optic.errors import OpticError
 from optic.targets import Target
 from optic.tvm_compat import require_tvm
 
 from .codegen_cpu import _elementwise_expr, _epilogue  # the same fp32 expressions on both targets
-from .operator import LAYERNORM_EPS, Operator
-from .space import Space, SpaceError
-from .templates import elementwise_gpu, matmul_gpu, reduction_gpu
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "CompiledKernel", "PtxasKernel", "build", "compile_cuda",
            "compile_module", "default_schedule", "gpu_space", "model_config", "notes", "nvcc_version",
@@ -126,8 +126,8 @@ def gpu_space(operator: Operator, target: str | Target, dtype: str | None = None
 def model_config(operator: Operator, target: str | Target, dtype: str | None = None) -> dict[str, int]:
     """The cost model's best valid configuration of ``operator`` on the GPU ``target`` (nothing can be
     measured here); ``SpaceError`` when no configuration fits the sizes."""
-    from . import cost_model
-    from .solver import solve
+    from optic.autotune import cost_model
+    from optic.autotune.solver import solve
 
     space = gpu_space(operator, target, dtype)
     solved = solve(space)
