@@ -528,6 +528,7 @@ class CompiledKernel:
     codegen_seconds: float = 0.0
     nvcc_seconds: float = 0.0
     cu_path: str | None = None
+    module: Any = field(default=None, repr=False, compare=False)  # the scheduled TIR module the source came from
 
     @property
     def registers(self) -> int:
@@ -617,7 +618,8 @@ def compile_module(mod: Any, target: str | Target, *, name: str = "main", config
     codegen = time.perf_counter() - start
     result = CompiledKernel(name=name, target=t.name, arch=t.arch, config=dict(config or {}), source=source,
                             compiled=False, threads=max(threads, default=0), dynamic_smem=max(dyn_smem, default=0),
-                            limits=target_limits(t), expected=dict(expected or {}), codegen_seconds=codegen)
+                            limits=target_limits(t), expected=dict(expected or {}), codegen_seconds=codegen,
+                            module=mod)
     if shutil.which("nvcc") is None:
         result.reason = "not compiled: nvcc is not on PATH (the CUDA source was generated)"
         return result
