@@ -223,8 +223,14 @@ def tune(operator: Operator, target: str | Target = "cpu", trials: int = 32, *,
 
 def workload_key(operator: Operator, target: str | Target = "cpu", rpc: tuple[str, int, str] | None = None) -> str:
     """The database key ``tune`` files ``operator``'s records under on ``target`` (and the RPC device)."""
+    return _key_parts(operator, target, rpc)[0]
+
+
+def _key_parts(operator: Operator, target: str | Target, rpc: tuple[str, int, str] | None) -> tuple[str, dict, dict]:
+    """``(key, target fingerprint, toolchain)``: the key and what it hashes, which the database also records."""
     fingerprint = target_fingerprint(targets.get(target), f"rpc:{rpc[2]}" if rpc else None)
-    return tuning_key(operator.as_dict(), fingerprint, toolchain())
+    tools = toolchain()
+    return tuning_key(operator.as_dict(), fingerprint, tools), fingerprint, tools
 
 
 def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | None,
@@ -238,9 +244,7 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
     order, predicted = cost_model.rank(space, names, solved.rows, t)
     solve_s = time.perf_counter() - start
     measurable = t.kind == "cpu"  # code generation is for CPUs (LLVM); GPUs are ranked by the model
-    fingerprint = target_fingerprint(t, f"rpc:{rpc[2]}" if rpc else None)
-    tools = toolchain()
-    key = workload_key(operator, t, rpc)
+    key, fingerprint, tools = _key_parts(operator, t, rpc)
     measured: list[Measurement] = []
     records: list[Any] = []
     base = None
