@@ -11,7 +11,8 @@ CPU GEMM (``matmul_cpu``, ``conv2d_cpu``; the schedule of ``optic.targets.codege
 - micro-kernel: per k step, ``MR*NR/LANES`` FMAs on ``fma_units`` pipes against ``NR/LANES`` loads
   of B and ``MR`` broadcasts of A on ``LOAD_PORTS`` ports, and no faster than one FMA latency (each
   accumulator is a dependency chain), plus the loop's overhead spread over ``UNROLL`` steps and the
-  accumulators' reload and store once every ``KC`` steps;
+  accumulators' reload and store once every ``KC`` steps after a zeroing pass (a single k block,
+  ``KC >= K``, zeroes them in registers and stores them once);
 - data reuse per cache level: the B micro-panel (``KC x NR``) stays in L1 for all ``MC/MR`` register
   tiles, so A streams from L2 once per ``NR`` columns; the A block (``MC x KC``) stays in L2 for
   ``NC/NR`` micro-panels, so B streams from L3 once per ``MC`` rows; working sets that overflow
@@ -61,11 +62,12 @@ __all__ = ["Prediction", "predict", "predict_rows", "rank", "spearman"]
 LOAD_PORTS = 2  # vector loads per cycle
 FMA_LATENCY = 4  # cycles
 LOOP_OVERHEAD = 1.0  # cycles per iteration of the innermost rolled loop (increment, compare, branch)
-L2_BYTES_PER_CYCLE = 32  # sustained L2 -> L1 per core
+L2_BYTES_PER_CYCLE = 64  # L2 -> L1 per core (a line per cycle, Skylake-SP to Sapphire Rapids)
 L3_BYTES_PER_CYCLE = 10  # sustained L3 -> L2 per core
-PARALLEL_REGION_S = 5e-6
+RELOAD_STALL_CYCLES = 3.0  # per accumulator vector reloaded from L2 when a k block starts: the FMA chains wait
+PARALLEL_REGION_S = 5e-6  # fork/join of one parallel loop in TVM's thread pool
 EXP_OPS = 16  # vector instructions of the polynomial exp (codegen_cpu._fast_exp)
-OVERLAP_NORM = 3.0  # how sharply the slowest concurrent unit dominates (infinity: a pure roofline)  # fork/join of one parallel loop in TVM's thread pool
+OVERLAP_NORM = 3.0  # how sharply the slowest concurrent unit dominates (infinity: a pure roofline)
 # GPU: estimates.
 L2_OVER_DRAM = 3.0  # L2 bandwidth / DRAM bandwidth
 WARPS_TO_HIDE_LATENCY = 8  # resident warps per SM that keep the pipes busy
@@ -119,7 +121,13 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
     fmas = MR * NR / lanes
     loads = NR / lanes + MR
     cycles_per_k = np.maximum.reduce([fmas / fu, loads / LOAD_PORTS, np.full_like(fmas, FMA_LATENCY)])
-    cycles_per_k = cycles_per_k + LOOP_OVERHEAD / UNROLL + (2 * fmas / LOAD_PORTS) / KC
+    # The accumulator tile's trips to memory: one k block starts it at zero in registers and stores
+    # it once; several store it after a zeroing pass, then reload and store it once per block.
+    blocks = Kp / KC
+    c_trips = np.where(blocks == 1, 1.0, 2 * blocks + 1)
+    reloads = np.where(blocks == 1, 0.0, blocks)
+    cycles_per_k = (cycles_per_k + LOOP_OVERHEAD / UNROLL + (c_trips * fmas / LOAD_PORTS) / Kp
+                    + reloads * fmas * RELOAD_STALL_CYCLES / Kp)
     # L1 holds the B micro-panel, the A micro-panel and the accumulators' tile of Cb.
     l1_over = _ratio_over((MR + NR) * KC * esize + MR * NR * esize, p["L1"])
     # L2 holds the A block, the C block, the packed B panel of the k block.
@@ -132,7 +140,7 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
     # micro-panel again for the part that does not stay in L1; C tile once per k block.
     a_stream = Mp * Kp * (Np / NR) * esize
     b_stream = Kp * Np * (Mp / MC) * esize * (1 + l1_over * (MC / MR - 1))
-    c_stream = 2 * Mp * Np * (Kp / KC) * esize
+    c_stream = Mp * Np * c_trips * esize
     l2_bytes = (a_stream + b_stream + c_stream) * share
     l2_time = l2_bytes / (L2_BYTES_PER_CYCLE * clock)
     # Bytes from L3: the A block once per column of macro tiles, B's source once per row of them
@@ -150,9 +158,10 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
               else b_source * share / (L2_BYTES_PER_CYCLE * clock))
     pack_time = b_pack + a_packs / (L2_BYTES_PER_CYCLE * clock) + a_packs / (L3_BYTES_PER_CYCLE * clock)
     write_back = 2 * out_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used)
+    zeroing = np.where(blocks == 1, 0.0, Mp * Np * esize) * share / (L2_BYTES_PER_CYCLE * clock)
     overhead = np.where(P > 1, 2 * PARALLEL_REGION_S, 0.0)
     gemm = _overlap(compute, l2_time, l3_time, dram_time)
-    seconds = gemm + pack_time + write_back + overhead
+    seconds = gemm + pack_time + write_back + zeroing + overhead
     peak = (t.peak_fp32_flops or 0) or clock * lanes * 2 * fu * (t.cores or 1)
     return {"seconds": seconds, "compute": compute, "l2": l2_time, "l3": l3_time, "dram": dram_time,
             "pack": pack_time, "padding": Mp * Np * Kp * 2 / useful_flops - 1,

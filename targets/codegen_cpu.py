@@ -21,6 +21,10 @@ GEMM (matmul, and conv2d as an implicit GEMM), BLIS's blocking::
       C[tile] = epilogue(Cb)             bias, residual, activations, fused into the write-back
                                          (none when C itself accumulated: nothing to clip or apply)
 
+When one k block covers K (``KC >= K``) there is no ``ko`` loop and no ``Cb = 0`` pass: each register
+tile starts at zero in its accumulators and is stored once (the packing then happens per macro tile,
+and the micro-panels stream from L2).
+
 A convolution's GEMM rows are the output's own (n, OH, OW) (a macro tile is TOH whole output rows),
 so with NHWC the tile is a block of the output: it accumulates there, or is written back while in
 L2; NCHW transposes after the GEMM. Its weights, contiguous along neither GEMM axis with NHWC, are
@@ -44,7 +48,7 @@ from optic.tvm_compat import require_tvm
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "build"]
 
 # Part of every tuning-database key: records measured with another code generator are not reused.
-CODEGEN_VERSION = 2
+CODEGEN_VERSION = 3
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -139,9 +143,19 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
         ic = s.fuse(n, oh_o)
         ir, ii = s.split(s.fuse(oh_i, ow), [MC // MR, MR])
     jc, jr, jv = s.split(j, [Np // NC, NC // NR, NR])
-    ko, ki, ku = s.split(k, [Kp // KC, KC // UNROLL, UNROLL])
-    s.reorder(jc, ic, ko, jr, ir, ki, ku, ii, jv)
+    # One k block (KC covers K): no k-block loop, so the accumulators can start at zero in registers
+    # and be stored once (the reduction is decomposed inside the register tile). Several k blocks
+    # reload and store them once per block, after an initialising pass over the macro tile's output;
+    # the single block measured 6% faster on a 512^3 GEMM on one core.
+    if Kp == KC:
+        ki, ku = s.split(k, [KC // UNROLL, UNROLL])
+        ko = None
+        s.reorder(jc, ic, jr, ir, ki, ku, ii, jv)
+    else:
+        ko, ki, ku = s.split(k, [Kp // KC, KC // UNROLL, UNROLL])
+        s.reorder(jc, ic, ko, jr, ir, ki, ku, ii, jv)
     outer = s.fuse(jc, ic)
+    k_block = ko if ko is not None else outer  # where one k block's operands are packed
     s.unroll(ku)
     s.unroll(ii)
     s.vectorize(jv)
@@ -154,18 +168,20 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
     # tile, while it is hot in L2 (a separate pass over all of B measured up to 20% slower on wide
     # GEMMs). A row of macro tiles packs it again: the cost model charges Mp/MC packings.
     if not pack_b_once:
-        s.compute_at(s.get_sblock("Bp"), ko)
+        s.compute_at(s.get_sblock("Bp"), k_block)
     if "Ap" in names:
         # Likewise A's padded or gathered (im2col) block: MC x KC into L2 by the tile's thread, just
         # before its use (a pass over all of A first wrote, and read back, the whole im2col matrix:
         # 9x the input for a 3x3 convolution). A column of macro tiles gathers it again: the cost
         # model charges Np/NC gatherings.
-        s.compute_at(s.get_sblock("Ap"), ko)
-    init = s.decompose_reduction(cp, ko)
+        s.compute_at(s.get_sblock("Ap"), k_block)
+    init = s.decompose_reduction(cp, ko if ko is not None else ki)
     update_loops = s.get_loops(cp)
     init_loops = _own_loops(s, init, update_loops)
     if init_loops:
         s.vectorize(init_loops[-1])
+    if ko is None and len(init_loops) > 1:  # the register tile's rows: zeroed registers, unrolled
+        s.unroll(init_loops[-2])
     wl = [] if wb is None else _own_loops(s, wb, update_loops)
     if wl:
         _vectorize_inner(s, wl[-1], out_inner)

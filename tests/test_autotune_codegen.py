@@ -165,3 +165,34 @@ def test_operator_parsing_and_errors():
                       ("elementwise", "8,fn=nope"), ("matmul", "axbxc")):
         with pytest.raises(SpaceError):
             Operator.parse(op, shape)
+
+
+def _init_elements(operator: Operator, config: dict[str, int]) -> int:
+    """Elements the GEMM's initialising block zeroes per execution (its own loops' extents)."""
+    tvm = require_tvm()
+    s = tvm.s_tir.Schedule(codegen_cpu.build(operator, config))
+    name = "C" if '"C_init"' in str(s.mod) else "Cp"  # the product accumulates in the output, or in Cp
+    gemm, init = s.get_sblock(f"{name}_update"), s.get_sblock(f"{name}_init")
+    shared = {s.get_sref(loop) for loop in s.get_loops(gemm)}
+    return functools.reduce(lambda a, b: a * b,
+                            [int(s.get(lp).extent) for lp in s.get_loops(init) if s.get_sref(lp) not in shared], 1)
+
+
+def test_one_k_block_zeroes_the_register_tile_and_several_zero_the_macro_tile_first():
+    mm = Operator("matmul", (512, 512, 512))
+    base = dict(MR=8, NR=32, MC=256, NC=128, UNROLL=4, PARALLEL=2)
+    assert _init_elements(mm, {**base, "KC": 512}) == 8 * 32  # in registers, inside the k loop's tile
+    assert _init_elements(mm, {**base, "KC": 128}) == 256 * 128  # a pass over the macro tile, then reloads
+    # K not a power of two: the space offers KC = K (one unpadded block), and it computes the product,
+    # for a matmul with an epilogue and a padded M, and for a convolution (K = C*R*S = 27)
+    odd = Operator("matmul", (40, 48, 24), epilogue=("bias", "relu"))
+    names, rows = _configs(odd)
+    single = [dict(zip(names, r, strict=True)) for r in rows if r[names.index("KC")] == 24]
+    assert single
+    _build_and_check(odd, single[0])
+    _build_and_check(odd, single[-1])
+    conv = Operator.parse("conv2d", "1x3x12x12,16x3x3x3,pad=1")
+    names, rows = _configs(conv)
+    single = [dict(zip(names, r, strict=True)) for r in rows if r[names.index("KC")] == 27]
+    assert single
+    _build_and_check(conv, single[0])

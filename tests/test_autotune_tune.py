@@ -83,15 +83,17 @@ def wrong_builder(operator, config):
 # -- the cost model ---------------------------------------------------------------------------------------
 
 
-def test_cost_model_ranks_a_config_that_fits_l1_above_one_that_does_not():
+def test_cost_model_prefers_one_k_block_to_reloading_the_accumulators_and_an_a_block_in_l2():
     t = targets.get("cpu")
     space = Operator("matmul", (1024, 1024, 1024)).space(t)
     base = dict(MR=8, NR=2 * t.vector_lanes_fp32, MC=128, NC=512, UNROLL=4, PARALLEL=t.cores)
     fits = max(kc for kc in (16, 32, 64, 128, 256, 512) if (8 + base["NR"]) * kc * 4 <= t.l1d_bytes // 2)
-    spills = fits * 8  # the B and A micro-panels need 8x the room: several times L1
-    fit, spill = (cost_model.predict(space, {**base, "KC": kc}, t) for kc in (fits, spills))
-    assert fit.seconds < spill.seconds
-    # and likewise for the L2 block: the same tiles with an A block far beyond L2
+    # One k block (KC = K) keeps the accumulators in registers, at the price of micro-panels that
+    # stream from L2; L1-sized blocks reload them K/KC times (measured: the single block was faster).
+    blocked, single = (cost_model.predict(space, {**base, "KC": kc}, t) for kc in (fits, 1024))
+    assert space.is_valid({**base, "KC": 1024}) and space.is_valid({**base, "KC": fits})
+    assert single.seconds < blocked.seconds
+    # An A block far beyond L2 is served from L3: slower than the same tiles with the block in L2.
     l2_fit = cost_model.predict(space, {**base, "KC": fits, "MC": 64}, t)
     l2_spill = cost_model.predict(space, {**base, "KC": fits, "MC": 64 * 256}, t)
     assert l2_fit.seconds < l2_spill.seconds
