@@ -102,8 +102,7 @@ class Worker:
     def _compile(self, msg: dict[str, Any]) -> tuple[Any, Any, float]:
         """``(operator, built, seconds)``: ``built`` is ``(library, jitted module)`` with its ``main`` looked
         up (which is when LLVM generates the code), or the exception the build raised; cached."""
-        import tvm
-
+        from optic.targets.codegen_cpu import compile_module
         from optic.tvm_compat import host_target
 
         from .operator import Operator
@@ -116,7 +115,7 @@ class Worker:
         start = time.perf_counter()
         try:
             mod = load_builder(msg["builder"])(operator, msg["config"])
-            lib = tvm.compile(mod, target=host_target(opt_level))
+            lib = compile_module(mod, host_target(opt_level))  # TVM's pipeline + dynamic macro tiles
             module = lib.jit()
             module["main"]  # noqa: B018 - the lookup makes LLVM generate the code (lazily, else on first call)
             built: Any = (lib, module)

@@ -119,14 +119,14 @@ def _metaschedule(tvm: Any, operator: Any, trials: int, per_iter: int, threads: 
 def _optic(tvm: Any, operator: Any, trials: int, threads: int) -> tuple[Any, dict]:
     """Tune with optic (a fresh database); the compiled best configuration and what the tuning took."""
     from optic.autotune import tune
-    from optic.targets.codegen_cpu import build
+    from optic.targets.codegen_cpu import build, compile_module
     from optic.tvm_compat import host_target
 
     with tempfile.TemporaryDirectory(prefix="optic_db_") as tmp:
         start = time.perf_counter()
         result = tune(operator, "cpu", trials=trials, db=os.path.join(tmp, "tuning.db"), threads=threads)
         seconds = time.perf_counter() - start
-    lib = tvm.compile(build(operator, result.config), target=host_target())
+    lib = compile_module(build(operator, result.config), host_target())
     return lib, {"tune_seconds": seconds, "measurements": result.measurements, "trials": trials,
                  "config": result.config, "invalid": result.invalid, "valid_configs": result.valid,
                  "tuner_seconds_per_call": result.seconds, "rank_correlation": result.rank_correlation}

@@ -36,7 +36,7 @@ def _configs(operator: Operator) -> tuple[tuple[str, ...], list[tuple[int, ...]]
 
 def _build_and_check(operator: Operator, config: dict[str, int]) -> None:
     tvm = require_tvm()
-    lib = tvm.compile(codegen_cpu.build(operator, config), target=host_target()).jit()
+    lib = codegen_cpu.compile_module(codegen_cpu.build(operator, config), host_target()).jit()
     inputs = operator.make_inputs(seed=1)
     out = torch.full(operator.out_shape, float("nan"))
     lib["main"](*[tvm.runtime.from_dlpack(t) for t in (*inputs, out)])
@@ -196,3 +196,15 @@ def test_one_k_block_zeroes_the_register_tile_and_several_zero_the_macro_tile_fi
     single = [dict(zip(names, r, strict=True)) for r in rows if r[names.index("KC")] == 27]
     assert single
     _build_and_check(conv, single[0])
+
+
+def test_parallel_gemms_take_macro_tiles_dynamically_and_serial_ones_do_not():
+    """With PARALLEL > 1 the macro tiles come from a shared counter (an atomic add in the code), so a
+    faster core takes more of them; the result is the same as the reference either way."""
+    operator = Operator("matmul", (96, 80, 40), epilogue=("bias",))  # 6 x 3 padded macro tiles
+    for parallel, dynamic in ((2, True), (1, False)):
+        config = dict(MR=4, NR=16, KC=40, MC=16, NC=32, UNROLL=4, PARALLEL=parallel)
+        lib = codegen_cpu.compile_module(codegen_cpu.build(operator, config), host_target())
+        ir = lib.mod.inspect_source("ll")
+        assert ("atomicrmw add" in ir) is dynamic  # the counter's fetch-and-add (LLVM inlines it)
+        _build_and_check(operator, config)
