@@ -124,8 +124,9 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
     # The accumulator tile's trips to memory: one k block starts it at zero in registers and stores
     # it once; several store it after a zeroing pass, then reload and store it once per block.
     blocks = Kp / KC
-    c_trips = np.where(blocks == 1, 1.0, 2 * blocks + 1)
-    reloads = np.where(blocks == 1, 0.0, blocks)
+    several = blocks > 1
+    reloads = np.where(several, blocks, 0.0)
+    c_trips = 1 + 2 * reloads
     cycles_per_k = (cycles_per_k + LOOP_OVERHEAD / UNROLL + (c_trips * fmas / LOAD_PORTS) / Kp
                     + reloads * fmas * RELOAD_STALL_CYCLES / Kp)
     # L1 holds the B micro-panel, the A micro-panel and the accumulators' tile of Cb.
@@ -158,7 +159,7 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
               else b_source * share / (L2_BYTES_PER_CYCLE * clock))
     pack_time = b_pack + a_packs / (L2_BYTES_PER_CYCLE * clock) + a_packs / (L3_BYTES_PER_CYCLE * clock)
     write_back = 2 * out_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used)
-    zeroing = np.where(blocks == 1, 0.0, Mp * Np * esize) * share / (L2_BYTES_PER_CYCLE * clock)
+    zeroing = np.where(several, Mp * Np * esize, 0.0) * share / (L2_BYTES_PER_CYCLE * clock)
     overhead = np.where(P > 1, 2 * PARALLEL_REGION_S, 0.0)
     gemm = _overlap(compute, l2_time, l3_time, dram_time)
     seconds = gemm + pack_time + write_back + zeroing + overhead

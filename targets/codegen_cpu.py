@@ -90,8 +90,8 @@ def _mark_dynamic(s: Any, loop: Any, threads: int) -> None:
 
 
 def _dynamic_tiles(tirx: Any, loop: Any, threads: int) -> Any:
-    """``for t in parallel(T): body(t)`` becomes ``threads`` parallel workers that each take the next
-    tile from a counter (zeroed per call) until it passes T."""
+    """``for t in parallel(min, min + T): body(t)`` becomes ``threads`` parallel workers that each take
+    the next tile from a counter (set to ``min`` on every call) until it passes ``min + T``."""
     counter = tirx.decl_buffer((1,), "int32", name="tile_counter")
     tile = tirx.decl_buffer((1,), "int32", name="tile")
     fetch = tirx.call_extern("int32", _NEXT_TILE, counter.data)
@@ -103,8 +103,8 @@ def _dynamic_tiles(tirx: Any, loop: Any, threads: int) -> Any:
     worker = tirx.SeqStmt([tirx.AllocBuffer(tile), tirx.BufferStore(tile, fetch, [0]),
                            tirx.While(current < loop.min + loop.extent, work)])
     workers = tirx.For(tirx.Var("worker", "int32"), 0, threads, tirx.ForKind.PARALLEL, worker)
-    return tirx.SeqStmt([tirx.AllocBuffer(counter), tirx.BufferStore(counter, tirx.const(0, "int32"), [0]),
-                         workers])
+    first = tirx.Cast("int32", loop.min)  # 0 after TVM's loop canonicalisation, but not assumed
+    return tirx.SeqStmt([tirx.AllocBuffer(counter), tirx.BufferStore(counter, first, [0]), workers])
 
 
 def _rewrite_dynamic(tirx: Any, stmt: Any) -> Any:
