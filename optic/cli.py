@@ -12,8 +12,9 @@
 
 MODEL is ``path/to/file.py:factory`` (a function or nn.Module class called with no arguments) or
 ``package.module:attr``; example inputs come from ``example_inputs`` beside it or from
-``--input-shape``. Errors optic expects (bad model reference, unknown target, capture failures)
-print one message on stderr and exit with status 2.
+``--input-shape``. Errors optic expects (bad model reference, unknown target, capture failures, an
+output path that cannot be written) print one message on stderr and exit with status 2; output
+paths are checked before any work. ``-o`` overwrites an existing file, never a folder.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("op", metavar="OP", choices=("matmul", "conv2d", "elementwise", "reduction"),
                       help="matmul, conv2d, elementwise or reduction")
     kern.add_argument("shape", metavar="SHAPE", help="sizes and options, e.g. 512x512x512 or 1x64x56x56,64x64x3x3,pad=1")
+    # "-4x4x4" is a SHAPE with a bad size, not an unknown option: the operator's parser then says
+    # what is wrong with it (argparse alone would report SHAPE as missing).
+    kern._negative_number_matcher = re.compile(r"^-\d")
     kern.add_argument("--target", default="cpu", help="target name (default: cpu, this machine)")
     kern.add_argument("--trials", type=int, default=32, metavar="N", help="candidates to measure (default: %(default)s)")
     kern.add_argument("--json", action="store_true", help="print one JSON object")
@@ -235,6 +242,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     fmt = args.format or _format_from_path(args.output) or "text"
     if args.each_pass and not args.output:
         raise OpticError("--each-pass writes one file per pass: give a directory with -o DIR.")
+    if args.output:
+        _check_output(args.output, folder=args.each_pass)
     if fmt == "svg":
         dump.dot_executable()  # fail before any work
     _check_target(args)
@@ -262,18 +271,29 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from . import targets
     from .api import optimize
 
     _check_target(args)
+    if args.output:  # with --backend tvm, a GPU target saves an artifact directory (which may exist)
+        _check_output(args.output, folder=None if args.backend == "tvm" and targets.get(args.target).kind == "gpu"
+                      else False)
     progress = _Progress(args)
     model, inputs = _load(args, progress)
     budget, data, passes = None, None, args.passes
     if args.budget is not None:
         from .calibration import Budget
-        from .modelref import load_calibration
+        from .modelref import CALIBRATION_ATTR, load_calibration
 
         budget = Budget(max_drop=args.budget, metric=args.metric)
         data = load_calibration(args.model, args.calibration)
+        if not isinstance(data, Iterable):  # checked here, where the option can be named, before the work
+            where = (f"--calibration {args.calibration}" if args.calibration
+                     else f"{args.model.rpartition(':')[0]}:{CALIBRATION_ATTR}")
+            got = "None" if data is None else f"a value of type {type(data).__name__}"
+            raise OpticError(f"{where} gave {got}, not an iterable of batches: give a list, generator or DataLoader of "
+                             "inputs shaped like example_inputs (optionally (inputs, labels) pairs), or a function "
+                             "that returns one.")
         passes = "default" if passes == "exact" else passes
     progress.line(f"optimizing {args.model} for {args.target}")
     result = optimize(model, inputs, args.target, passes, tolerance=args.tolerance, disable=args.disable,
@@ -377,7 +397,10 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     from .autotune.tune import tune
 
     _check_target(args)
-    operator = Operator.parse(args.op, args.shape)
+    try:
+        operator = Operator.parse(args.op, args.shape)
+    except OpticError as e:
+        raise OpticError(str(e) if "SHAPE" in str(e) else f"SHAPE '{args.shape}': {e}") from None
     target = targets.get(args.target)
     progress = _Progress(args)
 
@@ -540,14 +563,35 @@ def _format_from_path(path: str | None) -> str | None:
         Path(path).suffix.lower())
 
 
+def _check_output(output: str, folder: bool | None) -> None:
+    """Fail before any work unless ``-o output`` can be written: the folder that holds it exists and takes
+    new files, and ``output`` is not a folder where a file goes (``folder=False``), nor a file where a
+    folder goes (``folder=True``; it is created if missing). ``folder=None``: either may be written."""
+    path = Path(output)
+    if folder is False and path.is_dir():
+        raise OpticError(f"-o {output} is a folder: give a file name inside it.")
+    if folder and path.exists() and not path.is_dir():
+        raise OpticError(f"-o {output} is a file: --each-pass writes one file per pass into a folder; give a folder "
+                         "(it is created if missing).")
+    into = path if folder and path.is_dir() else path.parent
+    if not into.is_dir():
+        what = "is a file, not a folder" if into.exists() else "does not exist"
+        raise OpticError(f"-o {output}: folder {into} {what}; give a path in an existing folder.")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems such as /proc all show here
+        with tempfile.TemporaryFile(dir=into):
+            pass
+    except OSError as e:
+        raise OpticError(f"-o {output}: cannot write into folder {into} ({e.strerror or e}).") from None
+
+
 def _emit(text: str, output: str | None, progress: _Progress) -> None:
     if not output:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    path = Path(output)
-    if path.parent and not path.parent.exists():
-        raise OpticError(f"cannot write {output}: folder {path.parent} does not exist.")
-    path.write_text(text, encoding="utf-8")
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as e:  # checked before the work; a full disk still shows only here
+        raise OpticError(f"-o {output}: cannot write it ({e.strerror or e}).") from None
     progress.line(f"wrote {output}")
 
 
@@ -564,7 +608,8 @@ def _save(result: Any, inputs: Any, path: str) -> None:
     except OSError as e:
         raise OpticError(f"cannot write {path}: {e.strerror or e}") from None
     except Exception as e:
-        Path(path).unlink(missing_ok=True)  # never leave a half-written archive behind
+        if not Path(path).is_dir():  # an artifact directory was asked for, but none was built
+            Path(path).unlink(missing_ok=True)  # never leave a half-written archive behind
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OpticError(f"the optimized model could not be saved with torch.export ({type(e).__name__}: {first}). "
                          "The report above stands. oneDNN kernels (prepacked weights) from cpu_tactics do not "

@@ -13,12 +13,20 @@ class CaptureError(OpticError):
     """The model could not be turned into a graph by any capture path."""
 
 
-class UnknownTargetError(OpticError, KeyError):
-    """A target name that no table describes."""
+# Names for "a GPU" that name no board; the closest-spelling hint would suggest "cpu" for "cuda".
+_GENERIC_GPU = {"cuda", "gpu", "nvidia"}
 
-    def __init__(self, name: str, known: list[str]):
-        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.4)
+
+class UnknownTargetError(OpticError, KeyError):
+    """A target name that no table describes. ``gpus``: the GPU targets, suggested for "cuda" or "gpu"."""
+
+    def __init__(self, name: str, known: list[str], gpus: list[str] | None = None):
+        generic = gpus and name.strip().lower().split(":")[0] in _GENERIC_GPU
+        close = [] if generic else difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.4)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if generic:
+            hint = (f" '{name}' does not say which GPU: give its model, one of {', '.join(sorted(gpus))} "
+                    "(`optic targets` lists their figures).")
         msg = f"unknown target '{name}'. Known targets: {', '.join(sorted(known))}.{hint}"
         super().__init__(msg)
         self.name = name

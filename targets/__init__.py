@@ -68,4 +68,4 @@ def get(target: str | Target) -> Target:
         return host()
     if key in _TABLES:
         return _TABLES[key]
-    raise UnknownTargetError(target, names())
+    raise UnknownTargetError(target, names(), gpus=sorted(_TABLES))

@@ -153,6 +153,68 @@ def test_usage_errors_exit_2_without_traceback(capsys):
     assert "Did you mean 'fold_norm'" in capsys.readouterr().err
 
 
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("optic: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command loads or optimizes the model: a bad argument must stop it before."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the command started working before it checked its arguments")
+    monkeypatch.setattr(cli, "_load", forbidden)
+    monkeypatch.setattr("optic.api.optimize", forbidden)
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["dump", MLP, "-o", "{tmp}/missing/g.py"], "folder {tmp}/missing does not exist"),
+    (["dump", MLP, "-o", "{tmp}/afile/g.py"], "{tmp}/afile is a file, not a folder"),
+    (["dump", MLP, "-o", "{tmp}"], "{tmp} is a folder"),
+    (["dump", MLP, "-o", "/proc/optic-g.py"], "cannot write into folder /proc"),
+    (["dump", MLP, "--each-pass", "-o", "{tmp}/afile"], "{tmp}/afile is a file: --each-pass writes"),
+    (["dump", MLP, "--each-pass", "-o", "{tmp}/missing/dumps"], "folder {tmp}/missing does not exist"),
+    (["dump", MLP, "--each-pass", "-o", "/proc/optic-dumps"], "cannot write into folder /proc"),
+    (["optimize", MLP, "-o", "{tmp}/missing/x.pt2"], "folder {tmp}/missing does not exist"),
+    (["optimize", MLP, "-o", "{tmp}/afile/x.pt2"], "{tmp}/afile is a file, not a folder"),
+    (["optimize", MLP, "-o", "{tmp}"], "{tmp} is a folder"),
+])
+def test_output_paths_are_checked_before_any_work(argv, reason, tmp_path, capsys, no_work):
+    if "/proc" in reason and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where nobody (root included) can create files")
+    (tmp_path / "afile").write_text("")
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = _one_line_error(capsys)
+    assert f"-o {argv[-1].format(tmp=tmp_path)}" in err and reason.format(tmp=tmp_path) in err
+
+
+def test_optimize_overwrites_an_existing_output_file(tmp_path, capsys):
+    path = tmp_path / "mlp.pt2"
+    path.write_text("an older save")
+    assert cli.main(["optimize", MLP, "--no-measure", "--disable", "cpu_tactics", "-o", str(path)]) == 0
+    assert "saved the optimized model" in capsys.readouterr().err
+    assert torch.export.load(str(path)).module()(torch.randn(2, 16)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("value, got", [("5", "a value of type int"), ("lambda: None", "None")])
+def test_calibration_that_is_not_an_iterable_is_refused_before_optimizing(value, got, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "cal.py"
+    src.write_text(f"batches = {value}\n")
+    monkeypatch.setattr("optic.api.optimize", lambda *a, **k: pytest.fail("optimized with unusable calibration data"))
+    assert cli.main(["optimize", MLP, "--budget", "0.01", "--calibration", f"{src}:batches"]) == 2
+    err = _one_line_error(capsys)
+    assert f"--calibration {src}:batches gave {got}, not an iterable of batches" in err
+
+
+def test_generic_gpu_names_list_the_gpu_targets(capsys):
+    for name in ("cuda", "gpu", "NVIDIA", "cuda:0"):
+        assert cli.main(["optimize", MLP, "--target", name]) == 2
+        err = _one_line_error(capsys)
+        assert f"unknown target '{name}'" in err and "a100, h100, h200, l4, rtx4090, t4, v100" in err
+        assert "Did you mean 'cpu'" not in err
+
+
 # -- the model loader ---------------------------------------------------------------------------------------
 def test_load_from_file_and_from_module():
     model, inputs = modelref.load_model(RESNET)

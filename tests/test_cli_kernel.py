@@ -51,11 +51,13 @@ def test_kernel_text_on_a_gpu_target_is_the_cost_models_choice(tmp_path, capsys)
     (["kernel", "matmul", "64x64x64", "--target", "z80"], "unknown target"),
     (["kernel", "matmul", "64x64x64", "--rpc", "nowhere"], "host:port:key"),
     (["kernel", "matmul", "4x4x4,dtype=float16"], "float32"),
+    (["kernel", "matmul", "-4x4x4"], "SHAPE '-4x4x4': matmul sizes must be positive"),
+    (["kernel", "elementwise", "abc"], "SHAPE 'abc': bad size 'abc'"),
 ])
 def test_kernel_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main([*argv, "--db", str(tmp_path / "t.db")]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("optic: error:")
+    assert message in err and err.startswith("optic: error:") and err.count("\n") == 1
 
 
 def test_db_on_a_missing_file_creates_nothing(tmp_path, capsys):
