@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
 
 from . import cost, pipeline, registry
 from .calibration import Budget, Evaluator
 from .calibration import split as split_calibration
 from .capture import capture as capture_program
-from .errors import InputMismatchError, OpticError
+from .contract import flatten
+from .errors import OpticError
 from .program import Program
 from .report import Report
 from .timing import compare_models, rotating
@@ -25,10 +25,11 @@ log = logging.getLogger("optic")
 
 
 class OptimizedModule(nn.Module):
-    """The optimized model: same call signature as the original, plus ``report`` and ``program``.
+    """The optimized model: the original's call signature and output types, plus ``report`` and ``program``.
 
-    Graphs captured with torch.export are specialized to the example shapes: a call with other
-    shapes raises :class:`InputMismatchError` instead of computing something wrong.
+    A call is laid out as the example call was (:class:`optic.contract.CallSignature`): an argument that
+    was left out of the example, or a shape other than the example's on a graph captured with
+    torch.export, raises :class:`InputMismatchError` instead of computing something wrong.
     """
 
     def __init__(self, program: Program, report: Report):
@@ -37,26 +38,21 @@ class OptimizedModule(nn.Module):
         self.runner = program.runner  # early exit: runs the graph in segments, may return early
         self.report = report
         self._program = program
-        self._signature = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
-                           for t in program.flat_inputs()]
+        if program.signature is not None and program.signature.sig is not None:
+            self.__signature__ = program.signature.sig  # inspect.signature(result) reads as the original's
 
     @property
     def program(self) -> Program:
         return self._program
 
     def forward(self, *args, **kwargs):
-        if self._program.capture == "export":
-            self._check_inputs(args, kwargs)
-        return (self.runner or self.graph_module)(*args, **kwargs)
-
-    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
-        leaves = pytree.tree_leaves((args, kwargs))
-        got = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in leaves]
-        if got != self._signature:
-            raise InputMismatchError(
-                f"this module was captured with torch.export and is specialized to inputs "
-                f"{_describe(self._signature)}; it was called with {_describe(got)}. Call optic.optimize again "
-                "with example inputs of the shapes you will use (one optimized module per shape).")
+        program = self._program
+        if program.signature is not None:
+            args, kwargs = program.signature.arrange(args, kwargs)
+        out = (self.runner or self.graph_module)(*args, **kwargs)
+        if program.out_structure is not None:  # the graph returned other containers than the model
+            out = program.out_structure.rebuild(flatten(out)[0])
+        return out
 
 
 def _final_check(reference: list, result: Program, checks: list, tol: float) -> float:
@@ -108,10 +104,6 @@ def _with_tvm_kernels(pass_list: list, tgt: Any) -> list:
 def _example_batch(flat: list) -> int | None:
     sizes = [t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
     return int(sizes[0]) if sizes else None
-
-
-def _describe(sig: list) -> str:
-    return ", ".join("non-tensor" if s is None else f"{list(s[0])}:{str(s[1]).replace('torch.', '')}" for s in sig)
 
 
 def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes: str | list = "exact", *,

@@ -17,6 +17,7 @@ touched: capture works on a deep copy.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .contract import CallSignature, flatten
 from .errors import CaptureError
 from .ir import eliminate_dead_code, init_provenance
 from .program import Program
@@ -75,30 +77,43 @@ def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
             notes.append(f"model had {len(training)} module(s) in training mode (e.g. '{training[0]}'); "
                          "optimized for inference, with model.eval() semantics (pass inference=False to keep them)")
         work.eval()
+    state = {name: t.detach().clone() for name, t in _state(work)}
     try:
         with torch.no_grad():
             expected = run_seeded(work, args, kwargs)
     except Exception as e:
         raise CaptureError(f"the model fails on the example inputs before any capture: {type(e).__name__}: "
                            f"{_first_line(e)}{_where(e)}. Check the shapes and dtypes of example_inputs.") from None
+    mutated = [name for name, t in _state(work) if not _unchanged(state[name], t)]
+    if mutated:
+        notes.append(f"forward updates {_names(mutated)} in place; the optimized module updates its own copy, "
+                     "never your model's")
+    leaves, structure = flatten(expected)
 
     errors: list[tuple[str, BaseException]] = []
     for path in (("fx", "export") if method == "auto" else (method,)):
         try:
-            program = _capture_fx(work, args, kwargs) if path == "fx" else _capture_export(work, args, kwargs)
+            program = _capture_fx(work, args, kwargs) if path == "fx" else _capture_export(work, args, kwargs, structure)
         except Exception as e:
             log.debug("capture with %s failed:\n%s", path, traceback.format_exc())
             errors.append((path, e))
             continue
         got = run_seeded(program.gm, args, kwargs)
-        c = compare(expected, got, 1e-5)
+        got_leaves, got_structure = flatten(got)
+        c = compare(leaves, got_leaves, 1e-5)
         if not c.ok:
-            errors.append((path, CaptureError(f"the {path} graph disagrees with eager on the examples ({c}); "
-                                              "Python control flow was probably specialized")))
+            why = (f"forward updates {_names(mutated)} in place, so a second call computes something else: "
+                   "optic runs the model many times to verify it and needs a forward whose outputs do not depend "
+                   "on its earlier calls. Move the update out of forward (or reset the state before each call)"
+                   if mutated else "Python control flow was probably specialized")
+            errors.append((path, CaptureError(f"the {path} graph disagrees with eager on the examples ({c}); {why}")))
             continue
         if errors:
             notes.append(f"{errors[-1][0]} capture failed ({_first_line(errors[-1][1])}); used {path}")
         program.notes = notes + program.notes
+        program.signature = CallSignature(work.forward, args, kwargs,
+                                          specialized=path == "export")
+        program.out_structure = None if got_structure == structure else structure
         init_provenance(program.gm)
         program.annotate_shapes()
         return program
@@ -138,8 +153,23 @@ class _SourceTracer(fx.Tracer):
         return node
 
 
-def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> Program:
-    ep = torch.export.export(model, args, kwargs, strict=False)
+def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None) -> Program:
+    if structure is not None and any(part is not None for part in structure.parts):
+        # torch.export only returns pytree-registered types: export the output's leaves instead (the
+        # optimized module rebuilds the dataclasses). ``model`` is capture's own copy.
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def leaves_forward(*a, **k):
+            return tuple(flatten(forward(*a, **k))[0])
+
+        model.forward = leaves_forward
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        finally:
+            del model.forward
+    else:
+        ep = torch.export.export(model, args, kwargs, strict=False)
     gm = ep.module()
     # The guard module checks input shapes; OptimizedModule checks them itself with a clearer
     # error, and the guard is opaque to passes, so it goes.
@@ -150,6 +180,23 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> Program:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return Program(gm, "export", args, kwargs)
+
+
+def _state(model: nn.Module):
+    """The model's parameters and buffers, by name."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _unchanged(before: torch.Tensor, after: torch.Tensor) -> bool:
+    return before.shape == after.shape and bool(torch.equal(before, after) or (
+        before.is_floating_point() and torch.equal(before.isnan(), after.isnan())
+        and torch.equal(before.nan_to_num(), after.nan_to_num())))
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{'state' if len(names) > 1 else 'the state'} {shown}"
 
 
 def _first_line(e: BaseException) -> str:

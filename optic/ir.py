@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 CONST_PREFIX = "_optic_c"
+_GUARDS = (torch.fx._symbolic_trace._assert_is_none, torch._assert)
 
 
 # -- constants ------------------------------------------------------------------------------
@@ -163,8 +164,14 @@ def is_inplace(node: fx.Node) -> bool:
     return False
 
 
+def is_guard(node: fx.Node) -> bool:
+    """A check that protects a specialization (fx's ``_assert_is_none`` on an argument fixed to its
+    default, ``torch._assert``): its value is never read, but it must stay."""
+    return node.op == "call_function" and node.target in _GUARDS
+
+
 def _impure(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op in ("placeholder", "output"):
+    if node.op in ("placeholder", "output") or is_guard(node):
         return True
     if is_inplace(node):
         return True

@@ -41,6 +41,10 @@ class Program:
     # return early): a module called instead of ``gm`` with the same inputs. ``gm`` stays the whole
     # graph (for counting and dumps); no pass may rewrite ``gm`` once a runner is set.
     runner: Any = None
+    # The original's call contract (optic.contract): how a user's call maps onto the graph's inputs,
+    # and, when the graph returns another container type than the model did, the structure to rebuild.
+    signature: Any = None
+    out_structure: Any = None
 
     # -- running -------------------------------------------------------------------------
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list[Any]:
@@ -73,7 +77,8 @@ class Program:
             if hasattr(self.gm, attr):
                 setattr(gm, attr, getattr(self.gm, attr))
         gm.meta = dict(getattr(self.gm, "meta", {}))
-        return Program(gm, self.capture, self.example_args, dict(self.example_kwargs), list(self.notes), self.runner)
+        return Program(gm, self.capture, self.example_args, dict(self.example_kwargs), list(self.notes), self.runner,
+                       self.signature, self.out_structure)
 
     # -- analysis ----------------------------------------------------------------------------
     def annotate_shapes(self) -> None:

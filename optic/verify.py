@@ -1,5 +1,6 @@
 """Numerical checks: the one place that decides whether two models agree.
 
+Outputs are compared leaf by leaf, whatever their container (pytrees, and dataclasses field by field).
 Error measure (fp32 default): for each output tensor, ``max|got − ref| / max|ref|`` (the output
 scale); the worst output counts. Integer and bool outputs must be equal. NaN must match NaN.
 """
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from .contract import flatten
 
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -29,7 +32,7 @@ class Comparison:
 
 
 def tensor_leaves(out: Any) -> list[Any]:
-    return list(pytree.tree_leaves(out))
+    return flatten(out)[0]
 
 
 def tolerance_for(outputs: Any, tolerance: float | None) -> float:
@@ -41,8 +44,7 @@ def tolerance_for(outputs: Any, tolerance: float | None) -> float:
 
 def compare(ref: Any, got: Any, tolerance: float) -> Comparison:
     """Compare two model outputs (any pytree of tensors) under a relative tolerance."""
-    ref_leaves, ref_spec = pytree.tree_flatten(ref)
-    got_leaves, got_spec = pytree.tree_flatten(got)
+    ref_leaves, got_leaves = flatten(ref)[0], flatten(got)[0]
     if len(ref_leaves) != len(got_leaves):
         return Comparison(float("inf"), float("inf"), 0.0, False,
                           f"output structure differs: {len(ref_leaves)} vs {len(got_leaves)} values")
@@ -58,7 +60,8 @@ def compare(ref: Any, got: Any, tolerance: float) -> Comparison:
 
 def _compare_leaf(r: Any, g: Any, tolerance: float, i: int) -> Comparison:
     if not isinstance(r, torch.Tensor):
-        same = r == g or (isinstance(r, float) and isinstance(g, float) and abs(r - g) <= tolerance * max(abs(r), 1e-12))
+        same = not isinstance(g, torch.Tensor) and (_equal(r, g) or (
+            isinstance(r, float) and isinstance(g, float) and abs(r - g) <= tolerance * max(abs(r), 1e-12)))
         return Comparison(0.0, 0.0, 0.0, bool(same), "" if same else f"output {i}: {r!r} != {g!r}")
     if not isinstance(g, torch.Tensor) or r.shape != g.shape:
         return Comparison(float("inf"), float("inf"), 0.0, False,
@@ -86,6 +89,13 @@ def _compare_leaf(r: Any, g: Any, tolerance: float, i: int) -> Comparison:
     rel = diff / max(scale, 1e-30)
     ok = rel <= tolerance
     return Comparison(diff, rel, scale, ok, "" if ok else f"output {i} exceeds tolerance {tolerance:g}")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == is not a truth value
+        return a is b
 
 
 def generated_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0) -> list[tuple[tuple, dict]]:
