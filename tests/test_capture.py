@@ -113,3 +113,47 @@ def test_gpu_target_runs_exact_passes_and_declines_host_tactics():
     assert opt.report.matched("bn_into_conv_or_linear") == 1
     assert "not a CPU" in opt.report.declines("cpu_tactics")[0]["reason"]
     assert opt.report.latency_estimate_s[1] < opt.report.latency_estimate_s[0]
+
+
+class Counter(nn.Module):
+    """Updates a buffer in forward, and its output depends on the update."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls
+
+
+class Tally(nn.Module):
+    """Updates a buffer in forward that its output does not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen.add_(x.shape[0])
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_buffer_updated_in_forward_is_named_not_blamed_on_control_flow(method):
+    with pytest.raises(optic.CaptureError) as err:
+        optic.optimize(Counter(), (torch.randn(2, 4),), capture=method, measure=False)
+    msg = str(err.value)
+    assert "'calls'" in msg and "in place" in msg
+    assert "control flow was probably specialized" not in msg
+
+
+def test_a_buffer_update_the_output_does_not_read_is_kept_and_noted():
+    m = Tally()
+    x = torch.randn(2, 4)
+    o = optic.optimize(m, (x,), measure=False)
+    assert any("'seen'" in n and "in place" in n for n in o.report.notes)
+    torch.testing.assert_close(o(x), m(x))
+    assert float(m.seen) == 2  # the user's model counts only its own call
