@@ -14,7 +14,8 @@ MODEL is ``path/to/file.py:factory`` (a function or nn.Module class called with 
 ``package.module:attr``; example inputs come from ``example_inputs`` beside it or from
 ``--input-shape``. Errors optic expects (bad model reference, unknown target, capture failures, an
 output path that cannot be written) print one message on stderr and exit with status 2; output
-paths are checked before any work. ``-o`` overwrites an existing file, never a folder.
+paths are checked before any work. ``-o`` overwrites an existing file, and a folder only when it
+holds an earlier artifact (``--backend tvm`` on a GPU target).
 """
 
 from __future__ import annotations
