@@ -40,6 +40,11 @@ class OptimizedModule(nn.Module):
         self._program = program
         if program.signature is not None and program.signature.sig is not None:
             self.__signature__ = program.signature.sig  # inspect.signature(result) reads as the original's
+        # An inference result: its weights are folded, fused and packed, so there is nothing to train.
+        # Outputs carry gradients only with respect to inputs, and only through differentiable kernels.
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._fixed = _fixed_kernels(program.gm)
 
     @property
     def program(self) -> Program:
@@ -49,10 +54,54 @@ class OptimizedModule(nn.Module):
         program = self._program
         if program.signature is not None:
             args, kwargs = program.signature.arrange(args, kwargs)
+        if self._fixed and torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in flatten((args, kwargs))[0]):
+            raise OpticError(
+                f"this optimized module runs kernels without gradients ({_listed(self._fixed)}), so it cannot give "
+                "a gradient with respect to its inputs. Call it under torch.no_grad() (or torch.inference_mode()), "
+                "or optimize with disable=['cpu_tactics'] and backend='torch' for a module whose input gradients "
+                "are exact.")
         out = (self.runner or self.graph_module)(*args, **kwargs)
         if program.out_structure is not None:  # the graph returned other containers than the model
             out = program.out_structure.rebuild(flatten(out)[0])
         return out
+
+    def _apply(self, fn, recurse=True):
+        """``.half()``, ``.double()``, ``.to(device)``: refused before anything changes when kernels built for
+        float32 on this CPU would be handed other tensors."""
+        if self._fixed:
+            try:
+                probe = fn(torch.zeros((), dtype=torch.float32))
+            except Exception:  # not a tensor conversion we can probe: let nn.Module decide
+                probe = None
+            if isinstance(probe, torch.Tensor) and (probe.dtype != torch.float32 or probe.device.type != "cpu"):
+                raise OpticError(
+                    f"this optimized module runs kernels built for float32 on this CPU ({_listed(self._fixed)}); "
+                    f"it cannot be converted to {probe.dtype} on {probe.device.type}. Optimize the converted model "
+                    "instead (e.g. optic.optimize(model.half(), ...)), or optimize with disable=['cpu_tactics'] and "
+                    "backend='torch' for a module that converts.")
+        return super()._apply(fn, recurse)
+
+
+def _fixed_kernels(gm: torch.fx.GraphModule) -> list[str]:
+    """The ops of ``gm`` whose kernels are built for float32 on this CPU and have no autograd: oneDNN's
+    pointwise kernels (pass cpu_tactics) and generated kernels (pass tvm_kernels)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and node.target.namespace == "mkldnn":
+            out.append(f"{node.target.name()} (cpu_tactics)")
+        elif node.op == "call_module" and getattr(gm.get_submodule(node.target), "fixed_kernel", False):
+            out.append(f"{node.target} (tvm_kernels)")
+    return out
+
+
+def _listed(names: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        key = n if "tvm_kernels" not in n else "generated kernel (tvm_kernels)"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in counts.items())
 
 
 def _final_check(reference: list, result: Program, checks: list, tol: float) -> float:

@@ -128,6 +128,9 @@ def _capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> Program:
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     tracer = _SourceTracer()
     graph = tracer.trace(model, concrete_args=concrete or None)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # `from __future__ import annotations`: a string the pickler cannot import
+            node.type = None
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     return Program(gm, "fx", args, kwargs)
 
@@ -178,6 +181,9 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None)
             gm.graph.erase_node(node)
     eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
+    # Unpickling re-traces the code with this tracer class; export's needs a scope it no longer has.
+    gm._tracer_cls, gm._tracer_extras = None, {}
+    gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
     gm.recompile()
     return Program(gm, "export", args, kwargs)
 

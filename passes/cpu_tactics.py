@@ -12,9 +12,9 @@ inputs) and timed against the original ops on the same values, alternated in blo
 (``optic.timing``); identical layer shapes are measured once. Finally the whole model is timed
 before and after: the pass keeps its changes only when the model is faster, and records both
 latencies. The pass declines on other targets: it chooses by measurement, which needs the target
-to be this machine. Prepacked weights are opaque oneDNN tensors: the optimized module cannot be
-deep-copied or saved with ``state_dict``; disable this pass (``disable=["cpu_tactics"]``) when
-that is needed.
+to be this machine. Prepacked weights are held as plain tensors by :class:`PackedConvWeight`, which packs
+them on first use, so the optimized module deep-copies, pickles and exports; the oneDNN kernels run
+float32 on the CPU only (the optimized module refuses ``.half()`` and other devices, saying so).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from optic import emit, ir, timing
 from optic.opview import Op, view
@@ -147,11 +148,49 @@ def _fast_call(c: Candidate, gm: fx.GraphModule):
     return lambda x: mkldnn._linear_pointwise(x, w, bias, attr, scalars, algo)
 
 
+class PackedConvWeight(nn.Module):
+    """A conv weight in oneDNN's blocked layout, packed from the plain weight it holds.
+
+    The plain weight is the buffer (``state_dict``, ``deepcopy``, ``torch.save`` see plain tensors); the
+    opaque oneDNN tensor is a cache, packed on first use and again whenever the weight changes (after a
+    load, ``load_state_dict``). Where no packing can happen (while ``torch.export`` traces with fake
+    tensors), the plain weight is returned: the oneDNN kernel takes it too, reordering it per call."""
+
+    def __init__(self, weight: torch.Tensor, padding, stride, dilation, groups: int, input_size):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.args = (list(padding), list(stride), list(dilation), int(groups), list(input_size))
+        self._packed: torch.Tensor | None = None
+        self._source: tuple | None = None
+
+    def forward(self) -> torch.Tensor:
+        w = self.weight
+        if type(w) is not torch.Tensor or w.dtype != torch.float32 or w.device.type != "cpu":
+            return w
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._source != key:
+            self._packed = mkldnn._reorder_convolution_weight(w, *self.args)
+            self._source = key
+        return self._packed
+
+    def __getstate__(self) -> dict:  # the opaque cache is neither copied nor saved: it is packed again
+        state = dict(self.__dict__)
+        state["_packed"], state["_source"] = None, None
+        return state
+
+
 def _emit(c: Candidate, gm: fx.GraphModule) -> None:
     graph = gm.graph
     attr, scalars, algo = c.attr
     with graph.inserting_before(c.op.node):
-        w = ir.const_node(graph, gm, c.packed, "onednn_weight")
+        if c.op.kind == "conv":
+            a = c.op.attrs
+            name = _free_name(gm, "onednn_weight")
+            gm.add_submodule(name, PackedConvWeight(c.op.const("weight"), a["padding"], a["stride"], a["dilation"],
+                                                    a["groups"], ir.shape(c.op.x)))
+            w = graph.call_module(name, ())
+        else:
+            w = ir.const_node(graph, gm, c.packed, "onednn_weight")
         b = c.op.consts["bias"].tensor
         bn = ir.const_node(graph, gm, b, "bias") if b is not None else None
         if c.op.kind == "conv":
@@ -162,6 +201,13 @@ def _emit(c: Candidate, gm: fx.GraphModule) -> None:
         else:
             new = graph.call_function(mkldnn._linear_pointwise.default, (c.op.x, w, bn, attr, scalars, algo))
     ir.replace(c.last, new, "cpu_tactics", c.nodes)
+
+
+def _free_name(gm: fx.GraphModule, hint: str) -> str:
+    i = 0
+    while hasattr(gm, f"{hint}_{i}"):
+        i += 1
+    return f"{hint}_{i}"
 
 
 def to_channels_last(gm: fx.GraphModule) -> int:

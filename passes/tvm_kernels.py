@@ -231,12 +231,15 @@ def _reaches(value: fx.Node, kernel_nodes: list[fx.Node]) -> bool:
 # -- the runtime module -----------------------------------------------------------------------------
 class TVMKernel(nn.Module):
     """One compiled kernel: takes the layer's input (and the residual), returns its output. DLPack in and
-    out; the weights are buffers (they appear in ``state_dict``)."""
+    out; the weights are buffers (they appear in ``state_dict``). Float32 on this CPU, no gradients."""
+
+    fixed_kernel = True  # the optimized module refuses dtype/device conversions and input gradients
 
     def __init__(self, fn: Any, lib: Any, weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple,
-                 out_shape: tuple, result_shape: tuple, description: str):
+                 out_shape: tuple, result_shape: tuple, description: str, source: tuple | None = None):
         super().__init__()
         self._fn, self._lib = fn, lib  # keep the library loaded as long as the function lives
+        self.source = source  # (operator, config): what rebuilds the kernel after unpickling
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
@@ -246,9 +249,18 @@ class TVMKernel(nn.Module):
         w = self.weight.clone()
         b = None if self.bias is None else self.bias.clone()
         return TVMKernel(self._fn, self._lib, w, b, self.in_shape, self.out_shape, self.result_shape,
-                         self.description)
+                         self.description, self.source)
+
+    def __getstate__(self) -> dict:  # a loaded library does not pickle: it is compiled again on first use
+        if self.source is None:
+            raise TypeError(f"a generated kernel ({self.description}) without its source cannot be pickled")
+        state = dict(self.__dict__)
+        state["_fn"] = state["_lib"] = None
+        return state
 
     def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        if self._fn is None:
+            self._fn, self._lib = compile_kernel(*self.source)
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
         out = torch.empty(self.out_shape, dtype=torch.float32)
         args = [x.detach().reshape(self.in_shape).contiguous(), self.weight]
@@ -273,7 +285,8 @@ def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
 def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKernel:
     cfg = " ".join(f"{k}={v}" for k, v in config.items())
     return TVMKernel(fn, lib, site.op.const("weight"), site.op.const("bias"), site.in_shape, site.out_shape,
-                     ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}")
+                     ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}",
+                     (site.operator, dict(config)))
 
 
 def replace_sites(gm: fx.GraphModule, items: list[tuple[Site, nn.Module, str]], pass_name: str) -> None:

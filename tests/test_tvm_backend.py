@@ -257,3 +257,28 @@ def test_a_kernel_the_time_budget_skipped_is_not_tuned_by_the_next_optimize(tmp_
     assert second.measured["tuning_measurements"] == 0  # settled at this level
     third = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=3, tuning_db=db).report)
     assert third.measured["tuning_measurements"] == 6  # a higher level tunes them
+
+
+def test_a_result_with_generated_kernels_pickles_and_refuses_what_they_cannot_do(tmp_path):
+    import io
+
+    from optic.api import OptimizedModule
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    grab = AfterTVM()
+    out = optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                         options=KEEP_ALL, instruments=[grab])
+    kept = OptimizedModule(grab.program, out.report)
+    assert len(kernels_of(kept)) == 5
+    buf = io.BytesIO()
+    torch.save(kept, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert len(kernels_of(loaded)) == 5 and all(k._fn is None for k in kernels_of(loaded))  # built on first use
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(optic.OpticError, match="tvm_kernels"):
+        loaded.half()
+    with pytest.raises(optic.OpticError, match="gradient"):
+        loaded(x.clone().requires_grad_())
