@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -150,6 +151,14 @@ def _with_tvm_kernels(pass_list: list, tgt: Any) -> list:
     return [*pass_list[:at], tvm, *pass_list[at:]]
 
 
+def _check_tolerance(tolerance: Any) -> None:
+    ok = tolerance is None or (isinstance(tolerance, int | float) and not isinstance(tolerance, bool)
+                               and math.isfinite(tolerance) and tolerance >= 0)
+    if not ok:
+        raise OpticError(f"tolerance must be a finite number >= 0 (the largest error allowed, relative to the "
+                         f"output scale, e.g. 1e-4), or None for the dtype's default; got {tolerance!r}")
+
+
 def _example_batch(flat: list) -> int | None:
     sizes = [t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
     return int(sizes[0]) if sizes else None
@@ -204,6 +213,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     from . import targets as _targets  # optic.targets, installed from targets/
 
     t_start = time.perf_counter()
+    _check_tolerance(tolerance)
     tgt = _targets.get(target)
     pass_list = registry.resolve(passes)
     options = dict(options or {})
