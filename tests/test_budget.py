@@ -48,9 +48,11 @@ def test_pair_with_integer_labels_counts_as_labels_for_a_single_input_model():
     assert not cal2.has_labels and len(cal2.fit[0].args) == 2
 
 
-def test_float_second_item_is_an_input_and_labeled_is_explicit():
+def test_a_pair_is_labels_for_a_single_input_model_whatever_their_dtype_and_labeled_is_explicit():
     x, x2 = torch.randn(10, 3), torch.randn(10, 3)
-    assert not split([(x, x2)], Budget(), single_input=True, batch_size=None).has_labels
+    # a single-input model cannot take x2 as a second input: it is a float target (for a callable metric)
+    cal = split([(x, x2)], Budget(), single_input=True, batch_size=None)
+    assert cal.has_labels and len(cal.fit[0].args) == 1 and cal.fit[0].labels.shape[1:] == (3,)
     cal = split([Labeled((x, x2), torch.arange(10))], Budget(), single_input=False, batch_size=None)
     assert cal.has_labels and len(cal.fit[0].args) == 2
 
