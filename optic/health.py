@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
+
+from .contract import flatten
 
 
 def _count(t: torch.Tensor) -> str | None:
@@ -43,10 +44,10 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
 
 
 def nonfinite_outputs(outputs: Any) -> list[str]:
-    """The outputs (leaves of any pytree, numbered as :func:`optic.verify.compare` numbers them)
+    """The outputs (leaves of any output structure, numbered as :func:`optic.verify.compare` numbers them)
     that hold NaN or Inf, each as ``"output 0: 4 NaN of 20 values"``."""
     found = []
-    for i, t in enumerate(pytree.tree_leaves(outputs)):
+    for i, t in enumerate(flatten(outputs)[0]):
         count = _count(t) if isinstance(t, torch.Tensor) else None
         if count:
             found.append(f"output {i}: {count}")
@@ -56,7 +57,7 @@ def nonfinite_outputs(outputs: Any) -> list[str]:
 def finite_share(outputs: Any) -> float:
     """The share of the float values in ``outputs`` that are finite (1.0 when there are none): 0.0
     means that no value is left for a numerical comparison to measure."""
-    floats = [t.detach() for t in pytree.tree_leaves(outputs)
+    floats = [t.detach() for t in flatten(outputs)[0]
               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
     total = sum(t.numel() for t in floats)
     return sum(int(torch.isfinite(t).sum()) for t in floats) / total if total else 1.0

@@ -3,6 +3,8 @@ pass runs, never a traceback from deep inside torch; non-finite weights and outp
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -131,3 +133,25 @@ def test_nonfinite_outputs_counts_per_output():
     assert nonfinite_outputs(torch.ones(3)) == []
     out = (torch.tensor([1.0, float("nan"), float("-inf")]), torch.arange(3), torch.full((2,), float("nan")))
     assert nonfinite_outputs(out) == ["output 0: 1 NaN and 1 Inf of 3 values", "output 2: 2 NaN of 2 values"]
+
+
+def test_nan_in_batch_norm_statistics_is_a_report_note_and_final_error_reads_nan():
+    m = cnn()
+    with torch.no_grad():
+        m[1].running_var.fill_(float("nan"))
+    fast = optic.optimize(m, (EXAMPLE,), measure=False)
+    assert any("1.running_var (4 NaN of 4 values)" in n for n in fast.report.notes)
+    assert any("outputs on the example inputs are not finite (output 0: 20 NaN of 20 values)" in n
+               for n in fast.report.notes)
+    assert math.isnan(fast.report.final_error)
+    fine = optic.optimize(cnn(), (EXAMPLE,), measure=False)  # a healthy model gets neither
+    assert not any("not finite" in n for n in fine.report.notes) and fine.report.final_error <= 1e-4
+
+
+def test_nan_weights_under_a_budget_are_noted():
+    m = cnn()
+    with torch.no_grad():
+        m[5].weight[0, 0] = float("inf")
+    fast = optic.optimize(m, (EXAMPLE,), passes="default", measure=False, budget=optic.Budget(max_drop=0.01),
+                          calibration=[(x, labels()) for x in images()])
+    assert any("5.weight (1 Inf of 20 values)" in n for n in fast.report.notes)
