@@ -13,6 +13,7 @@ from .artifact import load_artifact
 from .calibration import Budget, Labeled
 from .capture import capture
 from .errors import (
+    CalibrationError,
     CaptureError,
     InputMismatchError,
     LoweringError,
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load_artifact",
-    "Budget", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
+    "Budget", "CalibrationError", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
     "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "lower", "optimize", "targets",
 ]

@@ -44,17 +44,13 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .errors import OpticError
+from .errors import CalibrationError, OpticError
 from .program import Program
 from .verify import run_seeded
 
 METRICS = ("auto", "top1", "agreement", "rel_error")
 ACCEPTED = ("a batch is the model's inputs (shaped like example_inputs), an (inputs, labels) pair for a "
             "single-input model, or optic.Labeled(inputs, labels)")
-
-
-class CalibrationError(OpticError):
-    """Calibration data optic cannot read, or that does not fit the model."""
 
 
 @dataclass(frozen=True)

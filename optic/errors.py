@@ -53,6 +53,10 @@ class VerificationError(OpticError):
     """The optimized model disagrees with the original beyond the tolerance."""
 
 
+class CalibrationError(OpticError):
+    """Calibration data optic cannot read, or that does not fit the model."""
+
+
 class InputMismatchError(OpticError):
     """An optimized module was called with inputs unlike the ones it was specialized to."""
 
