@@ -1,21 +1,12 @@
-"""Shared test set-up: hypothesis profiles and small helpers."""
+"""Shared test set-up: the hypothesis profile (see hypothesis_profiles.py) and small helpers."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis_profiles import load_profile
 
-# CI: a fixed number of examples, derandomized (the same examples every run), no deadline (the
-# machine is shared and slow). "deep": many more examples, random, for a local bug hunt:
-#   HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py
-settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=400, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+load_profile()
 
 
 @pytest.fixture(autouse=True)

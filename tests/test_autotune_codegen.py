@@ -13,8 +13,9 @@ import functools
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 
 pytest.importorskip("tvm")
 
@@ -51,7 +52,7 @@ def _check_drawn(data: st.DataObject, operator: Operator) -> None:
     _build_and_check(operator, dict(zip(names, row, strict=True)))
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(m=st.integers(1, 70), n=st.integers(1, 70), k=st.integers(1, 90), layout=st.sampled_from(["kn", "nk"]),
        epilogue=EPILOGUES, data=st.data())
 @example(m=512, n=512, k=512, layout="kn", epilogue=(), data=None)
@@ -77,7 +78,7 @@ def convolutions(draw) -> Operator:
                     layout=draw(st.sampled_from(["NHWC", "NCHW"])), epilogue=draw(EPILOGUES))
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(operator=convolutions(), data=st.data())
 def test_conv2d_configs_build_and_compute_the_reference(operator, data):
     _check_drawn(data, operator)
@@ -135,7 +136,7 @@ def test_conv2d_gathers_im2col_blocks_per_tile_and_nhwc_writes_its_output_in_pla
     _build_and_check(nchw, config)
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(numel=st.integers(1, 5000), fn=st.sampled_from(sorted(ELEMENTWISE_FNS)), extra=st.integers(0, 1),
        data=st.data())
 def test_elementwise_configs_build_and_compute_the_reference(numel, fn, extra, data):
@@ -143,7 +144,7 @@ def test_elementwise_configs_build_and_compute_the_reference(numel, fn, extra, d
     _check_drawn(data, Operator("elementwise", (numel,), fn=fn, inputs=inputs))
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), kind=st.sampled_from(["softmax", "layernorm"]),
        data=st.data())
 def test_reduction_configs_build_and_compute_the_reference(rows, cols, kind, data):

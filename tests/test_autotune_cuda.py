@@ -16,8 +16,9 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 
 pytest.importorskip("tvm")
 
@@ -31,7 +32,7 @@ from optic.targets import codegen_cuda as cc  # noqa: E402
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 GPUS = st.sampled_from(["a100", "h100"])
 DTYPES = st.sampled_from(["float32", "float16"])
-FEW = settings(max_examples=12, deadline=None, derandomize=True)
+FEW = examples(12)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,7 +111,7 @@ def _assert_fits(result: cc.CompiledKernel, target: str, threads: float) -> None
 
 
 @needs_nvcc
-@settings(max_examples=25, deadline=None, derandomize=True)
+@examples(25)
 @given(MATMULS, GPUS, DTYPES, st.data())
 def test_matmul_compiles_within_the_limits(operator, target, dtype, data):
     cfg = _draw_config(data, operator, target, dtype)
@@ -131,7 +132,7 @@ def test_reduction_compiles_within_the_limits(operator, target, dtype, data):
 
 
 @needs_nvcc
-@settings(max_examples=8, deadline=None, derandomize=True)
+@examples(8)
 @given(ELEMENTWISE, GPUS, DTYPES, st.data())
 def test_elementwise_compiles_within_the_limits(operator, target, dtype, data):
     cfg = _draw_config(data, operator, target, dtype)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 from strategies import any_model, cnn_models, mlp_models
 
 import optic
@@ -27,7 +28,7 @@ def _optimize(model, inputs, budget, capture="auto"):
     return fast, data
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(any_model(), st.sampled_from([0.02, 0.1, 0.3]), st.sampled_from(["rel_error", "agreement"]),
        st.sampled_from(["auto", "export"]))
 def test_held_out_drop_never_exceeds_the_budget(model_inputs, max_drop, metric, capture):
@@ -45,7 +46,7 @@ def test_held_out_drop_never_exceeds_the_budget(model_inputs, max_drop, metric, 
     assert out.shape == ref.shape and torch.isfinite(out).all()
 
 
-@settings(max_examples=8)
+@examples(8)
 @given(st.one_of(cnn_models(), mlp_models()))
 def test_a_zero_budget_leaves_outputs_exact(model_inputs):
     model, inputs = model_inputs

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis_profiles import examples
 
 import optic
 from optic.errors import OpticError
@@ -112,13 +113,13 @@ def _check_generated(case, db_dir):
         assert optic.verify.compare(model(*inputs), out(*inputs), 1e-4).ok
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@examples(6, suppress_health_check=list(HealthCheck))
 @given(cnn_models())
 def test_property_cnn_generated_kernels_are_exact(tmp_path_factory, case):
     _check_generated(case, tmp_path_factory.mktemp("db"))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@examples(6, suppress_health_check=list(HealthCheck))
 @given(mlp_models())
 def test_property_mlp_generated_kernels_are_exact(tmp_path_factory, case):
     _check_generated(case, tmp_path_factory.mktemp("db"))
