@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 from strategies import cnn_models, mlp_models, token_models
 
 import optic
@@ -125,7 +126,7 @@ EXACT = registry.PRESETS["exact"]
 
 
 @pytest.mark.usefixtures("onednn_wins")
-@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@examples(4, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), capture=st.sampled_from(["fx", "export"]))
 @pytest.mark.parametrize("models", [cnn_models, mlp_models, token_models], ids=["cnn", "mlp", "tokens"])
 def test_generated_models_keep_their_flops_through_every_exact_pass(models, data, capture):
