@@ -6,12 +6,17 @@ wrong), BN with batch statistics (must not fold), residual adds, a producer shar
 another consumer, standalone BN, in-place activations, linear/BN1d, linear chains, layer norm
 feeding several linears of unequal widths, hand-written RMSNorm, attention with a scale as mul or
 div, additive or causal masks, grouped-query widths, and attention whose probabilities are also
-read elsewhere (must not fuse).
+read elsewhere (must not fuse). ``contract_models`` wraps any of them in the call contracts users write:
+an optional argument, container outputs (tuple, named tuple, dict, dataclass, nested), in-place buffer
+updates.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -272,3 +277,54 @@ def token_models(draw):
 
 def any_model():
     return st.one_of(cnn_models(), mlp_models(), token_models())
+
+
+# -- call contracts ------------------------------------------------------------------------------------
+Pair = collections.namedtuple("Pair", "out extra")
+
+
+@dataclasses.dataclass
+class Result:
+    out: torch.Tensor
+    extra: Any
+    tag: str = "result"
+
+
+OUTPUTS = ["tensor", "tuple", "namedtuple", "dict", "dataclass", "nested"]
+
+
+class ContractNet(nn.Module):
+    """``inner`` with an optional mask argument, a container output, and a buffer updated in forward:
+    ``"tally"`` (the output does not read it) or ``"counter"`` (it does: capture must refuse, naming it)."""
+
+    def __init__(self, inner, output, buffer):
+        super().__init__()
+        self.inner, self.output, self.buffer = inner, output, buffer
+        self.register_buffer("state", torch.zeros(()))
+
+    def forward(self, x, mask=None):
+        y = self.inner(x)
+        if mask is not None:
+            y = y * mask
+        if self.buffer == "tally":
+            self.state.add_(1.0)
+        elif self.buffer == "counter":
+            self.state.add_(1.0)
+            y = y * self.state
+        extra = y.sum(-1)
+        return {"tensor": lambda: y, "tuple": lambda: (y, extra), "namedtuple": lambda: Pair(y, extra),
+                "dict": lambda: {"out": y, "extra": extra}, "dataclass": lambda: Result(y, extra),
+                "nested": lambda: Pair(y, {"a": [extra, Result(y.relu(), (extra * 2,))]})}[self.output]()
+
+
+@st.composite
+def contract_models(draw):
+    """(model, x, mask, how the example passes the mask: None / "positional" / "keyword", buffer kind)."""
+    inner, (x,) = draw(st.one_of(cnn_models(), mlp_models(), token_models()))
+    buffer = draw(st.sampled_from([None, None, "tally", "counter"]))
+    model = ContractNet(inner, draw(st.sampled_from(OUTPUTS)), buffer).eval()
+    with torch.no_grad():
+        shape = inner(x).shape
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    mask = (torch.rand(shape, generator=g) > 0.3).float()
+    return model, x, mask, draw(st.sampled_from([None, "positional", "keyword"])), buffer

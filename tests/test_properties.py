@@ -1,5 +1,5 @@
 """Property tests: every exact pass keeps every generated model correct, on both capture paths,
-in any order, idempotently, without growing the model."""
+in any order, idempotently, without growing the model; the result keeps the model's call contract."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import any_model, cnn_models, mlp_models, token_models
+from strategies import any_model, cnn_models, contract_models, mlp_models, token_models
 
 import optic
 from optic.verify import compare, generated_inputs
@@ -69,3 +69,37 @@ def test_any_pass_order_stays_correct(case, order, capture):
     """TVM's Relax bugs that showed only under some pass sequences are why orders are drawn too."""
     model, inputs = case
     _check(model, inputs, order, capture)
+
+
+def _same_outputs(want, got):
+    assert type(got) is type(want), f"{type(got).__name__} returned where the model returns {type(want).__name__}"
+    c = compare(want, got, TOL)
+    assert c.ok, str(c)
+    assert optic.contract.flatten(got)[1] == optic.contract.flatten(want)[1]
+
+
+@given(case=contract_models(), capture=st.sampled_from(["fx", "export"]))
+def test_the_call_contract_holds(case, capture):
+    """Optional arguments work positionally and by keyword or are refused by name, never ignored; output
+    types survive; a buffer update the output reads is named at capture."""
+    model, x, mask, how, buffer = case
+    example, kwargs = {None: ((x,), {}), "positional": ((x, mask), {}), "keyword": ((x,), {"mask": mask})}[how]
+    if buffer == "counter":
+        with pytest.raises(optic.CaptureError, match="'state'"):
+            optic.optimize(model, example, example_kwargs=kwargs, passes=EXACT, capture=capture, measure=False)
+        return
+    opt = optic.optimize(copy.deepcopy(model), example, example_kwargs=kwargs, passes=EXACT, capture=capture,
+                         measure=False)
+    other = 1.0 - mask
+    with torch.no_grad():
+        if how is None:
+            _same_outputs(model(x), opt(x))
+            _same_outputs(model(x), opt(x, mask=None))
+            for call in (lambda: opt(x, other), lambda: opt(x, mask=other)):
+                with pytest.raises(optic.InputMismatchError, match="'mask'"):
+                    call()
+        else:
+            _same_outputs(model(x, other), opt(x, other))
+            _same_outputs(model(x, mask=mask), opt(x, mask=mask))
+            with pytest.raises(optic.InputMismatchError, match="'mask'"):
+                opt(x)
