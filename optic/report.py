@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .timing import is_noisy
+
 
 @dataclass
 class PassRecord:
@@ -52,8 +54,22 @@ class Report:
     flops: tuple[float, float] = (0.0, 0.0)
     latency_estimate_s: tuple[float, float] = (0.0, 0.0)
     measured_latency_s: tuple[float, float] | None = None
+    # relative interquartile ranges of those two medians, and how many measurements it took
+    measured_spread: tuple[float, float] | None = None
+    measured_attempts: int = 1
     seconds: float = 0.0
     budget: dict[str, Any] | None = None  # the accuracy budget and what lossy passes spent (see budget_table)
+
+    def record_measured_latency(self, before: Any, after: Any) -> None:
+        """The measured latencies (``optic.timing.Timing``) of the captured and the optimized model."""
+        self.measured_latency_s = (before.median, after.median)
+        self.measured_spread = (before.spread, after.spread)
+        self.measured_attempts = max(before.attempts, after.attempts)
+
+    @property
+    def measured_reliable(self) -> bool:
+        """Whether the measured latencies spread narrowly enough to be figures (False: the machine was busy)."""
+        return self.measured_spread is None or not any(is_noisy(s) for s in self.measured_spread)
 
     def pass_record(self, name: str) -> PassRecord:
         """The last record of pass ``name`` (a pass may run more than once in a pipeline)."""
@@ -115,12 +131,22 @@ class Report:
         lines.append(f"estimated latency on {self.target}: {self.latency_estimate_s[0] * 1e3:.3f} ms → "
                      f"{self.latency_estimate_s[1] * 1e3:.3f} ms (roofline)")
         if self.measured_latency_s:
-            a, b = self.measured_latency_s
-            lines.append(f"measured latency here: {a * 1e3:.3f} ms → {b * 1e3:.3f} ms ({a / b:.2f}× speed-up)")
+            lines.append(self.measured_line())
         lines.append(f"verified on {self.checked_inputs} input sets: max error {self.final_error:.2e} of output scale "
                      f"(tolerance {self.tolerance:g}); optimize took {self.seconds:.2f} s")
         return "\n".join(lines)
 
+    def measured_line(self) -> str:
+        """The measured latencies as the table prints them: a speed-up only when the timings are reliable."""
+        a, b = self.measured_latency_s
+        if self.measured_spread is None:
+            return f"measured latency here: {a * 1e3:.3f} ms → {b * 1e3:.3f} ms ({a / b:.2f}× speed-up)"
+        sa, sb = (f"±{s * 50:.0f}%" for s in self.measured_spread)
+        if self.measured_reliable:
+            return f"measured latency here: {a * 1e3:.3f} ms {sa} → {b * 1e3:.3f} ms {sb} ({a / b:.2f}× speed-up)"
+        return (f"measured latency here: NOT RELIABLE, the machine was busy: {a * 1e3:.3f} ms {sa} → "
+                f"{b * 1e3:.3f} ms {sb} after {self.measured_attempts} measurement(s); no speed-up is claimed "
+                "(measure again on a quiet machine)")
 
     def budget_table(self) -> str:
         """Per layer: what each lossy pass proposed and did, predicted and measured gain, metric change."""
