@@ -150,10 +150,10 @@ class CallSignature:
             for key, value in named.items():
                 if key not in self.example and not _same(value, self._default(key)):
                     default = self._default(key)
-                    fixed = "" if default is _MISSING else f" with {key}={default!r}"
+                    fixed = "without it" if default is _MISSING else f"with {key}={default!r}"
                     raise InputMismatchError(
                         f"argument {_key_name(key)} was not part of the example inputs, so the graph was captured "
-                        f"without it{fixed}; this call passes {_describe(value)}. Pass it in the example inputs "
+                        f"{fixed}; this call passes {_describe(value)}. Pass it in the example inputs "
                         f"of optic.optimize (e.g. example_kwargs={{{_key_name(key)}: ...}}) to optimize calls "
                         "that use it.")
             for key in self.example:
