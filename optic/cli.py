@@ -613,8 +613,8 @@ def _save(result: Any, inputs: Any, path: str) -> None:
             Path(path).unlink(missing_ok=True)  # never leave a half-written archive behind
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OpticError(f"the optimized model could not be saved with torch.export ({type(e).__name__}: {first}). "
-                         "The report above stands. oneDNN kernels (prepacked weights) from cpu_tactics do not "
-                         "export: add --disable cpu_tactics to save a portable model.") from None
+                         "The report above stands; to save a model without optic's kernels, add "
+                         "--disable cpu_tactics and leave --backend at torch.") from None
 
 
 def _num(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
