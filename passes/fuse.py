@@ -6,9 +6,15 @@
 - ``horizontal_linear``: linears reading the same input (Q, K, V projections, also of unequal
   widths as in grouped-query attention) become one linear with concatenated weights and a split
   of the last dimension.
-- ``attention_to_sdpa``: ``softmax(Q·Kᵀ·s [+ mask]) · V`` (scale as a multiply or a divide, on the
-  scores or on Q) becomes ``scaled_dot_product_attention(Q, K, V, mask, scale=s)``. Never when an
-  intermediate (scores, probabilities) is read elsewhere, the softmax is not over the last dim,
+- ``attention_to_sdpa``: ``softmax(Q·Kᵀ·s [+ mask]) · V`` becomes
+  ``scaled_dot_product_attention(Q, K, V, mask, scale=s)``, matched by structure: s is the product of
+  the scalar multiplies and divides on the scores, on Q and on Kᵀ (also through view/transpose); of an
+  addition, the side that reaches Q·Kᵀ is the scores and the other side the mask (additive in the
+  scores' dtype, or boolean through ``masked_fill``/``where`` with -inf or a fill ≤ -1e4). A mask
+  added before a scale is scaled with it: ``(Q·Kᵀ + M)·s = Q·Kᵀ·s + M·s``. A scale computed from
+  shapes (``x.shape[-1] ** -0.5`` under fx) stays a live expression, so the graph stays right for
+  other input shapes. Never when an intermediate (scores, probabilities) is read elsewhere, a bool
+  is added to the scores (that adds 0 or 1, it masks nothing), the softmax is not over the last dim,
   or Q and K have different batch dimensions.
 - ``gelu_tanh``: GELU written out with pow/tanh (GPT-2's ``gelu_new``) becomes one ``gelu(x, "tanh")``.
 - ``act_adjacent``: an activation is moved right behind the conv/linear it reads (when that is its
@@ -17,6 +23,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,20 +132,61 @@ class HorizontalLinear(Rule):
 
 
 # -- attention ------------------------------------------------------------------------------------------
+# A scale is a product of factors ``value ** power`` (power +1 for a multiply, -1 for a divide). A value is
+# a number, or a node that computes a Python number from tensor shapes (``x.shape[-1] // heads``): an fx
+# graph is called later with other shapes, so such a factor stays a live expression, never a constant.
+Factor = tuple[float | fx.Node, int]
+
+_MASK_FILL_LIMIT = -1e4  # a fill value this negative gives exp(·) == 0 in every float dtype, like -inf
+_MAX_SCORE_OPS = 8  # ops between Q·Kᵀ and softmax we look through (scales, a mask): real models use ≤ 4
+_RELABELS = frozenset({"reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze"})
+_SHAPE_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+                               operator.pow, operator.neg, operator.getitem, math.sqrt})
+
+
+@dataclass
+class Mask:
+    node: fx.Node
+    kind: str  # "add": added to the scores; "keep" / "drop": boolean, the scores stay where True / False
+    fill: float = 0.0  # for "keep" / "drop": the value the masked scores get
+
+
+@dataclass
+class Scores:
+    """Softmax's input taken apart: ``Q·Kᵀ`` times scale factors, with at most one mask among them."""
+
+    qk: fx.Node
+    chain: list[fx.Node] = field(default_factory=list)  # the ops from Q·Kᵀ to softmax's input, replaced
+    scale: list[Factor] = field(default_factory=list)
+    mask: Mask | None = None
+    mask_scale: list[Factor] = field(default_factory=list)  # the factors applied after the mask
+
+
+@dataclass
+class Scaled:
+    """The scalar factors on one operand of Q·Kᵀ (``(q·s).view(…).transpose(…)`` has s), and the ops
+    applying them, each with the value it scales: SDPA's scale takes them over."""
+
+    scale: list[Factor] = field(default_factory=list)
+    scalers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+
+
 @dataclass
 class Attention:
     out: Op
-    q: fx.Node
-    kt: fx.Node
-    v: fx.Node
-    mask: Any
-    scale: float
-    chain: list[fx.Node]
+    probs: Op
+    scores: Scores | None = None
+    q: Scaled = field(default_factory=Scaled)
+    k: Scaled = field(default_factory=Scaled)
     reason: str | None = None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _scalar(value: Any, gm: fx.GraphModule) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if _number(value):
         return float(value)
     if isinstance(value, fx.Node) and value.op == "get_attr":
         t = ir.fetch_attr(gm, value.target)
@@ -146,18 +195,107 @@ def _scalar(value: Any, gm: fx.GraphModule) -> float | None:
     return None
 
 
-def _scaled(op: Op, gm: fx.GraphModule) -> tuple[fx.Node, float] | None:
-    """For ``a·s``, ``s·a`` or ``a/s`` with a scalar s: (a, s)."""
+def _shape_scalar(value: Any) -> bool:
+    """Whether ``value`` is a node computing a Python number from tensor shapes alone
+    (``x.shape[-1] // 4``, ``math.sqrt(q.size(-1))``): fx keeps these live."""
+    if not isinstance(value, fx.Node) or ir.tensor_meta(value) is not None:
+        return False
+    if ir.is_shape_query(value):
+        return True
+    return (value.op == "call_function" and value.target in _SHAPE_ARITHMETIC and not value.kwargs
+            and all(_shape_scalar(a) or _number(a) for a in value.args))
+
+
+def _factor(op: Op, gm: fx.GraphModule) -> tuple[fx.Node, Factor] | None:
+    """For ``a·s``, ``s·a`` or ``a/s`` with a tensor a and a scalar s: (a, the factor)."""
+    def scalar(s: Any) -> float | fx.Node | None:
+        return s if _shape_scalar(s) else _scalar(s, gm)
+
     if op.kind == "mul":
         for a, s in ((op.x, op.other), (op.other, op.x)):
-            if isinstance(a, fx.Node) and (v := _scalar(s, gm)) is not None and not _scalar(a, gm):
-                return a, v
-    if op.kind == "div" and isinstance(op.x, fx.Node) and (v := _scalar(op.other, gm)):
-        return op.x, 1.0 / v
+            if ir.tensor_meta(a) is not None and (v := scalar(s)) is not None:
+                return a, (v, 1)
+    if op.kind == "div" and ir.tensor_meta(op.x) is not None and op.node.kwargs.get("rounding_mode") is None \
+            and (v := scalar(op.other)) is not None:
+        return op.x, (v, -1)
     return None
 
 
-_MASK_FILL_LIMIT = -1e4  # a fill value this negative gives exp(·) == 0 in every float dtype, like -inf
+def _fill(op: Op, gm: fx.GraphModule) -> tuple[fx.Node, Mask] | str | None:
+    """``scores.masked_fill(m, fill)``, ``where(keep, scores, fill)`` or ``where(drop, fill, scores)``:
+    (scores, the mask); what is wrong with it; None for other ops."""
+    if op.kind == "masked_fill":
+        scores, fill, kind = op.x, op.other, "drop"
+    elif op.kind == "where":
+        scores, fill, kind = (op.x, op.other, "keep") if _scalar(op.other, gm) is not None else (op.other, op.x, "drop")
+    else:
+        return None
+    value, cond = _scalar(fill, gm), op.attrs.get("mask")
+    if value is None or not isinstance(cond, fx.Node) or not isinstance(scores, fx.Node):
+        return f"'{op.node.name}' fills with something other than a number"
+    return scores, Mask(cond, kind, value)
+
+
+def _scores(node: Any, gm: fx.GraphModule, depth: int = 0) -> Scores | str:
+    """``node`` as Q·Kᵀ times scale factors with at most one mask among them, by structure: of an
+    addition, the side that reaches Q·Kᵀ is the scores and the other side is the mask. A string
+    says what is in the way."""
+    op = view(node, gm) if isinstance(node, fx.Node) else None
+    if op is None:
+        return f"found {getattr(node, 'name', node)!r}, which is no op known here"
+    if depth > _MAX_SCORE_OPS:
+        return f"more than {_MAX_SCORE_OPS} ops between softmax and a matmul"
+    if op.kind == "matmul" and isinstance(op.x, fx.Node) and isinstance(op.other, fx.Node):
+        return Scores(node)
+    if (f := _factor(op, gm)) is not None:
+        inner = _scores(f[0], gm, depth + 1)
+        if isinstance(inner, Scores):
+            inner.scale.append(f[1])
+            if inner.mask is not None:
+                inner.mask_scale.append(f[1])
+            inner.chain.append(node)
+        return inner
+    if op.kind == "add" and op.attrs.get("alpha", 1) == 1:
+        if not (isinstance(op.x, fx.Node) and isinstance(op.other, fx.Node)):
+            return f"'{op.node.name}' adds a number, not a mask"
+        tried = []
+        for s, m in ((op.x, op.other), (op.other, op.x)):
+            inner = _scores(s, gm, depth + 1)
+            if isinstance(inner, Scores):
+                return _masked(inner, Mask(m, "add"), node)
+            tried.append(inner)
+        return f"neither side of '{op.node.name}' reaches Q·Kᵀ ({tried[0]})"
+    filled = _fill(op, gm)
+    if filled is None:
+        return f"found a {op.kind} ('{op.node.name}')"
+    if isinstance(filled, str):
+        return filled
+    inner = _scores(filled[0], gm, depth + 1)
+    return _masked(inner, filled[1], node) if isinstance(inner, Scores) else inner
+
+
+def _masked(inner: Scores, mask: Mask, node: fx.Node) -> Scores | str:
+    if inner.mask is not None:
+        return f"two masks ('{inner.mask.node.name}' and '{mask.node.name}')"
+    inner.mask = mask
+    inner.chain.append(node)
+    return inner
+
+
+def _scaled_operand(node: Any, gm: fx.GraphModule) -> Scaled:
+    """The scalar factors on an operand of Q·Kᵀ, looking through ops that only move elements (view,
+    transpose, ...); stops at a value that something else reads too (its scale must stay)."""
+    found = Scaled()
+    while isinstance(node, fx.Node) and len(ir.value_users(node)) == 1 and (op := view(node, gm)) is not None:
+        if (f := _factor(op, gm)) is not None:
+            found.scale.append(f[1])
+            found.scalers.append((node, f[0]))
+            node = f[0]
+        elif op.kind in _RELABELS and isinstance(op.x, fx.Node):
+            node = op.x
+        else:
+            break
+    return found
 
 
 class AttentionToSdpa(Rule):
@@ -168,57 +306,19 @@ class AttentionToSdpa(Rule):
         probs = view(op.x, gm)
         if probs is None or probs.kind != "softmax" or not isinstance(probs.x, fx.Node):
             return None
-        chain = [probs.node]
-        node, mask, scale = probs.x, None, 1.0
-        cur = view(node, gm)
-        masked = self._mask(cur, gm)
-        if masked is not None:
-            chain.append(cur.node)
-            node, mask = masked
-            cur = view(node, gm) if isinstance(node, fx.Node) else None
-        scaled = _scaled(cur, gm) if cur is not None else None
-        if scaled is not None:
-            chain.append(cur.node)
-            node, scale = scaled
-            cur = view(node, gm)
-        if cur is None or cur.kind != "matmul" or not isinstance(cur.x, fx.Node) or not isinstance(cur.other, fx.Node):
-            found = "nothing known" if cur is None else f"a {cur.kind} ('{cur.node.name}')"
-            return Attention(op, None, None, op.other, None, 0.0, chain,
-                             f"softmax input is not (Q·Kᵀ)·scale [+ mask]: found {found}")
-        chain.append(cur.node)
-        q = cur.x
-        qv = view(q, gm)
-        if qv is not None and (qs := _scaled(qv, gm)) is not None and len(ir.value_users(q)) == 1:
-            chain.append(q)
-            q, scale = qs[0], scale * qs[1]
-        m = Attention(op, q, cur.other, op.other, mask, scale, chain)
-        m.reason = self._why_not(m, probs, gm)
-        return m
+        scores = _scores(probs.x, gm)
+        if isinstance(scores, str):
+            return Attention(op, probs, reason=f"softmax input is not (Q·Kᵀ)·scale [+ mask]: {scores}")
+        qk = view(scores.qk, gm)
+        return Attention(op, probs, scores, _scaled_operand(qk.x, gm), _scaled_operand(qk.other, gm))
+
+    def guard(self, m: Attention, ctx: Any):
+        return m.reason or self._why_not(m, _gm(m.out))
 
     @staticmethod
-    def _mask(cur: Op | None, gm: fx.GraphModule) -> tuple[fx.Node, Any] | None:
-        """(scores, SDPA mask) for ``scores + mask``, ``scores.masked_fill(m, -inf)``, ``where(keep, scores, -inf)``."""
-        if cur is None:
-            return None
-        if cur.kind == "add":
-            for s_, m_ in ((cur.x, cur.other), (cur.other, cur.x)):
-                sv = view(s_, gm) if isinstance(s_, fx.Node) else None
-                if sv is not None and (sv.kind == "matmul" or _scaled(sv, gm)) and isinstance(m_, fx.Node):
-                    return s_, m_
-        fill = _scalar(cur.other, gm) if cur.kind in ("masked_fill", "where") else None
-        if fill is None or fill > _MASK_FILL_LIMIT or not isinstance(cur.attrs.get("mask"), fx.Node):
-            return None
-        if ir.dtype(cur.attrs["mask"]) != torch.bool:
-            return None
-        if cur.kind == "masked_fill" and isinstance(cur.x, fx.Node):
-            return cur.x, ("not", cur.attrs["mask"])
-        if cur.kind == "where" and isinstance(cur.x, fx.Node):
-            return cur.x, cur.attrs["mask"]
-        return None
-
-    @staticmethod
-    def _why_not(m: Attention, probs: Op, gm: fx.GraphModule) -> str | None:
-        for n in m.chain:
+    def _why_not(m: Attention, gm: fx.GraphModule) -> str | None:
+        s, probs = m.scores, m.probs
+        for n in (probs.node, *s.chain, s.qk):
             if len(ir.value_users(n)) > 1:
                 return f"intermediate '{n.name}' is also used elsewhere"
         rank = len(ir.shape(probs.node) or ())
@@ -227,51 +327,106 @@ class AttentionToSdpa(Rule):
             return f"softmax over dim {dim}, not the last"
         if probs.attrs.get("dtype") not in (None, ir.dtype(probs.x)) or probs.attrs.get("half_to_float"):
             return "softmax changes dtype"
-        qs, ks, vs = ir.shape(m.q), ir.shape(m.kt), ir.shape(m.v)
+        qk = view(s.qk, gm)
+        q, kt, v = qk.x, qk.other, m.out.other
+        qs, ks, vs = ir.shape(q), ir.shape(kt), ir.shape(v)
         if qs is None or ks is None or vs is None or min(len(qs), len(ks), len(vs)) < 3:
             return "Q, K, V need batch dimensions (rank ≥ 3)"
         if not (qs[:-2] == ks[:-2] == vs[:-2]):
             return f"batch dimensions differ: Q{qs} Kᵀ{ks} V{vs}"
         if ks[-2] != qs[-1] or vs[-2] != ks[-1]:
             return "shapes are not Q·Kᵀ·V"
-        mask = m.mask[1] if isinstance(m.mask, tuple) else m.mask
-        if isinstance(mask, fx.Node):
-            ms = ir.shape(mask)
-            if ms is None or len(ms) > len(qs) or ir.dtype(mask) not in (ir.dtype(m.q), torch.bool):
-                return "mask is neither additive (query dtype) nor boolean"
-            if ir.shape(m.out.node) != tuple(torch.broadcast_shapes(ms, qs[:-1] + (ks[-1],))[:-1]) + (vs[-1],):
-                return f"mask {ms} broadcasts the scores to another shape"
-        elif mask is not None:
-            return "mask is a constant scalar"
-        if ir.dtype(m.q) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return f"dtype {ir.dtype(m.q)}"
-        return None
-
-    def guard(self, m: Attention, ctx: Any):
-        return m.reason
+        dt = ir.dtype(q)
+        if dt not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return f"dtype {dt}"
+        for n in s.chain:
+            if ir.shape(n) != ir.shape(s.qk) or ir.dtype(n) != ir.dtype(s.qk):
+                return f"'{n.name}' turns the {ir.dtype(s.qk)} scores {ir.shape(s.qk)} into {ir.dtype(n)} {ir.shape(n)}"
+        if any(isinstance(v, float) and v == 0 and p == -1 for v, p in s.scale + m.q.scale + m.k.scale):
+            return "the scores are divided by zero"
+        return _mask_reason(s, dt)
 
     def apply(self, m: Attention, ctx: Any):
-        graph = m.out.node.graph
-        gm = _gm(m.out)
-        ktv = view(m.kt, gm)
+        graph, gm = m.out.node.graph, _gm(m.out)
+        for scaler, scaled in m.q.scalers + m.k.scalers:
+            scaler.replace_all_uses_with(scaled)  # SDPA's scale takes the factor over
+        qk = view(m.scores.qk, gm)
         with graph.inserting_before(m.out.node):
-            if ktv is not None and ktv.kind == "transpose" and len(m.kt.users) == 1 and \
-                    sorted(_norm_dims([ktv.attrs["dim0"], ktv.attrs["dim1"]], len(ir.shape(m.kt)))) == \
-                    [len(ir.shape(m.kt)) - 2, len(ir.shape(m.kt)) - 1]:
-                k = ktv.x
-            else:
-                k = emit.transpose_last(graph, m.kt)
-            mask = m.mask
-            if isinstance(mask, tuple):  # masked_fill(m, -inf) keeps where m is False
-                const = ir.fetch_attr(gm, mask[1].target) if mask[1].op == "get_attr" else None
-                mask = (ir.const_node(graph, gm, ~const, "keep_mask") if isinstance(const, torch.Tensor)
-                        else graph.call_function(torch.ops.aten.logical_not.default, (mask[1],)))
-            new = emit.sdpa(graph, m.q, k, m.v, mask, m.scale)
-        ir.replace(m.out.node, new, "fuse", [m.out.node, *m.chain])
+            scale = _product(graph, m.scores.scale + m.q.scale + m.k.scale)
+            new = _sdpa(graph, qk.x, _untransposed(qk.other, gm), m.out.other, _sdpa_mask(m.scores, gm), scale)
+        absorbed = [n for n, _ in m.q.scalers + m.k.scalers]
+        ir.replace(m.out.node, new, "fuse", [m.out.node, m.probs.node, *m.scores.chain, m.scores.qk, *absorbed])
 
 
-def _norm_dims(dims: list[int], rank: int) -> list[int]:
-    return [d % rank for d in dims]
+def _mask_reason(s: Scores, dt: torch.dtype) -> str | None:
+    mask = s.mask
+    if mask is None:
+        return None
+    if mask.kind == "add":
+        if ir.dtype(mask.node) != dt:
+            return f"additive mask '{mask.node.name}' is {ir.dtype(mask.node)}, not {dt} like the scores"
+        return None
+    if ir.dtype(mask.node) != torch.bool:
+        return f"mask '{mask.node.name}' is {ir.dtype(mask.node)}, not bool"
+    fill = mask.fill
+    for v, p in s.mask_scale:
+        if not isinstance(v, fx.Node):
+            fill = fill * v if p == 1 else fill / v
+    # -inf stays -inf under every positive scale (and under a scale ≤ 0 the original itself is NaN
+    # wherever it masks); a finite fill under a scale that depends on the input shape may not stay low
+    if fill != float("-inf") and any(isinstance(v, fx.Node) for v, _ in s.mask_scale):
+        return f"the scores are masked with {mask.fill:g}, not -inf, before a scale that depends on the input shape"
+    if not fill <= _MASK_FILL_LIMIT:
+        return f"masked scores become {fill:g}, not -inf (nor below {_MASK_FILL_LIMIT:g})"
+    return None
+
+
+def _product(graph: fx.Graph, factors: list[Factor]) -> float | fx.Node:
+    """The product of ``factors``: a number, or where a factor depends on shapes, Python arithmetic
+    in the graph (evaluated on every call, so right for every input shape)."""
+    number, live = 1.0, []
+    for v, p in factors:
+        if isinstance(v, fx.Node):
+            live.append((v, p))
+        else:
+            number = number * v if p == 1 else number / v
+    out: float | fx.Node = number
+    for v, p in live:
+        out = graph.call_function(operator.mul if p == 1 else operator.truediv, (out, v))
+    return out
+
+
+def _sdpa_mask(s: Scores, gm: fx.GraphModule) -> fx.Node | None:
+    """SDPA's ``attn_mask``: additive (scaled by the factors applied after it), or boolean, True = attend."""
+    graph, mask = s.qk.graph, s.mask
+    if mask is None or mask.kind == "keep":
+        return None if mask is None else mask.node
+    if mask.kind == "add":
+        if not s.mask_scale:
+            return mask.node
+        return graph.call_function(torch.ops.aten.mul.Tensor, (mask.node, _product(graph, s.mask_scale)))
+    const = ir.fetch_attr(gm, mask.node.target) if mask.node.op == "get_attr" else None
+    if isinstance(const, torch.Tensor):
+        return ir.const_node(graph, gm, ~const, "keep_mask")
+    return graph.call_function(torch.ops.aten.logical_not.default, (mask.node,))
+
+
+def _untransposed(kt: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """K for a Kᵀ: the input of a transpose of the last two dims, else a new transpose."""
+    op = view(kt, gm)
+    rank = len(ir.shape(kt))
+    if op is not None and op.kind == "transpose" and len(kt.users) == 1 and \
+            sorted(d % rank for d in (op.attrs["dim0"], op.attrs["dim1"])) == [rank - 2, rank - 1]:
+        return op.x
+    return emit.transpose_last(kt.graph, kt)
+
+
+def _sdpa(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None,
+          scale: float | fx.Node) -> fx.Node:
+    node = emit.sdpa(graph, q, k, v, mask, 1.0 if isinstance(scale, fx.Node) else scale)
+    if isinstance(scale, fx.Node):  # emit.sdpa takes a number; a shape-dependent scale goes in after
+        node.update_kwarg("scale", scale)
+    return node
 
 
 # -- GELU written out ------------------------------------------------------------------------------------
