@@ -124,13 +124,16 @@ def _never_slower(original: Program, result: Program, report: Report, budget_s: 
     returned, and the report says so)."""
     t = compare_models({"original": rotating(original, inputs), "optimized": rotating(result, inputs)}, budget_s)
     before, after = t["original"], t["optimized"]
-    report.measured_latency_s = (before.median, after.median)
+    report.record_measured_latency(before, after)
     noise = max(before.spread, after.spread)
     if after.median > before.median * (1 + noise):
         report.notes.append(f"the optimized graph measured slower here ({before} → {after}); "
                             "returned the captured graph instead")
-        report.measured_latency_s = (before.median, before.median)
+        report.record_measured_latency(before, before)
         return original
+    if before.noisy or after.noisy:
+        report.notes.append(f"timing the whole model here was too noisy to compare ({before} → {after}): kept the "
+                            "optimized graph, which is verified to compute the same; measure again on a quiet machine")
     return result
 
 

@@ -342,9 +342,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"{_ms(times.get('tvm')):>12} {_ms(vendor):>10}  {k['chosen']}")
     print(f"\n{rec.measured.get('tuning_measurements', 0)} measurement(s) in {rec.measured.get('tuning_s', 0)} s; "
           f"database {args.db or 'default'}")
-    lat = result.report.measured_latency_s
-    if lat:
-        print(f"whole model here: {lat[0] * 1e3:.3f} ms → {lat[1] * 1e3:.3f} ms ({lat[0] / lat[1]:.2f}×)")
+    if result.report.measured_latency_s:
+        print("whole model: " + result.report.measured_line())
     return 0
 
 

@@ -179,7 +179,8 @@ class PackedConvWeight(nn.Module):
         return state
 
 
-def _emit(c: Candidate, gm: fx.GraphModule) -> None:
+def _emit(c: Candidate, gm: fx.GraphModule, x: fx.Node) -> fx.Node:
+    """The kernel replacing ``c``, reading ``x`` (its input, or the kernel that replaced its input)."""
     graph = gm.graph
     attr, scalars, algo = c.attr
     with graph.inserting_before(c.op.node):
@@ -196,11 +197,15 @@ def _emit(c: Candidate, gm: fx.GraphModule) -> None:
         if c.op.kind == "conv":
             a = c.op.attrs
             new = graph.call_function(mkldnn._convolution_pointwise.default, (
-                c.op.x, w, bn, list(a["padding"]), list(a["stride"]), list(a["dilation"]), int(a["groups"]),
+                x, w, bn, list(a["padding"]), list(a["stride"]), list(a["dilation"]), int(a["groups"]),
                 attr, scalars, algo))
         else:
-            new = graph.call_function(mkldnn._linear_pointwise.default, (c.op.x, w, bn, attr, scalars, algo))
+            new = graph.call_function(mkldnn._linear_pointwise.default, (x, w, bn, attr, scalars, algo))
     ir.replace(c.last, new, "cpu_tactics", c.nodes)
+    for n in reversed(c.nodes):  # nobody reads them now; dead-code removal keeps an in-place activation module
+        if not n.users:
+            graph.erase_node(n)
+    return new
 
 
 def _free_name(gm: fx.GraphModule, hint: str) -> str:
@@ -313,8 +318,9 @@ class CpuTactics:
             if c.packed is None:  # same layer shape as a measured one: prepare its own weights
                 _fast_call(c, gm)
             chosen.append(c)
+        renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier one ended with
         for c in chosen:
-            _emit(c, gm)
+            renamed[c.last] = _emit(c, gm, renamed.get(c.op.x, c.op.x))
         if chosen:
             ir.eliminate_dead_code(gm)
             ir.drop_unused_constants(gm)

@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from optic import ir, timing
+from optic.cost import kernel_flops
 from optic.errors import OpticError
 from optic.opview import Op, view
 from optic.registry import register
@@ -236,10 +237,12 @@ class TVMKernel(nn.Module):
     fixed_kernel = True  # the optimized module refuses dtype/device conversions and input gradients
 
     def __init__(self, fn: Any, lib: Any, weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple,
-                 out_shape: tuple, result_shape: tuple, description: str, source: tuple | None = None):
+                 out_shape: tuple, result_shape: tuple, description: str, source: tuple | None = None,
+                 epilogue: tuple[str, ...] = ()):
         super().__init__()
         self._fn, self._lib = fn, lib  # keep the library loaded as long as the function lives
         self.source = source  # (operator, config): what rebuilds the kernel after unpickling
+        self.epilogue = tuple(epilogue)  # bias/activation/residual: what optic.cost counts besides the layer
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
@@ -249,7 +252,11 @@ class TVMKernel(nn.Module):
         w = self.weight.clone()
         b = None if self.bias is None else self.bias.clone()
         return TVMKernel(self._fn, self._lib, w, b, self.in_shape, self.out_shape, self.result_shape,
-                         self.description, self.source)
+                         self.description, self.source, self.epilogue)
+
+    def flops(self, out_shape: tuple) -> Any:
+        """FLOPs per call, as optic.cost counts the layer and epilogue this kernel replaced."""
+        return kernel_flops(out_shape, tuple(self.weight.shape), self.epilogue)
 
     def __getstate__(self) -> dict:  # a loaded library does not pickle: it is compiled again on first use
         if self.source is None:
@@ -286,7 +293,7 @@ def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKer
     cfg = " ".join(f"{k}={v}" for k, v in config.items())
     return TVMKernel(fn, lib, site.op.const("weight"), site.op.const("bias"), site.in_shape, site.out_shape,
                      ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}",
-                     (site.operator, dict(config)))
+                     (site.operator, dict(config)), epilogue=site.epilogue)
 
 
 def replace_sites(gm: fx.GraphModule, items: list[tuple[Site, nn.Module, str]], pass_name: str) -> None:
