@@ -196,10 +196,13 @@ def node_cost(node: fx.Node, gm: fx.GraphModule, shape_of=shape) -> NodeCost | N
         ks, vs = (shape_of(n) for n in op.other) if op.other else (None, None)
         if q is None or ks is None or vs is None:
             return NodeCost(0, moved, dt)
-        # Q·Kᵀ, the scale and the mask on the scores, softmax over them, P·V
+        # Q·Kᵀ, the scale (on Q or on the scores, whichever is smaller: kernels do either), the mask on the
+        # scores, softmax over them, P·V
         scores = _numel(q[:-1]) * ks[-2]
+        scale = sympy.Min(scores, _numel(q))
+        scale = int(scale) if scale.is_number else scale
         masked = op.attrs.get("attn_mask") is not None or bool(op.attrs.get("is_causal"))
-        return NodeCost(2 * scores * q[-1] + (1 + int(masked) + 5) * scores + 2 * scores * vs[-1], moved, dt)
+        return NodeCost(2 * scores * q[-1] + scale + (int(masked) + 5) * scores + 2 * scores * vs[-1], moved, dt)
     if op.kind in _PER_ELEMENT:
         return NodeCost(_PER_ELEMENT[op.kind] * _numel(shape_of(op.x) or out), moved, dt)
     if op.kind == "act":

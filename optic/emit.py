@@ -69,9 +69,10 @@ def transpose_last(graph: fx.Graph, x: fx.Node) -> fx.Node:
     return graph.call_function(aten.transpose.int, (x, -2, -1))
 
 
-def sdpa(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, mask: Any, scale: float) -> fx.Node:
+def sdpa(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, mask: Any, scale: float | fx.Node) -> fx.Node:
+    """``scale``: a number, or a node computing one (a scale that depends on the input's shape)."""
     return graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False),
-                               {"scale": float(scale)})
+                               {"scale": scale if isinstance(scale, fx.Node) else float(scale)})
 
 
 def activation(graph: fx.Graph, x: fx.Node, fn: str, attrs: dict[str, Any]) -> fx.Node:

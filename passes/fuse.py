@@ -353,7 +353,7 @@ class AttentionToSdpa(Rule):
         qk = view(m.scores.qk, gm)
         with graph.inserting_before(m.out.node):
             scale = _product(graph, m.scores.scale + m.q.scale + m.k.scale)
-            new = _sdpa(graph, qk.x, _untransposed(qk.other, gm), m.out.other, _sdpa_mask(m.scores, gm), scale)
+            new = emit.sdpa(graph, qk.x, _untransposed(qk.other, gm), m.out.other, _sdpa_mask(m.scores, gm), scale)
         absorbed = [n for n, _ in m.q.scalers + m.k.scalers]
         ir.replace(m.out.node, new, "fuse", [m.out.node, m.probs.node, *m.scores.chain, m.scores.qk, *absorbed])
 
@@ -419,14 +419,6 @@ def _untransposed(kt: fx.Node, gm: fx.GraphModule) -> fx.Node:
             sorted(d % rank for d in (op.attrs["dim0"], op.attrs["dim1"])) == [rank - 2, rank - 1]:
         return op.x
     return emit.transpose_last(kt.graph, kt)
-
-
-def _sdpa(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None,
-          scale: float | fx.Node) -> fx.Node:
-    node = emit.sdpa(graph, q, k, v, mask, 1.0 if isinstance(scale, fx.Node) else scale)
-    if isinstance(scale, fx.Node):  # emit.sdpa takes a number; a shape-dependent scale goes in after
-        node.update_kwarg("scale", scale)
-    return node
 
 
 # -- GELU written out ------------------------------------------------------------------------------------
