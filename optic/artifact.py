@@ -159,12 +159,30 @@ class GPUArtifact:
     target: str
     arch: str
     program: Any  # Program whose graph holds GPUKernel modules
-    library: Any  # tvm Executable of every kernel
+    library: Any  # tvm Executable of every kernel (after unpickling: its exported shared library's bytes)
     kernels: list[ArtifactKernel]
     left_out: list[str]  # "layer: why" for every layer that stays with PyTorch
     sources: dict[str, str]  # file name -> CUDA source
     toolchain: dict[str, Any]
     seconds: float = 0.0
+
+    # A TVM library neither deep-copies nor pickles: a copy shares it (it is never changed), a pickle
+    # carries the shared library's bytes, which save() writes as they are.
+    def __deepcopy__(self, memo: dict) -> GPUArtifact:
+        import copy
+
+        state = {k: (v if k == "library" else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
+        clone = object.__new__(GPUArtifact)
+        clone.__dict__.update(state)
+        return clone
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if not isinstance(state["library"], bytes):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.library.export_library(str(Path(tmp) / LIBRARY))
+                state["library"] = (Path(tmp) / LIBRARY).read_bytes()
+        return state
 
     def manifest(self) -> dict[str, Any]:
         return {"format": "optic-gpu-artifact/1", "target": self.target, "arch": self.arch,
@@ -178,7 +196,10 @@ class GPUArtifact:
             raise OpticError(f"{out} exists and is not an optic artifact: give a new directory (e.g. model.artifact)")
         tmp = Path(tempfile.mkdtemp(prefix=".optic-artifact-", dir=out.parent if out.parent.exists() else None))
         try:
-            self.library.export_library(str(tmp / LIBRARY))
+            if isinstance(self.library, bytes):  # unpickled: the library as it was exported
+                (tmp / LIBRARY).write_bytes(self.library)
+            else:
+                self.library.export_library(str(tmp / LIBRARY))
             _save_graph(self.program.gm, tmp / GRAPH)
             (tmp / "cuda").mkdir()
             for name, text in self.sources.items():

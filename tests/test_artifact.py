@@ -87,3 +87,22 @@ def test_what_has_no_cuda_kernel_stays_and_is_listed():
 def test_load_rejects_a_directory_that_is_not_an_artifact(tmp_path):
     with pytest.raises(OpticError, match="not an optic artifact"):
         optic.load_artifact(tmp_path)
+
+
+def test_a_result_with_an_artifact_deep_copies_and_pickles_and_the_copy_still_saves(built, tmp_path):
+    import copy
+    import io
+
+    model, x, out = built
+    clone = copy.deepcopy(out)
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for i, result in enumerate((clone, loaded)):
+        with torch.no_grad():
+            torch.testing.assert_close(result(x), model(x), rtol=1e-4, atol=1e-4)
+        path = result.artifact.save(tmp_path / f"copy{i}.artifact")
+        again = optic.load_artifact(path)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x), rtol=1e-4, atol=1e-4)
