@@ -50,7 +50,7 @@ class Timing:
     def __str__(self) -> str:
         text = f"{self.median * 1e3:.3f} ms ±{self.spread * 50:.0f}%"
         if self.noisy:
-            text += f" (not reliable: timings spread that wide after {self.attempts} measurement(s))"
+            text += f" (not reliable after {self.attempts} measurement(s))"
         return text
 
 
