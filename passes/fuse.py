@@ -408,7 +408,22 @@ def _sdpa_mask(s: Scores, gm: fx.GraphModule) -> fx.Node | None:
     const = ir.fetch_attr(gm, mask.node.target) if mask.node.op == "get_attr" else None
     if isinstance(const, torch.Tensor):
         return ir.const_node(graph, gm, ~const, "keep_mask")
+    negated = _negation_of(mask.node)
+    if negated is not None:  # masked_fill(~keep, -inf): SDPA takes ``keep`` itself
+        return negated
     return graph.call_function(torch.ops.aten.logical_not.default, (mask.node,))
+
+
+_NEGATIONS = (torch.ops.aten.bitwise_not.default, torch.ops.aten.logical_not.default, torch.bitwise_not,
+              torch.logical_not, operator.invert)
+
+
+def _negation_of(node: fx.Node) -> fx.Node | None:
+    """``x`` when ``node`` is ``~x`` (or ``logical_not(x)``) of a bool tensor ``x``, else None."""
+    negation = (node.op == "call_function" and node.target in _NEGATIONS) or (
+        node.op == "call_method" and node.target in ("bitwise_not", "logical_not", "__invert__"))
+    x = node.args[0] if negation and node.args else None
+    return x if isinstance(x, fx.Node) and ir.dtype(x) == torch.bool else None
 
 
 def _untransposed(kt: fx.Node, gm: fx.GraphModule) -> fx.Node:
