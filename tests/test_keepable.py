@@ -117,6 +117,7 @@ def test_gradients_with_respect_to_inputs_are_right_without_opaque_kernels():
     o(xb).square().sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
     assert not any(p.requires_grad for p in o.parameters())  # an inference result: nothing to train here
+    assert all(p.requires_grad for p in m.parameters())  # the user's model is untouched
 
 
 def test_an_fx_result_from_a_file_with_string_annotations_pickles():
