@@ -20,7 +20,9 @@ _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, deadline=None,
                           suppress_health_check=_SLOW_IS_FINE)
-settings.register_profile("deep", max_examples=16 * CI_EXAMPLES, deadline=None, suppress_health_check=_SLOW_IS_FINE)
+# derandomize is explicit: with $CI set, hypothesis's own defaults (every profile's parent) derandomize
+settings.register_profile("deep", max_examples=16 * CI_EXAMPLES, derandomize=False, deadline=None,
+                          suppress_health_check=_SLOW_IS_FINE)
 
 
 def load_profile() -> None:
