@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -93,15 +94,12 @@ def _fixed_kernels(gm: torch.fx.GraphModule) -> list[str]:
                 and node.target.namespace == "mkldnn":
             out.append(f"{node.target.name()} (cpu_tactics)")
         elif node.op == "call_module" and getattr(gm.get_submodule(node.target), "fixed_kernel", False):
-            out.append(f"{node.target} (tvm_kernels)")
+            out.append("generated kernel (tvm_kernels)")
     return out
 
 
 def _listed(names: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for n in names:
-        key = n if "tvm_kernels" not in n else "generated kernel (tvm_kernels)"
-        counts[key] = counts.get(key, 0) + 1
+    counts = collections.Counter(names)
     return ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in counts.items())
 
 

@@ -157,9 +157,10 @@ class _SourceTracer(fx.Tracer):
 
 
 def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None) -> Program:
-    if structure is not None and any(part is not None for part in structure.parts):
-        # torch.export only returns pytree-registered types: export the output's leaves instead (the
-        # optimized module rebuilds the dataclasses). ``model`` is capture's own copy.
+    # torch.export only returns pytree-registered types: with dataclasses in the output, export the
+    # output's leaves instead (the optimized module rebuilds them). ``model`` is capture's own copy.
+    leaves_only = structure is not None and any(part is not None for part in structure.parts)
+    if leaves_only:
         forward = model.forward
 
         @functools.wraps(forward)
@@ -167,12 +168,11 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None)
             return tuple(flatten(forward(*a, **k))[0])
 
         model.forward = leaves_forward
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
-        finally:
-            del model.forward
-    else:
+    try:
         ep = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        if leaves_only:
+            del model.forward
     gm = ep.module()
     # The guard module checks input shapes; OptimizedModule checks them itself with a clearer
     # error, and the guard is opaque to passes, so it goes.
@@ -196,8 +196,7 @@ def _state(model: nn.Module):
 
 def _unchanged(before: torch.Tensor, after: torch.Tensor) -> bool:
     return before.shape == after.shape and bool(torch.equal(before, after) or (
-        before.is_floating_point() and torch.equal(before.isnan(), after.isnan())
-        and torch.equal(before.nan_to_num(), after.nan_to_num())))
+        before.is_floating_point() and torch.allclose(before, after, rtol=0, atol=0, equal_nan=True)))
 
 
 def _names(names: list[str]) -> str:

@@ -78,16 +78,21 @@ def flatten(obj: Any) -> tuple[list, Structure]:
 
 
 # -- arguments --------------------------------------------------------------------------------
+def equal_values(a: Any, b: Any) -> bool:
+    """``a == b`` as a truth value; identity for values whose ``==`` is not one."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
 def _same(a: Any, b: Any) -> bool:
     """The same Python value (tensors: the same object)."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
         return False
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
+    return equal_values(a, b)
 
 
 def _describe(v: Any) -> str:
@@ -185,9 +190,6 @@ class CallSignature:
                 f"argument {_key_name(key)}: this module was captured with torch.export and is specialized to "
                 f"{_describe_leaves(want)}; this call passes {_describe_leaves(got)}. Call optic.optimize again "
                 "with example inputs like the ones you will use (one optimized module per shape and value).")
-
-    def signature(self) -> inspect.Signature | None:
-        return self.sig
 
 
 def _key_name(key: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .contract import flatten
+from .contract import equal_values, flatten
 
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -60,7 +60,7 @@ def compare(ref: Any, got: Any, tolerance: float) -> Comparison:
 
 def _compare_leaf(r: Any, g: Any, tolerance: float, i: int) -> Comparison:
     if not isinstance(r, torch.Tensor):
-        same = not isinstance(g, torch.Tensor) and (_equal(r, g) or (
+        same = not isinstance(g, torch.Tensor) and (equal_values(r, g) or (
             isinstance(r, float) and isinstance(g, float) and abs(r - g) <= tolerance * max(abs(r), 1e-12)))
         return Comparison(0.0, 0.0, 0.0, bool(same), "" if same else f"output {i}: {r!r} != {g!r}")
     if not isinstance(g, torch.Tensor) or r.shape != g.shape:
@@ -89,13 +89,6 @@ def _compare_leaf(r: Any, g: Any, tolerance: float, i: int) -> Comparison:
     rel = diff / max(scale, 1e-30)
     ok = rel <= tolerance
     return Comparison(diff, rel, scale, ok, "" if ok else f"output {i} exceeds tolerance {tolerance:g}")
-
-
-def _equal(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # a value whose == is not a truth value
-        return a is b
 
 
 def generated_inputs(args: tuple, kwargs: dict, n: int, seed: int = 0) -> list[tuple[tuple, dict]]:

@@ -184,22 +184,18 @@ def _emit(c: Candidate, gm: fx.GraphModule, x: fx.Node) -> fx.Node:
     graph = gm.graph
     attr, scalars, algo = c.attr
     with graph.inserting_before(c.op.node):
+        b = c.op.consts["bias"].tensor
+        bn = ir.const_node(graph, gm, b, "bias") if b is not None else None
         if c.op.kind == "conv":
             a = c.op.attrs
             name = _free_name(gm, "onednn_weight")
             gm.add_submodule(name, PackedConvWeight(c.op.const("weight"), a["padding"], a["stride"], a["dilation"],
                                                     a["groups"], ir.shape(c.op.x)))
-            w = graph.call_module(name, ())
+            new = graph.call_function(mkldnn._convolution_pointwise.default, (
+                x, graph.call_module(name, ()), bn, list(a["padding"]), list(a["stride"]), list(a["dilation"]),
+                int(a["groups"]), attr, scalars, algo))
         else:
             w = ir.const_node(graph, gm, c.packed, "onednn_weight")
-        b = c.op.consts["bias"].tensor
-        bn = ir.const_node(graph, gm, b, "bias") if b is not None else None
-        if c.op.kind == "conv":
-            a = c.op.attrs
-            new = graph.call_function(mkldnn._convolution_pointwise.default, (
-                x, w, bn, list(a["padding"]), list(a["stride"]), list(a["dilation"]), int(a["groups"]),
-                attr, scalars, algo))
-        else:
             new = graph.call_function(mkldnn._linear_pointwise.default, (x, w, bn, attr, scalars, algo))
     ir.replace(c.last, new, "cpu_tactics", c.nodes)
     for n in reversed(c.nodes):  # nobody reads them now; dead-code removal keeps an in-place activation module
