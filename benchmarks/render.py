@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 
 OPTIC = ("optic", "optic-tvm")  # "optic (best backend)" is the faster of these
+# the peers optic is held against: a row's verdict is against the fastest of them that ran and agreed
+PEERS = {"compile": "torch.compile", "compile-freezing": "torch.compile (freezing)", "ort": "ONNX Runtime"}
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -52,44 +54,54 @@ def versus(a: dict, b: dict) -> tuple[float, float]:
     return a["speedup"] / b["speedup"], max(a.get("spread", 0.0), b.get("spread", 0.0))
 
 
+def best_peer(row: dict) -> tuple[str, dict] | None:
+    """The fastest peer (:data:`PEERS`) that ran and agreed with eager, or None."""
+    found = [(s, row["systems"][s]) for s in PEERS if timed(row["systems"].get(s))
+             and row["systems"][s].get("within_tolerance", True)]
+    return max(found, key=lambda kv: kv[1]["speedup"]) if found else None
+
+
+def _peers_asked(row: dict) -> bool:
+    return any((row["systems"].get(p) or {}).get("status", "unavailable") != "unavailable" for p in PEERS)
+
+
 def verdicts(results: dict, batch: int = 1) -> dict[str, list[str]]:
-    """optic (best backend) against torch.compile, per model at ``batch``: faster, tie (within
-    noise), slower, or no comparison (a side failed)."""
-    out: dict[str, list[str]] = {"faster": [], "tie": [], "slower": [], "compile fails": [], "optic fails": []}
+    """optic (best backend) against the fastest peer, per model at ``batch``: faster, tie (within
+    noise), slower, or no comparison (every peer failed, or optic did)."""
+    out: dict[str, list[str]] = {"faster": [], "tie": [], "slower": [], "peers fail": [], "optic fails": []}
     for r in results["rows"]:
-        comp = r["systems"].get("compile")
-        if r["batch"] != batch or r.get("error") or not comp or comp.get("status") == "unavailable":
+        if r["batch"] != batch or r.get("error") or not _peers_asked(r):
             continue
-        best = best_optic(r)
+        best, peer = best_optic(r), best_peer(r)
         if best is None:
             out["optic fails"].append(r["model"])
-        elif not timed(comp) or not comp.get("within_tolerance", True):
-            out["compile fails"].append(r["model"])
+        elif peer is None:
+            out["peers fail"].append(r["model"])
         else:
-            ratio, noise = versus(best[1], comp)
+            ratio, noise = versus(best[1], peer[1])
             key = "faster" if ratio > 1 + noise else "slower" if ratio * (1 + noise) < 1 else "tie"
             out[key].append(r["model"])
     return out
 
 
 def compile_summary(results: dict) -> list[str]:
-    """One line per batch size: on how many models optic is at least as fast as torch.compile."""
+    """One line per batch size: on how many models optic is at least as fast as the fastest peer."""
     lines = []
     for batch in results["settings"]["batches"]:
         v = verdicts(results, batch)
         n = sum(len(x) for x in v.values())
         if not n:
             continue
-        at_least = len(v["faster"]) + len(v["tie"]) + len(v["compile fails"])
+        at_least = len(v["faster"]) + len(v["tie"]) + len(v["peers fail"])
         lines.append(f"batch {batch}: at least as fast on {at_least} of {n} models (faster on {len(v['faster'])}, "
-                     f"a tie within noise on {len(v['tie'])}, torch.compile fails on {len(v['compile fails'])}); "
+                     f"a tie within noise on {len(v['tie'])}, every peer fails on {len(v['peers fail'])}); "
                      f"slower on {len(v['slower'])}" + (f" ({', '.join(v['slower'])})" if v["slower"] else "")
                      + (f"; optic fails on {', '.join(v['optic fails'])}" if v["optic fails"] else "") + ".")
     return lines
 
 
 def losses(results: dict) -> list[str]:
-    """Every place optic (best backend) is slower than torch.compile or eager beyond noise, fails, or
+    """Every place optic (best backend) is slower than the fastest peer or eager beyond noise, fails, or
     disagrees with eager: one line each."""
     lines = []
     for r in results["rows"]:
@@ -106,12 +118,12 @@ def losses(results: dict) -> list[str]:
         if rec.get("slower_than_eager"):
             lines.append(f"{where}: {name} is slower than eager: {rec['speedup']:.2f}× "
                          f"({ms(rec['median_ms'])} vs {ms(rec['eager_ms'])} ms, noise ±{rec['noise'] * 50:.0f}%)")
-        comp = r["systems"].get("compile")
-        if timed(comp) and comp.get("within_tolerance", True):
-            ratio, noise = versus(rec, comp)
+        peer = best_peer(r)
+        if peer is not None:
+            ratio, noise = versus(rec, peer[1])
             if ratio * (1 + noise) < 1:
-                lines.append(f"{where}: {name} is slower than torch.compile: {ratio:.2f}× its speed "
-                             f"({ms(rec['median_ms'])} vs {ms(comp['median_ms'])} ms, noise ±{noise * 50:.0f}%)")
+                lines.append(f"{where}: {name} is slower than {PEERS[peer[0]]}: {ratio:.2f}× its speed "
+                             f"({ms(rec['median_ms'])} vs {ms(peer[1]['median_ms'])} ms, noise ±{noise * 50:.0f}%)")
     return lines
 
 
@@ -208,10 +220,12 @@ def markdown(results: dict) -> str:
              "system slower than eager beyond the spread. Systems are alternated in blocks of about "
              f"{st['block_s'] * 1e3:.0f} ms over {st['rounds']}+ rounds, at least {st['min_calls']} timed calls "
              f"each; a system slower than that allows is timed apart with eager, or once (call > "
-             f"{st['single_run_s']:.0f} s).", ""]
+             f"{st['single_run_s']:.0f} s). Everything runs under `torch.no_grad()`."
+             + (f" Before timing, the systems were called in turn until each had run {st['warmup_s']:.0f} s "
+                "(a fresh process's first seconds here run up to 10× slower)." if st.get("warmup_s") else ""), ""]
     lines += latency_table(results)
-    if has(results, *OPTIC) and has(results, "compile"):
-        lines += ["", "## optic against torch.compile", ""] + [f"- {x}" for x in compile_summary(results)]
+    if has(results, *OPTIC) and has(results, *PEERS):
+        lines += ["", "## optic against the fastest peer (torch.compile, with freezing, ONNX Runtime)", ""] + [f"- {x}" for x in compile_summary(results)]
     if has(results, *OPTIC):
         lines += ["", "## Where optic loses", ""]
         lines += [f"- {x}" for x in losses(results)] or ["- nowhere beyond noise in this run."]
@@ -244,8 +258,8 @@ def readme_block(results: dict, image: str | None) -> str:
     lines += latency_table(results)
     if image:
         lines += ["", f"![speed-up vs eager]({image})"]
-    if has(results, *OPTIC) and has(results, "compile"):
-        lines += ["", "optic (the faster of its backends) against torch.compile:", ""]
+    if has(results, *OPTIC) and has(results, *PEERS):
+        lines += ["", "optic (the faster of its backends) against the fastest peer that ran:", ""]
         lines += [f"- {x}" for x in compile_summary(results)]
     if has(results, *OPTIC):
         lines += ["", "Where optic loses:", ""] + ([f"- {x}" for x in losses(results)] or ["- nowhere beyond noise."])

@@ -140,13 +140,17 @@ def test_losses_and_verdicts_are_computed_from_the_data():
             for m, o, c in [("fast", 5.0, 8.0), ("tie", 8.0, 8.05), ("lost", 9.0, 5.0), ("slow", 12.0, 9.0)]]
     rows.append({"model": "nocompile", "batch": 1, "systems": {
         "eager": rec(10.0), "optic": rec(5.0), "compile": {"status": "failed", "error": "X: y"}}})
-    results = {"settings": {"systems": ["eager", "optic", "compile"], "batches": [1]}, "rows": rows}
+    # the verdict is against the fastest peer: ONNX Runtime here, though optic beats torch.compile
+    rows.append({"model": "ortwins", "batch": 1, "systems": {
+        "eager": rec(10.0), "optic": rec(6.0), "compile": rec(8.0), "ort": rec(4.0)}})
+    results = {"settings": {"systems": ["eager", "optic", "compile", "ort"], "batches": [1]}, "rows": rows}
     v = render.verdicts(results, 1)
-    assert v == {"faster": ["fast"], "tie": ["tie"], "slower": ["lost", "slow"], "compile fails": ["nocompile"],
-                 "optic fails": []}
+    assert v == {"faster": ["fast"], "tie": ["tie"], "slower": ["lost", "slow", "ortwins"],
+                 "peers fail": ["nocompile"], "optic fails": []}
     lost = render.losses(results)
-    assert [x.split(":")[0] for x in lost] == ["lost (batch 1)", "slow (batch 1)", "slow (batch 1)"]
+    assert [x.split(":")[0] for x in lost] == ["lost (batch 1)", "slow (batch 1)", "slow (batch 1)", "ortwins (batch 1)"]
     assert "slower than eager" in lost[1] and "slower than torch.compile" in lost[2]
+    assert "slower than ONNX Runtime: 0.67× its speed" in lost[3]
 
 
 def test_optic_bench_console_script_writes_the_files(tmp_path):
@@ -226,3 +230,34 @@ def test_slow_systems_are_timed_apart_or_once(tmp_path, monkeypatch):
     assert rec["slower"]["speedup"] == pytest.approx(rec["eager"]["median_ms"] / rec["slower"]["median_ms"])
     md = (tmp_path / "bench.md").read_text()
     assert "(apart, 3 rounds with eager)" in md and "(single run)" in md
+
+
+def test_every_system_is_warmed_up_in_turn_and_timed_without_autograd(tmp_path):
+    calls: list[str] = []
+    grad_seen: list[bool] = []
+
+    def spy(name, seconds):
+        def call():
+            calls.append(name)
+            grad_seen.append(torch.is_grad_enabled())
+            time.sleep(seconds)
+        return call
+
+    spent = runner.warm_up({"a": spy("a", 0.01), "b": spy("b", 0.05)}, 0.2)
+    assert spent["a"] >= 0.2 and spent["b"] >= 0.2
+    assert calls[:2] == ["a", "b"]  # alternated, not one after the other
+    assert calls.count("a") > calls.count("b")  # each until it has run long enough, not a fixed count
+
+    grad_seen.clear()
+
+    def prepare(model, inputs):
+        grad_seen.append(torch.is_grad_enabled())
+        return Prepared(call=lambda: grad_seen.append(torch.is_grad_enabled()) or model(*inputs),
+                        outputs=lambda: model(*inputs))
+
+    with threads_restored():
+        results = runner.run(["tiny_cnn"], ["eager", System("spy", "records grad mode", prepare)], [1], rounds=3,
+                             out_dir=tmp_path, threads=1)
+    assert grad_seen and not any(grad_seen)
+    assert results["rows"][0]["timing"]["warmup_s"]["spy"] >= runner.WARMUP_S
+    assert "had run 2 s" in (tmp_path / "bench.md").read_text()
