@@ -5,7 +5,7 @@ A template (``templates``) declares a kernel's tunable variables and the sympy c
 that the workload and the target put on them, once, as a ``Space``; ``solve`` enumerates exactly
 the configurations that satisfy them all, by propagation and backtracking rather than by
 filtering the Cartesian product. ``cost_model`` ranks them for the target; the code generators
-(``optic.targets.codegen_cpu`` for LLVM, ``optic.targets.codegen_cuda`` for CUDA) turn one into a
+(``optic.backend.codegen_cpu`` for LLVM, ``optic.backend.codegen_cuda`` for CUDA) turn one into a
 scheduled TIR module; ``measure`` builds, checks and times candidates in a worker
 process (locally or through TVM's RPC tracker); ``db`` keeps every result; ``tune`` does it all
 for one ``Operator``:

@@ -5,7 +5,7 @@ figures, and restates no limit: what is legal is the constraints' business, this
 fast. All formulas work on numpy arrays (one entry per configuration), so ranking the hundreds of
 thousands of valid configurations of a CPU GEMM takes milliseconds.
 
-CPU GEMM (``matmul_cpu``, ``conv2d_cpu``; the schedule of ``optic.targets.codegen_cpu``):
+CPU GEMM (``matmul_cpu``, ``conv2d_cpu``; the schedule of ``optic.backend.codegen_cpu``):
 
 - work: ``2*Mp*Np*Kp`` FLOPs on the zero-padded extents (overhanging blocks are computed, not free);
 - micro-kernel: per k step, ``MR*NR/LANES`` FMAs on ``fma_units`` pipes against ``NR/LANES`` loads

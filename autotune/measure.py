@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_BUILDER", "Baseline", "EvaluatorConfig", "Final", "Measureme
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUILDER = "optic.targets.codegen_cpu:build"
+DEFAULT_BUILDER = "optic.backend.codegen_cpu:build"
 STATUSES = ("ok", "build_error", "run_error", "wrong", "timeout", "crash")
 _EXITING: list[subprocess.Popen] = []  # stopped workers still tearing down
 

@@ -23,7 +23,10 @@ def toolchain() -> dict[str, str | int | None]:
     """``{"tvm": ..., "tvm_ffi": ..., "llvm": ..., "torch": ..., "python": ..., "codegen": ...}``."""
     import torch
 
-    from optic.targets.codegen_cpu import CODEGEN_VERSION
+    from .measure import DEFAULT_BUILDER
+    from .worker import load_builder
+
+    codegen_version = load_builder(DEFAULT_BUILDER.partition(":")[0] + ":CODEGEN_VERSION")
 
     llvm = None
     try:
@@ -33,4 +36,4 @@ def toolchain() -> dict[str, str | int | None]:
     except Exception:  # TVM without LLVM, or no TVM: then nothing is built here anyway
         pass
     return {"tvm": _dist("apache-tvm"), "tvm_ffi": _dist("apache-tvm-ffi"), "llvm": llvm,
-            "torch": torch.__version__, "python": platform.python_version(), "codegen": CODEGEN_VERSION}
+            "torch": torch.__version__, "python": platform.python_version(), "codegen": codegen_version}

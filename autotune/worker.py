@@ -53,6 +53,9 @@ def recv(stream: BinaryIO) -> Any:
     return pickle.loads(stream.read(n))  # noqa: S301 - from our own parent process
 
 
+CPU_COMPILER = "optic.backend.codegen_cpu:compile_module"  # TVM's pipeline for what a builder built
+
+
 def load_builder(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -102,7 +105,6 @@ class Worker:
     def _compile(self, msg: dict[str, Any]) -> tuple[Any, Any, float]:
         """``(operator, built, seconds)``: ``built`` is ``(library, jitted module)`` with its ``main`` looked
         up (which is when LLVM generates the code), or the exception the build raised; cached."""
-        from optic.targets.codegen_cpu import compile_module
         from optic.tvm_compat import host_target
 
         from .operator import Operator
@@ -115,6 +117,10 @@ class Worker:
         start = time.perf_counter()
         try:
             mod = load_builder(msg["builder"])(operator, msg["config"])
+            # autotune names its code generator, never imports it: the builder's module compiles what it
+            # built when it can (compile_module), else the CPU code generator's pipeline does
+            compile_module = getattr(importlib.import_module(msg["builder"].partition(":")[0]), "compile_module",
+                                     None) or load_builder(CPU_COMPILER)
             lib = compile_module(mod, host_target(opt_level))  # TVM's pipeline + dynamic macro tiles
             module = lib.jit()
             module["main"]  # noqa: B018 - the lookup makes LLVM generate the code (lazily, else on first call)

@@ -5,7 +5,7 @@ attention, sequence 32, batch 1). ``optic.lower(program, target)`` gives the fus
 target-independent; lowering builds and checks on this CPU). For every kernel:
 
 - a template covers it (``Workload.template_args``) and its space has valid configurations: the cost
-  model's best configuration is scheduled by ``targets.codegen_cuda`` (matmul and reductions from the
+  model's best configuration is scheduled by ``backend.codegen_cuda`` (matmul and reductions from the
   ``Operator``; an elementwise kernel is its own fused TIR scheduled with the template's variables);
 - otherwise TVM's generic GPU rules (dlight) schedule the kernel's TIR, so it still compiles.
 
@@ -29,7 +29,7 @@ from typing import Any
 import optic
 from optic import autotune
 from optic.autotune import cost_model
-from optic.targets import codegen_cuda as cc
+from optic.backend import codegen_cuda as cc
 
 from .zoo import registry
 

@@ -119,7 +119,7 @@ def _metaschedule(tvm: Any, operator: Any, trials: int, per_iter: int, threads: 
 def _optic(tvm: Any, operator: Any, trials: int, threads: int) -> tuple[Any, dict]:
     """Tune with optic (a fresh database); the compiled best configuration and what the tuning took."""
     from optic.autotune import tune
-    from optic.targets.codegen_cpu import build, compile_module
+    from optic.backend.codegen_cpu import build, compile_module
     from optic.tvm_compat import host_target
 
     with tempfile.TemporaryDirectory(prefix="optic_db_") as tmp:
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from optic.autotune import Operator
-    from optic.targets.codegen_cpu import CODEGEN_VERSION
+    from optic.backend.codegen_cpu import CODEGEN_VERSION
     from optic.tvm_compat import require_tvm
 
     tvm = require_tvm()

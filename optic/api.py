@@ -224,7 +224,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     options = dict(options or {})
     if backend == "tvm":
         pass_list = _with_tvm_kernels(pass_list, tgt)
-        from optic.passes.tvm_kernels import trials_for
+        from optic.backend.generated import trials_for
 
         trials_for(tune)  # a bad effort level is an error before any work
         options.setdefault("tune", tune)

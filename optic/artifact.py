@@ -1,7 +1,7 @@
 """GPU artifacts: ``optimize(model, x, target="a100", backend="tvm")`` when the target is not this machine.
 
 The same kernels as the CPU backend's (every dense fp32 linear with its bias, activation and residual
-add, see :mod:`optic.passes.tvm_kernels`) are generated for the GPU: the GPU template's space is
+add, see :mod:`optic.backend.generated`) are generated for the GPU: the GPU template's space is
 solved, the cost model picks the configuration (nothing can be measured here), TVM emits CUDA for
 the target's architecture, and where ``nvcc`` is present each kernel is compiled to a cubin and
 ptxas's registers and shared memory are checked against the limits the template's constraints
@@ -256,9 +256,9 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     Returns the artifact (None when no layer gets a kernel) and the layers left with PyTorch, with why."""
     from optic.autotune.space import SpaceError
     from optic.autotune.toolchain import toolchain
-    from optic.passes.tvm_kernels import find_sites, replace_sites
+    from optic.backend.codegen_cuda import compile_cuda, model_config
+    from optic.backend.generated import find_sites, replace_sites
     from optic.rewrite import RuleStats
-    from optic.targets.codegen_cuda import compile_cuda, model_config
 
     from .tvm_compat import require_tvm
 

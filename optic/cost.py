@@ -212,9 +212,19 @@ def node_cost(node: fx.Node, gm: fx.GraphModule, shape_of=shape) -> NodeCost | N
     return NodeCost(_numel(out), moved, dt)
 
 
+def walk(gm: fx.GraphModule):
+    """``(node, graph module)`` for every node, inside a module that runs a graph of its own too (the
+    backend's compiled whole graph exposes it as ``graph_module``): what runs is what its graph holds."""
+    for n in gm.graph.nodes:
+        inner = getattr(gm.get_submodule(n.target), "graph_module", None) if n.op == "call_module" else None
+        if isinstance(inner, fx.GraphModule):
+            yield from walk(inner)
+        else:
+            yield n, gm
+
+
 def total_flops(program) -> Any:
-    gm = program.gm
-    return sum((c.flops for n in gm.graph.nodes if (c := node_cost(n, gm)) is not None), 0)
+    return sum((c.flops for n, gm in walk(program.gm) if (c := node_cost(n, gm)) is not None), 0)
 
 
 def symbolic_batch_flops(program) -> sympy.Expr:
@@ -240,8 +250,7 @@ def symbolic_batch_flops(program) -> sympy.Expr:
             return (BATCH * (lead // batch), *s[1:])
         return s
 
-    gm = program.gm
-    return sympy.expand(sum((c.flops for n in gm.graph.nodes if (c := node_cost(n, gm, shape_of)) is not None),
+    return sympy.expand(sum((c.flops for n, gm in walk(program.gm) if (c := node_cost(n, gm, shape_of)) is not None),
                             sympy.Integer(0)))
 
 
@@ -271,5 +280,4 @@ def node_seconds(node: fx.Node, gm: fx.GraphModule, target) -> float:
 
 def roofline_seconds(program, target) -> float:
     """Sum over nodes of max(FLOPs / peak, bytes / bandwidth) plus a per-kernel launch overhead."""
-    gm = program.gm
-    return sum(node_seconds(n, gm, target) for n in gm.graph.nodes)
+    return sum(node_seconds(n, gm, target) for n, gm in walk(program.gm))

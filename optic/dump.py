@@ -121,14 +121,14 @@ def scheduled_kernel(k: Any, target: Any = "cpu") -> str:
     t = targets.get(target)
     try:
         if t.kind == "cpu":
-            from .targets.codegen_cpu import build
+            from .backend.codegen_cpu import build
 
             result = tune(op, t, 0)
             config, how = result.config, ("the tuning database's best" if result.measured
                                           else "the cost model's choice (not tuned yet: optic tune / optic kernel)")
             mod = build(op, config)
         else:
-            from .targets.codegen_cuda import build, model_config
+            from .backend.codegen_cuda import build, model_config
 
             config = model_config(op, t)
             how, mod = "the cost model's choice (GPU: nothing is measured here)", build(op, config)

@@ -55,6 +55,9 @@ class PassContext:
     # set by tvm_kernels when it kept generated kernels: the program without them, which cpu_tactics
     # times too, so that backend="tvm" is never slower than PyTorch's own kernels on the whole model
     without_generated: Any = None
+    # whether a lossy pass that will run comes after the current one: it needs to see the graph, so a
+    # step may not make the graph opaque (the whole-graph compiled implementation waits for it)
+    lossy_after: bool = False
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -119,6 +122,8 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
         elif program.runner is not None:
             rec.skipped = "the graph already runs in segments (early exit); passes after it cannot rewrite it"
         else:
+            ctx.lossy_after = ctx.budget is not None and ctx.budget.max_drop > 0 and any(
+                not getattr(q, "exact", True) and q.name not in disable for q in passes[i + 1:])
             program = _run_one(program, p, ctx, rec, ctx.reference)
         for inst in ctx.instruments:
             inst.after_pass(rec, before, program)

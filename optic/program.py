@@ -89,7 +89,7 @@ class Program:
 
     def node_count(self) -> int:
         """Op nodes: what the graph computes, not its inputs, constants or output."""
-        return sum(1 for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+        return _op_count(self.gm)
 
     def param_count(self) -> int:
         """Elements of the distinct tensors the graph reads (tied weights count once)."""
@@ -100,3 +100,16 @@ class Program:
     def recompile(self) -> None:
         self.gm.graph.lint()
         self.gm.recompile()
+
+
+def _op_count(gm) -> int:
+    """Op nodes of ``gm``; a module that runs a graph of its own (the backend's compiled whole graph,
+    which exposes it as ``graph_module``) counts as the ops of that graph."""
+    count = 0
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            count += 1
+        elif n.op == "call_module":
+            inner = getattr(gm.get_submodule(n.target), "graph_module", None)
+            count += _op_count(inner) if inner is not None else 1
+    return count

@@ -43,7 +43,8 @@ def register(p: Any) -> Any:
 
 
 def _load() -> None:
-    importlib.import_module("optic.passes")
+    importlib.import_module("optic.passes")  # the graph rewrites
+    importlib.import_module("optic.backend")  # the steps that choose kernels (oneDNN tactics, generated code)
 
 
 def get(name: str) -> Pass:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis_profiles import load_profile
@@ -20,3 +22,9 @@ def max_rel_err(a, b) -> float:
     from optic.verify import compare
 
     return compare(a, b, float("inf")).rel
+
+
+# The CPU step also offers the whole graph compiled by Inductor (optic.backend.whole): seconds of
+# compiling per optimize. The suite runs without it, except tests/test_whole_graph.py, which switches
+# it on; set OPTIC_WHOLE_GRAPH=1 to run everything with it.
+os.environ.setdefault("OPTIC_WHOLE_GRAPH", "0")

@@ -21,7 +21,7 @@ pytest.importorskip("tvm")
 
 from optic.autotune import solve  # noqa: E402
 from optic.autotune.operator import ELEMENTWISE_FNS, Operator  # noqa: E402
-from optic.targets import codegen_cpu  # noqa: E402
+from optic.backend import codegen_cpu  # noqa: E402
 from optic.tvm_compat import host_target, require_tvm  # noqa: E402
 from optic.verify import compare  # noqa: E402
 

@@ -26,8 +26,8 @@ from optic import targets  # noqa: E402
 from optic.autotune import solve  # noqa: E402
 from optic.autotune.operator import Operator  # noqa: E402
 from optic.autotune.space import SpaceError  # noqa: E402
+from optic.backend import codegen_cuda as cc  # noqa: E402
 from optic.errors import OpticError  # noqa: E402
-from optic.targets import codegen_cuda as cc  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 GPUS = st.sampled_from(["a100", "h100"])

@@ -55,7 +55,7 @@ def _solved():
 
 def flaky_builder(operator, config):
     """Fails to build (UNROLL 1), hangs (UNROLL 2), kills the worker (UNROLL 4), else the real kernel."""
-    from optic.targets import codegen_cpu
+    from optic.backend import codegen_cpu
 
     if config["UNROLL"] == 1:
         raise ValueError("deliberately unbuildable")

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 import optic
 from optic import api
+from optic.backend import vendor as cpu_tactics
 from optic.errors import OpticError
-from optic.passes import cpu_tactics
 
 
 class SmallCNN(nn.Module):

@@ -27,7 +27,7 @@ from tests.strategies import cnn_models, mlp_models
 pytest.importorskip("tvm")
 
 from optic.autotune import TuningDB  # noqa: E402
-from optic.passes.tvm_kernels import TVMKernel, find_sites, trials_for  # noqa: E402
+from optic.backend.generated import TVMKernel, find_sites, trials_for  # noqa: E402
 
 PASSES = ["cleanup", "fold_norm", "fuse", "cleanup"]  # no cpu_tactics: the generated kernels are what is tested
 KEEP_ALL = {"tvm_keep": "all"}
@@ -212,7 +212,7 @@ def test_cli_tune_twice(tmp_path):
 def test_cpu_tactics_also_times_the_model_without_generated_kernels(tmp_path, monkeypatch):
     """backend="tvm" never ends slower than the torch backend: once generated kernels are kept, cpu_tactics
     times its variants of the model with them and without them, and keeps the fastest."""
-    from optic.passes.tvm_kernels import TVMKernels
+    from optic.backend.generated import TVMKernels
 
     def keep(before, after, ctx, kernels):
         ctx.without_generated = before

@@ -19,6 +19,7 @@ float32 on the CPU only (the optimized module refuses ``.half()`` and other devi
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,14 +29,17 @@ import torch.fx as fx
 import torch.nn as nn
 
 from optic import emit, ir, timing
+from optic.errors import OpticError
 from optic.opview import Op, view
 from optic.registry import register
 from optic.verify import compare
 
+from . import profiling, whole
+
 mkldnn = torch.ops.mkldnn
 
 # op-view activation -> (oneDNN attr, scalars, algorithm)
-_ATTRS = {
+ONEDNN_ATTRS = {
     "relu": lambda a: ("relu", [], ""),
     "sigmoid": lambda a: ("sigmoid", [], ""),
     "tanh": lambda a: ("tanh", [], ""),
@@ -71,7 +75,7 @@ def _fusable_act(op: Op, gm: fx.GraphModule) -> Op | None:
     if len(users) != 1:
         return None
     act = view(users[0], gm)
-    if act is None or act.kind != "act" or act.x is not op.node or act.attrs.get("fn") not in _ATTRS:
+    if act is None or act.kind != "act" or act.x is not op.node or act.attrs.get("fn") not in ONEDNN_ATTRS:
         return None
     if ir.is_inplace(act.node):
         return None
@@ -81,7 +85,7 @@ def _fusable_act(op: Op, gm: fx.GraphModule) -> Op | None:
 _CONV_ONLY = "only 2-D, non-transposed, zero-padded convolutions have a oneDNN pointwise kernel"
 
 
-def _why_not_dense_fp32(op: Op) -> str | None:
+def why_not_dense_fp32(op: Op) -> str | None:
     """Why a conv/linear is not a float32 op on constant, dense weights (what every tactic needs)."""
     w = op.const("weight")
     if w is None or "bias" not in op.consts:
@@ -100,7 +104,7 @@ def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
         if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node):
             continue
         w = op.const("weight")
-        reason = _why_not_dense_fp32(op)
+        reason = why_not_dense_fp32(op)
         if reason is None and op.kind == "conv" and (op.attrs.get("transposed")
                                                      or op.attrs.get("padding_mode", "zeros") != "zeros"):
             reason = _CONV_ONLY
@@ -108,7 +112,7 @@ def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
             stats.decline("onednn_" + op.kind, node.name, reason)
             continue
         act = _fusable_act(op, gm)
-        name, scalars, algo = _ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+        name, scalars, algo = ONEDNN_ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
         attr = (name, scalars or [None], algo)  # the kernels take [None] for "no scalars"
         sig = (op.kind, ir.shape(op.x), tuple(w.shape), op.const("bias") is not None, repr(attr),
                repr({k: op.attrs.get(k) for k in ("stride", "padding", "dilation", "groups")}))
@@ -116,7 +120,7 @@ def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
     return out
 
 
-def _recorded_inputs(program, nodes: set[fx.Node]) -> dict[fx.Node, Any]:
+def recorded_inputs(program, nodes: set[fx.Node]) -> dict[fx.Node, Any]:
     """The values ``nodes`` take on the example inputs (copies: a later in-place op, e.g. ``ReLU6(inplace=True)``,
     must not change what was recorded)."""
     seen: dict[fx.Node, Any] = {}
@@ -133,7 +137,7 @@ def _recorded_inputs(program, nodes: set[fx.Node]) -> dict[fx.Node, Any]:
     return seen
 
 
-def _fast_call(c: Candidate, gm: fx.GraphModule):
+def fast_call(c: Candidate, gm: fx.GraphModule):
     op = c.op
     bias = op.const("bias")
     attr, scalars, algo = c.attr
@@ -219,7 +223,7 @@ def to_channels_last(gm: fx.GraphModule) -> int:
     cl = torch.channels_last
     for node in list(graph.nodes):
         op = view(node, gm)
-        if op is None or op.kind != "conv" or not isinstance(op.x, fx.Node) or _why_not_dense_fp32(op):
+        if op is None or op.kind != "conv" or not isinstance(op.x, fx.Node) or why_not_dense_fp32(op):
             continue
         with graph.inserting_before(node):
             x = graph.call_function(torch.ops.aten.contiguous.default, (op.x,), {"memory_format": cl})
@@ -247,7 +251,8 @@ def to_channels_last(gm: fx.GraphModule) -> int:
 class CpuTactics:
     name = "cpu_tactics"
     exact = True
-    description = "channels-last layout and oneDNN conv/linear kernels (fused activation, prepacked weights), kept where measured faster"
+    description = ("the fastest implementation of the whole model, measured: PyTorch ops, channels-last, oneDNN conv/linear "
+                   "kernels (fused activation, prepacked weights), or the whole graph compiled (Inductor, AOTInductor)")
 
     def run(self, program, ctx) -> bool:
         if ctx.target.kind != "cpu":
@@ -265,9 +270,18 @@ class CpuTactics:
             more, more_kernels = self._variants(fallback, ctx, "no generated kernels: ")
             variants.update(more)
             kernels.update(more_kernels)
+        for name, compiled in self._whole_graph(program, ctx).items():
+            variants[name] = compiled
+            kernels[name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
         if len(variants) == 1:
             return False
         best = self._fastest(variants, program, ctx)
+        args, kwargs = program.example_args, program.example_kwargs
+        kept = variants[best].gm
+        table = profiling.profile(lambda: kept(*args, **kwargs))
+        if table:
+            ctx.record.measured["kernels"] = [k.as_dict() for k in table]
+            ctx.note(profiling.summary(table))
         if best == "torch ops":
             return False
         program.gm = variants[best].gm
@@ -275,6 +289,49 @@ class CpuTactics:
         for rule in kernels.get(best, []):
             ctx.stats.match(rule)
         return True
+
+    @staticmethod
+    def _whole_graph(program, ctx) -> dict[str, Any]:
+        """The whole graph as one compiled program (:mod:`.whole`: Inductor through torch.compile, and an
+        AOTInductor package), each checked on the inputs the pass is checked on; a decline says why one
+        is not offered."""
+        why = whole.unavailable()
+        which = ctx.option("whole_graph", os.environ.get(whole.ENV, "1") != "0")
+        if which not in (True, False, "compiled", "packaged"):
+            raise OpticError(f"option whole_graph={which!r}: expected True (offer both), 'compiled', 'packaged' "
+                             "or False")
+        if not which:
+            why = f"switched off (option whole_graph=False, or ${whole.ENV}=0)"
+        elif ctx.lossy_after:
+            why = "a lossy pass follows and needs to see the graph"
+        if why:
+            ctx.stats.decline("whole_graph_compiled", "*", why)
+            return {}
+        if whole.writes_state(program):
+            kinds = [(whole.NAME, "whole_graph_compiled", False)]
+            ctx.stats.decline("whole_graph_packaged", "*", "the model updates a buffer in forward: a package "
+                                                             "would update its own copy")
+        else:
+            kinds = [(whole.NAME, "whole_graph_compiled", False), (whole.PACKAGED, "whole_graph_packaged", True)]
+        kinds = [k for k in kinds if which is True or k[2] == (which == "packaged")]
+        found = {}
+        for name, rule, packaged in kinds:
+            t0 = time.perf_counter()
+            try:
+                candidate = whole.wrap(program, packaged=packaged)
+                with torch.no_grad():
+                    for args, kwargs in ctx.check_inputs:
+                        check = compare(program.gm(*args, **kwargs), candidate.gm(*args, **kwargs), ctx.tolerance)
+                        if not check.ok:
+                            raise ValueError(f"it differs ({check})")
+                if candidate.gm.compiled.failed:
+                    raise RuntimeError(candidate.gm.compiled.failed)
+            except Exception as e:  # it could not be built: PyTorch's ops and the tactics remain
+                ctx.stats.decline(rule, "*", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+                continue
+            ctx.record.measured[rule + "_build_s"] = round(time.perf_counter() - t0, 2)
+            found[name] = candidate
+        return found
 
     def _variants(self, program, ctx, prefix: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """Whole-model variants of ``program``: as it is, channels-last, and with the oneDNN kernels
@@ -298,7 +355,7 @@ class CpuTactics:
         cands = _candidates(gm, ctx.stats)
         if not cands:
             return []
-        values = _recorded_inputs(program, {c.op.x for c in cands} | {c.last for c in cands})
+        values = recorded_inputs(program, {c.op.x for c in cands} | {c.last for c in cands})
         verdicts: dict[tuple, tuple[bool, str]] = {}
         chosen: list[Candidate] = []
         for c in cands:
@@ -312,7 +369,7 @@ class CpuTactics:
                 ctx.stats.decline("onednn_" + c.op.kind, c.op.node.name, why)
                 continue
             if c.packed is None:  # same layer shape as a measured one: prepare its own weights
-                _fast_call(c, gm)
+                fast_call(c, gm)
             chosen.append(c)
         renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier one ended with
         for c in chosen:
@@ -329,7 +386,7 @@ class CpuTactics:
         if not isinstance(x, torch.Tensor) or not isinstance(expected, torch.Tensor):
             return False, "input not recorded"
         try:
-            fast = _fast_call(c, gm)
+            fast = fast_call(c, gm)
             got = fast(x)
         except RuntimeError as e:
             return False, f"oneDNN kernel refused: {str(e).splitlines()[0][:80]}"

@@ -1,0 +1,294 @@
+"""whole: the whole optimized graph as one compiled program, one implementation the CPU step times.
+
+Per-layer kernel swaps (:mod:`.vendor`, :mod:`.generated`) leave everything between the GEMMs to
+PyTorch's ops, one Python dispatch each. This implementation hands the optimized graph to Inductor
+with its weights frozen (``freezing=True``, the configuration PyTorch recommends for CPU inference):
+fp32 linears become MKL packed GEMMs and convs oneDNN kernels with prepacked blocked weights and
+their binary post-ops (conv + add + relu in one call), and every elementwise, LayerNorm, GELU and
+softmax run between them is generated as fused C++ loops. The CPU step (``cpu_tactics``) times it
+against PyTorch's ops and the per-layer tactics on the whole model and keeps the fastest.
+
+:class:`CompiledGraph` holds the plain graph (its ``state_dict``, pickles and deep copies are plain)
+and compiles it on its first call, and again whenever what was frozen can be stale: a weight edited
+in place or loaded (its version changes), the module moved or cast (``.to``, ``.half()``), or an input
+of another shape or dtype (Inductor's guards). It runs the plain graph where a compiled program
+cannot serve: inputs that need gradients, tracing (``torch.export``, fx, an outer ``torch.compile``),
+other devices. A failed compile is never an error: the plain graph runs, and the step that chose it
+had measured it working.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+NAME = "whole graph compiled (Inductor, frozen weights)"
+log = logging.getLogger("optic")
+ENV = "OPTIC_WHOLE_GRAPH"  # "0": the CPU step does not offer the whole-graph implementation
+# freezing: weights are constants (folded, prepacked); cpp_wrapper: the kernels are called from
+# generated C++, no Python per op (measured 2.09x -> 2.45x over eager on mobilenetv2 at batch 1)
+# enable_kernel_profile: each generated kernel is named in a profile (the report's kernel table); when
+# nothing profiles, that costs one flag test per kernel
+INDUCTOR_CONFIG = {"freezing": True, "cpp_wrapper": True, "cpp.enable_kernel_profile": True}
+
+
+def unavailable() -> str | None:
+    """Why the whole-graph implementation cannot be built here, or None."""
+    if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "Inductor needs a C++ compiler on the CPU and none was found (install g++)"
+    return None
+
+
+def _leaves(args: Any) -> list[Any]:
+    return torch.utils._pytree.tree_leaves(args)
+
+
+class CompiledGraph(nn.Module):
+    """An fx graph run as one Inductor-compiled program with frozen weights (see the module doc)."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+        self._reset()
+
+    def _reset(self) -> None:
+        self._compiled: Any = None
+        self._frozen: list[torch.Tensor] = []
+        self._versions: list[int] = []
+        self.compile_s: float | None = None
+        self.failed: str | None = None  # why the compiled program failed on a call (then the plain graph ran)
+
+    # -- running -------------------------------------------------------------------------------------
+    def _servable(self, args: tuple) -> bool:
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        grad = torch.is_grad_enabled()
+        for a in _leaves(args):
+            if isinstance(a, torch.Tensor):
+                if type(a) is not torch.Tensor or a.device.type != "cpu" or (grad and a.requires_grad):
+                    return False
+            elif isinstance(a, fx.Proxy):
+                return False
+        return True
+
+    def _stale(self) -> bool:
+        """Whether a frozen tensor changed since the compiled program last ran (edited in place, loaded).
+        What the graph itself updates (a buffer it writes) changes during a call, and is taken as it is
+        after each call, so only changes made from outside count."""
+        return any(t._version != v for t, v in zip(self._frozen, self._versions, strict=True))
+
+    def compile(self) -> None:
+        """Set up compilation (Inductor compiles on the next call); later calls reuse it until something it
+        froze changes."""
+        t0 = time.perf_counter()
+        self._frozen = _tensors(self.graph_module)
+        self._versions = [t._version for t in self._frozen]
+        # dynamic=False: Inductor specialises on the shapes it sees and guards them (another batch size
+        # compiles again); freezing folds and prepacks the weights, which is why staleness is checked
+        # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
+        # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
+        fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
+        # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
+        object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=False))
+        self.compile_s = time.perf_counter() - t0
+
+    def forward(self, *args: Any) -> Any:
+        if not self._servable(args):
+            return self.graph_module(*args)
+        if self._compiled is None or self._stale():
+            self.compile()
+        # Inductor compiles lazily, on this call or on any later one whose guards fail (another shape):
+        # freezing must be on whenever it may compile (torch.compile's options= does not reach it), and
+        # it applies to inference graphs only (no input needs a gradient here)
+        import torch._inductor.config as inductor_config
+
+        try:
+            with torch.no_grad(), inductor_config.patch(INDUCTOR_CONFIG):
+                out = self._compiled(*args)
+            self._versions = [t._version for t in self._frozen]
+            return out
+        except Exception as e:  # e.g. another shape that does not compile: the plain graph serves it
+            if self.failed is None:
+                self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                log.warning("optic: the compiled graph failed (%s); running the plain graph", self.failed)
+            return self.graph_module(*args)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cpu(): what was frozen is another tensor now
+        self._reset()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # the compiled program is neither copied nor saved: compiled again
+        state = dict(self.__dict__)
+        state.update(_compiled=None, _frozen=[], _versions=[])
+        return state
+
+
+def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Every tensor the graph reads from its module (parameters, buffers, plain tensor attributes)."""
+    from optic.ir import live_tensors
+
+    return list({id(t): t for t in [*live_tensors(gm).values(), *gm.parameters(), *gm.buffers()]}.values())
+
+
+def writes_state(program: Any) -> bool:
+    """Whether running the graph on its example changes one of its tensors (a buffer it updates)."""
+    tensors = _tensors(program.gm)
+    before = [t._version for t in tensors]
+    with torch.no_grad():
+        program.clone().gm(*program.example_args, **program.example_kwargs)
+    return any(t._version != v for t, v in zip(tensors, before, strict=True))
+
+
+def wrap(program: Any, packaged: bool = False) -> Any:
+    """A clone of ``program`` whose graph calls one :class:`CompiledGraph` over its own graph (with
+    ``packaged``: one :class:`PackagedGraph`, built now on the program's example inputs).
+
+    The compiled graph takes the placeholders flat and returns the output's tensors flat; the outer
+    graph keeps the original's placeholders, calling convention (fx's or export's pytree codegen) and
+    output structure, so callers see no difference."""
+    import copy
+    import operator
+
+    from torch.fx.graph import CodeGen
+
+    inner = program.clone()
+    out = program.clone()
+    old_out = next(n for n in inner.gm.graph.nodes if n.op == "output")
+    leaves: list[fx.Node] = []
+    fx.map_arg(old_out.args[0], lambda n: leaves.append(n) if n not in leaves else None)
+
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(inner.gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inner.gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.target, type_expr=node.type,
+                                          default_value=node.args[0] if node.args else inspect.Signature.empty)
+            env[node].meta = dict(node.meta)
+    call = graph.call_module("compiled", tuple(env[n] for n in inner.gm.graph.nodes if n.op == "placeholder"))
+    got: dict[fx.Node, fx.Node] = {}
+    for i, leaf in enumerate(leaves):
+        got[leaf] = graph.call_function(operator.getitem, (call, i))
+        got[leaf].meta = {k: v for k, v in leaf.meta.items() if k in ("val", "tensor_meta", "shape", "dtype")}
+    graph.output(fx.map_arg(old_out.args[0], lambda n: got[n]))
+
+    old_out.args = (tuple(leaves),)  # the compiled graph: flat in, flat out
+    inner.gm.graph._codegen = CodeGen()
+    inner.gm.recompile()
+    root = nn.Module()
+    root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm)
+    out.gm = fx.GraphModule(root, graph)
+    if packaged:  # the flat inputs the inner graph sees on the example: what the package is built for
+        seen: list[tuple] = []
+        hook = root.compiled.register_forward_pre_hook(lambda _m, a: seen.append(a))
+        with torch.no_grad():
+            out.gm(*program.example_args, **program.example_kwargs)
+        hook.remove()
+        out.gm.compiled.build(seen[0])
+    return out
+
+
+PACKAGED = "whole graph packaged (AOTInductor, frozen weights)"
+
+
+class PackagedGraph(nn.Module):
+    """An fx graph compiled ahead of time into one AOTInductor package: the whole model is one call into
+    generated C++ (no Dynamo guards, no Python wrapper), with the weights frozen into the package.
+
+    The package serves calls with the shapes and dtypes it was built for, while no frozen tensor has
+    changed; any other call runs the plain graph (other shapes, gradients, tracing), and a weight edited
+    after the build turns the package off for good, with a warning (optimize again to rebuild it). The
+    package's bytes pickle and deep-copy with the module; the plain graph is its state."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+        self.signature: list[Any] = []
+        self.package: bytes | None = None
+        self.compile_s: float | None = None
+        self.failed: str | None = None
+        self._runner: Any = None
+        self._frozen: list[torch.Tensor] = []
+        self._versions: list[int] = []
+
+    def build(self, example: tuple) -> None:
+        """Export the graph and compile the package (tens of seconds for a real-size model)."""
+        import io
+
+        import torch._inductor
+        import torch._inductor.config as inductor_config
+
+        t0 = time.perf_counter()
+        self.signature = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example]
+        with torch.no_grad():
+            ep = torch.export.export(self.graph_module, tuple(example), strict=False)
+            buf = io.BytesIO()
+            with inductor_config.patch(freezing=True):
+                torch._inductor.aoti_compile_and_package(ep, package_path=buf)
+        self.package = buf.getvalue()
+        self.compile_s = time.perf_counter() - t0
+        self._track()
+
+    def _track(self) -> None:
+        self._frozen = _tensors(self.graph_module)
+        self._versions = [t._version for t in self._frozen]
+
+    def _load(self) -> Any:
+        import io
+
+        import torch._inductor
+
+        if self._runner is None:
+            self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))
+            if not self._frozen:
+                self._track()
+        return self._runner
+
+    def _servable(self, args: tuple) -> bool:
+        if self.package is None or self.failed is not None or len(args) != len(self.signature):
+            return False
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        grad = torch.is_grad_enabled()
+        for a, sig in zip(args, self.signature, strict=True):
+            if isinstance(a, torch.Tensor):
+                if (type(a) is not torch.Tensor or not isinstance(sig, tuple) or (tuple(a.shape), a.dtype) != sig
+                        or a.device.type != "cpu" or (grad and a.requires_grad)):
+                    return False
+            elif isinstance(a, fx.Proxy) or a != sig:
+                return False
+        return True
+
+    def forward(self, *args: Any) -> Any:
+        if not self._servable(args):
+            return self.graph_module(*args)
+        try:
+            runner = self._load()
+            if any(t._version != v for t, v in zip(self._frozen, self._versions, strict=True)):
+                self.failed = "a weight changed after the package was built (optimize again to rebuild it)"
+                log.warning("optic: %s; running the plain graph", self.failed)
+                return self.graph_module(*args)
+            with torch.no_grad():
+                out = runner(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
+            return tuple(out)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            log.warning("optic: the packaged graph failed (%s); running the plain graph", self.failed)
+            return self.graph_module(*args)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(): the package holds the old tensors
+        self.failed = self.failed or "the module was moved or cast after the package was built"
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # the package's bytes travel; the loaded runner is loaded again
+        state = dict(self.__dict__)
+        state.update(_runner=None, _frozen=[], _versions=[])
+        return state
