@@ -60,6 +60,11 @@ WIDE_SPREAD = 0.20  # interquartile range / median above which the timing is rep
 SLOW_BUDGET_S = 20.0  # a system whose calls over all rounds would take longer is timed apart
 SINGLE_RUN_S = 5.0  # a call longer than this is timed once
 WARMUP_S = 2.0  # every system runs this long, alternated with the others, before any timing
+WARMUP_ENV = "OPTIC_BENCH_WARMUP_S"  # another warm-up (optic bench --warmup S sets it; child processes inherit it)
+
+
+def warmup_seconds() -> float:
+    return float(os.environ.get(WARMUP_ENV, WARMUP_S))
 ROW_TIMEOUT_S = 1800.0
 PHASE = "bench-phase:"  # child → parent protocol on stderr: the phase the child is in
 PROGRESS = "bench:"
@@ -89,7 +94,7 @@ def run(models: list[str], systems: list[str | System] | None = None, batches: S
     started = time.time()
     settings = {"systems": [_system(s).name for s in chosen], "batches": list(batches), "rounds": rounds,
                 "block_s": BLOCK_S, "min_calls": MIN_CALLS, "wide_spread": WIDE_SPREAD, "single_run_s": SINGLE_RUN_S,
-                "warmup_s": WARMUP_S,
+                "warmup_s": warmup_seconds(),
                 "isolated": isolate, "seconds": 0.0, "complete": False}
     results = {"machine": machine(threads), "settings": settings, "rows": []}
     for name in models:
@@ -248,7 +253,7 @@ def _time_all(ready: dict, single: dict[str, Timing], rounds: int, recs: dict) -
     reps = {k: max(1, min(MAX_BLOCK, round(BLOCK_S / max(per_call[k], 1e-7)))) for k in ready}
     n_rounds = max(rounds, max(math.ceil(MIN_CALLS / reps[k]) for k in together))
     fns = {k: _repeat(ready[k].call, reps[k]) for k in together}
-    warmed = warm_up({k: ready[k].call for k in ready if per_call[k] <= SINGLE_RUN_S}, WARMUP_S)
+    warmed = warm_up({k: ready[k].call for k in ready if per_call[k] <= SINGLE_RUN_S}, warmup_seconds())
     first = time_compare(fns, rounds=n_rounds, block=1, warmup=1)
     spreads = [_max_spread(first)]
     best = first

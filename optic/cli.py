@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--target", default="cpu", help="where to measure: only cpu, this machine (default)")
     bench.add_argument("--rounds", type=int, default=20, metavar="N",
                        help="alternation rounds per timing, at least (default: %(default)s)")
+    bench.add_argument("--warmup", type=float, metavar="S",
+                       help="seconds every system runs, alternated with the others, before timing (default: 2; "
+                            "a fresh process's first seconds run up to 10x slower on these machines)")
     bench.add_argument("--threads", type=int, metavar="N",
                        help="threads for every system (default: $OMP_NUM_THREADS if set, else all cores here)")
     bench.add_argument("--out", metavar="DIR", help="folder for the results (default: benchmarks/results)")
@@ -466,6 +469,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise OpticError(f"--batch {args.batch}: give batch sizes as integers, e.g. 1,8.") from None
     if not batches or min(batches) < 1 or args.rounds < 1 or (args.threads is not None and args.threads < 1):
         raise OpticError("--batch, --rounds and --threads take positive integers.")
+    if args.warmup is not None:
+        if not args.warmup >= 0:
+            raise OpticError("--warmup takes a number of seconds >= 0.")
+        os.environ[runner.WARMUP_ENV] = str(args.warmup)  # the rows' child processes inherit it
     if args.readme:
         try:
             render.check_readme(Path(args.readme))

@@ -46,6 +46,12 @@ def _sleeping(seconds):
     return prepare
 
 
+@pytest.fixture(autouse=True)
+def _short_warmup(monkeypatch):
+    """What these tests check is not the warm-up (one test below is about it): 0.1 s of it, not 2."""
+    monkeypatch.setenv(runner.WARMUP_ENV, "0.1")
+
+
 BROKEN = System("broken", "raises while preparing", _broken)
 WRONG = System("wrong", "computes something else", _off_by_one_percent)
 MISSING = System("missing", "needs a package that is not here", _broken, lambda: "frobnicate is not installed")
@@ -70,7 +76,8 @@ def threads_restored():
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    with threads_restored():
+    with threads_restored(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv(runner.WARMUP_ENV, "0.1")
         results = runner.run(["tiny_cnn"], ["eager", "optic", BROKEN, WRONG, MISSING], [1], rounds=3,
                              out_dir=out, threads=1)
     return results, out
@@ -232,7 +239,7 @@ def test_slow_systems_are_timed_apart_or_once(tmp_path, monkeypatch):
     assert "(apart, 3 rounds with eager)" in md and "(single run)" in md
 
 
-def test_every_system_is_warmed_up_in_turn_and_timed_without_autograd(tmp_path):
+def test_every_system_is_warmed_up_in_turn_and_timed_without_autograd(tmp_path, monkeypatch):
     calls: list[str] = []
     grad_seen: list[bool] = []
 
@@ -255,9 +262,10 @@ def test_every_system_is_warmed_up_in_turn_and_timed_without_autograd(tmp_path):
         return Prepared(call=lambda: grad_seen.append(torch.is_grad_enabled()) or model(*inputs),
                         outputs=lambda: model(*inputs))
 
+    monkeypatch.delenv(runner.WARMUP_ENV)  # the default: 2 s
     with threads_restored():
         results = runner.run(["tiny_cnn"], ["eager", System("spy", "records grad mode", prepare)], [1], rounds=3,
                              out_dir=tmp_path, threads=1)
     assert grad_seen and not any(grad_seen)
-    assert results["rows"][0]["timing"]["warmup_s"]["spy"] >= runner.WARMUP_S
+    assert results["rows"][0]["timing"]["warmup_s"]["spy"] >= runner.WARMUP_S == 2.0
     assert "had run 2 s" in (tmp_path / "bench.md").read_text()

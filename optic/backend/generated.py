@@ -144,8 +144,11 @@ def _uniform(value: Any) -> int | None:
     return int(values[0])
 
 
-def _operator(op: Op, epilogue: tuple[str, ...]) -> tuple[Any, tuple, tuple, str | None]:
-    """``(operator, kernel input shape, kernel output shape, None)`` or ``(None, (), (), why not)``."""
+def _operator(op: Op, epilogue: tuple[str, ...], b_layout: str = "nk") -> tuple[Any, tuple, tuple, str | None]:
+    """``(operator, kernel input shape, kernel output shape, None)`` or ``(None, (), (), why not)``.
+
+    ``b_layout``: the layout a linear's weight is handed to the kernel in: ``"nk"`` as ``nn.Linear`` holds
+    it, or ``"kn"``, transposed once when the kernel is made (the CPU template's fast layout)."""
     from optic.autotune import Operator, SpaceError
 
     w = op.const("weight")
@@ -156,7 +159,7 @@ def _operator(op: Op, epilogue: tuple[str, ...]) -> tuple[Any, tuple, tuple, str
         if op.kind == "linear":
             n, k = w.shape
             m = math.prod(xs[:-1])
-            return (Operator("matmul", (m, n, k), b_layout="nk", epilogue=epilogue), (m, k), (m, n), None)
+            return (Operator("matmul", (m, n, k), b_layout=b_layout, epilogue=epilogue), (m, k), (m, n), None)
         a = op.attrs
         if a.get("nd") != 2 or a.get("transposed") or a.get("groups", 1) != 1 or len(xs) != 4 \
                 or a.get("padding_mode", "zeros") != "zeros":
@@ -172,7 +175,9 @@ def _operator(op: Op, epilogue: tuple[str, ...]) -> tuple[Any, tuple, tuple, str
         return None, (), (), str(e)
 
 
-def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
+def find_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[Site]:
+    """Every dense conv/linear with its epilogue (bias, activation, residual add) that a template covers;
+    ``b_layout``: see :func:`_operator`."""
     sites: list[Site] = []
     taken: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -200,7 +205,7 @@ def find_sites(gm: fx.GraphModule, stats: Any) -> list[Site]:
                 nodes.append(nxt.node)
                 continue
             break
-        operator, in_shape, out_shape, why = _operator(op, tuple(epilogue))
+        operator, in_shape, out_shape, why = _operator(op, tuple(epilogue), b_layout)
         if operator is None:
             stats.decline("tvm_" + op.kind, node.name, why)
             continue
@@ -254,7 +259,9 @@ class TVMKernel(nn.Module):
 
     def flops(self, out_shape: tuple) -> Any:
         """FLOPs per call, as optic.cost counts the layer and epilogue this kernel replaced."""
-        return kernel_flops(out_shape, tuple(self.weight.shape), self.epilogue)
+        w = tuple(self.weight.shape)
+        transposed = self.source is not None and self.source[0].opts.get("b_layout") == "kn"
+        return kernel_flops(out_shape, w[::-1] if transposed else w, self.epilogue)
 
     def __getstate__(self) -> dict:  # a loaded library does not pickle: it is compiled again on first use
         if self.source is None:
@@ -293,7 +300,10 @@ def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
 
 def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKernel:
     cfg = " ".join(f"{k}={v}" for k, v in config.items())
-    return TVMKernel(fn, lib, site.op.const("weight"), site.op.const("bias"), site.in_shape, site.out_shape,
+    weight = site.op.const("weight")
+    if site.operator.op == "matmul" and site.operator.opts.get("b_layout") == "kn":
+        weight = weight.t()  # prepacked once: the kernel reads B[K,N]
+    return TVMKernel(fn, lib, weight, site.op.const("bias"), site.in_shape, site.out_shape,
                      ir.shape(site.last), f"{site.operator}{' + ' + '+'.join(site.epilogue) if site.epilogue else ''}; {cfg}",
                      (site.operator, dict(config)), epilogue=site.epilogue)
 
@@ -327,6 +337,7 @@ class KernelChoice:
     chosen: str = "torch"
     why: str = ""
     cached: bool = False
+    rank_correlation: float | None = None  # the cost model against this workload's measurements (Spearman)
 
     def line(self) -> str:
         times = ", ".join(f"{k} {v:.4f} ms" for k, v in self.times_ms.items())
@@ -352,7 +363,9 @@ class TVMKernels:
             ctx.stats.decline("tvm_kernels", "*", "TVM is not installed (pip install 'optic[tvm]')")
             return False
         gm = program.gm
-        sites = find_sites(gm, ctx.stats)
+        # B[K,N]: the CPU template runs a linear about 2x faster with its weight transposed (once, here)
+        # than in nn.Linear's B[N,K] (matmul 128x3072x768 + bias+gelu: 0.49x PyTorch in B[N,K], 1.02x in B[K,N])
+        sites = find_sites(gm, ctx.stats, b_layout="kn")
         if not sites:
             return False
         tune_level = ctx.option("tune", "fast")
@@ -413,7 +426,8 @@ class TVMKernels:
                 measurements += result.measurements
                 tuned = (f"measured {result.measurements}" if result.measurements else
                          f"database ({result.records} records)" if result.measured else "cost model")
-                choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], result.config, tuned)
+                choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], result.config, tuned,
+                                      rank_correlation=result.rank_correlation)
                 out.append(self._tactic(group, gm, values, ctx, result, db, choice))
                 report.append(choice)
                 if ctx.progress is not None:
