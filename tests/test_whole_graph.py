@@ -199,7 +199,7 @@ def test_the_report_counts_what_the_compiled_graph_computes(whole_kept):
 
 
 @given(case=contract_models())
-@examples(4, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@examples(3, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_the_call_contract_holds_when_compiled(case):
     """Generated models with optional arguments, container outputs and buffers, run compiled."""
     model, x, mask, how, buffer = case
