@@ -17,7 +17,6 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,9 +95,9 @@ def _optic_tvm_available() -> str | None:
 
 # -- torch.compile (inductor) ---------------------------------------------------------------------------
 def _compile_available() -> str | None:
-    if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
-        return "inductor needs a C++ compiler on CPU and none was found (install g++)"
-    return None
+    from optic.backend.whole import unavailable  # the same check: Inductor's C++ compiler
+
+    return unavailable()
 
 
 def _compile(model: nn.Module, inputs: tuple, freezing: bool = False) -> Prepared:

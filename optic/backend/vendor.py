@@ -307,13 +307,13 @@ class CpuTactics:
         if why:
             ctx.stats.decline("whole_graph_compiled", "*", why)
             return {}
-        if whole.writes_state(program):
-            kinds = [(whole.NAME, "whole_graph_compiled", False)]
-            ctx.stats.decline("whole_graph_packaged", "*", "the model updates a buffer in forward: a package "
-                                                             "would update its own copy")
-        else:
-            kinds = [(whole.NAME, "whole_graph_compiled", False), (whole.PACKAGED, "whole_graph_packaged", True)]
-        kinds = [k for k in kinds if which is True or k[2] == (which == "packaged")]
+        kinds = [] if which == "packaged" else [(whole.NAME, "whole_graph_compiled", False)]
+        if which != "compiled":
+            if whole.writes_state(program):
+                ctx.stats.decline("whole_graph_packaged", "*", "the model updates a buffer in forward: a package "
+                                                                 "would update its own copy")
+            else:
+                kinds.append((whole.PACKAGED, "whole_graph_packaged", True))
         found = {}
         for name, rule, packaged in kinds:
             t0 = time.perf_counter()
@@ -327,7 +327,7 @@ class CpuTactics:
                 if candidate.gm.compiled.failed:
                     raise RuntimeError(candidate.gm.compiled.failed)
             except Exception as e:  # it could not be built: PyTorch's ops and the tactics remain
-                ctx.stats.decline(rule, "*", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
+                ctx.stats.decline(rule, "*", whole.error_line(e, 160))
                 continue
             ctx.record.measured[rule + "_build_s"] = round(time.perf_counter() - t0, 2)
             found[name] = candidate

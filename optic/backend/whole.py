@@ -47,50 +47,87 @@ def unavailable() -> str | None:
     return None
 
 
-def _leaves(args: Any) -> list[Any]:
-    return torch.utils._pytree.tree_leaves(args)
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (what reports and warnings show)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
 
 
-class CompiledGraph(nn.Module):
-    """An fx graph run as one Inductor-compiled program with frozen weights (see the module doc)."""
+class _FrozenGraph(nn.Module):
+    """What both whole-graph implementations share: the plain graph they fall back to, which calls a
+    built program may serve, and the versions of the tensors it froze (an outside edit makes it stale)."""
 
     def __init__(self, graph_module: fx.GraphModule):
         super().__init__()
         self.graph_module = graph_module
+        self.compile_s: float | None = None
+        self.failed: str | None = None  # why the built program failed or was turned off (the plain graph runs)
+        self._frozen: list[torch.Tensor] = []
+        self._versions: list[int] = []
+
+    def _track(self) -> None:
+        """Take the frozen tensors' versions as they are now."""
+        if not self._frozen:
+            self._frozen = _tensors(self.graph_module)
+        self._versions = [t._version for t in self._frozen]
+
+    def _changed(self) -> bool:
+        """Whether a frozen tensor changed since :meth:`_track` (edited in place, loaded)."""
+        return any(t._version != v for t, v in zip(self._frozen, self._versions, strict=True))
+
+    @staticmethod
+    def _servable_value(a: Any, grad: bool) -> bool:
+        """Whether a built program may take ``a``: not a traced value (fake tensor, proxy), on the CPU, and
+        not an input whose gradient is wanted."""
+        if isinstance(a, torch.Tensor):
+            return type(a) is torch.Tensor and a.device.type == "cpu" and not (grad and a.requires_grad)
+        return not isinstance(a, fx.Proxy)
+
+    @staticmethod
+    def _tracing() -> bool:
+        return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+    def _fall_back(self, what: str, e: BaseException, *args: Any) -> Any:
+        if self.failed is None:
+            self.failed = error_line(e)
+            log.warning("optic: the %s failed (%s); running the plain graph", what, self.failed)
+        return self.graph_module(*args)
+
+    def __getstate__(self) -> dict:  # built programs are neither copied nor saved; versions are taken again
+        state = dict(self.__dict__)
+        state.update(_frozen=[], _versions=[])
+        return state
+
+
+class CompiledGraph(_FrozenGraph):
+    """An fx graph run as one Inductor-compiled program with frozen weights (see the module doc)."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__(graph_module)
         self._reset()
 
     def _reset(self) -> None:
         self._compiled: Any = None
-        self._frozen: list[torch.Tensor] = []
-        self._versions: list[int] = []
-        self.compile_s: float | None = None
-        self.failed: str | None = None  # why the compiled program failed on a call (then the plain graph ran)
+        self._frozen, self._versions = [], []
+        self.compile_s = None
+        self.failed = None
 
     # -- running -------------------------------------------------------------------------------------
     def _servable(self, args: tuple) -> bool:
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return False
         grad = torch.is_grad_enabled()
-        for a in _leaves(args):
-            if isinstance(a, torch.Tensor):
-                if type(a) is not torch.Tensor or a.device.type != "cpu" or (grad and a.requires_grad):
-                    return False
-            elif isinstance(a, fx.Proxy):
-                return False
-        return True
+        return not self._tracing() and all(self._servable_value(a, grad) for a in torch.utils._pytree.tree_leaves(args))
 
     def _stale(self) -> bool:
         """Whether a frozen tensor changed since the compiled program last ran (edited in place, loaded).
         What the graph itself updates (a buffer it writes) changes during a call, and is taken as it is
         after each call, so only changes made from outside count."""
-        return any(t._version != v for t, v in zip(self._frozen, self._versions, strict=True))
+        return self._changed()
 
     def compile(self) -> None:
         """Set up compilation (Inductor compiles on the next call); later calls reuse it until something it
         froze changes."""
         t0 = time.perf_counter()
-        self._frozen = _tensors(self.graph_module)
-        self._versions = [t._version for t in self._frozen]
+        self._frozen = []
+        self._track()
         # dynamic=False: Inductor specialises on the shapes it sees and guards them (another batch size
         # compiles again); freezing folds and prepacks the weights, which is why staleness is checked
         # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
@@ -113,22 +150,17 @@ class CompiledGraph(nn.Module):
         try:
             with torch.no_grad(), inductor_config.patch(INDUCTOR_CONFIG):
                 out = self._compiled(*args)
-            self._versions = [t._version for t in self._frozen]
+            self._track()
             return out
         except Exception as e:  # e.g. another shape that does not compile: the plain graph serves it
-            if self.failed is None:
-                self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-                log.warning("optic: the compiled graph failed (%s); running the plain graph", self.failed)
-            return self.graph_module(*args)
+            return self._fall_back("compiled graph", e, *args)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cpu(): what was frozen is another tensor now
         self._reset()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # the compiled program is neither copied nor saved: compiled again
-        state = dict(self.__dict__)
-        state.update(_compiled=None, _frozen=[], _versions=[])
-        return state
+        return {**super().__getstate__(), "_compiled": None}
 
 
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -199,7 +231,7 @@ def wrap(program: Any, packaged: bool = False) -> Any:
 PACKAGED = "whole graph packaged (AOTInductor, frozen weights)"
 
 
-class PackagedGraph(nn.Module):
+class PackagedGraph(_FrozenGraph):
     """An fx graph compiled ahead of time into one AOTInductor package: the whole model is one call into
     generated C++ (no Dynamo guards, no Python wrapper), with the weights frozen into the package.
 
@@ -209,15 +241,10 @@ class PackagedGraph(nn.Module):
     package's bytes pickle and deep-copy with the module; the plain graph is its state."""
 
     def __init__(self, graph_module: fx.GraphModule):
-        super().__init__()
-        self.graph_module = graph_module
+        super().__init__(graph_module)
         self.signature: list[Any] = []
         self.package: bytes | None = None
-        self.compile_s: float | None = None
-        self.failed: str | None = None
         self._runner: Any = None
-        self._frozen: list[torch.Tensor] = []
-        self._versions: list[int] = []
 
     def build(self, example: tuple) -> None:
         """Export the graph and compile the package (tens of seconds for a real-size model)."""
@@ -237,10 +264,6 @@ class PackagedGraph(nn.Module):
         self.compile_s = time.perf_counter() - t0
         self._track()
 
-    def _track(self) -> None:
-        self._frozen = _tensors(self.graph_module)
-        self._versions = [t._version for t in self._frozen]
-
     def _load(self) -> Any:
         import io
 
@@ -248,22 +271,19 @@ class PackagedGraph(nn.Module):
 
         if self._runner is None:
             self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))
-            if not self._frozen:
+            if not self._frozen:  # loaded from a pickle: the tensors as they came are what was frozen
                 self._track()
         return self._runner
 
     def _servable(self, args: tuple) -> bool:
-        if self.package is None or self.failed is not None or len(args) != len(self.signature):
-            return False
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if self.package is None or self.failed is not None or len(args) != len(self.signature) or self._tracing():
             return False
         grad = torch.is_grad_enabled()
         for a, sig in zip(args, self.signature, strict=True):
-            if isinstance(a, torch.Tensor):
-                if (type(a) is not torch.Tensor or not isinstance(sig, tuple) or (tuple(a.shape), a.dtype) != sig
-                        or a.device.type != "cpu" or (grad and a.requires_grad)):
-                    return False
-            elif isinstance(a, fx.Proxy) or a != sig:
+            if not self._servable_value(a, grad):
+                return False
+            if (isinstance(a, torch.Tensor) and (not isinstance(sig, tuple) or (tuple(a.shape), a.dtype) != sig)) \
+                    or (not isinstance(a, torch.Tensor) and a != sig):
                 return False
         return True
 
@@ -272,7 +292,7 @@ class PackagedGraph(nn.Module):
             return self.graph_module(*args)
         try:
             runner = self._load()
-            if any(t._version != v for t, v in zip(self._frozen, self._versions, strict=True)):
+            if self._changed():
                 self.failed = "a weight changed after the package was built (optimize again to rebuild it)"
                 log.warning("optic: %s; running the plain graph", self.failed)
                 return self.graph_module(*args)
@@ -280,15 +300,11 @@ class PackagedGraph(nn.Module):
                 out = runner(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
             return tuple(out)
         except Exception as e:
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-            log.warning("optic: the packaged graph failed (%s); running the plain graph", self.failed)
-            return self.graph_module(*args)
+            return self._fall_back("packaged graph", e, *args)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(): the package holds the old tensors
         self.failed = self.failed or "the module was moved or cast after the package was built"
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # the package's bytes travel; the loaded runner is loaded again
-        state = dict(self.__dict__)
-        state.update(_runner=None, _frozen=[], _versions=[])
-        return state
+        return {**super().__getstate__(), "_runner": None}
