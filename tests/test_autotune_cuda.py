@@ -110,6 +110,7 @@ def _assert_fits(result: cc.CompiledKernel, target: str, threads: float) -> None
     assert result.smem <= t.smem_per_block
 
 
+@pytest.mark.slow
 @needs_nvcc
 @examples(25)
 @given(MATMULS, GPUS, DTYPES, st.data())

@@ -147,6 +147,7 @@ def test_threads_restrict_the_cpu_target():
 # -- measurement ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failing_hanging_and_crashing_candidates_are_infinite_never_a_crash():
     evaluator = EvaluatorConfig(repeat=3, min_repeat_ms=5, timeout_s=8)
     with Runner(evaluator, builder="test_autotune_tune:flaky_builder", threads=1) as runner:
@@ -163,6 +164,7 @@ def test_failing_hanging_and_crashing_candidates_are_infinite_never_a_crash():
     assert runner.restarts == 2
 
 
+@pytest.mark.slow
 def test_a_batch_builds_ahead_and_a_failing_batch_falls_back_to_one_at_a_time():
     evaluator = EvaluatorConfig(repeat=3, min_repeat_ms=5, timeout_s=8)
     good, broken, hung = _config(UNROLL=8), _config(UNROLL=1), _config(UNROLL=2)
@@ -223,6 +225,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_run_loses_nothing_and_a_second_run_measures_nothing(tmp_path):
     path = tmp_path / "tuning.db"
     killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(path)], capture_output=True, timeout=300,
@@ -318,6 +321,7 @@ def _wait_for_key(tracker_port: int, key: str, timeout_s: float = 60) -> None:
     raise AssertionError(f"no RPC server registered as {key} within {timeout_s} s")
 
 
+@pytest.mark.slow
 def test_measurement_through_an_rpc_tracker_on_loopback(tmp_path):
     pytest.importorskip("tornado")  # TVM's tracker needs it
     port, server_port, key = _free_port(), _free_port(), "optic-test"

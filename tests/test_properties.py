@@ -54,8 +54,10 @@ def _idempotent(model, inputs, capture):
         assert not second.changed, f"{name} run twice: the second still rewrote {second.matched}"
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("models", [cnn_models, mlp_models, token_models], ids=["cnn", "mlp", "tokens"])
+@pytest.mark.parametrize("models,capture", [
+    (cnn_models, "fx"), (mlp_models, "fx"), (token_models, "fx"), (cnn_models, "export"), (mlp_models, "export"),
+    pytest.param(token_models, "export", marks=pytest.mark.slow)],  # 40 s of exports: the slow suite runs it
+    ids=["cnn-fx", "mlp-fx", "tokens-fx", "cnn-export", "mlp-export", "tokens-export"])
 @given(data=st.data())
 def test_generated_models_stay_correct(models, capture, data):
     model, inputs = data.draw(models())

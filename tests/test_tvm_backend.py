@@ -191,6 +191,7 @@ def test_declines_what_has_no_template(tmp_path):
     assert len(rec.declined) == 2 and all("template" in d["reason"] for d in rec.declined)
 
 
+@pytest.mark.slow
 def test_cli_tune_twice(tmp_path):
     model_file = tmp_path / "m.py"
     model_file.write_text(textwrap.dedent("""

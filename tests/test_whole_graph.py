@@ -79,6 +79,7 @@ def _same(want, got):
     assert optic.contract.flatten(got)[1] == optic.contract.flatten(want)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_the_compiled_graph_keeps_outputs_and_follows_weight_edits(capture, whole_kept):
     model = Block().eval()
@@ -128,6 +129,7 @@ def _plain_call(opt, x):
             p._servable = s
 
 
+@pytest.mark.slow
 def test_gradients_copies_saves_and_exports_use_the_plain_graph(whole_kept):
     model = Block().eval()
     x = torch.randn(2, 3, 12, 12)
@@ -171,6 +173,7 @@ def test_a_compiled_program_that_fails_falls_back_to_the_plain_graph(whole_kept,
     assert part.failed and "C++ compile error" in part.failed
 
 
+@pytest.mark.slow
 def test_the_step_offers_it_measured_and_says_why_not(monkeypatch):
     """Offered as one more implementation of the whole model; switched off, the report says so."""
     model = Block().eval()
@@ -198,6 +201,7 @@ def test_the_report_counts_what_the_compiled_graph_computes(whole_kept):
     assert with_whole.nodes[1] >= without.nodes[1] - 1
 
 
+@pytest.mark.slow
 @given(case=contract_models())
 @examples(3, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_the_call_contract_holds_when_compiled(case):
@@ -223,6 +227,7 @@ def test_the_call_contract_holds_when_compiled(case):
             _same(model(x, mask=mask), opt(x, mask=mask))
 
 
+@pytest.mark.slow
 def test_the_package_serves_its_shapes_and_leaves_every_other_call_to_the_plain_graph(packaged_kept, caplog):
     model = Block(tally=False).eval()
     x = torch.randn(2, 3, 12, 12)
@@ -249,6 +254,7 @@ def test_the_package_serves_its_shapes_and_leaves_every_other_call_to_the_plain_
         _same(_plain_call(opt, x), got)
 
 
+@pytest.mark.slow
 def test_a_model_that_updates_a_buffer_is_not_packaged(monkeypatch):
     seen = {}
 
