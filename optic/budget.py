@@ -103,11 +103,13 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
     """Choose which ``actions`` to apply to ``base`` within ``max_drop`` (see the module docstring)."""
     notes: list[str] = []
     eps = 1e-9
+    # what ``base`` itself lost against the original (an earlier budget stage): an action's own drop is above it
+    base_drop = evaluator.drop(base, "fit") if actions else 0.0
     for i, a in enumerate(actions):  # 1. each action alone
         if progress:
             progress("scoring actions", i, len(actions))
         try:
-            a.drop_alone = evaluator.drop(build(base, [a]), "fit")
+            a.drop_alone = evaluator.drop(build(base, [a]), "fit") - base_drop
         except Exception as e:  # an action that breaks the model is never chosen
             a.drop_alone, a.status = float("inf"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     groups: dict[str, list[Action]] = {}
@@ -213,3 +215,36 @@ def _measured(base: Program, kept: list[Action], budget_s: float,
             out = [b for b in out if b is not a]
             with_ = without
     return out
+
+
+def optimum(actions: list[Action], max_drop: float, max_groups: int = 16) -> tuple[float, list[Action]]:
+    """The exact optimum of the allocation problem the greedy allocator approximates (HAWQ-V3's integer
+    program): at most one level per group, no conflicting actions, the sum of the actions' own drops
+    (``drop_alone``, scored already) within ``max_drop``, the largest predicted gain. By enumeration, so
+    for small cases only (a test holds the greedy result against it)."""
+    groups: dict[str, list[Action]] = {}
+    for a in actions:
+        if a.drop_alone is not None and a.drop_alone != float("inf") and a.predicted_gain_s > 0:
+            groups.setdefault(a.group, []).append(a)
+    if len(groups) > max_groups:
+        raise ValueError(f"{len(groups)} groups: enumeration is for at most {max_groups}")
+    names = list(groups)
+    best: tuple[float, list[Action]] = (0.0, [])
+
+    def visit(i: int, chosen: list[Action], gain: float, drop: float) -> None:
+        nonlocal best
+        if drop > max_drop + 1e-12:
+            return
+        if i == len(names):
+            if gain > best[0]:
+                best = (gain, list(chosen))
+            return
+        visit(i + 1, chosen, gain, drop)
+        for a in groups[names[i]]:
+            if not _conflicts(a, {b.group: b for b in chosen}):
+                chosen.append(a)
+                visit(i + 1, chosen, gain + a.predicted_gain_s, drop + max(a.drop_alone, 0.0))
+                chosen.pop()
+
+    visit(0, [], 0.0, 0.0)
+    return best

@@ -265,7 +265,7 @@ def kernel_seconds(flops: float, nbytes: float, target, dtype: str = "float32") 
     """Roofline time of one kernel on ``target``: max(FLOPs / peak, bytes / bandwidth) plus a launch
     overhead (4 µs on a GPU, 1 µs on a CPU)."""
     dt = str(dtype).replace("torch.", "") or "float32"
-    peak = target.peak_flops(dt if dt in ("float16", "bfloat16") else "float32") or target.peak_flops("float32")
+    peak = target.peak_flops(dt if dt in ("float16", "bfloat16", "int8") else "float32") or target.peak_flops("float32")
     launch = 4e-6 if target.kind == "gpu" else 1e-6
     return max(float(flops) / peak, float(nbytes) / target.mem_bandwidth) + launch
 

@@ -28,9 +28,10 @@ PRESETS: dict[str, list[str]] = {
     "exact": ["cleanup", "fold_norm", "fuse", "cleanup", "cpu_tactics"],
     # lossy passes run only with budget= (otherwise they are skipped and "default" is "exact");
     # they see the graph before the CPU tactics rewrite ops into oneDNN kernels, and early exit,
-    # which splits the graph into segments, comes last
+    # which splits the graph into segments, comes last. quantize is a budget stage of its own after the
+    # structural ones, so that a layer they factored or pruned can also run in int8
     "default": ["cleanup", "fold_norm", "fuse", "cleanup", "lowrank", "prune", "sparse24", "cleanup",
-                "cpu_tactics", "early_exit"],
+                "quantize", "cpu_tactics", "early_exit"],
     "none": [],
 }
 

@@ -1,0 +1,373 @@
+"""quantize: int8 convolutions and linears, chosen per layer under the accuracy budget. Lossy.
+
+Per conv/linear (with the activation after it fused), an int8 kernel of :mod:`optic.int8`: int8
+weights with one symmetric scale per output channel, uint8 activations with one scale and zero point per
+tensor, int32 accumulation, the float32 result dequantized in the kernel's epilogue where a consumer
+stays float, or requantized in it to the next int8 layer's uint8 input when that layer is the only
+consumer (also through flatten/reshape/permute), so that consecutive int8 layers pass uint8 tensors and
+nothing is quantized between them (:func:`chain`).
+
+Calibration, per layer input: the range is taken three ways from the fit split (min–max; the
+0.01 %/99.99 % percentiles; the clipping ratio that minimises the squared quantization error of the
+recorded values), and the one whose *layer output* error (relative L2 against the float layer on the
+first calibration samples, int8 kernel run for real) is lowest is kept; the report shows which.
+
+Each layer is one action of the budget's allocator (:mod:`optic.budget`): its predicted gain is the
+target's roofline at the int8 rate against float32, its metric cost is measured on the fit split,
+and on this machine a layer that is not faster in int8 is undone. Layers stay float32, with the
+reason in the report, when the weight is computed or shared, the conv is not 2-D with zero padding,
+the layer is too small to gain (fewer than ``quantize_min_macs`` multiply-adds), or the CPU has no
+int8 kernels (oneDNN needs VNNI or AMX to be faster than float; without them the pass declines).
+Attention's batched GEMMs (inside ``scaled_dot_product_attention``) stay float32: no int8 kernel for
+them is wired in yet.
+
+Runs on the host CPU only (the kernels are oneDNN's through PyTorch); other targets get a note.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from optic import cost, int8, ir
+from optic.budget import Action
+from optic.calibration import iter_values, record_values
+from optic.opview import Op, view  # noqa: F401  (Op: the Layer's type)
+from optic.registry import register
+
+METHODS = ("minmax", "percentile", "mse")
+PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "percentile"
+SAMPLE = 1 << 16  # recorded activation values kept per layer for percentile and MSE calibration
+ERROR_SAMPLES = 8  # calibration samples the per-layer output error is measured on
+MIN_MACS = 50_000  # below this a layer's int8 kernel cannot pay for its quantize step (default)
+
+# op-view activation -> oneDNN post-op (attr, scalars, algorithm); int8 kernels fuse these
+POST_OPS = {
+    "relu": lambda a: ("relu", [], ""),
+    "gelu": lambda a: ("gelu", [], a.get("approximate", "none")),
+    "silu": lambda a: ("swish", [], ""),
+    "sigmoid": lambda a: ("sigmoid", [], ""),
+    "tanh": lambda a: ("tanh", [], ""),
+    "hardtanh": lambda a: ("hardtanh", [float(a.get("min_val", -1.0)), float(a.get("max_val", 1.0))], ""),
+}
+
+
+def activation_params(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 scale and zero point covering ``[lo, hi]`` (widened to include 0, which must be exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo < 1e-12:
+        return 1.0, 0
+    scale = (hi - lo) / 255.0
+    zp = int(min(255, max(0, round(-lo / scale))))
+    return float(scale), zp
+
+
+@dataclass
+class Layer:
+    """A conv or linear the pass can run in int8, with its fused activation."""
+
+    op: Op
+    act: Op | None
+    post: tuple
+    macs: int
+
+    @property
+    def last(self) -> fx.Node:
+        return (self.act or self.op).node
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [self.op.node] + ([self.act.node] if self.act else [])
+
+
+@dataclass
+class Calibrated:
+    """A layer's input quantization: the chosen method, its (scale, zero point), and every method's error."""
+
+    method: str
+    scale: float
+    zero_point: int
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def int8_supported(isa: Any) -> str | None:
+    """Why a CPU with instruction sets ``isa`` cannot run int8 kernels faster than float32 (None when it can)."""
+    if not set(isa or ()) & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "this CPU has no int8 dot-product instructions (VNNI or AMX): int8 would not be faster than float32"
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN: its int8 kernels are missing"
+    return None
+
+
+def _layer(node: fx.Node, gm: fx.GraphModule, min_macs: int) -> tuple[Layer | None, str | None]:
+    op = view(node, gm)
+    if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node):
+        return None, None
+    w = op.const("weight")
+    if w is None or "bias" not in op.consts:
+        return None, "the weight or bias is computed, not a constant"
+    if w.dtype != torch.float32 or ir.dtype(op.x) != torch.float32 or w.device.type != "cpu":
+        return None, "not a float32 CPU layer"
+    if ir.is_shared(gm, w, node):
+        return None, "the weight is shared with another op (tied weights)"
+    xs, ys = ir.shape(op.x), ir.shape(node)
+    if xs is None or ys is None:
+        return None, "input shape unknown"
+    if op.kind == "conv":
+        if op.attrs.get("nd") != 2 or op.attrs.get("transposed") or op.attrs.get("padding") is None \
+                or op.attrs.get("padding_mode", "zeros") != "zeros":
+            return None, "only 2-D, non-transposed, zero-padded convolutions have an int8 kernel"
+        macs = math.prod(ys) * w[0].numel()
+    else:
+        if w.dim() != 2 or len(xs) < 2:
+            return None, "not a 2-D weight"
+        macs = math.prod(xs[:-1]) * w.numel()
+    if macs < min_macs:
+        return None, f"{macs} multiply-adds: too small for int8 to pay for quantizing its input"
+    act = None
+    users = ir.value_users(node)
+    if len(users) == 1:
+        a = view(users[0], gm)
+        if (a is not None and a.kind == "act" and a.x is node and a.attrs.get("fn") in POST_OPS
+                and not ir.is_inplace(a.node)):
+            act = a
+    post = POST_OPS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+    return Layer(op, act, post, macs), None
+
+
+# -- calibration --------------------------------------------------------------------------------------
+@dataclass
+class _Range:
+    lo: float = math.inf
+    hi: float = -math.inf
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+
+def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]], seed: int = 0) -> dict[str, _Range]:
+    """Per node: the exact min and max over ``inputs`` and a uniform sample of its values."""
+    gen = torch.Generator().manual_seed(seed)
+    ranges = {n.name: _Range() for n in nodes}
+    per_batch = max(1, SAMPLE // max(len(inputs), 1))
+    for values in iter_values(program, nodes, inputs):
+        for name, v in values.items():
+            flat = v.detach().float().reshape(-1)
+            r = ranges[name]
+            r.lo, r.hi = min(r.lo, float(flat.min())), max(r.hi, float(flat.max()))
+            idx = torch.randint(0, flat.numel(), (min(per_batch, flat.numel()),), generator=gen)
+            r.samples.append(flat[idx].clone())
+    return ranges
+
+
+def candidate_ranges(r: _Range) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of each calibration method for one recorded range."""
+    sample = torch.cat(r.samples).double() if r.samples else torch.zeros(1, dtype=torch.float64)
+    out = {"minmax": activation_params(r.lo, r.hi)}
+    q = torch.quantile(sample, torch.tensor([PERCENTILE, 1 - PERCENTILE], dtype=torch.float64))
+    out["percentile"] = activation_params(float(q[0]), float(q[1]))
+    best, best_err = out["minmax"], math.inf
+    for ratio in torch.logspace(-2.5, 0, 61).tolist():  # clipping ratios of the min-max range
+        s, z = activation_params(r.lo * ratio, r.hi * ratio)
+        err = float((int8.fake_quantize(sample, s, z) - sample).pow(2).mean())
+        if err < best_err:
+            best, best_err = (s, z), err
+    out["mse"] = best
+    return out
+
+
+# -- emitting the int8 layer -----------------------------------------------------------------------------
+def _kernel_args(layer: Layer, xq: Any, scale: float, zp: int, qw: Any, ws: Any, b: Any) -> tuple:
+    """The int8 kernel's arguments (float32 out), as graph nodes or as tensors alike."""
+    attr, scalars, algo = layer.post
+    out = (1.0, 0, False, attr, [float(v) for v in scalars], algo)
+    if layer.op.kind == "conv":
+        a = layer.op.attrs
+        return (xq, scale, zp, qw, ws, b, list(a["stride"]), list(a["padding"]), list(a["dilation"]),
+                int(a["groups"]), *out)
+    return (xq, scale, zp, qw, ws, b, *out)
+
+
+def _weights(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    w = layer.op.const("weight")
+    ws = int8.weight_scales(w)
+    b = layer.op.const("bias")
+    return int8.quantize_weight(w, ws), ws, None if b is None else b.detach().float()
+
+
+def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int) -> fx.Node:
+    """Replace ``layer`` by ``quantize → int8 kernel (float32 out)``; returns the kernel's node."""
+    graph, op = gm.graph, layer.op
+    qw, ws, b = _weights(layer)
+    with graph.inserting_before(op.node):
+        xq = graph.call_function(int8.quantize_u8, (op.x, scale, zp, op.kind == "conv"))
+        wn = ir.const_node(graph, gm, qw, "int8_weight")
+        sn = ir.const_node(graph, gm, ws, "int8_scale")
+        bn = ir.const_node(graph, gm, b, "int8_bias") if b is not None else None
+        target = int8.CONV if op.kind == "conv" else int8.LINEAR
+        new = graph.call_function(target, _kernel_args(layer, xq, scale, zp, wn, sn, bn))
+    ir.replace(layer.last, new, "quantize", layer.nodes)
+    for n in reversed(layer.nodes):
+        if not n.users:
+            graph.erase_node(n)
+    return new
+
+
+def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """The layer's int8 kernel on ``x`` (float32 out), outside any graph."""
+    qw, ws, b = _weights(layer)
+    target = int8.CONV if layer.op.kind == "conv" else int8.LINEAR
+    with torch.no_grad():
+        xq = int8.quantize_u8(x, scale, zp, layer.op.kind == "conv")
+        return target(*_kernel_args(layer, xq, scale, zp, qw, ws, b))
+
+
+def run_float(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The float layer (with its activation) on ``x``, in float64."""
+    op, f = layer.op, torch.nn.functional
+    w, b = op.const("weight").detach().double(), op.const("bias")
+    b = None if b is None else b.detach().double()
+    a = op.attrs
+    if op.kind == "conv":
+        y = f.conv2d(x.double(), w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+    else:
+        y = f.linear(x.double(), w, b)
+    return int8.post_op(y, *layer.post)
+
+
+LAYOUT_KINDS = ("flatten", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze")
+
+
+def chain(gm: fx.GraphModule) -> int:
+    """Requantize in the producer's epilogue: an int8 kernel whose only consumer is a quantize step
+    writes that step's uint8 directly (the step is removed). Returns how many were chained."""
+    n_chained = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in int8.OUT_ARGS:
+            continue
+        i_s, i_z, i_u8 = int8.OUT_ARGS[node.target]
+        if node.args[i_u8]:
+            continue
+        cur = node  # through ops that only move elements (flatten, reshape, permute): they take uint8 alike
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            v = view(nxt, gm)
+            if v is None or v.kind not in LAYOUT_KINDS or v.x is not cur:
+                break
+            cur = nxt
+        q = next(iter(cur.users)) if len(cur.users) == 1 else None
+        if q is None or q.op != "call_function" or q.target is not int8.quantize_u8 or q.args[0] is not cur:
+            continue
+        args = list(node.args)
+        args[i_s], args[i_z], args[i_u8] = float(q.args[1]), int(q.args[2]), True
+        node.args = tuple(args)
+        q.replace_all_uses_with(cur)
+        gm.graph.erase_node(q)
+        n_chained += 1
+    return n_chained
+
+
+def _applier(name: str, scale: float, zp: int, min_macs: int):
+    def apply(program: Any) -> None:
+        gm = program.gm
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        layer, why = _layer(node, gm, min_macs)
+        if layer is None:
+            raise RuntimeError(f"{name} can no longer be quantized: {why}")
+        _kernel(layer, gm, scale, zp)
+        chain(gm)
+        ir.eliminate_dead_code(gm)
+        ir.drop_unused_constants(gm)
+    return apply
+
+
+def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> float:
+    """Relative L2 error of the int8 layer (the kernel run for real) against the float layer on ``x``."""
+    x = x.detach()
+    ref = run_float(layer, x)
+    got = run_int8(layer, x, scale, zp).double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+# -- the pass -----------------------------------------------------------------------------------------
+@register
+class Quantize:
+    name = "quantize"
+    exact = False
+    description = "int8 convolutions and linears (oneDNN kernels), per layer under the accuracy budget"
+
+    def layers(self, program: Any, ctx: Any) -> list[Layer]:
+        gm = program.gm
+        min_macs = int(ctx.option("quantize_min_macs", MIN_MACS))
+        out = []
+        for node in list(gm.graph.nodes):
+            layer, why = _layer(node, gm, min_macs)
+            if why:
+                ctx.stats.decline("quantize", node.name, why)
+            elif layer is not None:
+                out.append(layer)
+        return out
+
+    def candidates(self, program: Any, ctx: Any) -> list[Action]:
+        tgt = ctx.target
+        if not ctx.measure:
+            ctx.note(f"int8 runs through this CPU's oneDNN kernels; target '{tgt.name}' is not this machine, so no "
+                     "layer was quantized")
+            return []
+        why = int8_supported(getattr(tgt, "isa", ()))
+        if why:
+            ctx.note(f"no layer was quantized: {why}")
+            return []
+        layers = self.layers(program, ctx)
+        if not layers or ctx.calibration is None:
+            return []
+        fit = ctx.calibration.fit_inputs()
+        ranges = observe(program, [la.op.x for la in layers], fit)
+        firsts = record_values(program, [la.op.x for la in layers], fit[:1])
+        min_macs = int(ctx.option("quantize_min_macs", MIN_MACS))
+        actions = []
+        for i, layer in enumerate(layers):
+            if ctx.progress:
+                ctx.progress("calibrating int8 layers", i, len(layers))
+            x = firsts[layer.op.x.name][0][:ERROR_SAMPLES]
+            cal = self._calibrate(layer, ranges[layer.op.x.name], x)
+            if cal is None:
+                ctx.stats.decline("quantize", layer.op.node.name, "the int8 kernel failed on the recorded input")
+                continue
+            w = layer.op.const("weight")
+            fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), tgt, "float32")
+            int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8")
+            actions.append(Action(
+                pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
+                describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
+                level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(fp32 - int8, 0.0),
+                apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
+                info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
+                      "x_zero_point": cal.zero_point, "layer_errors": cal.errors}))
+        return actions
+
+    @staticmethod
+    def _calibrate(layer: Layer, r: _Range, x: torch.Tensor) -> Calibrated | None:
+        errors, params = {}, candidate_ranges(r)
+        for method, (s, z) in params.items():
+            try:
+                errors[method] = _layer_error(layer, x, s, z)
+            except Exception:  # noqa: BLE001 - a kernel that fails here is never proposed
+                return None
+        method = min(METHODS, key=lambda m: errors[m])
+        s, z = params[method]
+        return Calibrated(method, s, z, errors)
+
+    def run(self, program: Any, ctx: Any) -> bool:
+        """Without the allocator: every proposed layer in int8 (used by tests and by hand)."""
+        actions = self.candidates(program, ctx)
+        for a in actions:
+            a.apply(program)
+        return bool(actions)
+
+
+def _bytes(layer: Layer, x_size: int, w_size: int) -> int:
+    x, y = ir.shape(layer.op.x), ir.shape(layer.last)
+    return math.prod(x) * x_size + layer.op.const("weight").numel() * w_size + math.prod(y) * 4
