@@ -291,6 +291,26 @@ def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
+_OVERHEAD: list[float] = []
+
+
+def call_overhead_s() -> float:
+    """What an int8 layer costs beyond a float one whatever its size, measured once per process: a
+    quantize step and an int8 conv on a tiny input against the float conv (oneDNN's int8 call through
+    PyTorch: about 50 µs on the development machine, where a float conv of the same size takes 15)."""
+    if not _OVERHEAD:
+        from optic import timing
+
+        x, w = torch.rand(1, 8, 4, 4), torch.randn(8, 8, 3, 3)
+        qw, ws = int8.quantize_weight(w, int8.weight_scales(w)), int8.weight_scales(w)
+        args = ([1, 1], [1, 1], [1, 1], 1, 1.0, 0, False, "none", [], "")
+        t = timing.compare({"float": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1),
+                            "int8": lambda: int8.CONV(int8.quantize_u8(x, 0.01, 0, True), 0.01, 0, qw, ws, None, *args)},
+                           rounds=5, block=20, warmup=5)
+        _OVERHEAD.append(max(0.0, t["int8"].median - t["float"].median))
+    return _OVERHEAD[0]
+
+
 # -- the pass -----------------------------------------------------------------------------------------
 @register
 class Quantize:
@@ -338,7 +358,8 @@ class Quantize:
                 continue
             w = layer.op.const("weight")
             fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), tgt, "float32")
-            int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8")
+            # the int8 call's fixed cost, measured on this machine: it decides small layers
+            int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8") + call_overhead_s()
             actions.append(Action(
                 pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
                 describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
