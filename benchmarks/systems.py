@@ -145,7 +145,37 @@ def _onnx_export(model: nn.Module, inputs: tuple, path: Path) -> str:
     return f"torchscript (dynamo export failed: {dynamo_error})"
 
 
-def _ort(model: nn.Module, inputs: tuple) -> Prepared:
+def calibration_like(inputs: tuple, batches: int = 4, batch: int = 8, seed: int = 1) -> list[tuple]:
+    """Random calibration batches shaped like ``inputs`` (float: normal; integer: uniform below the
+    example's largest value, e.g. token ids), for the int8 systems: the zoo has no data."""
+    g = torch.Generator().manual_seed(seed)
+
+    def like(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        shape = (batch, *t.shape[1:])
+        if t.is_floating_point():
+            return torch.randn(shape, generator=g, dtype=t.dtype)
+        return torch.randint(0, int(t.max()) + 1, shape, generator=g, dtype=t.dtype)
+    return [tuple(like(t) for t in inputs) for _ in range(batches)]
+
+
+def _optic_int8(model: nn.Module, inputs: tuple) -> Prepared:
+    """optic's exact passes, then int8 layers under a 1 % top-1 agreement budget (random calibration)."""
+    import optic
+
+    cal = calibration_like(inputs)
+    opt = optic.optimize(model, inputs, target="cpu",
+                         passes=["cleanup", "fold_norm", "fuse", "cleanup", "quantize", "cpu_tactics"],
+                         budget=optic.Budget(max_drop=0.01, metric="agreement"),
+                         calibration=[c if len(c) > 1 else c[0] for c in cal])
+    p = _same(lambda: opt(*inputs))
+    p.info["int8_layers"] = sum(r["pass"] == "quantize" and r["status"] == "kept"
+                                for r in (opt.report.budget or {}).get("actions", []))
+    return p
+
+
+def _ort(model: nn.Module, inputs: tuple, int8: bool = False) -> Prepared:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -159,6 +189,9 @@ def _ort(model: nn.Module, inputs: tuple) -> Prepared:
     with tempfile.TemporaryDirectory(prefix="optic-bench-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         route = _onnx_export(model, inputs, path)
+        if int8:
+            path = _ort_quantize(path, inputs)
+            route += "; int8: quantize_static (QDQ, per-channel int8 weights, uint8 activations, min-max)"
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     arrays = [t.numpy() for t in inputs]
@@ -169,6 +202,36 @@ def _ort(model: nn.Module, inputs: tuple) -> Prepared:
                  outputs=lambda: [torch.from_numpy(a) for a in session.run(None, feed)])
     p.info["export"] = route
     return p
+
+
+def _ort_quantize(path: Path, inputs: tuple) -> Path:
+    """ONNX Runtime's static int8 quantization as its docs configure it for x86, calibrated on random
+    inputs shaped like the example (:func:`calibration_like`)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
+    n = inputs[0].shape[0]
+    feeds = [{k: t[i:i + n].numpy() for k, t in zip(names, c, strict=True)}
+             for c in calibration_like(inputs) for i in range(0, 8 - n + 1, n)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = path.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(path), str(pre))
+    except Exception:  # noqa: BLE001 - optional (shape inference): quantize the plain model
+        pre = path
+    out = path.with_suffix(".int8.onnx")
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 # -- TVM, default (untuned) build -----------------------------------------------------------------------
@@ -232,6 +295,10 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("compile-freezing", "torch.compile, inductor with freezing=True (PyTorch's CPU inference setting)",
            lambda m, x: _compile(m, x, freezing=True), _compile_available),
     System("ort", "ONNX Runtime, all graph optimizations", _ort, _ort_available),
+    System("ort-int8", "ONNX Runtime static int8 (quantize_static, QDQ, per-channel), all graph optimizations",
+           lambda m, x: _ort(m, x, int8=True), _ort_available),
+    System("optic-int8", "optic, exact passes + int8 layers under a 1% top-1 agreement budget",
+           _optic_int8),
     System("tvm-default", "TVM Relax, default untuned build", _tvm_default, _tvm_available),
     System("fx-ofi", "torch.fx.experimental.optimization.optimize_for_inference", _fx_ofi),
 ]}

@@ -176,6 +176,7 @@ def test_optic_bench_console_script_writes_the_files(tmp_path):
     assert "| tiny_cnn | 1 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_system_that_crashes_or_hangs_its_process_costs_that_system_only(tmp_path):
     started = time.perf_counter()
     with threads_restored():
@@ -269,3 +270,31 @@ def test_every_system_is_warmed_up_in_turn_and_timed_without_autograd(tmp_path, 
     assert grad_seen and not any(grad_seen)
     assert results["rows"][0]["timing"]["warmup_s"]["spy"] >= runner.WARMUP_S == 2.0
     assert "had run 2 s" in (tmp_path / "bench.md").read_text()
+
+
+def test_int8_systems_are_on_request_and_calibrate_on_inputs_shaped_like_the_example():
+    from benchmarks import systems
+
+    assert {"ort-int8", "optic-int8"} <= set(systems.SYSTEMS) and not {"ort-int8", "optic-int8"} & set(systems.DEFAULT)
+    cal = systems.calibration_like((torch.randn(1, 3, 8, 8), torch.randint(0, 50, (1, 7))), batches=3, batch=4)
+    assert len(cal) == 3 and all(len(c) == 2 for c in cal)
+    x, ids = cal[0]
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and ids.shape == (4, 7) and ids.dtype == torch.int64
+    assert int(ids.min()) >= 0 and int(ids.max()) < 50 and not torch.equal(cal[0][0], cal[1][0])
+
+
+def test_ort_int8_quantizes_the_convs_and_stays_near_eager():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks import systems
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    p = systems.get("ort-int8").prepare(model, (x,))
+    assert "quantize_static" in p.info["export"]
+    with torch.no_grad():
+        ref = model(x)
+    got = p.outputs()[0]
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.1  # int8: not the float result, but close to it
