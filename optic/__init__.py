@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import int8, targets  # noqa: F401  (int8: registers optic's int8 operators (saved int8 models need them)
+from . import int8, targets  # noqa: F401  (int8 registers optic's int8 operators: saved int8 models need them)
 from .api import OptimizedModule, optimize
 from .artifact import load_artifact
 from .calibration import Budget, Labeled

@@ -71,9 +71,7 @@ def post_op(y: Tensor, attr: str, scalars: list[float] = (), algo: str = "") -> 
 
 
 def _requantize(y: Tensor, out: tuple[float, int] | None) -> Tensor:
-    if out is None:
-        return y.float()
-    return torch.clamp(torch.round(y / out[0]) + out[1], 0, 255).to(torch.uint8)
+    return y.float() if out is None else quantize_u8(y, *out)
 
 
 def conv_reference(qx: Tensor, x_scale: float, x_zp: int, qw: Tensor, w_scales: Tensor, bias: Tensor | None,

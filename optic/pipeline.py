@@ -220,13 +220,15 @@ def _widen_for_rounding(program: Program, ctx: PassContext, report: Report, draw
     if ctx.tolerance == float("inf") or not ctx.check_inputs:
         return
     g = torch.Generator().manual_seed(0)
+
+    def nudge(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t * (1 + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device))
+        return t
+
     worst = 0.0
     for ref, (args, kwargs) in zip(ctx.reference, ctx.check_inputs, strict=True):
         for _ in range(draws):
-            def nudge(t):
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    return t * (1 + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device))
-                return t
             a, k = pytree.tree_map(nudge, (args, kwargs))
             worst = max(worst, compare(ref, run_seeded(program, a, k), float("inf")).rel)
     if 2 * worst > ctx.tolerance:

@@ -35,8 +35,8 @@ import torch.fx as fx
 
 from optic import cost, int8, ir
 from optic.budget import Action
-from optic.calibration import iter_values, record_values
-from optic.opview import Op, view  # noqa: F401  (Op: the Layer's type)
+from optic.calibration import iter_values
+from optic.opview import Op, view
 from optic.registry import register
 
 METHODS = ("minmax", "percentile", "mse")
@@ -145,17 +145,21 @@ class _Range:
     lo: float = math.inf
     hi: float = -math.inf
     samples: list[torch.Tensor] = field(default_factory=list)
+    first: torch.Tensor | None = None  # the first ERROR_SAMPLES samples of the first batch, as recorded
 
 
 def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]], seed: int = 0) -> dict[str, _Range]:
-    """Per node: the exact min and max over ``inputs`` and a uniform sample of its values."""
+    """Per node: the exact min and max over ``inputs``, a uniform sample of its values, and its first
+    samples as they are (what the per-layer output error is measured on)."""
     gen = torch.Generator().manual_seed(seed)
     ranges = {n.name: _Range() for n in nodes}
     per_batch = max(1, SAMPLE // max(len(inputs), 1))
     for values in iter_values(program, nodes, inputs):
         for name, v in values.items():
-            flat = v.detach().float().reshape(-1)
             r = ranges[name]
+            if r.first is None:
+                r.first = v.detach()[:ERROR_SAMPLES].clone()
+            flat = v.detach().float().reshape(-1)
             r.lo, r.hi = min(r.lo, float(flat.min())), max(r.hi, float(flat.max()))
             idx = torch.randint(0, flat.numel(), (min(per_batch, flat.numel()),), generator=gen)
             r.samples.append(flat[idx].clone())
@@ -297,7 +301,7 @@ _OVERHEAD: list[float] = []
 def call_overhead_s() -> float:
     """What an int8 layer costs beyond a float one whatever its size, measured once per process: a
     quantize step and an int8 conv on a tiny input against the float conv (oneDNN's int8 call through
-    PyTorch: about 50 µs on the development machine, where a float conv of the same size takes 15)."""
+    PyTorch and the quantize step: about 0.1 ms on the development machine)."""
     if not _OVERHEAD:
         from optic import timing
 
@@ -345,25 +349,24 @@ class Quantize:
             return []
         fit = ctx.calibration.fit_inputs()
         ranges = observe(program, [la.op.x for la in layers], fit)
-        firsts = record_values(program, [la.op.x for la in layers], fit[:1])
         min_macs = int(ctx.option("quantize_min_macs", MIN_MACS))
         actions = []
         for i, layer in enumerate(layers):
             if ctx.progress:
                 ctx.progress("calibrating int8 layers", i, len(layers))
-            x = firsts[layer.op.x.name][0][:ERROR_SAMPLES]
-            cal = self._calibrate(layer, ranges[layer.op.x.name], x)
+            r = ranges[layer.op.x.name]
+            cal = self._calibrate(layer, r, r.first)
             if cal is None:
                 ctx.stats.decline("quantize", layer.op.node.name, "the int8 kernel failed on the recorded input")
                 continue
             w = layer.op.const("weight")
-            fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), tgt, "float32")
+            t_fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), tgt, "float32")
             # the int8 call's fixed cost, measured on this machine: it decides small layers
-            int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8") + call_overhead_s()
+            t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8") + call_overhead_s()
             actions.append(Action(
                 pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
                 describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
-                level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(fp32 - int8, 0.0),
+                level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(t_fp32 - t_int8, 0.0),
                 apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
                 info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
                       "x_zero_point": cal.zero_point, "layer_errors": cal.errors}))
