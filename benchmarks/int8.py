@@ -41,47 +41,16 @@ def _example(name: str):
     return importlib.import_module(name)
 
 
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_systems(model: torch.nn.Module, example: tuple, calibration: list[tuple], tmp: Path) -> dict:
-    """ONNX Runtime float32 and its static int8 (QDQ, per-channel int8 weights, uint8 activations,
-    min-max calibration on ``calibration``, sliced to the example's batch size)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """ONNX Runtime float32 and its static int8 (``benchmarks.systems.ort_quantize``) calibrated on
+    ``calibration``, the same data optic gets."""
+    from benchmarks.systems import _onnx_export, ort_quantize, ort_session
 
     fp32 = tmp / "model.onnx"
-    torch.onnx.export(model, example, str(fp32), dynamo=True, verbose=False)
-    session = _ort_session(fp32)
+    _onnx_export(model, example, fp32)
+    session = ort_session(fp32)
+    s8 = ort_session(ort_quantize(fp32, calibration, example[0].shape[0]))
     names = [i.name for i in session.get_inputs()]
-    batch = example[0].shape[0]
-    feeds = [{k: t[i:i + batch].numpy() for k, t in zip(names, c, strict=True)}
-             for c in calibration for i in range(0, c[0].shape[0] - batch + 1, batch)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = tmp / "model.pre.onnx"
-    try:
-        quant_pre_process(str(fp32), str(pre))
-    except Exception:  # noqa: BLE001 - pre-processing is optional (shape inference); quantize the plain model
-        pre = fp32
-    int8 = tmp / "model.int8.onnx"
-    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    s8 = _ort_session(int8)
 
     def call(sess):
         return lambda *xs: torch.from_numpy(sess.run(None, dict(zip(names, (x.numpy() for x in xs), strict=True)))[0])

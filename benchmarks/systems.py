@@ -175,7 +175,8 @@ def _optic_int8(model: nn.Module, inputs: tuple) -> Prepared:
     return p
 
 
-def _ort(model: nn.Module, inputs: tuple, int8: bool = False) -> Prepared:
+def ort_session(path: Path):
+    """An ONNX Runtime CPU session with all graph optimizations, on PyTorch's thread count."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -186,13 +187,17 @@ def _ort(model: nn.Module, inputs: tuple, int8: bool = False) -> Prepared:
     # would steal each other's cores and inflate both timings
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort(model: nn.Module, inputs: tuple, int8: bool = False) -> Prepared:
     with tempfile.TemporaryDirectory(prefix="optic-bench-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         route = _onnx_export(model, inputs, path)
         if int8:
-            path = _ort_quantize(path, inputs)
+            path = ort_quantize(path, calibration_like(inputs), inputs[0].shape[0])
             route += "; int8: quantize_static (QDQ, per-channel int8 weights, uint8 activations, min-max)"
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
     arrays = [t.numpy() for t in inputs]
     if len(names) != len(arrays):
@@ -204,17 +209,17 @@ def _ort(model: nn.Module, inputs: tuple, int8: bool = False) -> Prepared:
     return p
 
 
-def _ort_quantize(path: Path, inputs: tuple) -> Path:
-    """ONNX Runtime's static int8 quantization as its docs configure it for x86, calibrated on random
-    inputs shaped like the example (:func:`calibration_like`)."""
+def ort_quantize(path: Path, calibration: list[tuple], batch: int) -> Path:
+    """ONNX Runtime's static int8 quantization of the model at ``path`` as its docs configure it for x86
+    (QDQ, per-channel int8 weights, uint8 activations, min-max), calibrated on ``calibration`` (batches of
+    the model's inputs) cut into pieces of ``batch`` samples, the batch size the model was exported at."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
-    n = inputs[0].shape[0]
-    feeds = [{k: t[i:i + n].numpy() for k, t in zip(names, c, strict=True)}
-             for c in calibration_like(inputs) for i in range(0, 8 - n + 1, n)]
+    feeds = [{k: t[i:i + batch].numpy() for k, t in zip(names, c, strict=True)}
+             for c in calibration for i in range(0, c[0].shape[0] - batch + 1, batch)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
