@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from . import int8, targets  # noqa: F401  (int8 registers optic's int8 operators: saved int8 models need them)
 from .api import OptimizedModule, optimize
 from .artifact import load_artifact
@@ -26,7 +28,10 @@ from .lower import Lowered, lower
 from .program import Program
 from .report import PassRecord, Report
 
-__version__ = "0.1.0"
+try:  # the installed distribution's (pyproject.toml's); a checkout used without installing has none
+    __version__ = importlib.metadata.version("optic")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "0.1.0"  # keep equal to pyproject.toml's version (tests/test_packaging.py checks)
 
 __all__ = [
     "load_artifact",
