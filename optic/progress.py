@@ -1,0 +1,81 @@
+"""Progress bars for long work, drawn only where someone watches: a terminal.
+
+Long work in optic (budget allocation, int8 calibration, training exit heads, kernel tuning, the
+benchmarks) reports through one callback shape, ``progress(what, done, total)``: ``done`` of
+``total`` steps of the work named ``what``. A ``what`` of the form ``"detail; label"`` keeps one
+bar named ``label`` and shows ``detail`` beside it (kernel tuning: the bar counts kernels, the
+detail says which kernel and how far its measurements are).
+
+:func:`default_progress` draws those calls as tqdm bars on stderr, one bar per label; a bar closes
+when it reaches its total or when another label starts. When stderr is not a terminal (a log file,
+CI, a pipe) it returns None and nothing is drawn. ``OPTIC_PROGRESS=1`` forces the bars,
+``OPTIC_PROGRESS=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from tqdm import tqdm
+
+from .errors import OpticError
+
+__all__ = ["ENV", "Bars", "Progress", "bars_wanted", "default_progress"]
+
+ENV = "OPTIC_PROGRESS"
+Progress = Callable[[str, int, int], None]
+
+
+def bars_wanted(stream: TextIO | None = None) -> bool:
+    """Whether to draw bars on ``stream`` (default stderr): ``$OPTIC_PROGRESS`` if set, else whether
+    ``stream`` is a terminal."""
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise OpticError(f"{ENV}={value!r}: use 1 (progress bars), 0 (none), or leave it unset (bars when "
+                         "stderr is a terminal).")
+    if value:
+        return value == "1"
+    isatty = getattr(sys.stderr if stream is None else stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Bars:
+    """A ``progress(what, done, total)`` callback drawing one tqdm bar per label on ``file``
+    (default: stderr, looked up when a bar starts)."""
+
+    def __init__(self, file: TextIO | None = None):
+        self.file = file
+        self._bar: tqdm | None = None
+        self._label: str | None = None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        detail, _, label = what.rpartition("; ")
+        if self._bar is None or label != self._label:
+            self.close()
+            self._bar = tqdm(total=total, desc=label, file=self.file or sys.stderr, dynamic_ncols=True, unit="")
+            self._label = label
+        bar = self._bar
+        bar.total = total  # some work learns its length as it goes (budget allocation)
+        if detail:
+            bar.set_postfix_str(detail, refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            self.close()
+
+    def write(self, text: str) -> None:
+        """A line of text above the bar, which is then drawn again below it."""
+        tqdm.write(text, file=self.file or sys.stderr)
+
+    def close(self) -> None:
+        """Close the open bar, if any, where it stands."""
+        bar, self._bar, self._label = self._bar, None, None
+        if bar is not None:
+            bar.close()
+
+
+def default_progress() -> Bars | None:
+    """Bars on stderr when :func:`bars_wanted`, else None: no output at all."""
+    return Bars() if bars_wanted() else None

@@ -1,0 +1,117 @@
+"""Progress bars: drawn on a terminal (or when OPTIC_PROGRESS=1), nothing at all otherwise."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import optic
+from optic import progress
+from optic.progress import Bars, default_progress
+
+
+def _closed_bars(text: str) -> list[str]:
+    """The last state of each closed bar: a bar redraws itself after '\\r' and ends with a newline."""
+    return [line.rpartition("\r")[2] for line in text.split("\n")[:-1]]
+
+
+def _terminal(monkeypatch) -> None:
+    """The captured stderr says it is a terminal, OPTIC_PROGRESS unset. (Inside the test: capsys swaps
+    its stream in only when the test itself runs.)"""
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+
+def test_on_a_terminal_a_bar_is_drawn_and_ends_at_its_total(monkeypatch, capsys):
+    _terminal(monkeypatch)
+    bars = default_progress()
+    assert bars is not None
+    for done in range(6):
+        bars("calibrating int8 layers", done, 5)
+    (bar,) = _closed_bars(capsys.readouterr().err)
+    assert bar.startswith("calibrating int8 layers: 100%") and " 5/5 " in bar
+
+
+def test_not_a_terminal_means_no_progress_at_all(monkeypatch, capsys):
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert not sys.stderr.isatty()
+    assert default_progress() is None
+
+
+def test_the_environment_switches_bars_off_and_on(monkeypatch, capsys):
+    _terminal(monkeypatch)
+    assert isinstance(default_progress(), Bars)
+    monkeypatch.setenv(progress.ENV, "0")
+    assert default_progress() is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setenv(progress.ENV, "1")
+    assert isinstance(default_progress(), Bars)
+    monkeypatch.setenv(progress.ENV, "yes")
+    with pytest.raises(optic.OpticError, match="OPTIC_PROGRESS='yes': use 1"):
+        default_progress()
+
+
+def test_one_bar_per_label_and_the_detail_beside_it():
+    out = io.StringIO()
+    bars = Bars(out)
+    # kernel tuning: the detail changes with every measurement, the bar (kernels) stays one
+    for measured in range(1, 4):
+        bars(f"tuning matmul: {measured}/3 measured; kernels", 0, 2)
+    bars("matmul: generated; kernels", 1, 2)
+    bars("scoring actions", 0, 3)  # another label closes the kernels bar where it stands
+    bars("scoring actions", 3, 3)
+    kernels, scoring = _closed_bars(out.getvalue())
+    assert kernels.startswith("kernels:  50%") and "1/2" in kernels and "matmul: generated" in kernels
+    assert scoring.startswith("scoring actions: 100%") and "3/3" in scoring
+
+
+def test_work_that_learns_its_length_redraws_the_total():
+    out = io.StringIO()
+    bars = Bars(out)
+    bars("allocating budget", 1, 5)
+    bars("allocating budget", 2, 3)
+    bars("allocating budget", 3, 3)
+    (bar,) = _closed_bars(out.getvalue())
+    assert "3/3" in bar
+
+
+def test_a_line_written_between_steps_keeps_the_bar_below_it():
+    out = io.StringIO()
+    bars = Bars(out)
+    bars("training exit heads", 1, 4)
+    bars.write("optic: pass fuse: changed")
+    bars("training exit heads", 4, 4)
+    text = out.getvalue()
+    assert "optic: pass fuse: changed\n" in text
+    assert text.index("optic: pass fuse: changed") < text.rindex("training exit heads: 100%")
+
+
+class _RecordProgress:
+    """A test-only exact pass that keeps the progress callback the pipeline hands it."""
+
+    name = "record_progress"
+    exact = True
+    description = "test-only"
+    seen: list = []
+
+    def run(self, program, ctx):
+        self.seen.append(ctx.progress)
+        return False
+
+
+@pytest.mark.parametrize("env, drawn", [("1", True), ("0", False)])
+def test_optimize_draws_bars_unless_told_otherwise(monkeypatch, env, drawn):
+    monkeypatch.setenv(progress.ENV, env)
+    rec = _RecordProgress()
+    rec.seen = []
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False)
+    assert isinstance(rec.seen[0], Bars) is drawn and (rec.seen[0] is None) is not drawn
+    mine = []
+    optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False,
+                   progress=lambda *a: mine.append(a))
+    assert rec.seen[1] is not None and not isinstance(rec.seen[1], Bars)  # the caller's own callback
