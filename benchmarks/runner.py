@@ -44,6 +44,7 @@ from benchmarks import render
 from benchmarks import systems as systems_mod
 from benchmarks.systems import System, first_line
 from benchmarks.zoo import get as zoo_get
+from optic.progress import ENV as PROGRESS_ENV
 from optic.timing import Timing
 from optic.timing import compare as time_compare
 from optic.verify import compare as compare_outputs
@@ -74,14 +75,17 @@ Progress = Callable[[str], None] | None
 
 def run(models: list[str], systems: list[str | System] | None = None, batches: Sequence[int] = (1, 8),
         rounds: int = 20, out_dir: str | Path = RESULTS, progress: Progress = None, *, threads: int | None = None,
-        isolate: bool = False, timeout_s: float = ROW_TIMEOUT_S, readme: str | Path | None = None) -> dict:
+        isolate: bool = False, timeout_s: float = ROW_TIMEOUT_S, readme: str | Path | None = None,
+        steps: Callable[[str, int, int], None] | None = None) -> dict:
     """Benchmark ``systems`` on zoo ``models`` at each batch size; write bench.{json,md,png} to ``out_dir``.
 
     ``systems``: names from :data:`benchmarks.systems.SYSTEMS` or :class:`System` objects (in-process
     only); eager is always included (every ratio is against it). ``threads``: the thread count every
     system uses (default: $OMP_NUM_THREADS if set, else the cores this process may run on).
     ``readme``: a Markdown file whose ``<!-- bench:begin -->…<!-- bench:end -->`` block is replaced
-    with the latest table and chart. Returns the results (what bench.json holds).
+    with the latest table and chart. ``steps``: called as ``steps(what, rows_done, rows)`` as the rows
+    finish (optic bench draws its bar with it; ``progress`` gets the lines). Returns the results (what
+    bench.json holds).
     """
     say = progress or (lambda _msg: None)
     if readme is not None:
@@ -97,8 +101,11 @@ def run(models: list[str], systems: list[str | System] | None = None, batches: S
                 "warmup_s": warmup_seconds(),
                 "isolated": isolate, "seconds": 0.0, "complete": False}
     results = {"machine": machine(threads), "settings": settings, "rows": []}
+    rows = len(models) * len(batches)
     for name in models:
         for batch in batches:
+            if steps is not None:
+                steps("models x batches", len(results["rows"]), rows)
             say(f"{name} batch {batch}")
             t0 = time.perf_counter()
             if isolate:
@@ -110,6 +117,8 @@ def run(models: list[str], systems: list[str | System] | None = None, batches: S
             say(render.row_summary(row))
             settings["seconds"] = time.time() - started
             write(results, Path(out_dir))  # after every row: an interrupted run keeps what it measured
+    if steps is not None:
+        steps("models x batches", rows, rows)
     settings["complete"] = True
     write(results, Path(out_dir), readme)
     return results
@@ -411,6 +420,7 @@ def _read_child(proc: subprocess.Popen, state: dict, say: Callable[[str], None])
 
 def _child_main(args: argparse.Namespace) -> int:
     pin_threads(args.threads)
+    os.environ[PROGRESS_ENV] = "0"  # stderr is the parent's protocol channel: no bars in it
 
     def say(msg: str) -> None:
         print(msg if msg.startswith(PHASE) else f"{PROGRESS} {msg}", file=sys.stderr, flush=True)

@@ -36,6 +36,8 @@ from typing import Any
 from .errors import OpticError
 
 EXIT_ERROR = 2
+PROGRESS_HELP = ("progress lines on stderr where it is not a terminal (on a terminal: bars; OPTIC_PROGRESS=0 or 1 "
+                 "turns them off or on)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=1800, metavar="S",
                        help="seconds per model and batch before the system in progress is given up "
                             "(default: %(default)s)")
-    bench.add_argument("--progress", action="store_true", help="progress lines on stderr (default: when it is a terminal)")
+    bench.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     bench.set_defaults(func=cmd_bench)
 
     kern = sub.add_parser("kernel", help="tune one operator on its own and print the chosen configuration",
@@ -192,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on a device of this TVM RPC tracker")
     kern.add_argument("--no-baseline", action="store_true",
                       help="do not time PyTorch's call for the same operator against the chosen kernel")
-    kern.add_argument("--progress", action="store_true", help="a line per measurement on stderr (default: when it "
-                                                              "is a terminal)")
+    kern.add_argument("--progress", action="store_true", help=PROGRESS_HELP + "; a line per measurement")
     kern.set_defaults(func=cmd_kernel)
 
     tdb = sub.add_parser("db", help="show what the tuning database holds",
@@ -235,7 +236,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable", metavar="A,B", help="pass names to switch off")
     p.add_argument("--no-measure", action="store_true",
                    help="never time candidates on this machine (deterministic; the cost model decides)")
-    p.add_argument("--progress", action="store_true", help="progress lines on stderr (default: when it is a terminal)")
+    p.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -304,6 +305,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       capture=args.capture, measure=False if args.no_measure else None,
                       on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work,
                       backend=args.backend, tune=args.tune, tuning_db=args.db)
+    progress.close()
     print(result.report.to_json() if args.json else result.report.table())
     if args.output and getattr(result, "artifact", None) is not None:
         path = result.artifact.save(args.output)
@@ -320,12 +322,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .api import optimize
 
     _check_target(args)
-    progress = _Progress(args)
-    progress.on = not args.quiet
+    progress = _Progress(args, on=not args.quiet)
     model, inputs = _load(args, progress)
     progress.line(f"tuning the kernels of {args.model} on {args.target} ({args.trials} per kernel)")
     result = optimize(model, inputs, args.target, args.passes, capture=args.capture, on_pass=progress.pass_done,
                       progress=progress.work, backend="tvm", tune=args.trials, tuning_db=args.db)
+    progress.close()
     rec = next((r for r in result.report.passes if r.name == "tvm_kernels"), None)
     kernels = (rec.measured.get("kernels") if rec else None) or []
     if args.json:
@@ -408,6 +410,9 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     progress = _Progress(args)
 
     def on_measured(done: int, total: int, best: float, last: Any) -> None:
+        if progress.bars is not None:
+            progress.work(f"best {best * 1e3:.3f} ms; measured", done, total)
+            return
         what = f"{last.seconds * 1e3:.3f} ms" if last.ok else f"{last.status}: {last.error.splitlines()[0] if last.error else ''}"
         progress.line(f"{done}/{total} {last.config}: {what} (best {best * 1e3:.3f} ms)")
 
@@ -416,6 +421,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     result = tune(operator, target, args.trials, db=args.db, rpc=parse_rpc(args.rpc) if args.rpc else None,
                   evaluator=EvaluatorConfig(timeout_s=args.timeout), threads=threads,
                   baseline=not args.no_baseline, progress=on_measured)
+    progress.close()
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -481,7 +487,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = _Progress(args)
     results = runner.run(models, names, batches, args.rounds, args.out or runner.RESULTS, progress.line,
                          threads=args.threads, isolate=not args.in_process, timeout_s=args.timeout,
-                         readme=args.readme)
+                         readme=args.readme, steps=progress.bars)
+    progress.close()
     print(render.markdown(results), end="")
     out = Path(args.out or runner.RESULTS)
     print(f"optic: wrote {out / 'bench.json'}, {out / 'bench.md'}" + (
@@ -511,17 +518,32 @@ def _csv(text: str | None) -> list[str]:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 class _Progress:
-    """Progress lines on stderr, only for a terminal or when asked (--progress)."""
+    """Progress on stderr, for a terminal or when asked (--progress; ``on``: a command's own choice): tqdm
+    bars and lines above them where bars are wanted (:func:`optic.progress.bars_wanted`), else plain lines."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.on = bool(getattr(args, "progress", False)) or sys.stderr.isatty()
+    def __init__(self, args: argparse.Namespace, on: bool | None = None):
+        from .progress import bars_wanted, default_progress
+
+        asked = bool(getattr(args, "progress", False)) or sys.stderr.isatty() or bars_wanted()
+        self.on = asked if on is None else on
+        self.bars = default_progress() if self.on else None
 
     def line(self, text: str) -> None:
-        if self.on:
+        if self.bars is not None:
+            self.bars.write(f"optic: {text}")
+        elif self.on:
             print(f"optic: {text}", file=sys.stderr, flush=True)
 
+    def close(self) -> None:
+        """Close the open bar before the command prints its result."""
+        if self.bars is not None:
+            self.bars.close()
+
     def work(self, what: str, done: int, total: int) -> None:
-        """Long work (budget allocation, training exit heads): a line at most every 2 s."""
+        """Long work (budget allocation, training exit heads, tuning): a bar, else a line at most every 2 s."""
+        if self.bars is not None:
+            self.bars(what, done, total)
+            return
         now = time.monotonic()
         if self.on and (now - getattr(self, "_last", 0.0) > 2.0 or done + 1 >= total):
             self._last = now
@@ -529,6 +551,7 @@ class _Progress:
             print(f"optic: {what} [{bar:<20}] {done + 1}/{total}", file=sys.stderr, flush=True)
 
     def pass_done(self, rec: Any) -> None:
+        self.close()  # a pass's work ends with it
         extra = f": {rec.reason}" if rec.rolled_back else ""
         self.line(f"pass {rec.name}: {rec.status} ({rec.seconds:.2f} s){extra}")
 

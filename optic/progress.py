@@ -7,9 +7,11 @@ bar named ``label`` and shows ``detail`` beside it (kernel tuning: the bar count
 detail says which kernel and how far its measurements are).
 
 :func:`default_progress` draws those calls as tqdm bars on stderr, one bar per label; a bar closes
-when it reaches its total or when another label starts. When stderr is not a terminal (a log file,
-CI, a pipe) it returns None and nothing is drawn. ``OPTIC_PROGRESS=1`` forces the bars,
-``OPTIC_PROGRESS=0`` turns them off.
+when it reaches its total or when another label starts. Most loops report an item as it starts
+(``done`` = the items before it), so their last report comes one short of the total: a bar closed one
+short is drawn full, while one that stopped earlier (a search that ran out of budget) stays where
+it stood. When stderr is not a terminal (a log file, CI, a pipe) :func:`default_progress` returns
+None and nothing is drawn. ``OPTIC_PROGRESS=1`` forces the bars, ``OPTIC_PROGRESS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ class Bars:
         tqdm.write(text, file=self.file or sys.stderr)
 
     def close(self) -> None:
-        """Close the open bar, if any, where it stands."""
+        """Close the open bar, if any: the work it counts is over (see the module docstring)."""
         bar, self._bar, self._label = self._bar, None, None
         if bar is not None:
+            if bar.n == bar.total - 1:  # the last item was reported as it started, and has finished
+                bar.update(1)
             bar.close()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import io
+import os
 import sys
 
 import pytest
@@ -60,13 +62,25 @@ def test_one_bar_per_label_and_the_detail_beside_it():
     bars = Bars(out)
     # kernel tuning: the detail changes with every measurement, the bar (kernels) stays one
     for measured in range(1, 4):
-        bars(f"tuning matmul: {measured}/3 measured; kernels", 0, 2)
-    bars("matmul: generated; kernels", 1, 2)
-    bars("scoring actions", 0, 3)  # another label closes the kernels bar where it stands
+        bars(f"tuning matmul: {measured}/3 measured; kernels", 0, 3)
+    bars("matmul: generated; kernels", 1, 3)
+    bars("scoring actions", 0, 3)  # another label closes the kernels bar
     bars("scoring actions", 3, 3)
     kernels, scoring = _closed_bars(out.getvalue())
-    assert kernels.startswith("kernels:  50%") and "1/2" in kernels and "matmul: generated" in kernels
+    assert kernels.startswith("kernels:  33%") and "1/3" in kernels and "matmul: generated" in kernels
     assert scoring.startswith("scoring actions: 100%") and "3/3" in scoring
+
+
+def test_a_bar_closed_one_short_is_full_and_one_stopped_early_stays():
+    out = io.StringIO()
+    bars = Bars(out)
+    for i in range(4):  # reported as each layer starts: the last report is 3 of 4
+        bars("calibrating int8 layers", i, 4)
+    bars("allocating budget", 1, 5)  # a search that then runs out of budget
+    bars.close()
+    calibrating, allocating = _closed_bars(out.getvalue())
+    assert calibrating.startswith("calibrating int8 layers: 100%") and "4/4" in calibrating
+    assert allocating.startswith("allocating budget:  20%") and "1/5" in allocating
 
 
 def test_work_that_learns_its_length_redraws_the_total():
@@ -115,3 +129,47 @@ def test_optimize_draws_bars_unless_told_otherwise(monkeypatch, env, drawn):
     optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False,
                    progress=lambda *a: mine.append(a))
     assert rec.seen[1] is not None and not isinstance(rec.seen[1], Bars)  # the caller's own callback
+
+
+# -- the command line and the benchmarks ------------------------------------------------------------------
+def test_the_cli_draws_bars_on_a_terminal_and_writes_its_lines_above_them(monkeypatch, capsys):
+    from optic.cli import _Progress
+
+    _terminal(monkeypatch)
+    progress = _Progress(argparse.Namespace(progress=False))
+    progress.line("loading model")
+    for done in range(4):
+        progress.work("training exit heads", done, 3)
+    err = capsys.readouterr().err
+    assert "optic: loading model\n" in err and "[####" not in err  # the bar, not the hand-drawn line
+    assert _closed_bars(err)[-1].startswith("training exit heads: 100%")
+
+
+def test_the_cli_keeps_plain_lines_where_asked_off_a_terminal(monkeypatch, capsys):
+    from optic.cli import _Progress
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    quiet = _Progress(argparse.Namespace(progress=False))
+    quiet.line("loading model")
+    quiet.work("training exit heads", 2, 3)
+    assert quiet.bars is None and capsys.readouterr().err == ""
+    asked = _Progress(argparse.Namespace(progress=True))
+    asked.line("loading model")
+    asked.work("training exit heads", 2, 3)
+    assert asked.bars is None
+    assert capsys.readouterr().err == ("optic: loading model\n"
+                                       "optic: training exit heads [####################] 3/3\n")
+
+
+def test_the_benchmark_runner_reports_each_row_done(tmp_path, monkeypatch):
+    from benchmarks import runner
+
+    monkeypatch.setenv(runner.WARMUP_ENV, "0")
+    monkeypatch.setenv("TVM_NUM_THREADS", os.environ.get("TVM_NUM_THREADS", "1"))  # run() sets it: restored
+    steps, threads = [], torch.get_num_threads()
+    try:
+        runner.run(["tiny_cnn"], ["eager"], [1, 2], rounds=2, out_dir=tmp_path, threads=1,
+                   steps=lambda *a: steps.append(a))
+    finally:
+        torch.set_num_threads(threads)
+    assert steps == [("models x batches", 0, 2), ("models x batches", 1, 2), ("models x batches", 2, 2)]
