@@ -201,7 +201,8 @@ class Runner:
                 host, port, key = self.rpc
                 raise OpticError(f"no device {key!r} at the RPC tracker {host}:{port}: "
                                  f"{reply.get('error', reply.get('status'))}. Start one with python -m "
-                                 f"tvm.exec.rpc_server --tracker {host}:{port} --key {key}")
+                                 f"tvm.exec.rpc_server --tracker {host}:{port} --key {key} (the tracker and "
+                                 "the server need pip install 'optic[rpc]' where they run)")
 
     def _stop(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None

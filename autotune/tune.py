@@ -31,6 +31,7 @@ import numpy as np
 from optic import targets
 from optic.errors import OpticError
 from optic.targets import Target
+from optic.tvm_compat import require_tvm
 
 from . import cost_model
 from .db import TuningDB, best_record, target_fingerprint, tuning_key
@@ -258,6 +259,7 @@ def _tune(operator: Operator, t: Target, trials: int, db: Any, runner: Runner | 
                 i for i in select(predicted, order, trials) if tuple(solved.rows[i]) not in existing]
             todo = todo[: trials - len(existing)] if todo else []
             if todo:
+                require_tvm()  # every candidate is built with TVM: without it, say how to install it
                 runner.ensure_started()  # an unreachable RPC device is an error before anything is recorded
                 database.register(key, operator.as_dict(), str(operator), fingerprint, tools, operator.flops)
             total = len(todo)

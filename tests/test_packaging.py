@@ -9,6 +9,7 @@ venv of its own; these tests read the source, so they catch a stray import befor
 from __future__ import annotations
 
 import ast
+import importlib
 import sys
 from pathlib import Path
 
@@ -119,3 +120,21 @@ def test_the_version_is_pyprojects():
 def test_the_type_hints_ship():
     assert (ROOT / "optic" / "py.typed").is_file()
     assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["optic"]
+
+
+def test_tuning_without_tvm_says_which_extra_and_records_nothing(tmp_path, monkeypatch):
+    from optic.autotune import TuningDB, tune
+    from optic.autotune.operator import Operator
+
+    tune_module = importlib.import_module("optic.autotune.tune")  # the package's `tune` is the function
+
+    def missing():
+        raise optic.LoweringError("lowering to TVM needs Apache TVM, which is not installed. Install it with "
+                                  "pip install 'optic[tvm]'")
+
+    monkeypatch.setattr(tune_module, "require_tvm", missing)
+    with pytest.raises(optic.LoweringError, match=r"optic\[tvm\]"):
+        tune(Operator.parse("matmul", "64x64x64"), "cpu", 2, db=tmp_path / "t.db")
+    with TuningDB(tmp_path / "t.db") as db:
+        assert db.summary() == []
+    assert tune(Operator.parse("matmul", "64x64x64"), "cpu", 0, db=tmp_path / "t.db").config  # the model's pick
