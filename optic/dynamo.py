@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,10 +298,11 @@ class _OpticGraph:
 
     def _state(self, args: tuple) -> _Frozen | None:
         """The optimization made with this call's weights; optimized again when there is none."""
+        weights = [args[i] for i in self.weight_at]  # list comprehensions: this runs on every call
         for state in self.states:
-            if all(args[i] is t for i, t in zip(self.weight_at, state.weights, strict=True)):
-                if (all(t._version == v for t, v in zip(state.weights + self.own, state.versions, strict=True))
-                        and all(args[i].item() == s for i, s in zip(self.scalar_at, state.scalars, strict=True))):
+            if all(map(operator.is_, weights, state.weights)):
+                if ([t._version for t in weights] + [t._version for t in self.own] == state.versions
+                        and [args[i].item() for i in self.scalar_at] == state.scalars):
                     return state
                 self.states.remove(state)  # edited in place or loaded: never run stale weights
                 break
