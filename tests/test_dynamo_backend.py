@@ -177,6 +177,10 @@ def test_options_are_forwarded_and_unknown_ones_refused():
     with pytest.raises(Exception, match="unknown option.*'tolerence'.*'tolerance'"):
         with torch.no_grad():
             bad(x)
+    torch._dynamo.reset()
+    moded = torch.compile(model, backend="optic", mode="max-autotune")
+    with pytest.raises(Exception, match="no modes"), torch.no_grad():
+        moded(x)
 
 
 def test_a_bad_option_value_is_the_users_error():
