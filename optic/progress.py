@@ -18,29 +18,26 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import TextIO
 
 from tqdm import tqdm
 
 from .errors import OpticError
 
-__all__ = ["ENV", "Bars", "Progress", "bars_wanted", "default_progress"]
+__all__ = ["ENV", "Bars", "bars_wanted", "default_progress"]
 
 ENV = "OPTIC_PROGRESS"
-Progress = Callable[[str, int, int], None]
 
 
-def bars_wanted(stream: TextIO | None = None) -> bool:
-    """Whether to draw bars on ``stream`` (default stderr): ``$OPTIC_PROGRESS`` if set, else whether
-    ``stream`` is a terminal."""
+def bars_wanted() -> bool:
+    """Whether to draw bars: ``$OPTIC_PROGRESS`` if set, else whether stderr is a terminal."""
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
         raise OpticError(f"{ENV}={value!r}: use 1 (progress bars), 0 (none), or leave it unset (bars when "
                          "stderr is a terminal).")
     if value:
         return value == "1"
-    isatty = getattr(sys.stderr if stream is None else stream, "isatty", None)
+    isatty = getattr(sys.stderr, "isatty", None)  # stderr is None under pythonw and some embedders
     return bool(isatty and isatty())
 
 
