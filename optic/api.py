@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import cost, health, pipeline, registry
+from . import cost, health, hf, pipeline, registry
 from .calibration import Budget, Evaluator
 from .calibration import split as split_calibration
 from .capture import capture as capture_program
@@ -176,7 +176,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
              check_inputs: int = 2, options: dict | None = None, measure: bool | None = None,
              on_pass: Callable | None = None, instruments: list | None = None, budget: Budget | None = None,
              calibration: Any = None, progress: Callable[[str, int, int], None] | None = None,
-             backend: str = "torch", tune: str | int = "fast", tuning_db: Any = None) -> OptimizedModule:
+             backend: str = "torch", tune: str | int = "fast", tuning_db: Any = None,
+             dynamic: Any = "auto") -> OptimizedModule:
     """Optimize ``model`` for ``target``; the result computes the same function, checked on data.
 
     Args:
@@ -216,6 +217,12 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
             What the database holds is never measured again.
         tuning_db: the tuning database (a path or ``optic.autotune.TuningDB``); default
             ``$OPTIC_TUNING_DB`` or the user's cache directory.
+        dynamic: which input sizes the result serves when the model is captured with torch.export (fx graphs
+            take what the model's Python takes). ``"auto"``: any batch size (dimension 0 of the batched
+            inputs) where export can keep it dynamic; a dict names more dimensions, e.g.
+            ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}`` (a name or a ``torch.export.Dim``;
+            inputs that share a name share the size); ``False``: the example's shapes only. Every pass is
+            also verified on an input of another size; the report says which dimensions are dynamic.
     """
     from . import targets as _targets  # optic.targets, installed from targets/
 
@@ -234,10 +241,12 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     elif backend != "torch":
         raise OpticError(f"unknown backend {backend!r}; backends are 'torch' (PyTorch's kernels) and 'tvm' "
                          "(generated kernels where they are faster)")
-    program = capture_program(model, example_inputs, example_kwargs, method=capture, inference=inference)
+    program = capture_program(model, example_inputs, example_kwargs, method=capture, inference=inference,
+                              dynamic=dynamic)
     original = program.clone()
     checks = [(program.example_args, program.example_kwargs)]
     checks += generated_inputs(program.example_args, program.example_kwargs, check_inputs, seed=1) if verify else []
+    checks += program.size_checks if verify else []
     reference = [run_seeded(program.gm, a, k) for a, k in checks]  # the original's outputs, computed once
     tol = tolerance_for(reference[0], tolerance)
     ctx = pipeline.PassContext(
@@ -246,7 +255,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         instruments=list(instruments or []))
     ctx.progress = progress if progress is not None else default_progress()
     report = Report(model=type(model).__name__, target=tgt.name, capture=program.capture,
-                    notes=list(program.notes), tolerance=tol, checked_inputs=len(checks))
+                    notes=list(program.notes), tolerance=tol, checked_inputs=len(checks),
+                    dynamic=program.dims.describe() if program.dims else "")
     report.notes += health.notes(program.gm, reference[0])  # NaN/Inf weights verify "exactly": say so
     report.nodes = (program.node_count(), 0)
     report.params = (program.param_count(), 0)
@@ -314,4 +324,25 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     report.seconds = time.perf_counter() - t_start
     out = OptimizedModule(result, report)
     out.artifact = artifact
+    if hf.is_hf(model) and not hf.building_step():  # Hugging Face models stay Hugging Face models
+        settings = dict(target=target, passes=passes if budget is None else "exact", tolerance=tolerance,
+                        verify=verify, disable=disable, check_inputs=check_inputs, options=options, measure=measure,
+                        backend=backend, tune=tune, tuning_db=tuning_db, capture="export")
+        return _hf_result(model, out, program.example_args, program.example_kwargs, settings)
     return out
+
+
+def _hf_result(model: nn.Module, main: OptimizedModule, args: tuple, kwargs: dict, settings: dict) -> nn.Module:
+    """``main`` as an instance of the model's own class (optic.hf), with a generation graph for a model that
+    generates, optimized with the same settings (exact passes only: the budget was measured on ``main``'s
+    calls)."""
+    step = None
+    example = hf.step_example(model, args, kwargs) if hf.can_generate(model) else None
+    if example is not None:
+        with hf._building():
+            try:
+                step = optimize(model, (), example_kwargs=example[0], dynamic=example[1], **settings)
+            except OpticError as e:
+                main.report.notes.append(f"generation: no generation graph ({str(e).splitlines()[0]}); generate() "
+                                         "is not available on the result")
+    return hf.wrap(model, main, step)

@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any
@@ -28,9 +29,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from .contract import CallSignature, flatten
-from .errors import CaptureError
+from .dynamic import Dims, batch_size, export_spec, name_dims, outside, read_dims, resize_inputs, resized
+from .dynamic import request as dynamic_request
+from .errors import CaptureError, OpticError
 from .ir import eliminate_dead_code, init_provenance
 from .program import Program
 from .verify import compare, run_seeded
@@ -57,8 +61,12 @@ def normalize_inputs(example_inputs: Any, example_kwargs: dict | None = None) ->
 
 
 def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None, *,
-            method: str = "auto", inference: bool = True) -> Program:
-    """Capture ``model`` called on the example inputs as a Program (on a deep copy of the model)."""
+            method: str = "auto", inference: bool = True, dynamic: Any = "auto") -> Program:
+    """Capture ``model`` called on the example inputs as a Program (on a deep copy of the model).
+
+    ``dynamic`` (export captures; see :mod:`optic.dynamic`): ``"auto"`` makes the batch dimension dynamic
+    where export can keep it so, a dict names more dimensions, ``False`` keeps the example's shapes."""
+    req = dynamic_request(dynamic)
     if not isinstance(model, nn.Module):
         raise CaptureError(f"optic optimizes torch.nn.Module instances; got {type(model).__name__}.")
     if method not in METHODS:
@@ -71,6 +79,7 @@ def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
                            "modifies the user's model, so it needs a copy. Make the model's attributes "
                            "copyable (e.g. drop open file handles or locks from the module).") from None
     notes: list[str] = []
+    _register_hf_caches(work)  # before the outputs are flattened: a cache in them is a pytree, not one value
     if inference:
         training = [name or type(work).__name__ for name, m in work.named_modules() if m.training]
         if training:
@@ -93,7 +102,10 @@ def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     errors: list[tuple[str, BaseException]] = []
     for path in (("fx", "export") if method == "auto" else (method,)):
         try:
-            program = _capture_fx(work, args, kwargs) if path == "fx" else _capture_export(work, args, kwargs, structure)
+            program = _capture_fx(work, args, kwargs) if path == "fx" else \
+                _capture_export(work, args, kwargs, structure, req)
+        except OpticError:  # a request optic refuses (dynamic dims the model cannot have): said as it is
+            raise
         except Exception as e:
             log.debug("capture with %s failed:\n%s", path, traceback.format_exc())
             errors.append((path, e))
@@ -101,6 +113,13 @@ def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
         got = run_seeded(program.gm, args, kwargs)
         got_leaves, got_structure = flatten(got)
         c = compare(leaves, got_leaves, 1e-5)
+        if not c.ok and program.dims:  # a dynamic graph wrong at the example itself: the example's shapes
+            program = _capture_export(work, args, kwargs, structure, None)
+            program.notes.append("the dynamic dimensions stayed static: the graph exported with them disagrees "
+                                 "with eager on the example")
+            got = run_seeded(program.gm, args, kwargs)
+            got_leaves, got_structure = flatten(got)
+            c = compare(leaves, got_leaves, 1e-5)
         if not c.ok:
             why = (f"forward updates {_names(mutated)} in place, so a second call computes something else: "
                    "optic runs the model many times to verify it and needs a forward whose outputs do not depend "
@@ -108,16 +127,109 @@ def capture(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
                    if mutated else "Python control flow was probably specialized")
             errors.append((path, CaptureError(f"the {path} graph disagrees with eager on the examples ({c}); {why}")))
             continue
+        program.size_checks, fx_batch = _other_sizes(work, program)
+        if fx_batch and program.size_checks:  # an fx graph serves other batches as the model does: say so
+            program.dims = fx_batch
+        if program.dims and not program.size_checks:
+            program = _capture_export(work, args, kwargs, structure, None)
+            program.notes.append("the dynamic dimensions stayed static: the graph exported with them disagrees "
+                                 "with eager at another size")
         if errors:
             notes.append(f"{errors[-1][0]} capture failed ({_first_line(errors[-1][1])}); used {path}")
         program.notes = notes + program.notes
         program.signature = CallSignature(work.forward, args, kwargs,
-                                          specialized=path == "export")
+                                          specialized=path == "export", dims=program.dims)
         program.out_structure = None if got_structure == structure else structure
+        if program.dims:
+            program.dims.labels = _input_labels(program.signature, kwargs)
         init_provenance(program.gm)
         program.annotate_shapes()
         return program
     raise _capture_error(errors)
+
+
+def _register_hf_caches(model: nn.Module) -> None:
+    """Hugging Face cache objects (``DynamicCache``...) in a model's inputs or outputs become pytrees that
+    torch.export can take and return, as transformers' own exporter registers them (its caches are not
+    registered on import). Nothing happens for other models."""
+    if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:  # another transformers release: export says what it cannot return
+        return
+    try:
+        register_cache_pytrees_for_model(model)
+    except Exception as e:
+        log.debug("registering the model's cache classes failed: %s", e)
+
+
+def _input_labels(sig: CallSignature, kwargs: dict) -> list[str]:
+    """A name per flat graph input (the argument it comes from), for reports and messages."""
+    if sig.sig is None:
+        return []
+    names: list[str] = []
+    for key in [*sig.pos_keys, *kwargs]:
+        if key in sig.example:
+            n = len(torch.utils._pytree.tree_leaves(sig.example[key]))
+            label = key if isinstance(key, str) else f"{key[0]}[{key[1]}]"
+            names += [label] if n == 1 else [f"{label}[{j}]" for j in range(n)]
+    return names
+
+
+def _flat_forward(forward: Any, args: tuple, kwargs: dict) -> Any:
+    """``forward`` with a signature of exactly this call's arguments: the positional ones by their names
+    (``arg<i>`` beyond the named ones), then each keyword as keyword-only."""
+    sig = inspect.signature(forward)
+    named = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    pos = [named[i] if i < len(named) else f"arg{i}" for i in range(len(args))]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in pos]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in pos]
+
+    def flat(*a: Any, **k: Any) -> Any:
+        return forward(*a, **k)
+
+    flat.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return flat
+
+
+def _suggested_fixes(message: str) -> str:
+    """The "Suggested fixes:" block of an export constraint error (the rest confuses torch's parser)."""
+    lines = message.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Suggested fixes:")
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        block.append(line)
+    return "\n".join(block)
+
+
+def _other_sizes(model: nn.Module, program: Program) -> tuple[list[tuple[tuple, dict]], Any]:
+    """An input set at other sizes of the dimensions the graph serves at any size, checked against eager, for
+    the pipeline to verify every pass there too (a kernel specialized to the example's size is caught, not
+    returned): the dynamic dimensions of an export graph; the batch of an fx graph (as general as the model's
+    Python) where the model takes another batch. Empty where there is none, or the graph disagrees there.
+    Second: the batch dimensions of an fx graph (None for export)."""
+    flat = program.flat_inputs()
+    dims, fx_batch = program.dims, None
+    if program.capture == "fx":
+        batch = batch_size(flat)
+        dims = fx_batch = Dims({i: {0: ("batch", 1, None)} for i, t in enumerate(flat)
+                                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch}) \
+            if batch else Dims()
+    checks = []
+    for sizes in resized(flat, dims) if dims else []:
+        a, k = resize_inputs(program.example_args, program.example_kwargs, sizes, seed=2 + len(checks))
+        try:
+            want = run_seeded(model, a, k)
+            got = run_seeded(program.gm, a, k)
+        except Exception:
+            return [], fx_batch
+        if not compare(flatten(want)[0], flatten(got)[0], 1e-5).ok:
+            return [], fx_batch
+        checks.append((a, k))
+    return checks, fx_batch
 
 
 def _capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> Program:
@@ -156,7 +268,7 @@ class _SourceTracer(fx.Tracer):
         return node
 
 
-def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None) -> Program:
+def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None, req: Any = None) -> Program:
     # torch.export only returns pytree-registered types: with dataclasses in the output, export the
     # output's leaves instead (the optimized module rebuilds them). ``model`` is capture's own copy.
     leaves_only = structure is not None and any(part is not None for part in structure.parts)
@@ -168,8 +280,11 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None)
             return tuple(flatten(forward(*a, **k))[0])
 
         model.forward = leaves_forward
+    notes: list[str] = []
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        ep, dims = _export_dynamic(model, args, kwargs, req, notes) if req is not None and req.any else (None, None)
+        if ep is None:
+            ep = torch.export.export(model, args, kwargs, strict=False)
     finally:
         if leaves_only:
             del model.forward
@@ -185,7 +300,63 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None)
     gm._tracer_cls, gm._tracer_extras = None, {}
     gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
     gm.recompile()
-    return Program(gm, "export", args, kwargs)
+    program = Program(gm, "export", args, kwargs, notes=notes)
+    program.dims = dims or Dims()
+    return program
+
+
+def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict, req: Any, notes: list[str]):
+    """Export with the requested dynamic dimensions, proved by export and checked on an input of another
+    size; ``(None, None)`` with a note when the model keeps a dimension static (the caller exports with the
+    example's shapes)."""
+    what = "the batch dimension" if req.batch and not req.named else "the dynamic dimensions"
+    prev = model.__dict__.get("forward")
+    try:
+        # dynamic_shapes must match how export binds the call; a forward with **kwargs (every Hugging Face
+        # model) binds its keywords in a bundle export's spec matching trips on: give it a flat signature
+        model.forward = _flat_forward(model.forward, args, kwargs)
+        spec, t_args, t_kwargs, declared, leaf_specs = export_spec(model.forward, args, kwargs, req)
+        ep, err = None, None
+        for _ in range(2):  # once more with export's own suggested ranges (e.g. seq <= 512)
+            try:
+                ep = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=spec, strict=False)
+                break
+            except Exception as e:
+                err = e
+                try:
+                    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+                    spec = refine_dynamic_shapes_from_suggested_fixes(_suggested_fixes(str(e)), spec)
+                except Exception:
+                    break
+    except OpticError:
+        raise
+    except Exception as e:  # no signature to bind, ...: static, said so
+        notes.append(f"{what} stayed static: {_first_line(e)}")
+        return None, None
+    finally:
+        if prev is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = prev
+    if ep is None:
+        if req.named:
+            raise CaptureError(f"torch.export could not keep the requested dimensions dynamic: {_first_line(err)}. "
+                               "Ask for fewer dynamic dimensions (dynamic=...), or dynamic=False for the example's "
+                               "shapes.") from None
+        notes.append(f"{what} stayed static (the model's code needs its value: {_first_line(err)}); the "
+                     "optimized module serves the example's shapes only")
+        return None, None
+    gm = ep.module()
+    found = name_dims(read_dims(gm, ep.range_constraints), declared, leaf_specs)
+    if not found:
+        notes.append(f"{what} stayed static (export specialized it)")
+        return None, None
+    why = outside(pytree.tree_leaves((args, kwargs)), found)
+    if why:
+        notes.append(f"{what} stayed static ({why}); the optimized module serves the example's shapes only")
+        return None, None
+    return ep, found
 
 
 def _state(model: nn.Module):
@@ -233,11 +404,20 @@ def _capture_error(errors: list[tuple[str, BaseException]]) -> CaptureError:
         where = f"\n      at {f.filename}:{f.lineno}\n        {f.line.strip() if f.line else ''}" if f else ""
         lines.append(f"  - {'torch.fx symbolic trace' if path == 'fx' else 'torch.export (non-strict)'}: "
                      f"{type(e).__name__}: {_first_line(e)}{where}")
-    lines.append(
-        "What to do: data-dependent Python control flow (an `if` or loop on a tensor's values) cannot be "
-        "captured. Rewrite it with tensor ops (torch.where, masking) or torch.cond, or move that part "
-        "out of the module you optimize (optimize the submodules around it). Control flow on shapes or "
-        "Python values works with capture='export'.")
+    unknown = next((m.group(1) for _, e in errors for m in [re.search(r"Found <class '([^']+)'>", str(e))] if m), None)
+    if unknown:
+        short = unknown.rsplit(".", 1)[-1]
+        lines.append(
+            f"What to do: the model takes or returns a {short} ({unknown}), a type torch.export cannot "
+            "pass through because no pytree is registered for it. Register one "
+            "(torch.utils._pytree.register_pytree_node), or call the model so that it neither takes nor "
+            f"returns one (for a Hugging Face cache: use_cache=False in the example inputs).")
+    else:
+        lines.append(
+            "What to do: data-dependent Python control flow (an `if` or loop on a tensor's values) cannot be "
+            "captured. Rewrite it with tensor ops (torch.where, masking) or torch.cond, or move that part "
+            "out of the module you optimize (optimize the submodules around it). Control flow on shapes or "
+            "Python values works with capture='export'.")
     err = CaptureError("\n".join(lines))
     err.frames = [(p, _user_frame(e)) for p, e in errors]  # type: ignore[attr-defined]
     return err

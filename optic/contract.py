@@ -108,8 +108,9 @@ def _describe(v: Any) -> str:
 class CallSignature:
     """How a call of the original ``forward`` maps onto the captured graph's inputs."""
 
-    def __init__(self, forward: Any, args: tuple, kwargs: dict, specialized: bool):
-        self.specialized = specialized  # torch.export: shapes, dtypes and Python values are fixed
+    def __init__(self, forward: Any, args: tuple, kwargs: dict, specialized: bool, dims: Any = None):
+        self.specialized = specialized  # torch.export: shapes (but its dynamic dims), dtypes and values are fixed
+        self.dims = dims  # optic.dynamic.Dims of the flat inputs: the sizes that may vary, and their ranges
         self.n_args, self.kw_names = len(args), tuple(kwargs)
         try:
             self.sig: inspect.Signature | None = inspect.signature(forward)
@@ -122,6 +123,13 @@ class CallSignature:
             p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in list(self.sig.parameters.values())[:self.n_args])
         if specialized:
             self.example_leaves = {k: self._leaf_sig(v) for k, v in self.example.items()}
+            # where each argument's leaves start among the graph's flat inputs (the example call's order)
+            self.flat_start: dict[Any, int] = {}
+            i = 0
+            for key in [*self.pos_keys, *kwargs]:
+                if key in self.example:
+                    self.flat_start[key] = i
+                    i += len(pytree.tree_leaves(self.example[key]))
 
     def _named(self, bound: inspect.BoundArguments) -> dict[Any, Any]:
         """Bound arguments keyed by parameter name, ``*args`` items by (name, i), ``**kwargs`` items by name."""
@@ -183,13 +191,41 @@ class CallSignature:
     def _check_specialized(self, named: dict) -> None:
         for key, want in self.example_leaves.items():
             got = self._leaf_sig(named[key])
-            if len(got) == len(want) and all(
-                    g == w if g[0] != "value" else _same(g[1], w[1]) for g, w in zip(got, want, strict=True)):
+            if len(got) == len(want) and all(self._leaf_ok(key, j, g, w) for j, (g, w) in enumerate(zip(got, want, strict=True))):
                 continue
+            dims = self.dims.describe() if self.dims else ""
             raise InputMismatchError(
                 f"argument {_key_name(key)}: this module was captured with torch.export and is specialized to "
-                f"{_describe_leaves(want)}; this call passes {_describe_leaves(got)}. Call optic.optimize again "
-                "with example inputs like the ones you will use (one optimized module per shape and value).")
+                f"{_describe_leaves(want)}{' except its dynamic dimensions (' + dims + ')' if dims else ''}; "
+                f"this call passes {_describe_leaves(got)}. Call optic.optimize again with example inputs like the "
+                "ones you will use, or name the dimensions that vary: optimize(..., dynamic={'<argument>': "
+                "{<dim>: '<name>'}}).")
+        if self.dims:
+            self._check_same_sizes(named)
+
+    def _check_same_sizes(self, named: dict) -> None:
+        """A dynamic dimension shared by several inputs (the batch of ``input_ids`` and ``attention_mask``) has
+        one size per call."""
+        seen: dict[str, tuple[int, str]] = {}
+        for key, start in self.flat_start.items():
+            for j, t in enumerate(pytree.tree_leaves(named[key])):
+                for d, (name, _, _) in self.dims.per_input.get(start + j, {}).items():
+                    size = int(t.shape[d])
+                    if name in seen and seen[name][0] != size:
+                        raise InputMismatchError(
+                            f"dynamic dimension '{name}' has size {seen[name][0]} in {seen[name][1]} but {size} in "
+                            f"dim {d} of {_key_name(key)}: inputs that share it must agree")
+                    seen.setdefault(name, (size, f"dim {d} of {_key_name(key)}"))
+
+    def _leaf_ok(self, key: Any, j: int, got: tuple, want: tuple) -> bool:
+        if got[0] == "value" or want[0] == "value":
+            return got[0] == want[0] and _same(got[1], want[1])
+        if got == want:
+            return True
+        if got[1] != want[1] or len(got[0]) != len(want[0]) or not self.dims:
+            return False
+        i = self.flat_start.get(key, -1) + j
+        return all(g == w or self.dims.allows(i, d, g) for d, (g, w) in enumerate(zip(got[0], want[0], strict=True)))
 
 
 def _key_name(key: Any) -> str:

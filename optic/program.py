@@ -45,6 +45,12 @@ class Program:
     # and, when the graph returns another container type than the model did, the structure to rebuild.
     signature: Any = None
     out_structure: Any = None
+    # The dynamic dimensions of the graph's flat inputs (optic.dynamic.Dims; empty: the example's shapes,
+    # or an fx graph, which takes what the model's Python takes)
+    dims: Any = None
+    # Inputs at other sizes of those dimensions (or of an fx graph's batch), checked against eager at capture:
+    # the pipeline verifies every pass on them too
+    size_checks: list = field(default_factory=list)
 
     # -- running -------------------------------------------------------------------------
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list[Any]:
@@ -78,7 +84,7 @@ class Program:
                 setattr(gm, attr, getattr(self.gm, attr))
         gm.meta = dict(getattr(self.gm, "meta", {}))
         return Program(gm, self.capture, self.example_args, dict(self.example_kwargs), list(self.notes), self.runner,
-                       self.signature, self.out_structure)
+                       self.signature, self.out_structure, self.dims, list(self.size_checks))
 
     # -- analysis ----------------------------------------------------------------------------
     def annotate_shapes(self) -> None:

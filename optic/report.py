@@ -59,6 +59,8 @@ class Report:
     measured_attempts: int = 1
     seconds: float = 0.0
     budget: dict[str, Any] | None = None  # the accuracy budget and what lossy passes spent (see budget_table)
+    # the input dimensions one optimized module serves at any size: "batch (dim 0 of x): 1..∞"; "" static
+    dynamic: str = ""
 
     def record_measured_latency(self, before: Any, after: Any) -> None:
         """The measured latencies (``optic.timing.Timing``) of the captured and the optimized model."""
@@ -99,6 +101,8 @@ class Report:
 
     def table(self, max_declines: int = 8) -> str:
         lines = [f"optic report: {self.model} on target '{self.target}' (captured with {self.capture})"]
+        if self.dynamic:
+            lines.append(f"  dynamic dimensions: {self.dynamic}")
         lines += [f"  note: {n}" for n in self.notes]
         head = f"{'#':>2} {'pass':<12} {'status':<12} {'nodes':>11} {'params':>17} {'GFLOPs':>15} {'max err':>9} {'s':>6}"
         lines += [head, "-" * len(head)]

@@ -95,6 +95,16 @@ def test_every_epilogue_becomes_one_kernel_and_matches(tmp_path):
         for xi in (x, torch.randn(2, 3, 8, 8)):
             torch.testing.assert_close(grab.program.gm(xi), model(xi), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(out(xi), model(xi), rtol=1e-4, atol=1e-4)
+        # another batch: each kernel serves its own size, PyTorch's ops (the kernel's reference) any other
+        x5 = torch.randn(5, 3, 8, 8)
+        torch.testing.assert_close(out(x5), model(x5), rtol=1e-4, atol=1e-4)
+        recorded = {}
+        hooks = [k.register_forward_pre_hook(lambda m, a: recorded.setdefault(m, a)) for k in kernels]
+        grab.program.gm(x)
+        for h in hooks:
+            h.remove()
+        for k, args in recorded.items():  # the reference computes what the kernel does, at the kernel's size
+            torch.testing.assert_close(k.reference(*args), k(*args), rtol=1e-4, atol=1e-4)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
 
 

@@ -270,7 +270,34 @@ class TVMKernel(nn.Module):
         state["_fn"] = state["_lib"] = None
         return state
 
+    def _x_shape(self) -> tuple:
+        """The input shape the kernel was generated for (a linear's rows flattened into ``in_shape``)."""
+        if self.source is not None and self.source[0].op == "matmul":
+            return self.result_shape[:-1] + (self.in_shape[-1],)
+        return self.in_shape
+
+    def reference(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        """What the kernel computes, with PyTorch's ops, for any input size: the layer, then its epilogue in
+        order. Serves the inputs of other sizes than the kernel's (a dynamic batch)."""
+        import torch.nn.functional as F
+
+        op = self.source[0]
+        w = self.weight.t() if op.op == "matmul" and op.opts.get("b_layout") == "kn" else self.weight
+        if op.op == "matmul":
+            y = F.linear(x, w, self.bias)
+        else:
+            y = F.conv2d(x, w, self.bias, op.opts.get("stride", 1), op.opts.get("padding", 0),
+                         op.opts.get("dilation", 1))
+        for e in self.epilogue:
+            if e == "residual":
+                y = y + residual[0]
+            elif e != "bias":
+                y = {"relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}[e](y)
+        return y
+
     def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self._x_shape() and self.source is not None:  # another size: PyTorch's ops
+            return self.reference(x, *residual)
         if self._fn is None:
             self._fn, self._lib = compile_kernel(*self.source)
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
