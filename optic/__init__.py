@@ -27,6 +27,7 @@ from .errors import (
 from .lower import Lowered, lower
 from .program import Program
 from .report import PassRecord, Report
+from .saving import load, save
 
 try:  # the installed distribution's (pyproject.toml's); a checkout used without installing has none
     __version__ = importlib.metadata.version("optic")
@@ -36,5 +37,6 @@ except importlib.metadata.PackageNotFoundError:
 __all__ = [
     "load_artifact",
     "Budget", "CalibrationError", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
-    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "lower", "optimize", "targets",
+    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "load", "lower", "optimize", "save",
+    "targets",
 ]

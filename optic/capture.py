@@ -296,6 +296,7 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None,
             gm.graph.erase_node(node)
     eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
+    _flat_outputs_if_opaque(gm)
     # Unpickling re-traces the code with this tracer class; export's needs a scope it no longer has.
     gm._tracer_cls, gm._tracer_extras = None, {}
     gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
@@ -303,6 +304,29 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None,
     program = Program(gm, "export", args, kwargs, notes=notes)
     program.dims = dims or Dims()
     return program
+
+
+def _plain_spec(spec: pytree.TreeSpec) -> bool:
+    """Whether every container of an output spec is a tuple, list or dict (named tuples and Hugging Face
+    ``ModelOutput``s included): what fx can rebuild when it traces the graph's code again (unpickling)."""
+    if spec.type is not None and not issubclass(spec.type, tuple | list | dict):
+        return False
+    return all(_plain_spec(c) for c in spec.children_specs)
+
+
+def _flat_outputs_if_opaque(gm: fx.GraphModule) -> None:
+    """Make an exported graph return its output leaves flat when its output holds another container (a
+    Hugging Face cache): the graph's code would build that object, and unpickling, which traces the code
+    again, cannot. The optimized module rebuilds the object from the leaves (``Program.out_structure``)."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.out_spec is None or _plain_spec(info.out_spec):
+        return
+    flat = pytree.tree_structure(tuple(range(info.out_spec.num_leaves)))
+    codegen.pytree_info = info._replace(out_spec=flat)
+    if hasattr(gm, "_out_spec"):
+        gm._out_spec = flat
+    gm.recompile()
 
 
 def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict, req: Any, notes: list[str]):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .errors import OpticError
 
-__all__ = ["ENV", "Bars", "bars_wanted", "default_progress"]
+__all__ = ["ENV", "Bars", "bars_wanted", "default_progress", "progress_callback"]
 
 ENV = "OPTIC_PROGRESS"
 
@@ -80,3 +80,17 @@ class Bars:
 def default_progress() -> Bars | None:
     """Bars on stderr when :func:`bars_wanted`, else None: no output at all."""
     return Bars() if bars_wanted() else None
+
+
+def progress_callback(progress: object) -> object:
+    """What ``optimize(progress=...)`` reports to: ``True`` asks for bars (:func:`default_progress`: none when
+    stderr is not a terminal), a callable is used as it is, None draws nothing unless ``OPTIC_PROGRESS=1``
+    asks for bars (library code prints only when its caller asks: STYLE.md)."""
+    if progress is True:
+        return default_progress()
+    if progress is None or progress is False:
+        return Bars() if os.environ.get(ENV, "").strip() == "1" else None
+    if not callable(progress):
+        raise OpticError(f"progress must be True (bars on a terminal), a callable progress(what, done, total), "
+                         f"or None; got {progress!r}")
+    return progress

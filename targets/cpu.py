@@ -296,3 +296,14 @@ def target_from_facts(facts: HostFacts) -> Target:
 def host() -> Target:
     """The CPU this process runs on, detected once per process."""
     return target_from_facts(read_host_facts())
+
+
+@lru_cache(maxsize=1)
+def host_fingerprint() -> str:
+    """What code compiled here depends on: architecture, CPU model, vector/matrix extensions and the torch
+    build. Two machines with the same fingerprint run each other's compiled kernels; saved results compare
+    it on load (optic.saving) and compile again where it differs."""
+    import torch
+
+    facts = read_host_facts()
+    return f"{facts.machine}|{facts.model or '?'}|{','.join(sorted(_isa(facts)))}|torch {torch.__version__}"

@@ -131,6 +131,20 @@ def test_optimize_draws_bars_unless_told_otherwise(monkeypatch, env, drawn):
     assert rec.seen[1] is not None and not isinstance(rec.seen[1], Bars)  # the caller's own callback
 
 
+def test_optimize_draws_bars_only_when_asked(monkeypatch):
+    """STYLE.md: library code prints only when its caller asks; progress=True asks (a terminal shows bars)."""
+    monkeypatch.delenv(progress.ENV, raising=False)
+    _terminal(monkeypatch)
+    rec = _RecordProgress()
+    rec.seen = []
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False)
+    optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False, progress=True)
+    assert rec.seen[0] is None and isinstance(rec.seen[1], Bars)
+    with pytest.raises(optic.OpticError, match="progress must be"):
+        optic.optimize(model, (torch.randn(2, 4),), passes=[rec], measure=False, progress="yes")
+
+
 # -- the command line and the benchmarks ------------------------------------------------------------------
 def test_the_cli_draws_bars_on_a_terminal_and_writes_its_lines_above_them(monkeypatch, capsys):
     from optic.cli import _Progress

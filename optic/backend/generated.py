@@ -458,7 +458,7 @@ class TVMKernels:
                 out.append(self._tactic(group, gm, values, ctx, result, db, choice))
                 report.append(choice)
                 if ctx.progress is not None:
-                    ctx.progress(f"{site.operator}: {choice.chosen}; kernels", i, len(groups))
+                    ctx.progress(f"{site.operator}: {choice.chosen}; kernels", i + 1, len(groups))
         finally:
             if runner is not None:
                 runner.close()

@@ -163,6 +163,12 @@ class CompiledGraph(_FrozenGraph):
         return {**super().__getstate__(), "_compiled": None}
 
 
+def _doubled(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    for d in dims:
+        t = torch.cat([t, t], dim=d)
+    return t
+
+
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     """Every tensor the graph reads from its module (parameters, buffers, plain tensor attributes)."""
     from optic.ir import live_tensors
@@ -224,7 +230,7 @@ def wrap(program: Any, packaged: bool = False) -> Any:
         with torch.no_grad():
             out.gm(*program.example_args, **program.example_kwargs)
         hook.remove()
-        out.gm.compiled.build(seen[0])
+        out.gm.compiled.build(seen[0], program.dims)
     return out
 
 
@@ -243,24 +249,54 @@ class PackagedGraph(_FrozenGraph):
     def __init__(self, graph_module: fx.GraphModule):
         super().__init__(graph_module)
         self.signature: list[Any] = []
+        self.dims: Any = None  # optic.dynamic.Dims the package serves at any size (None: the example's shapes)
         self.package: bytes | None = None
+        self.machine: str | None = None  # optic.targets.cpu.host_fingerprint() of the machine that built it
         self._runner: Any = None
 
-    def build(self, example: tuple) -> None:
-        """Export the graph and compile the package (tens of seconds for a real-size model)."""
+    def build(self, example: tuple, dims: Any = None) -> None:
+        """Export the graph and compile the package (tens of seconds for a real-size model). ``dims``
+        (optic.dynamic.Dims of the flat inputs): the dimensions the package serves at any size in their
+        ranges; the others are the example's."""
         import io
 
         import torch._inductor
         import torch._inductor.config as inductor_config
 
         t0 = time.perf_counter()
+        self.dims = dims if dims else None
         self.signature = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example]
+        args, spec = tuple(example), None
+        if self.dims:
+            made: dict[str, Any] = {}
+
+            def dim(name: str, lo: int, hi: int | None) -> Any:
+                if name not in made:
+                    made[name] = torch.export.Dim(name, min=max(lo, 1), **({} if hi is None else {"max": hi}))
+                return made[name]
+
+            spec = tuple({d: dim(*self.dims.per_input[i][d]) for d in self.dims.per_input[i]}
+                         if i in self.dims.per_input and isinstance(a, torch.Tensor) else None
+                         for i, a in enumerate(example))
+            # export specializes sizes 0/1 whatever it is told: trace on the example doubled along them
+            args = tuple(_doubled(a, [d for d in s_ if a.shape[d] < 2]) if isinstance(s_, dict) else a
+                         for a, s_ in zip(example, spec, strict=True))
         with torch.no_grad():
-            ep = torch.export.export(self.graph_module, tuple(example), strict=False)
+            try:
+                ep = torch.export.export(self.graph_module, args, dynamic_shapes=spec, strict=False)
+            except Exception as e:  # a pass made a dimension static: the package serves the example's shapes
+                if spec is None:
+                    raise
+                log.info("optic: the package keeps the example's shapes (%s)", error_line(e))
+                self.dims = None
+                ep = torch.export.export(self.graph_module, tuple(example), strict=False)
             buf = io.BytesIO()
             with inductor_config.patch(freezing=True):
                 torch._inductor.aoti_compile_and_package(ep, package_path=buf)
         self.package = buf.getvalue()
+        from optic.targets.cpu import host_fingerprint
+
+        self.machine = host_fingerprint()  # what the package's code was compiled for
         self.compile_s = time.perf_counter() - t0
         self._track()
 
@@ -269,6 +305,14 @@ class PackagedGraph(_FrozenGraph):
 
         import torch._inductor
 
+        from optic.targets.cpu import host_fingerprint
+
+        if self._runner is None and getattr(self, "machine", None) not in (None, host_fingerprint()):
+            # built on another CPU or torch: its code may not run here (other vector extensions)
+            log.warning("optic: the whole-graph package was built on another machine (%s); building it again "
+                        "for this one", self.machine)
+            example = [torch.zeros(s[0], dtype=s[1]) if isinstance(s, tuple) else s for s in self.signature]
+            self.build(example, self.dims)
         if self._runner is None:
             self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))
             if not self._frozen:  # loaded from a pickle: the tensors as they came are what was frozen
@@ -279,11 +323,16 @@ class PackagedGraph(_FrozenGraph):
         if self.package is None or self.failed is not None or len(args) != len(self.signature) or self._tracing():
             return False
         grad = torch.is_grad_enabled()
-        for a, sig in zip(args, self.signature, strict=True):
+        dims = getattr(self, "dims", None)
+        for i, (a, sig) in enumerate(zip(args, self.signature, strict=True)):
             if not self._servable_value(a, grad):
                 return False
-            if (isinstance(a, torch.Tensor) and (not isinstance(sig, tuple) or (tuple(a.shape), a.dtype) != sig)) \
-                    or (not isinstance(a, torch.Tensor) and a != sig):
+            if not isinstance(a, torch.Tensor):
+                if a != sig:
+                    return False
+            elif not isinstance(sig, tuple) or a.dtype != sig[1] or a.dim() != len(sig[0]) or not all(
+                    g == w or (dims is not None and dims.allows(i, d, g))
+                    for d, (g, w) in enumerate(zip(a.shape, sig[0], strict=True))):
                 return False
         return True
 
