@@ -267,7 +267,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         flat = program.flat_inputs()
         batch = _example_batch(flat)
         cal = split_calibration(calibration, budget, single_input=len(flat) == 1 and not program.example_kwargs,
-                                batch_size=batch if program.capture == "export" else None)
+                                batch_size=batch if program.static_batch else None)
         ctx.budget, ctx.calibration, ctx.budget_left = budget, cal, float(budget.max_drop)
         ctx.evaluator = Evaluator(budget, cal, original)
         report.notes += cal.notes

@@ -309,9 +309,9 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None,
 def _plain_spec(spec: pytree.TreeSpec) -> bool:
     """Whether every container of an output spec is a tuple, list or dict (named tuples and Hugging Face
     ``ModelOutput``s included): what fx can rebuild when it traces the graph's code again (unpickling)."""
-    if spec.type is not None and not issubclass(spec.type, tuple | list | dict):
+    if spec.type is not None and not (isinstance(spec.type, type) and issubclass(spec.type, tuple | list | dict)):
         return False
-    return all(_plain_spec(c) for c in spec.children_specs)
+    return all(_plain_spec(c) for c in spec.children())
 
 
 def _flat_outputs_if_opaque(gm: fx.GraphModule) -> None:

@@ -52,6 +52,11 @@ class Program:
     # the pipeline verifies every pass on them too
     size_checks: list = field(default_factory=list)
 
+    @property
+    def static_batch(self) -> bool:
+        """Whether the graph runs only at the example's batch (an export graph without a dynamic batch)."""
+        return self.capture == "export" and not any(0 in d for d in (self.dims.per_input.values() if self.dims else ()))
+
     # -- running -------------------------------------------------------------------------
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list[Any]:
         """The graph's placeholder values for a call with ``args``/``kwargs`` (default: the examples)."""

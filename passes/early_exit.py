@@ -554,7 +554,7 @@ class EarlyExit:
     def _probe(program: Any, runner: EarlyExitRunner, ctx: Any) -> str | None:
         batches = [b for b in ctx.calibration.fit if b.size >= 2]
         if not batches:
-            batch_one = program.capture == "export" or all(b.size == 1 for b in ctx.calibration.holdout)
+            batch_one = program.static_batch or all(b.size == 1 for b in ctx.calibration.holdout)
             return None if batch_one else "no calibration batch with two samples to check it on"
         b = batches[0]
         return runner.probe_subbatch(program.flat_inputs(b.args, b.kwargs), ctx.tolerance)
@@ -584,8 +584,8 @@ class EarlyExit:
             "batch_subset": runner.subset,
         }
         if ctx.measure and holdout:
-            # batch 1 where the graph allows it; an export graph is specialized to its example batch
-            batch = 1 if program.capture == "fx" else next(
+            # batch 1 where the graph allows it; an export graph may be specialized to its example batch
+            batch = 1 if not program.static_batch else next(
                 t.shape[0] for t in program.flat_inputs() if isinstance(t, torch.Tensor) and t.dim() > 0)
             samples = ctx.calibration.holdout_like(batch, 16)
             if samples:

@@ -101,8 +101,9 @@ class _FrozenGraph(nn.Module):
 class CompiledGraph(_FrozenGraph):
     """An fx graph run as one Inductor-compiled program with frozen weights (see the module doc)."""
 
-    def __init__(self, graph_module: fx.GraphModule):
+    def __init__(self, graph_module: fx.GraphModule, dynamic: bool = False):
         super().__init__(graph_module)
+        self.dynamic = dynamic  # the graph serves other sizes (optic.dynamic): compile a dynamic one when they come
         self._reset()
 
     def _reset(self) -> None:
@@ -134,7 +135,10 @@ class CompiledGraph(_FrozenGraph):
         # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
         fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
         # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
-        object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=False))
+        # a graph with dynamic dimensions: Dynamo's automatic dynamic shapes compile one program for every size
+        # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
+        dynamic = None if getattr(self, "dynamic", False) else False
+        object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=dynamic))
         self.compile_s = time.perf_counter() - t0
 
     def forward(self, *args: Any) -> Any:
@@ -222,7 +226,7 @@ def wrap(program: Any, packaged: bool = False) -> Any:
     inner.gm.graph._codegen = CodeGen()
     inner.gm.recompile()
     root = nn.Module()
-    root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm)
+    root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm, dynamic=bool(program.dims))
     out.gm = fx.GraphModule(root, graph)
     if packaged:  # the flat inputs the inner graph sees on the example: what the package is built for
         seen: list[tuple] = []
