@@ -96,9 +96,14 @@ def test_bad_files_and_arguments_are_clear_errors(tmp_path):
         optic.load(tmp_path / "junk.pt")
 
 
+# every zoo model round-trips in test_zoo_optimize (exact passes, tactics not measured); here the CPU step's
+# measured implementations (packages, compiled graphs, oneDNN weights) on a CNN, a mobile CNN and HF models
+TACTICS = [n for n in ("resnet18", "mobilenetv2", "hf_bert", "hf_gpt2", "hf_resnet") if n in names()]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", names())
-def test_every_zoo_model_round_trips(name, tmp_path):
+@pytest.mark.parametrize("name", TACTICS)
+def test_measured_tactics_round_trip(name, tmp_path):
     entry = get(name)
     result = optic.optimize(entry.factory(), entry.inputs(1))
     round_trip(result, entry.inputs(1), tmp_path)

@@ -1,5 +1,6 @@
 """The zoo through the exact pipeline (tactics measured off: timing belongs to benchmarks):
-right capture path, outputs match eager, every foldable BN folded, Q/K/V fused, attention on SDPA."""
+right capture path, outputs match eager, every foldable BN folded, Q/K/V fused, attention on SDPA, and
+the result saved and loaded again (optic.save / optic.load) computes the same with its report."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ SLOW = [n for n in names() if n not in FAST]
 SEPARATE_QKV = {"tiny_transformer", "vit_s16", "bert_base", "hf_bert", "hf_bert_sdpa", "hf_llama", "hf_vit", "hf_swin"}
 
 
-def _check(name):
+def _check(name, tmp_path):
     entry = get(name)
     model, inputs = entry.factory(), entry.inputs(1)
     opt = optic.optimize(model, inputs, measure=False)
@@ -42,22 +43,27 @@ def _check(name):
         assert kinds.count("sdpa") >= 1
     if name in SEPARATE_QKV:
         assert rep.matched("horizontal_linear") >= 1
+    loaded = optic.load(optic.save(opt, tmp_path / f"{name}.optic.pt"))
+    with torch.no_grad():
+        want, got = optic.contract.flatten(opt(*inputs))[0], optic.contract.flatten(loaded(*inputs))[0]
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True) if isinstance(a, torch.Tensor))
+    assert [p.name for p in loaded.report.passes] == [p.name for p in rep.passes]
     return rep
 
 
 @pytest.mark.parametrize("name", FAST)
-def test_fast_zoo_models(name):
+def test_fast_zoo_models(name, tmp_path):
     if get(name).source == "hf":
         pytest.importorskip("transformers")
-    _check(name)
+    _check(name, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
-def test_slow_zoo_models(name):
-    _check(name)
+def test_slow_zoo_models(name, tmp_path):
+    _check(name, tmp_path)
 
 
-def test_shared_producer_bn_reason_is_reported():
-    rep = _check("shared_producer")
+def test_shared_producer_bn_reason_is_reported(tmp_path):
+    rep = _check("shared_producer", tmp_path)
     assert any("users" in d["reason"] for d in rep.declines("bn_into_conv_or_linear"))
