@@ -307,17 +307,21 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict, structure=None,
 
 
 def _plain_spec(spec: pytree.TreeSpec) -> bool:
-    """Whether every container of an output spec is a tuple, list or dict (named tuples and Hugging Face
-    ``ModelOutput``s included): what fx can rebuild when it traces the graph's code again (unpickling)."""
-    if spec.type is not None and not (isinstance(spec.type, type) and issubclass(spec.type, tuple | list | dict)):
+    """Whether every container of an output spec is a plain tuple, list or dict, or a named tuple: what fx
+    rebuilds as it was when it traces the graph's code again (unpickling). A dict subclass (a Hugging Face
+    ``ModelOutput``) would come back a plain dict, and other containers (a cache) not at all."""
+    t = spec.type
+    if t is not None and not (t in (tuple, list, dict) or (isinstance(t, type) and issubclass(t, tuple)
+                                                           and hasattr(t, "_fields"))):
         return False
     return all(_plain_spec(c) for c in spec.children())
 
 
 def _flat_outputs_if_opaque(gm: fx.GraphModule) -> None:
     """Make an exported graph return its output leaves flat when its output holds another container (a
-    Hugging Face cache): the graph's code would build that object, and unpickling, which traces the code
-    again, cannot. The optimized module rebuilds the object from the leaves (``Program.out_structure``)."""
+    Hugging Face ``ModelOutput`` or cache): the graph's code would build that object, and unpickling, which
+    traces the code again, cannot build it (or builds a plain dict). The optimized module rebuilds the
+    object from the leaves (``Program.out_structure``)."""
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)
     if info is None or info.out_spec is None or _plain_spec(info.out_spec):

@@ -45,7 +45,9 @@ def _check(name, tmp_path):
         assert rep.matched("horizontal_linear") >= 1
     loaded = optic.load(optic.save(opt, tmp_path / f"{name}.optic.pt"))
     with torch.no_grad():
-        want, got = optic.contract.flatten(opt(*inputs))[0], optic.contract.flatten(loaded(*inputs))[0]
+        before, after = opt(*inputs), loaded(*inputs)
+    (want, want_structure), (got, got_structure) = optic.contract.flatten(before), optic.contract.flatten(after)
+    assert type(after) is type(before) and got_structure == want_structure  # a ModelOutput stays one
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True) if isinstance(a, torch.Tensor))
     assert [p.name for p in loaded.report.passes] == [p.name for p in rep.passes]
     return rep
