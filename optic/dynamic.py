@@ -30,6 +30,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import OpticError
+from .verify import memory_format_of
 
 BATCH = "batch"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -188,11 +189,17 @@ def export_spec(forward: Any, args: tuple, kwargs: dict, req: Request) -> tuple[
             if t.shape[d] == 0:
                 raise OpticError(f"a dynamic dimension has size 0 in the example ({_describe(t)}): give an "
                                  "example with at least one element along it")
-            t = torch.cat([t, t], dim=d)
-        return t
+        return doubled(t, sorted(grow[id(t)]))
 
     t_args, t_kwargs = pytree.tree_map(grown, (args, kwargs)) if grow else (args, kwargs)
     return specs, t_args, t_kwargs, declared, leaf_specs
+
+
+def doubled(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``t`` repeated once along each of ``dims``: a size-1 dimension export can trace as dynamic."""
+    for d in dims:
+        t = torch.cat([t, t], dim=d)
+    return t
 
 
 def _per_arg(sig: inspect.Signature, name: str, value: Any, spec_for: Any) -> Any:
@@ -310,18 +317,12 @@ def resize_inputs(args: tuple, kwargs: dict, sizes: dict[int, dict[int, int]], s
                 scale = t.float().std().item() if t.numel() > 1 else 1.0
                 scale = scale if scale == scale and scale > 0 else 1.0
                 t = (t + 0.1 * scale * torch.randn(t.shape, generator=gen).to(t.dtype)).contiguous(
-                    memory_format=_memory_format(t))
+                    memory_format=memory_format_of(t))
             else:
                 t = t.contiguous()
         out.append(t)
     new_args, new_kwargs = pytree.tree_unflatten(out, spec)
     return tuple(new_args), dict(new_kwargs)
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _finite(x: Any) -> bool:

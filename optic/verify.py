@@ -108,14 +108,14 @@ def _like(t: Any, gen: torch.Generator) -> Any:
         std = t.float().std().item() if t.numel() > 1 else 1.0
         std = std if std > 0 and std == std else 1.0
         x = torch.randn(t.shape, generator=gen) * std + t.float().mean().item()
-        return x.to(t.dtype).contiguous(memory_format=_memory_format(t))
+        return x.to(t.dtype).contiguous(memory_format=memory_format_of(t))
     if t.dtype == torch.bool:
         return t.clone()
     lo, hi = int(t.min()), int(t.max())
     return torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=t.dtype)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

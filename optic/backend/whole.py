@@ -167,12 +167,6 @@ class CompiledGraph(_FrozenGraph):
         return {**super().__getstate__(), "_compiled": None}
 
 
-def _doubled(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    for d in dims:
-        t = torch.cat([t, t], dim=d)
-    return t
-
-
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     """Every tensor the graph reads from its module (parameters, buffers, plain tensor attributes)."""
     from optic.ir import live_tensors
@@ -272,6 +266,8 @@ class PackagedGraph(_FrozenGraph):
         self.signature = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example]
         args, spec = tuple(example), None
         if self.dims:
+            from optic.dynamic import doubled
+
             made: dict[str, Any] = {}
 
             def dim(name: str, lo: int, hi: int | None) -> Any:
@@ -283,7 +279,7 @@ class PackagedGraph(_FrozenGraph):
                          if i in self.dims.per_input and isinstance(a, torch.Tensor) else None
                          for i, a in enumerate(example))
             # export specializes sizes 0/1 whatever it is told: trace on the example doubled along them
-            args = tuple(_doubled(a, [d for d in s_ if a.shape[d] < 2]) if isinstance(s_, dict) else a
+            args = tuple(doubled(a, [d for d in s_ if a.shape[d] < 2]) if isinstance(s_, dict) else a
                          for a, s_ in zip(example, spec, strict=True))
         with torch.no_grad():
             try:
