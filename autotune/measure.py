@@ -74,7 +74,7 @@ class EvaluatorConfig:
     # 2-3x faster than 3, and they run within 2 % (the code is vectorized by the schedule, not by LLVM);
     # the finalists are built again at 3 (what optic deploys) and re-timed side by side
     search_opt_level: int = 1
-    tolerance: float = 1e-4  # max |out - ref| / max |ref| (fp32, as optic.verify)
+    tolerance: float = 1e-4  # max |out - ref| / max |ref| (fp32, as optic.pipeline.verify)
     timeout_s: float = 60.0  # one candidate: build, check and time
     startup_timeout_s: float = 300.0  # a new worker: importing torch and TVM
     session_timeout: int = 600  # RPC session

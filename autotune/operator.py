@@ -179,7 +179,7 @@ class Operator:
 
     @classmethod
     def from_workload(cls, workload: Any) -> Operator | None:
-        """The operator of a lowered kernel's workload (``optic.kernels.Workload``), or None when no
+        """The operator of a lowered kernel's workload (``optic.backend.kernels.Workload``), or None when no
         template covers it."""
         spec = workload.template_args()
         if spec is None:

@@ -13,13 +13,13 @@ Requests (``kind``):
   error, not a failure charged to every candidate).
 - ``measure``: build ``config`` for ``operator`` with ``builder`` ("module:function"), compile it
   for this CPU (LLVM), run it once on seeded inputs and compare the output with the reference
-  (``optic.verify.compare``); only a correct candidate is timed, with TVM's evaluator (one
+  (``optic.pipeline.verify.compare``); only a correct candidate is timed, with TVM's evaluator (one
   warm-up call, then ``repeat`` repeats of ``number`` calls, at least ``min_repeat_ms`` each;
   the median repeat counts). With ``rpc`` (host, port, key) the library is sent to a device of
   the TVM RPC tracker and checked and timed there.
 - ``final``: a few configurations (the finalists of a tuning run) and, if asked, PyTorch's own
   call for the same operator (the vendor-library baseline), alternated in one run by
-  ``optic.timing.compare``.
+  ``optic.pipeline.timing.compare``.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class Worker:
         import torch
         import tvm
 
-        from optic.timing import calls_per_block, compare
+        from optic.pipeline.timing import calls_per_block, compare
 
         threads = msg.get("threads")
         if threads:
@@ -253,7 +253,7 @@ def _check_then_time(module: Any, dev: Any, args: list, ref: Any, got: Any, ev: 
                      build_s: float) -> dict[str, Any]:
     """A candidate's output against the reference first; only a correct one is timed (warm-up,
     number × repeat), locally or on an RPC device alike."""
-    from optic.verify import compare
+    from optic.pipeline.verify import compare
 
     check = compare(ref, got, ev["tolerance"])
     if not check.ok:

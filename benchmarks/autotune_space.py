@@ -2,7 +2,7 @@
 
 The A100 GEMM space (block, warp and thread tiles, K tile, stages, vector width; fp16,
 4096 x 4096 x 4096) is enumerated both ways, checked to give the same configurations, and timed
-together with ``optic.timing.compare`` (alternated rounds, medians and interquartile spread).
+together with ``optic.pipeline.timing.compare`` (alternated rounds, medians and interquartile spread).
 Brute force filters the whole Cartesian product with the same compiled constraints the solver
 uses, stopping at the first that fails. Also timed in the same rounds: the solver followed by
 building its rows as Python tuples (``SolveResult.rows``, built on first use: brute force builds
@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from benchmarks.runner import machine
-from optic import autotune, timing
+from optic import autotune
 from optic.autotune.constraints import compile_constraints
+from optic.pipeline import timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -95,8 +95,8 @@ def run(models: list[str]) -> dict:
     import optic
     import optic.dynamo
     from benchmarks.runner import warm_up
-    from optic import timing
-    from optic.verify import compare
+    from optic.pipeline import timing
+    from optic.pipeline.verify import compare
 
     rows, load = [], os.getloadavg()[0]  # the machine is shared: the results say how busy it was
     for name in models:

@@ -10,7 +10,7 @@ For each zoo causal LM (random weights from its config, never downloaded):
   KV cache (optic.hf), so ``eager`` is the like-for-like baseline and ``eager+cache`` what a user has today.
 
 Each system generates greedily from the same prompt (the tokens are checked equal to eager's), after a 2 s
-warm-up each; the three are alternated in blocks over several rounds (optic.timing.compare), and the
+warm-up each; the three are alternated in blocks over several rounds (optic.pipeline.timing.compare), and the
 figure is the median time of one generate() call divided by the tokens it made, with the interquartile
 spread.
 """
@@ -33,7 +33,7 @@ def run_model(name: str, prompt: int, new: int, rounds: int) -> dict:
     import optic
     from benchmarks.runner import warm_up
     from benchmarks.zoo import get
-    from optic.timing import compare
+    from optic.pipeline.timing import compare
 
     model = get(name).factory().eval()
     ids = torch.randint(2, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))

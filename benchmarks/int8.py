@@ -60,7 +60,7 @@ def _ort_systems(model: torch.nn.Module, example: tuple, calibration: list[tuple
 def run(models: list[str], batches: list[int], max_drop: float = 0.01) -> dict:
     import optic
     from benchmarks.runner import warm_up
-    from optic import timing
+    from optic.pipeline import timing
 
     torch.manual_seed(0)
     rows = []
@@ -125,7 +125,7 @@ def run_zoo(models: list[str], batches: list[int], max_drop: float = 0.01, calib
     import optic
     from benchmarks.runner import warm_up
     from benchmarks.zoo import registry
-    from optic import timing
+    from optic.pipeline import timing
 
     rows = []
     for name in models:

@@ -4,7 +4,7 @@
 
 For every pass the baseline is the model after the exact rewrites (cleanup, fold_norm, fuse), so
 the ratio is what the lossy pass adds, not what folding BN gives. Both are timed together with
-eager in one ``optic.timing.compare`` call over the digits test images in turn, batch 1; top-1 is
+eager in one ``optic.pipeline.timing.compare`` call over the digits test images in turn, batch 1; top-1 is
 measured on the test split, which optic never sees. 2:4 sparsity cannot pay on a CPU: it is run
 for this machine (it declines, and the reason is printed) and for an A100 (predicted gain only), on
 a random MLP whose 2:4 masking costs about half of its output (a budget no real model would give;

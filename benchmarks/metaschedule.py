@@ -9,7 +9,7 @@ filters, stride 1, pad 1, NHWC):
 2. optic tunes the same operator with ``tune(..., trials=--trials-optic)`` (a fresh database);
 3. the two kernels and PyTorch's own call (MKL's GEMM, oneDNN's convolution) are checked against
    the float64 reference and timed alternated in blocks over several rounds in this one process
-   (``optic.timing.compare``): medians per call and their interquartile spread.
+   (``optic.pipeline.timing.compare``): medians per call and their interquartile spread.
 
 Every timed kernel runs on the same number of threads (``--threads``, default the target's cores):
 ``torch.set_num_threads``, ``TVM_NUM_THREADS`` and ``OMP_NUM_THREADS`` for both TVM runtimes, and
@@ -136,8 +136,8 @@ def _time_side_by_side(tvm: Any, operator: Any, libs: dict[str, Any], rounds: in
     """Each compiled kernel and PyTorch's call: checked against the reference, then timed alternated."""
     import torch
 
-    from optic import timing
-    from optic.verify import compare
+    from optic.pipeline import timing
+    from optic.pipeline.verify import compare
 
     inputs = operator.make_inputs(seed=0)
     ref = operator.reference(inputs)

@@ -1,8 +1,8 @@
 """The benchmark runner behind ``optic bench``: every system on every zoo model, timed together.
 
 Per model and batch: the model is built once; every system prepares it (timed: trace, export,
-compile, tune), its outputs are checked against eager (``optic.verify.compare``), and then all
-working systems are timed together with ``optic.timing.compare``: alternated in blocks over several
+compile, tune), its outputs are checked against eager (``optic.pipeline.verify.compare``), and then all
+working systems are timed together with ``optic.pipeline.timing.compare``: alternated in blocks over several
 rounds, so they share whatever the shared machine is doing, each block about ``BLOCK_S`` long (a
 system's block repeats it as often as that takes) and at least ``MIN_CALLS`` timed calls each. A
 timing whose spread is wide is repeated once and the tighter one kept. A system too slow for that
@@ -44,11 +44,11 @@ from benchmarks import render
 from benchmarks import systems as systems_mod
 from benchmarks.systems import System, first_line
 from benchmarks.zoo import get as zoo_get
+from optic.pipeline.timing import Timing
+from optic.pipeline.timing import compare as time_compare
+from optic.pipeline.verify import compare as compare_outputs
+from optic.pipeline.verify import tolerance_for
 from optic.progress import ENV as PROGRESS_ENV
-from optic.timing import Timing
-from optic.timing import compare as time_compare
-from optic.verify import compare as compare_outputs
-from optic.verify import tolerance_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # zoo models come from configs; never reach the network
 

@@ -4,7 +4,7 @@
 
 For each zoo model at batch 1: ``optic.optimize`` (default settings), ``optic.save`` to a temporary file,
 ``optic.load``; then the saved and the loaded module are checked equal on the model's inputs, warmed up for
-2 s each and timed alternated in blocks (optic.timing.compare_models), medians with their interquartile
+2 s each and timed alternated in blocks (optic.pipeline.timing.compare_models), medians with their interquartile
 spread. The loaded module's first call (where packed weights are packed and compiled code compiled or
 loaded again) is timed on its own and reported too.
 """
@@ -28,7 +28,7 @@ def run_model(name: str) -> dict:
     import optic
     from benchmarks.runner import warm_up
     from benchmarks.zoo import get, output_tensors
-    from optic.timing import compare_models
+    from optic.pipeline.timing import compare_models
 
     entry = get(name)
     model, x = entry.factory(), entry.inputs(1)

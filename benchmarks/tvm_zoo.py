@@ -6,7 +6,7 @@ For each model: ``optimize(backend="tvm", tune=...)`` with a fresh tuning databa
 measurements and seconds, how many distinct kernels run generated code), the same ``optimize`` again
 (it must measure nothing: the database has every record and every tactic verdict), the torch
 backend (``optimize`` with the same passes, no generated kernels), then eager, optic-torch and
-optic-tvm timed alternated in blocks (``optic.timing.compare``, medians and quartiles, same process,
+optic-tvm timed alternated in blocks (``optic.pipeline.timing.compare``, medians and quartiles, same process,
 same threads), and the outputs checked against eager. Writes
 ``benchmarks/results/tvm_zoo.{json,md,png}``.
 """
@@ -24,8 +24,8 @@ import torch
 import optic
 from benchmarks.runner import machine
 from benchmarks.zoo import registry
-from optic import timing
-from optic.verify import compare
+from optic.pipeline import timing
+from optic.pipeline.verify import compare
 
 DEFAULT = ["resnet18", "resnet50", "mobilenetv2", "vit_s16", "bert_base"]
 OUT = Path(__file__).resolve().parent / "results"

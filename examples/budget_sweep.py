@@ -5,7 +5,7 @@
 Per model: train (or load from the cache), measure eager top-1 on the test split, then for each
 budget ``optic.optimize(model, x, passes="default", budget=Budget(max_drop=b), calibration=...)``
 and top-1 of the result on the test split (at batch 1). The eager model and the optimized ones are
-then timed together, in one ``optic.timing.compare`` call, at batch 1 over the test images in turn,
+then timed together, in one ``optic.pipeline.timing.compare`` call, at batch 1 over the test images in turn,
 so the speed-ups of one model come from one measurement. Besides the figures the JSON records, per
 budget, what each pass did (from the report), so that a flat curve can be traced to the pass that
 declined.

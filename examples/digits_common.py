@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from optic.timing import Timing, calls_per_block, compare, rotating
+from optic.pipeline.timing import Timing, calls_per_block, compare, rotating
 
 DATA = Path(__file__).parent / "data" / "digits.npz"
 SIZES = {"test": 400, "calibration": 397}  # the rest (1,000) is train
@@ -164,7 +164,7 @@ def latency_batch1(eager: Callable, optimized: Callable | dict[str, Callable] | 
                    samples: Sequence[torch.Tensor] | torch.Tensor, rounds: int = 15,
                    budget_s: float = 8.0) -> dict[str, Timing]:
     """Per-sample latency at batch 1 of ``eager`` and ``optimized`` (one model, or several by name), timed
-    together in one :func:`optic.timing.compare` call (alternated blocks of about 50 ms, medians). Each
+    together in one :func:`optic.pipeline.timing.compare` call (alternated blocks of about 50 ms, medians). Each
     call takes the next of ``samples`` (one image, [1, 1, 8, 8]), so that a data-dependent model (early
     exit) is timed over real data, not on one input it happens to find easy or hard."""
     samples = [s.unsqueeze(0) if s.dim() == 3 else s for s in samples]

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from . import int8, targets  # noqa: F401  (int8 registers optic's int8 operators: saved int8 models need them)
+from . import targets  # noqa: F401
 from .api import OptimizedModule, optimize
-from .artifact import load_artifact
-from .calibration import Budget, Labeled
-from .capture import capture
+from .backend import int8  # noqa: F401  (registers optic's int8 operators: saved int8 models need them)
+from .backend.artifact import load_artifact
+from .backend.lower import Lowered, lower
+from .budget.calibration import Budget, Labeled
 from .errors import (
     CalibrationError,
     CaptureError,
     InputMismatchError,
     LoweringError,
     OpticError,
+    UnknownOptionError,
     UnknownPassError,
     UnknownTargetError,
     VerificationError,
 )
-from .lower import Lowered, lower
-from .program import Program
-from .report import PassRecord, Report
+from .ir.capture import capture
+from .ir.program import Program
+from .pipeline.report import PassRecord, Report
 from .saving import load, save
 
 try:  # the installed distribution's (pyproject.toml's); a checkout used without installing has none
@@ -37,6 +39,6 @@ except importlib.metadata.PackageNotFoundError:
 __all__ = [
     "load_artifact",
     "Budget", "CalibrationError", "CaptureError", "Labeled", "InputMismatchError", "Lowered", "LoweringError", "OpticError", "OptimizedModule", "PassRecord", "Program", "Report",
-    "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "load", "lower", "optimize", "save",
+    "UnknownOptionError", "UnknownPassError", "UnknownTargetError", "VerificationError", "capture", "load", "lower", "optimize", "save",
     "targets",
 ]

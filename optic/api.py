@@ -12,17 +12,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import cost, health, hf, pipeline, registry
-from .calibration import Budget, Evaluator
-from .calibration import split as split_calibration
-from .capture import capture as capture_program
-from .contract import flatten
+from . import hf, pipeline
+from .budget.calibration import Budget, Evaluator
+from .budget.calibration import split as split_calibration
 from .errors import OpticError
-from .program import Program
+from .ir.capture import capture as capture_program
+from .ir.contract import flatten
+from .ir.program import Program
+from .pipeline import cost, health, registry
+from .pipeline.report import Report
+from .pipeline.timing import compare_models, rotating
+from .pipeline.verify import compare, generated_inputs, run_seeded, tolerance_for
 from .progress import progress_callback
-from .report import Report
-from .timing import compare_models, rotating
-from .verify import compare, generated_inputs, run_seeded, tolerance_for
 
 log = logging.getLogger("optic")
 
@@ -30,7 +31,7 @@ log = logging.getLogger("optic")
 class OptimizedModule(nn.Module):
     """The optimized model: the original's call signature and output types, plus ``report`` and ``program``.
 
-    A call is laid out as the example call was (:class:`optic.contract.CallSignature`): an argument that
+    A call is laid out as the example call was (:class:`optic.ir.contract.CallSignature`): an argument that
     was left out of the example, or a shape other than the example's on a graph captured with
     torch.export, raises :class:`InputMismatchError` instead of computing something wrong.
     """
@@ -143,7 +144,7 @@ def _with_tvm_kernels(pass_list: list, tgt: Any) -> list:
 
     require_tvm()
     if tgt.kind == "gpu":
-        return pass_list  # the kernels are generated after the passes, into an artifact (optic.artifact)
+        return pass_list  # the kernels are generated after the passes, into an artifact (optic.backend.artifact)
     if tgt.name != "cpu":
         raise OpticError(f"backend='tvm' builds and measures CPU kernels on this machine, so a CPU target must be "
                          f"'cpu' (this CPU), not {tgt.name!r}; for a GPU target (a100, h100, ...) it writes an "
@@ -201,7 +202,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
             no lossy pass runs.
         calibration: the data the budget is measured on (required with ``budget``): an iterable of
             batches, each the model's inputs or an ``(inputs, labels)`` pair; see
-            :mod:`optic.calibration` for the rules and ``optic.Labeled`` for the explicit form.
+            :mod:`optic.budget.calibration` for the rules and ``optic.Labeled`` for the explicit form.
         progress: long work (budget allocation, int8 calibration, training exit heads, tuning kernels)
             reports its progress: ``True`` draws tqdm bars on stderr when it is a terminal (nothing in a
             log or CI), a callable is called as ``progress(what, done, total)``; None (the default) draws
@@ -232,7 +233,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     _check_tolerance(tolerance)
     tgt = _targets.get(target)
     pass_list = registry.resolve(passes)
-    options = dict(options or {})
+    options = registry.check_options(options)
     if backend == "tvm":
         pass_list = _with_tvm_kernels(pass_list, tgt)
         from optic.backend.generated import trials_for
@@ -316,7 +317,7 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         report.latency_estimate_s = (cost.roofline_seconds(original, tgt), cost.roofline_seconds(result, tgt))
     artifact = None
     if backend == "tvm" and tgt.kind == "gpu":
-        from .artifact import build_gpu_artifact
+        from .backend.artifact import build_gpu_artifact
 
         artifact, left = build_gpu_artifact(result, tgt, tol, ctx.progress)
         report.notes.append(artifact.summary() if artifact else

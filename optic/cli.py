@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the budget measures (default: top1 for classifiers, else relative error)")
     opt.add_argument("--calibration", metavar="FILE.py:ATTR",
                      help="calibration batches (default: the 'calibration' function beside the model's factory)")
+    opt.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", type=_option_arg,
+                     help="a pass option, e.g. --option lowrank_method=svd (repeatable; `optic passes` lists them)")
     _backend_args(opt)
     opt.set_defaults(func=cmd_optimize)
 
@@ -241,8 +243,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
 # -- commands -------------------------------------------------------------------------------------------
 def cmd_dump(args: argparse.Namespace) -> int:
-    from . import dump, registry
-    from .capture import capture
+    from . import dump
+    from .ir.capture import capture
+    from .pipeline import registry
 
     fmt = args.format or _format_from_path(args.output) or "text"
     if args.each_pass and not args.output:
@@ -287,7 +290,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     model, inputs = _load(args, progress)
     budget, data, passes = None, None, args.passes
     if args.budget is not None:
-        from .calibration import Budget
+        from .budget.calibration import Budget
         from .modelref import CALIBRATION_ATTR, load_calibration
 
         budget = Budget(max_drop=args.budget, metric=args.metric)
@@ -304,7 +307,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     result = optimize(model, inputs, args.target, passes, tolerance=args.tolerance, disable=args.disable,
                       capture=args.capture, measure=False if args.no_measure else None,
                       on_pass=progress.pass_done, budget=budget, calibration=data, progress=progress.work,
-                      backend=args.backend, tune=args.tune, tuning_db=args.db)
+                      backend=args.backend, tune=args.tune, tuning_db=args.db, options=dict(args.option))
     progress.close()
     print(result.report.to_json() if args.json else result.report.table())
     if args.output and getattr(result, "artifact", None) is not None:
@@ -378,21 +381,54 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from . import registry
+    from .pipeline import registry
 
     rows = [registry.get(n) for n in registry.names()]
+
+    def option_json(o: registry.Option) -> dict:
+        types = o.type if isinstance(o.type, tuple) else (o.type,)
+        default = o.default if isinstance(o.default, (str, int, float, bool, type(None))) else list(o.default)
+        return {"name": o.name, "type": [t.__name__ for t in types], "default": default, "help": o.help,
+                "choices": None if o.choices is None else list(o.choices)}
+
     if args.json:
-        print(json.dumps({"passes": [{"name": p.name, "exact": bool(p.exact), "description": getattr(p, "description", "")}
-                                     for p in rows], "presets": registry.PRESETS}, indent=2))
+        print(json.dumps({"passes": [{"name": p.name, "exact": bool(p.exact), "description": p.description,
+                                      "options": [option_json(o) for o in p.options]} for p in rows],
+                          "pipeline_options": [option_json(o) for o in registry.PIPELINE_OPTIONS],
+                          "presets": registry.PRESETS}, indent=2))
         return 0
     width = max(len(p.name) for p in rows) if rows else 4
     print(f"{'pass'.ljust(width)}  {'exact':<5}  description")
     for p in rows:
-        print(f"{p.name.ljust(width)}  {'yes' if p.exact else 'no':<5}  {getattr(p, 'description', '')}")
+        print(f"{p.name.ljust(width)}  {'yes' if p.exact else 'no':<5}  {p.description}")
+        for o in p.options:
+            print(f"{''.ljust(width)}         {_option_line(o)}")
+    print("\npipeline options:")
+    for o in registry.PIPELINE_OPTIONS:
+        print(f"  {_option_line(o)}")
     print("\npresets (--passes):")
     for name, names in registry.PRESETS.items():
         print(f"  {name}: {' → '.join(names) if names else '(no passes)'}")
     return 0
+
+
+def _option_arg(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> (name, value): the value read as a Python literal (3, 0.5, True, (0.25, 0.5)),
+    else kept as the string."""
+    import ast
+
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=VALUE, e.g. lowrank_method=svd")
+    try:
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return name.strip(), value.strip()
+
+
+def _option_line(o) -> str:
+    types = o.type if isinstance(o.type, tuple) else (o.type,)
+    return f"{o.name} ({'|'.join(t.__name__ for t in types)}, default {o.default!r}): {o.help}"
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -629,7 +665,7 @@ def _save(result: Any, inputs: Any, path: str) -> None:
     """Save with torch.export: a portable, pickle-free archive of the optimized graph."""
     import torch
 
-    from .capture import normalize_inputs
+    from .ir.capture import normalize_inputs
 
     args, kwargs = normalize_inputs(inputs)
     try:

@@ -32,8 +32,8 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
 from .errors import OpticError
-from .program import Program
-from .report import PassRecord, Report
+from .ir.program import Program
+from .pipeline.report import PassRecord, Report
 
 FORMATS = {"text": "py", "json": "json", "dot": "dot", "svg": "svg", "tvmscript": "py"}
 
@@ -86,7 +86,7 @@ def _describe_inputs(program: Program) -> str:
 def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None = None,
                      title: str | None = None) -> str:
     """The Program lowered to TVM as TVMScript: the Relax module, or one fused kernel."""
-    from .lower import lower  # TVM loads only when this format is asked for
+    from .backend.lower import lower  # TVM loads only when this format is asked for
 
     lowered = lower(program, target)
     head = [f"# optic TVMScript dump{': ' + title if title else ''}",

@@ -52,10 +52,10 @@ import torch.nn as nn
 
 from .api import optimize
 from .errors import CaptureError, OpticError
-from .ir import live_tensors
-from .opview import kind_of
-from .report import Report
-from .verify import compare
+from .ir.graph import live_tensors
+from .ir.opview import kind_of
+from .pipeline.report import Report
+from .pipeline.verify import compare
 
 log = logging.getLogger("optic.dynamo")
 

@@ -49,6 +49,13 @@ class UnknownPassError(OpticError, KeyError):
         return self.args[0]
 
 
+class UnknownOptionError(OpticError, KeyError):
+    """An option no pass declares, or a value its declaration does not allow."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class VerificationError(OpticError):
     """The optimized model disagrees with the original beyond the tolerance."""
 

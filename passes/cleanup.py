@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 
 from optic import ir
-from optic.opview import Op, is_noop
-from optic.registry import register
-from optic.rewrite import Rule, apply_rules
+from optic.ir.opview import Op, is_noop
+from optic.ir.rewrite import Rule, apply_rules
+from optic.pipeline.registry import register
 
 # Values whose folding would change what the model computes or bloat it for no gain.
 _RANDOM = ("rand", "normal", "bernoulli", "dropout", "uniform", "multinomial", "poisson", "empty")
@@ -127,6 +127,7 @@ class Cleanup:
     name = "cleanup"
     exact = True
     description = "remove no-ops (eval dropout, identity, same-dtype casts), fold constant subgraphs, dead code"
+    options = ()
 
     def run(self, program, ctx) -> bool:
         changed = apply_rules(program.gm, [RemoveNoop("remove_noop")], ctx, ctx.stats)

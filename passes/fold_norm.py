@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optic import emit, ir
-from optic.opview import Op, view
-from optic.registry import register
-from optic.rewrite import Rule, apply_rules
+from optic import ir
+from optic.ir import emit
+from optic.ir.opview import Op, view
+from optic.ir.rewrite import Rule, apply_rules
+from optic.pipeline.registry import register
 
 
 # -- the math ----------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ class FoldNorm:
     name = "fold_norm"
     exact = True
     description = "fold BatchNorm into conv/linear, standalone BN to scale-shift, norm affine into linears"
+    options = ()
     rules = (BnIntoProducer("bn_into_conv_or_linear"), BnToScaleShift("bn_to_scale_shift"),
              NormAffineIntoLinear("norm_affine_into_linear"))
 

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optic import emit, ir
-from optic.opview import Op, view
-from optic.registry import register
-from optic.rewrite import Rule, apply_rules
+from optic import ir
+from optic.ir import emit
+from optic.ir.opview import Op, view
+from optic.ir.rewrite import Rule, apply_rules
+from optic.pipeline.registry import register
 
 
 def merge_linears(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -530,6 +531,7 @@ class Fuse:
     name = "fuse"
     exact = True
     description = "merge linear chains, horizontal linear fusion (QKV), attention to SDPA, conv/linear+act adjacency"
+    options = ()
     rules = (AttentionToSdpa("attention_to_sdpa"), GeluTanh("gelu_tanh"), MergeLinearChain("merge_linear_chain"),
              HorizontalLinear("horizontal_linear"), ActAdjacent("act_adjacent"))
 

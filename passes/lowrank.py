@@ -25,10 +25,10 @@ Legal for linears (``addmm`` with a constant weight too) and non-transposed conv
 ``groups == 1`` whose weight and bias are constants and whose weight no other op reads. Declined:
 grouped and transposed convolutions, tied weights, computed weights, and layers where no rank
 pays: a factor is proposed only below the *break-even rank*, where the target's roofline
-(:func:`optic.cost.kernel_seconds`: FLOPs and bytes of each kernel, plus one more launch) says
+(:func:`optic.pipeline.cost.kernel_seconds`: FLOPs and bytes of each kernel, plus one more launch) says
 the pair is faster than the dense layer at its real input shape. Ranks are multiples of the
 target's vector width (the CPU's fp32 lanes, 8 on a GPU). When the target is this machine, every
-rank is also timed against the dense layer (:func:`optic.timing.compare`) and one that is not
+rank is also timed against the dense layer (:func:`optic.pipeline.timing.compare`) and one that is not
 faster here is never proposed.
 
 Options: ``lowrank_method`` ("activation", default, or "svd"), ``lowrank_keep`` (``run`` without
@@ -48,12 +48,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from optic import cost, emit, ir
-from optic.budget import Action
-from optic.calibration import record_values
-from optic.opview import Op, view
-from optic.registry import register
-from optic.timing import calls_per_block, compare
+from optic import ir
+from optic.budget.allocator import Action
+from optic.budget.calibration import record_values
+from optic.ir import emit
+from optic.ir.opview import Op, view
+from optic.pipeline import cost
+from optic.pipeline.registry import Option, register
+from optic.pipeline.timing import calls_per_block, compare
 
 aten = torch.ops.aten
 
@@ -408,7 +410,7 @@ def _signature(ly: Layer) -> tuple:
 
 def measured_gains(ly: Layer, ranks: list[int], budget_s: float, cache: dict) -> dict[int, float]:
     """Seconds each factored rank saves against the dense layer on this machine (one
-    :func:`optic.timing.compare` per layer; layers of the same shape are timed once)."""
+    :func:`optic.pipeline.timing.compare` per layer; layers of the same shape are timed once)."""
     sig = _signature(ly)
     todo = [r for r in ranks if (sig, r) not in cache]
     if todo:
@@ -430,6 +432,16 @@ class LowRank:
     exact = False
     description = ("factor linears and convolutions into two thinner layers (activation-aware SVD), "
                    "below the rank where the target's cost model says the pair is faster")
+    options = (
+        Option("lowrank_method", str, "activation", "how factors are found: activation-aware SVD on calibration "
+               "inputs, or plain SVD of the weights", choices=("activation", "svd")),
+        Option("lowrank_samples", int, SAMPLES, "input rows (or patches) kept per layer for the Gram matrix"),
+        Option("lowrank_levels", (tuple, list), LEVELS, "the fractions of the break-even rank proposed per layer"),
+        Option("lowrank_measure_s", float, MEASURE_S, "timing budget per layer when the target is this machine"),
+        Option("lowrank_damp", float, DAMP, "damping of X·Xᵀ, relative to its mean eigenvalue"),
+        Option("lowrank_keep", float, None, "without a budget: factor every eligible layer keeping this fraction "
+               "of its rank (unset: change nothing)"),
+    )
 
     def _method(self, ctx: Any) -> str:
         method = ctx.option("lowrank_method", "activation")

@@ -1,6 +1,6 @@
 """quantize: int8 convolutions and linears, chosen per layer under the accuracy budget. Lossy.
 
-Per conv/linear (with the activation after it fused), an int8 kernel of :mod:`optic.int8`: int8
+Per conv/linear (with the activation after it fused), an int8 kernel of :mod:`optic.backend.int8`: int8
 weights with one symmetric scale per output channel, uint8 activations with one scale and zero point per
 tensor, int32 accumulation, the float32 result dequantized in the kernel's epilogue where a consumer
 stays float, or requantized in it to the next int8 layer's uint8 input when that layer is the only
@@ -33,11 +33,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optic import cost, int8, ir
-from optic.budget import Action
-from optic.calibration import iter_values
-from optic.opview import Op, view
-from optic.registry import register
+from optic import ir
+from optic.backend import int8
+from optic.budget.allocator import Action
+from optic.budget.calibration import iter_values
+from optic.ir.opview import Op, view
+from optic.pipeline import cost
+from optic.pipeline.registry import Option, register
 
 METHODS = ("minmax", "percentile", "mse")
 PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "percentile"
@@ -303,7 +305,7 @@ def call_overhead_s() -> float:
     quantize step and an int8 conv on a tiny input against the float conv (oneDNN's int8 call through
     PyTorch and the quantize step: about 0.1 ms on the development machine)."""
     if not _OVERHEAD:
-        from optic import timing
+        from optic.pipeline import timing
 
         x, w = torch.rand(1, 8, 4, 4), torch.randn(8, 8, 3, 3)
         qw, ws = int8.quantize_weight(w, int8.weight_scales(w)), int8.weight_scales(w)
@@ -321,6 +323,10 @@ class Quantize:
     name = "quantize"
     exact = False
     description = "int8 convolutions and linears (oneDNN kernels), per layer under the accuracy budget"
+    options = (
+        Option("quantize_min_macs", int, MIN_MACS, "layers with fewer multiply-adds than this stay fp32 (their "
+               "int8 kernel cannot pay for its quantize step)"),
+    )
 
     def layers(self, program: Any, ctx: Any) -> list[Layer]:
         gm = program.gm

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optic import cost, emit, ir
-from optic.budget import Action
-from optic.calibration import record_values
-from optic.opview import view
-from optic.registry import register
+from optic import ir
+from optic.budget.allocator import Action
+from optic.budget.calibration import record_values
+from optic.ir import emit
+from optic.ir.opview import view
+from optic.pipeline import cost
+from optic.pipeline.registry import register
 
 SPARSE_EFFICIENCY = 0.75  # share of the 2x sparse tensor-core rate a real kernel reaches on large GEMMs
 TENSOR_CORE_DTYPE = "float16"  # what the target runs a sparse GEMM in
@@ -76,6 +78,7 @@ class Sparse24:
     name = "sparse24"
     exact = False
     description = "2:4 semi-structured sparsity of linear weights, where the target's sparse tensor cores pay"
+    options = ()
 
     def candidates(self, program: Any, ctx: Any) -> list[Action]:
         tgt = ctx.target

@@ -19,12 +19,12 @@ def _seed():
 
 def max_rel_err(a, b) -> float:
     """Worst |a − b| relative to max|a| over the tensors of two outputs."""
-    from optic.verify import compare
+    from optic.pipeline.verify import compare
 
     return compare(a, b, float("inf")).rel
 
 
 # The CPU step also offers the whole graph compiled by Inductor (optic.backend.whole): seconds of
-# compiling per optimize. The suite runs without it, except tests/test_whole_graph.py, which switches
+# compiling per optimize. The suite runs without it, except tests/backend/test_whole_graph.py, which switches
 # it on; set OPTIC_WHOLE_GRAPH=1 to run everything with it.
 os.environ.setdefault("OPTIC_WHOLE_GRAPH", "0")

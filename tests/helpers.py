@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import optic
-from optic.opview import view
-from optic.verify import compare
+from optic.ir.opview import view
+from optic.pipeline.verify import compare
 
 
 def op_kinds(gm) -> list[str]:

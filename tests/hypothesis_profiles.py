@@ -2,7 +2,7 @@
 
 "ci": a fixed number of examples, derandomized (the same examples every run), no deadline (the
 machine is shared and slow). "deep": 16 times as many examples, random, for a local bug hunt:
-    HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py
+    HYPOTHESIS_PROFILE=deep pytest tests/passes/test_properties.py
 A property test that runs fewer (or more) examples than the profile says so with ``@examples(n)``: n
 under ci and the same share of any other profile's count (deep: 16 n), every other setting the active
 profile's. A test that writes ``@settings(max_examples=...)`` itself would run n examples under every

@@ -20,7 +20,7 @@ import optic
 import optic.dynamo as od
 from benchmarks.dynamo_backend import Branchy  # conv+BN around `if x.sum() > 0:`, then a linear
 from benchmarks.zoo import get, names
-from optic.verify import compare
+from optic.pipeline.verify import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # timing is for benchmarks: the tests check what is computed (one test keeps the CPU tactics' measuring on)

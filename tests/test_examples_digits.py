@@ -121,7 +121,7 @@ def test_example_modules_expose_the_interface(module):
 
 
 def test_example_models_capture_with_fx():
-    from optic.capture import capture
+    from optic.ir.capture import capture
 
     x = digits_cnn.example_inputs()
     for model in (digits_cnn.DigitsCNN(), digits_transformer.DigitsTransformer()):

@@ -29,7 +29,7 @@ def test_the_active_profile_is_the_default():
 def test_no_test_fixes_its_own_example_count_or_randomness():
     # A literal count (or derandomize) in a test's @settings wins over every profile: deep would not go deeper.
     fixed = re.compile(r"\b(max_examples|derandomize)\s*=(?!=)")
-    offenders = [f"{path.name}:{i}: {line.strip()}" for path in sorted(TESTS.glob("*.py"))
+    offenders = [f"{path.name}:{i}: {line.strip()}" for path in sorted(TESTS.rglob("*.py"))
                  if path.name != "hypothesis_profiles.py"
                  for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if fixed.search(line)]
     assert not offenders, "use @examples(n) from hypothesis_profiles instead:\n" + "\n".join(offenders)

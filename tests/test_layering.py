@@ -81,7 +81,7 @@ def test_no_pass_imports_another_pass(path):  # (the package's __init__ lists th
 @pytest.mark.parametrize("path", _files(PACKAGES["optic"]), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_core_imports_no_pass(path):
     assert not _hits(imports(path), {"optic.passes"} | _pass_modules()), \
-        f"{path.relative_to(ROOT)} imports a pass: passes register themselves (optic.registry)"
+        f"{path.relative_to(ROOT)} imports a pass: passes register themselves (optic.pipeline.registry)"
 
 
 def test_targets_and_autotune_are_not_a_cycle():

@@ -12,7 +12,7 @@ from helpers import op_kinds
 
 import optic
 from benchmarks.zoo import get, names
-from optic.verify import compare
+from optic.pipeline.verify import compare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
 # Hugging Face models here are small configs (seconds each): they run by default, being what real
@@ -46,7 +46,7 @@ def _check(name, tmp_path):
     loaded = optic.load(optic.save(opt, tmp_path / f"{name}.optic.pt"))
     with torch.no_grad():
         before, after = opt(*inputs), loaded(*inputs)
-    (want, want_structure), (got, got_structure) = optic.contract.flatten(before), optic.contract.flatten(after)
+    (want, want_structure), (got, got_structure) = optic.ir.contract.flatten(before), optic.ir.contract.flatten(after)
     assert type(after) is type(before) and got_structure == want_structure  # a ModelOutput stays one
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True) if isinstance(a, torch.Tensor))
     assert [p.name for p in loaded.report.passes] == [p.name for p in rep.passes]

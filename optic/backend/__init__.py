@@ -11,7 +11,7 @@ graph they leave, how it runs on the target, and keeps only what it measured fas
   MKL/oneDNN GEMMs with their binary post-ops, and generated C++ kernels for everything between them),
   timed against the two above; the fastest implementation of the whole model is kept.
 
-Importing this package registers its steps with :mod:`optic.registry`. Nothing here imports a pass.
+Importing this package registers its steps with :mod:`optic.pipeline.registry`. Nothing here imports a pass.
 """
 
 from . import generated, vendor  # noqa: F401  (registration)

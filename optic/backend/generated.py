@@ -44,12 +44,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from optic import ir, timing
-from optic.cost import kernel_flops
+from optic import ir
 from optic.errors import OpticError
-from optic.opview import Op, view
-from optic.registry import register
-from optic.verify import compare
+from optic.ir.opview import Op, view
+from optic.pipeline import timing
+from optic.pipeline.cost import kernel_flops
+from optic.pipeline.registry import Option, register
+from optic.pipeline.verify import compare
 
 from .vendor import ONEDNN_ATTRS, recorded_inputs, why_not_dense_fp32
 from .vendor import Candidate as OneDNNCandidate
@@ -245,7 +246,7 @@ class TVMKernel(nn.Module):
         super().__init__()
         self._fn, self._lib = fn, lib  # keep the library loaded as long as the function lives
         self.source = source  # (operator, config): what rebuilds the kernel after unpickling
-        self.epilogue = tuple(epilogue)  # bias/activation/residual: what optic.cost counts besides the layer
+        self.epilogue = tuple(epilogue)  # bias/activation/residual: what optic.pipeline.cost counts besides the layer
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
@@ -258,7 +259,7 @@ class TVMKernel(nn.Module):
                          self.description, self.source, self.epilogue)
 
     def flops(self, out_shape: tuple) -> Any:
-        """FLOPs per call, as optic.cost counts the layer and epilogue this kernel replaced."""
+        """FLOPs per call, as optic.pipeline.cost counts the layer and epilogue this kernel replaced."""
         w = tuple(self.weight.shape)
         transposed = self.source is not None and self.source[0].opts.get("b_layout") == "kn"
         return kernel_flops(out_shape, w[::-1] if transposed else w, self.epilogue)
@@ -378,6 +379,18 @@ class TVMKernels:
     name = "tvm_kernels"
     exact = True
     description = "generated TVM kernels (tuned tile sizes, fused epilogue) where measured faster than PyTorch's, per kernel"
+    options = (
+        Option("tune", (str, int), "fast", "tuning effort: 'none', 'fast', 'full' or a number of measurements "
+               "per kernel"),
+        Option("tvm_keep", str, "faster", "keep generated kernels only where measured faster, or all of them "
+               "(testing the rewrite itself)", choices=("faster", "all")),
+        Option("tune_budget_s", float, None, f"seconds of tuning per model (unset: {FAST_BUDGET_S:.0f} s with "
+               "tune='fast', no limit otherwise)"),
+        Option("tuning_db", (str, object), None, "the tuning database: a path or a TuningDB (unset: the default "
+               "one under ~/.cache/optic)"),
+        Option("tactic_rounds", int, 5, "timing rounds per kernel, generated against PyTorch's"),
+        Option("tactics_confirm_s", float, 3.0, "seconds spent timing the whole model's variants against each other"),
+    )
 
     def run(self, program: Any, ctx: Any) -> bool:
         if ctx.target.kind != "cpu" or not ctx.measure:

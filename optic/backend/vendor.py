@@ -9,7 +9,7 @@ that Inductor's CPU backend also uses, each one kept only when measured faster h
 
 Every candidate is checked numerically on the values it really sees (recorded on the example
 inputs) and timed against the original ops on the same values, alternated in blocks
-(``optic.timing``); identical layer shapes are measured once. Finally the whole model is timed
+(``optic.pipeline.timing``); identical layer shapes are measured once. Finally the whole model is timed
 before and after: the pass keeps its changes only when the model is faster, and records both
 latencies. The pass declines on other targets: it chooses by measurement, which needs the target
 to be this machine. Prepacked weights are held as plain tensors by :class:`PackedConvWeight`, which packs
@@ -28,11 +28,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from optic import emit, ir, timing
+from optic import ir
 from optic.errors import OpticError
-from optic.opview import Op, view
-from optic.registry import register
-from optic.verify import compare
+from optic.ir import emit
+from optic.ir.opview import Op, view
+from optic.pipeline import timing
+from optic.pipeline.registry import Option, register
+from optic.pipeline.verify import compare
 
 from . import profiling, whole
 
@@ -253,6 +255,13 @@ class CpuTactics:
     exact = True
     description = ("the fastest implementation of the whole model, measured: PyTorch ops, channels-last, oneDNN conv/linear "
                    "kernels (fused activation, prepacked weights), or the whole graph compiled (Inductor, AOTInductor)")
+    options = (
+        Option("whole_graph", (bool, str), None, "offer the whole graph compiled as one program: True, False, "
+               "'compiled' or 'packaged' only (unset: on unless OPTIC_WHOLE_GRAPH=0)",
+               choices=(None, True, False, "compiled", "packaged")),
+        Option("tactics_budget_s", float, 4.0, "seconds spent timing oneDNN kernels one layer at a time"),
+        Option("tactics_confirm_s", float, 3.0, "seconds spent timing the whole model's variants against each other"),
+    )
 
     def run(self, program, ctx) -> bool:
         if ctx.target.kind != "cpu":

@@ -103,7 +103,7 @@ class CompiledGraph(_FrozenGraph):
 
     def __init__(self, graph_module: fx.GraphModule, dynamic: bool = False):
         super().__init__(graph_module)
-        self.dynamic = dynamic  # the graph serves other sizes (optic.dynamic): compile a dynamic one when they come
+        self.dynamic = dynamic  # the graph serves other sizes (optic.ir.dynamic): compile a dynamic one when they come
         self._reset()
 
     def _reset(self) -> None:
@@ -169,7 +169,7 @@ class CompiledGraph(_FrozenGraph):
 
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     """Every tensor the graph reads from its module (parameters, buffers, plain tensor attributes)."""
-    from optic.ir import live_tensors
+    from optic.ir.graph import live_tensors
 
     return list({id(t): t for t in [*live_tensors(gm).values(), *gm.parameters(), *gm.buffers()]}.values())
 
@@ -247,14 +247,14 @@ class PackagedGraph(_FrozenGraph):
     def __init__(self, graph_module: fx.GraphModule):
         super().__init__(graph_module)
         self.signature: list[Any] = []
-        self.dims: Any = None  # optic.dynamic.Dims the package serves at any size (None: the example's shapes)
+        self.dims: Any = None  # optic.ir.dynamic.Dims the package serves at any size (None: the example's shapes)
         self.package: bytes | None = None
         self.machine: str | None = None  # optic.targets.cpu.host_fingerprint() of the machine that built it
         self._runner: Any = None
 
     def build(self, example: tuple, dims: Any = None) -> None:
         """Export the graph and compile the package (tens of seconds for a real-size model). ``dims``
-        (optic.dynamic.Dims of the flat inputs): the dimensions the package serves at any size in their
+        (optic.ir.dynamic.Dims of the flat inputs): the dimensions the package serves at any size in their
         ranges; the others are the example's."""
         import io
 
@@ -266,7 +266,7 @@ class PackagedGraph(_FrozenGraph):
         self.signature = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in example]
         args, spec = tuple(example), None
         if self.dims:
-            from optic.dynamic import doubled
+            from optic.ir.dynamic import doubled
 
             made: dict[str, Any] = {}
 

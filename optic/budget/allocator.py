@@ -1,0 +1,250 @@
+"""Spending an accuracy budget: lossy passes propose actions, one allocator chooses among them.
+
+A lossy pass with ``candidates(program, ctx) -> list[Action]`` proposes per-layer actions (factor
+this linear at rank 32, prune 25 % of this channel group, ...). Actions of one ``group`` are
+alternative levels of the same change (at most one of them applies); actions of different groups
+that rewrite the same nodes conflict (the first chosen wins), and so do actions of different
+passes that change the same nodes at all (``touches``: pruning a channel group slices its
+consumers, which low-rank factoring must then leave alone).
+
+The allocator, greedy by marginal gain per unit of metric lost:
+
+1. scores every action alone on the fit split (its *drop*) and takes its predicted latency gain
+   from the target's cost model (``Action.predicted_gain_s``);
+2. repeatedly takes, over all groups, the next level with the largest ``Δgain / Δdrop`` (free
+   actions first), rebuilds the program from the chosen actions and re-checks the whole on the fit
+   split; a step that exceeds the budget is undone, and only milder levels of its group stay open;
+3. on this machine (``ctx.measure``) times the model with and without each chosen action and
+   drops the actions that are not faster here (a change that saves FLOPs but not time is undone);
+4. checks the held-out split and, while it is over budget, drops the chosen action with the worst
+   gain per drop.
+
+Every action ends in ``Allocation.rows`` with what was done, predicted and measured gain, the
+drop alone and the cumulative drop, and why it was not kept when it was not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ir.program import Program
+from ..pipeline.timing import compare_models
+
+log = logging.getLogger("optic.budget")
+
+
+@dataclass
+class Action:
+    """One lossy change a pass proposes. ``apply`` rewrites a Program in place (finding its nodes
+    by name; it must re-read weights from the Program it is given) and returns nothing."""
+
+    pass_name: str
+    group: str  # alternatives (levels) of one change share a group
+    layer: str  # what a user recognises: the module path or node name
+    describe: str  # e.g. "rank 32 of 256 (activation-aware SVD)"
+    level: float  # orders the alternatives of a group (larger = more aggressive)
+    nodes: frozenset[str]  # node names the action rewrites (conflict detection)
+    predicted_gain_s: float  # latency saved on the target, by the target's cost model
+    apply: Callable[[Program], None]
+    predicted_only: bool = False  # the gain exists on the target only (e.g. 2:4 on a CPU): never measured here
+    # nodes the action changes without owning them (pruning slices its consumers' inputs); they
+    # conflict only with other passes' actions: a pass composes its own actions
+    touches: frozenset[str] = frozenset()
+    # filled by the allocator
+    drop_alone: float | None = None
+    drop_cumulative: float | None = None
+    measured_gain_s: float | None = None
+    status: str = "candidate"  # kept | over budget | conflict | not faster here | held-out | not better
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "layer": self.layer, "action": self.describe, "status": self.status,
+                "predicted_gain_s": self.predicted_gain_s, "measured_gain_s": self.measured_gain_s,
+                "predicted_only": self.predicted_only, "drop_alone": self.drop_alone,
+                "drop_cumulative": self.drop_cumulative, **self.info}
+
+
+@dataclass
+class Allocation:
+    program: Program
+    kept: list[Action]
+    rows: list[dict[str, Any]]
+    fit_drop: float
+    holdout_drop: float
+    evaluations: int
+    notes: list[str] = field(default_factory=list)
+
+
+def build(base: Program, actions: list[Action]) -> Program:
+    prog = base.clone()
+    for a in actions:
+        a.apply(prog)
+    prog.recompile()
+    prog.annotate_shapes()
+    return prog
+
+
+def _conflicts(a: Action, chosen: dict[str, Action]) -> bool:
+    for g, b in chosen.items():
+        if g == a.group:
+            continue
+        if a.nodes & b.nodes:
+            return True
+        if a.pass_name != b.pass_name and (a.nodes | a.touches) & (b.nodes | b.touches):
+            return True
+    return False
+
+
+def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: float, *, measure: bool = False,
+             measure_s: float = 0.6, progress: Callable[[str, int, int], None] | None = None) -> Allocation:
+    """Choose which ``actions`` to apply to ``base`` within ``max_drop`` (see the module docstring)."""
+    notes: list[str] = []
+    eps = 1e-9
+    # what ``base`` itself lost against the original (an earlier budget stage): an action's own drop is above it
+    base_drop = evaluator.drop(base, "fit") if actions else 0.0
+    for i, a in enumerate(actions):  # 1. each action alone
+        if progress:
+            progress("scoring actions", i, len(actions))
+        try:
+            a.drop_alone = evaluator.drop(build(base, [a]), "fit") - base_drop
+        except Exception as e:  # an action that breaks the model is never chosen
+            a.drop_alone, a.status = float("inf"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    groups: dict[str, list[Action]] = {}
+    for a in actions:
+        if a.drop_alone != float("inf") and a.predicted_gain_s > 0:
+            groups.setdefault(a.group, []).append(a)
+        elif a.status == "candidate":
+            a.status = "no predicted gain on the target"
+    for levels in groups.values():
+        levels.sort(key=lambda a: a.level)
+
+    chosen: dict[str, Action] = {}  # group -> level chosen
+    closed: set[str] = set()
+    ceiling: dict[str, float] = {}  # group -> the mildest level found over budget (milder ones may still fit)
+    fit_drop = 0.0
+    step = 0
+    while True:  # 2. greedy by marginal gain per marginal drop
+        best, best_key = None, None
+        for g, levels in groups.items():
+            if g in closed:
+                continue
+            cur = chosen.get(g)
+            nxt = [a for a in levels if (cur is None or a.level > cur.level) and a.level < ceiling.get(g, float("inf"))]
+            if not nxt:
+                continue
+            for a in nxt:  # the best ratio among this group's stronger levels
+                d_gain = a.predicted_gain_s - (cur.predicted_gain_s if cur else 0.0)
+                d_drop = max(a.drop_alone - (cur.drop_alone if cur else 0.0), 0.0)
+                if d_gain <= 0:
+                    continue
+                key = (d_drop <= eps, d_gain / max(d_drop, eps))
+                if best_key is None or key > best_key:
+                    best, best_key = a, key
+        if best is None:
+            break
+        step += 1
+        if progress:
+            progress("allocating budget", step, step + len(groups) - len(closed))
+        if _conflicts(best, chosen):
+            best.status = "conflict"
+            closed.add(best.group)
+            continue
+        trial = dict(chosen)
+        trial[best.group] = best
+        try:
+            drop = evaluator.drop(build(base, list(trial.values())), "fit")
+        except Exception as e:
+            best.status = f"failed with the others: {type(e).__name__}"
+            closed.add(best.group)
+            continue
+        if drop > max_drop:
+            best.status, best.drop_cumulative = "over budget", drop
+            ceiling[best.group] = min(ceiling.get(best.group, float("inf")), best.level)
+            continue
+        prev = chosen.get(best.group)
+        if prev is not None:
+            prev.status = "superseded"
+        chosen, fit_drop = trial, drop
+        best.drop_cumulative = drop
+        best.status = "kept"
+
+    for a in actions:  # levels never tried: stronger than one found over budget, or never the best ratio
+        if a.status == "candidate":
+            over = a.level >= ceiling.get(a.group, float("inf"))
+            a.status = "over budget (a milder level was)" if over else "not chosen"
+    kept = list(chosen.values())
+    if measure and kept:  # 3. a change that is not faster here is undone
+        kept = _measured(base, kept, measure_s, progress)
+    # 4. the held-out check
+    result = build(base, kept)
+    holdout = evaluator.drop(result, "holdout") if kept else 0.0
+    while kept and holdout > max_drop:
+        worst = min(kept, key=lambda a: a.predicted_gain_s / max(a.drop_alone or 0.0, eps))
+        worst.status = "dropped at the held-out check"
+        kept = [a for a in kept if a is not worst]
+        notes.append(f"held-out drop {holdout:.4f} > {max_drop}: undid {worst.pass_name} on {worst.layer}")
+        result = build(base, kept)
+        holdout = evaluator.drop(result, "holdout") if kept else 0.0
+    if kept:
+        fit_drop = evaluator.drop(result, "fit")
+    else:
+        fit_drop, result = 0.0, base
+    rows = [a.row() for a in actions]
+    return Allocation(result, kept, rows, fit_drop, holdout, evaluator.evaluations, notes)
+
+
+def _measured(base: Program, kept: list[Action], budget_s: float,
+              progress: Callable[[str, int, int], None] | None) -> list[Action]:
+    args, kwargs = base.example_args, base.example_kwargs
+    out = list(kept)
+    with_ = build(base, out)  # rebuilt only when an action is undone
+    for i, a in enumerate(list(kept)):
+        if progress:
+            progress("measuring kept actions", i, len(kept))
+        if a.predicted_only:
+            continue
+        without = build(base, [b for b in out if b is not a])
+        t = compare_models({"without": lambda p=without: p(*args, **kwargs),
+                            "with": lambda p=with_: p(*args, **kwargs)}, budget_s)
+        a.measured_gain_s = t["without"].median - t["with"].median
+        if a.measured_gain_s <= 0:
+            a.status = "not faster here"
+            out = [b for b in out if b is not a]
+            with_ = without
+    return out
+
+
+def optimum(actions: list[Action], max_drop: float, max_groups: int = 16) -> tuple[float, list[Action]]:
+    """The exact optimum of the allocation problem the greedy allocator approximates (HAWQ-V3's integer
+    program): at most one level per group, no conflicting actions, the sum of the actions' own drops
+    (``drop_alone``, scored already) within ``max_drop``, the largest predicted gain. By enumeration, so
+    for small cases only (a test holds the greedy result against it)."""
+    groups: dict[str, list[Action]] = {}
+    for a in actions:
+        if a.drop_alone is not None and a.drop_alone != float("inf") and a.predicted_gain_s > 0:
+            groups.setdefault(a.group, []).append(a)
+    if len(groups) > max_groups:
+        raise ValueError(f"{len(groups)} groups: enumeration is for at most {max_groups}")
+    names = list(groups)
+    best: tuple[float, list[Action]] = (0.0, [])
+
+    def visit(i: int, chosen: list[Action], gain: float, drop: float) -> None:
+        nonlocal best
+        if drop > max_drop + 1e-12:
+            return
+        if i == len(names):
+            if gain > best[0]:
+                best = (gain, list(chosen))
+            return
+        visit(i + 1, chosen, gain, drop)
+        for a in groups[names[i]]:
+            if not _conflicts(a, {b.group: b for b in chosen}):
+                chosen.append(a)
+                visit(i + 1, chosen, gain + a.predicted_gain_s, drop + max(a.drop_alone, 0.0))
+                chosen.pop()
+
+    visit(0, [], 0.0, 0.0)
+    return best

@@ -1,0 +1,294 @@
+"""The pass pipeline: run passes in order, check each one, roll back on failure, record.
+
+After every pass: graph lint, a numerical check of the candidate against the original model on
+the example inputs plus generated ones, roll back (keep the last good Program) when the check or
+the pass itself fails, and a :class:`PassRecord` either way. Passes can be switched off by name
+through ``disable=`` or the ``OPTIC_DISABLE`` environment variable (comma separated), so that a
+wrong result can be bisected to one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..ir.program import Program
+from ..ir.rewrite import RuleStats
+from . import cost, registry
+from .registry import Pass, proposes
+from .report import PassRecord, Report
+from .verify import compare, run_seeded
+
+log = logging.getLogger("optic.pipeline")
+
+ENV_DISABLE = "OPTIC_DISABLE"
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the target, options, and where they record matches and notes."""
+
+    target: Any
+    tolerance: float = 1e-4
+    check_inputs: list[tuple[tuple, dict]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    measure: bool = True  # the target is this machine: passes may time candidates
+    stats: RuleStats = field(default_factory=RuleStats)
+    record: PassRecord | None = None
+    on_pass: Callable[[PassRecord], None] | None = None  # progress: called after each pass
+    # instruments (TVM's PassInstrument idea): objects with ``after_pass(record, before, after)``,
+    # called after every pass, skipped ones included (then ``before is after``)
+    instruments: list[Any] = field(default_factory=list)
+    # lossy passes (only with budget=): the budget, the calibration split and the evaluator that
+    # scores a candidate against the original; ``budget_left`` is what the passes so far left unspent
+    budget: Any = None
+    calibration: Any = None
+    evaluator: Any = None
+    budget_left: float = 0.0
+    progress: Callable[[str, int, int], None] | None = None  # long work: (what, done, total)
+    reference: list[Any] | None = None  # what exact passes are checked against (after lossy ones: their result)
+    # set by tvm_kernels when it kept generated kernels: the program without them, which cpu_tactics
+    # times too, so that backend="tvm" is never slower than PyTorch's own kernels on the whole model
+    without_generated: Any = None
+    # whether a lossy pass that will run comes after the current one: it needs to see the graph, so a
+    # step may not make the graph opaque (the whole-graph compiled implementation waits for it)
+    lossy_after: bool = False
+
+    def note(self, text: str) -> None:
+        if self.record is not None:
+            self.record.notes.append(text)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of a declared option: the user's, else ``default`` when given, else the declared
+        default. Reading an option no pass declares is a bug in the pass (an error, never a silent
+        default)."""
+        known = registry.declared_options()
+        if name not in known:
+            raise KeyError(f"option {name!r} is read but declared by no pass (optic.pipeline.registry.Option)")
+        if name in self.options:
+            return self.options[name]
+        return known[name].default if default is None else default
+
+
+def disabled_passes(disable: list[str] | tuple | str | None) -> set[str]:
+    names = set()
+    for spec in (disable, os.environ.get(ENV_DISABLE, "")):
+        if isinstance(spec, str):
+            names.update(s.strip() for s in spec.split(",") if s.strip())
+        elif spec:
+            names.update(spec)
+    return names
+
+
+def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
+        disable: set[str] | None = None, reference: list[Any] | None = None) -> Program:
+    """Run ``passes`` over ``program``; return the last good Program. ``report`` gets one record a pass.
+
+    ``reference``: the original model's outputs on ``ctx.check_inputs`` when the caller has them.
+    Exact passes are checked against the reference under ``ctx.tolerance``. Lossy passes (``exact``
+    False) run only with ``ctx.budget``: consecutive passes that propose actions (``candidates``)
+    form one stage whose budget :func:`optic.budget.allocate` spends; a lossy pass that rewrites
+    by itself (``run``) is checked on the held-out calibration split instead of the tolerance. After
+    a lossy change, later exact passes are checked against the changed model's outputs; the final
+    reference is left in ``ctx.reference``."""
+    disable = disable or set()
+    if reference is None:
+        reference = [run_seeded(program.gm, a, k) for a, k in ctx.check_inputs]
+    ctx.reference = reference
+    i = 0
+    while i < len(passes):
+        p = passes[i]
+        if proposes(p) and ctx.budget is not None and p.name not in disable and program.runner is None:
+            stage = [p]
+            while (i + len(stage) < len(passes) and proposes(passes[i + len(stage)])
+                   and passes[i + len(stage)].name not in disable):
+                stage.append(passes[i + len(stage)])
+            before = program
+            later = any(not getattr(q, "exact", True) and q.name not in disable for q in passes[i + len(stage):])
+            program = _run_stage(program, stage, ctx, report, later)
+            for rec in report.passes[-len(stage):]:
+                for inst in ctx.instruments:
+                    inst.after_pass(rec, before, program)
+                if ctx.on_pass is not None:
+                    ctx.on_pass(rec)
+            i += len(stage)
+            continue
+        rec = PassRecord(p.name, bool(getattr(p, "exact", True)))
+        report.passes.append(rec)
+        before = program
+        if p.name in disable:
+            rec.skipped = f"disabled ({ENV_DISABLE} or disable=)"
+        elif not rec.exact and ctx.budget is None:
+            rec.skipped = "lossy: runs only with budget= and calibration="
+        elif not rec.exact and ctx.budget.max_drop <= 0:
+            rec.skipped = "lossy: the budget is 0"
+        elif program.runner is not None:
+            rec.skipped = "the graph already runs in segments (early exit); passes after it cannot rewrite it"
+        else:
+            ctx.lossy_after = ctx.budget is not None and ctx.budget.max_drop > 0 and any(
+                not getattr(q, "exact", True) and q.name not in disable for q in passes[i + 1:])
+            program = _run_one(program, p, ctx, rec, ctx.reference)
+        for inst in ctx.instruments:
+            inst.after_pass(rec, before, program)
+        if ctx.on_pass is not None:
+            ctx.on_pass(rec)
+        i += 1
+    return program
+
+
+def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool) -> Program:
+    """One budget stage: every pass proposes actions, the allocator chooses across all of them.
+
+    When lossy passes follow (early exit), the stage may spend only ``budget_stage_share`` (default
+    half) of what is left, so that they are not starved by small per-layer gains."""
+    from ..budget.allocator import allocate
+
+    recs = []
+    for p in stage:
+        rec = PassRecord(p.name, False)
+        report.passes.append(rec)
+        recs.append(rec)
+    if ctx.budget.max_drop <= 0:
+        for rec in recs:
+            rec.skipped = "lossy: the budget is 0"
+        return program
+    t0 = time.perf_counter()
+    actions, by_pass = [], {}
+    for p, rec in zip(stage, recs, strict=True):
+        ctx.stats, ctx.record = RuleStats(), rec
+        rec.nodes_before, rec.params_before = program.node_count(), program.param_count()
+        rec.flops_before = float(cost.total_flops(program))
+        try:
+            proposed = list(p.candidates(program, ctx))
+        except Exception as e:
+            log.debug("pass %s crashed proposing:\n%s", p.name, traceback.format_exc())
+            _rollback(rec, f"pass raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            proposed = []
+        rec.declined = [{"rule": r, "node": n, "reason": why} for r, n, why in ctx.stats.declined]
+        by_pass[p.name] = proposed
+        actions += proposed
+    ctx.record = None
+    # the allocator's drops are against the original model, so what earlier stages spent counts in them
+    spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
+    allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share", 0.5)) if later else 1.0)
+    alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
+                     measure_s=float(ctx.option("budget_measure_s", 0.6)), progress=ctx.progress)
+    seconds = (time.perf_counter() - t0) / max(len(stage), 1)
+    result = alloc.program
+    for p, rec in zip(stage, recs, strict=True):
+        mine = by_pass[p.name]
+        kept = [a for a in mine if a in alloc.kept]
+        rec.changed = bool(kept)
+        rec.matched = {f"{p.name} actions kept": len(kept)} if kept else {}
+        rec.measured["actions"] = [a.row() for a in mine]
+        rec.measured["proposed"] = len(mine)
+        rec.seconds = seconds
+        rec.nodes_after, rec.params_after = result.node_count(), result.param_count()
+        rec.flops_after = float(cost.total_flops(result))
+        if kept:
+            gain = sum(a.predicted_gain_s for a in kept)
+            rec.notes.append(f"kept {len(kept)} of {len(mine)} proposed actions; predicted gain on the target "
+                             f"{gain * 1e6:.1f} µs")
+    earlier = report.budget or {}  # an earlier stage's: its actions stay in the table
+    report.budget = {
+        "max_drop": ctx.budget.max_drop, "metric": ctx.evaluator.metric_name,
+        "fit_samples": ctx.calibration.sizes[0], "holdout_samples": ctx.calibration.sizes[1],
+        "base_fit": ctx.evaluator.base["fit"], "base_holdout": ctx.evaluator.base["holdout"],
+        # drops are against the original model: a later stage's include what earlier ones spent
+        "fit_drop": alloc.fit_drop if alloc.kept else earlier.get("fit_drop", 0.0),
+        "holdout_drop": alloc.holdout_drop if alloc.kept else earlier.get("holdout_drop", 0.0),
+        "evaluations": alloc.evaluations,
+        "notes": earlier.get("notes", []) + alloc.notes, "actions": earlier.get("actions", []) + alloc.rows}
+    if alloc.kept:
+        ctx.budget_left = max(0.0, ctx.budget.max_drop - max(alloc.fit_drop, alloc.holdout_drop))
+        ctx.reference = [run_seeded(result, a, k) for a, k in ctx.check_inputs]
+        _widen_for_rounding(result, ctx, report)
+    return result
+
+
+def _widen_for_rounding(program: Program, ctx: PassContext, report: Report, draws: int = 3) -> None:
+    """After a lossy change that rounds values to integers (int8), an exact rewrite upstream of a
+    rounding (reassociated float sums, a fused kernel) can move a value across a rounding boundary: one
+    quantization step, not float rounding. How far that moves the outputs is measured here, by
+    perturbing the checked inputs by a few float32 ulps (relative 1e-6), and later exact steps are
+    checked against the changed model with that much slack (twice the worst seen) when it exceeds the
+    tolerance; the report says so. The budget's final held-out check still guards the whole."""
+    if ctx.tolerance == float("inf") or not ctx.check_inputs:
+        return
+    g = torch.Generator().manual_seed(0)
+
+    def nudge(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t * (1 + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device))
+        return t
+
+    worst = 0.0
+    for ref, (args, kwargs) in zip(ctx.reference, ctx.check_inputs, strict=True):
+        for _ in range(draws):
+            a, k = pytree.tree_map(nudge, (args, kwargs))
+            worst = max(worst, compare(ref, run_seeded(program, a, k), float("inf")).rel)
+    if 2 * worst > ctx.tolerance:
+        ctx.tolerance = 2 * worst
+        report.notes.append(f"the budgeted model rounds values to integers: an input moved by float32 rounding "
+                            f"moves its outputs by up to {worst:.1e}, so the steps after it are checked to "
+                            f"{ctx.tolerance:.1e} against it (the budget's held-out check guards the result)")
+
+
+def _run_one(program: Program, p: Pass, ctx: PassContext, rec: PassRecord, reference: list[Any]) -> Program:
+    rec.nodes_before, rec.params_before = program.node_count(), program.param_count()
+    rec.flops_before = float(cost.total_flops(program))
+    candidate = program.clone()
+    ctx.stats, ctx.record = RuleStats(), rec
+    t0 = time.perf_counter()
+    try:
+        rec.changed = bool(p.run(candidate, ctx))
+        if rec.changed and not rec.exact:
+            candidate.recompile()
+            drop = ctx.evaluator.drop(candidate, "holdout")
+            rec.measured["holdout_drop"] = drop
+            # the drop is against the original model: it includes what earlier lossy passes spent
+            if drop > ctx.budget.max_drop + 1e-12:
+                _rollback(rec, f"held-out {ctx.evaluator.metric_name} dropped {drop:.4f} against the original, "
+                               f"over the budget {ctx.budget.max_drop}")
+            else:
+                ctx.budget_left = max(0.0, min(ctx.budget_left, ctx.budget.max_drop - drop))
+                candidate.annotate_shapes()
+                ctx.reference = [run_seeded(candidate, a, k) for a, k in ctx.check_inputs]
+        elif rec.changed:
+            candidate.recompile()
+            got = [run_seeded(candidate, a, k) for a, k in ctx.check_inputs]
+            worst = 0.0
+            for ref, out in zip(reference, got, strict=True):
+                c = compare(ref, out, ctx.tolerance)
+                if not c.ok:
+                    _rollback(rec, f"numerical check failed: {c}")
+                    break
+                worst = max(worst, c.rel)
+            rec.max_error = worst
+            if not rec.rolled_back:
+                candidate.annotate_shapes()
+    except Exception as e:  # a pass that crashes is rolled back, never half-applied
+        log.debug("pass %s crashed:\n%s", p.name, traceback.format_exc())
+        _rollback(rec, f"pass raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    rec.seconds = time.perf_counter() - t0
+    rec.matched = dict(ctx.stats.matched)
+    rec.declined = [{"rule": r, "node": n, "reason": why} for r, n, why in ctx.stats.declined]
+    kept = program if rec.rolled_back or not rec.changed else candidate
+    rec.nodes_after, rec.params_after = kept.node_count(), kept.param_count()
+    rec.flops_after = float(cost.total_flops(kept))
+    ctx.record = None
+    return kept
+
+
+def _rollback(rec: PassRecord, reason: str) -> None:
+    rec.rolled_back = True
+    rec.reason = reason
+    log.info("pass %s rolled back: %s", rec.name, reason)

@@ -1,0 +1,211 @@
+"""CPU code generation: every configuration the solver yields builds, runs and computes the reference.
+
+"Zero invalid configurations built" is a property of templates and code generator together: the
+constraints must rule out whatever the schedule cannot do. Hypothesis draws operators (odd sizes,
+both matmul layouts, epilogues, strided and padded convolutions in both layouts, elementwise and
+reduction kernels) and a configuration from the solver's answer for each; the configuration must
+build with TVM and match PyTorch's float64 result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from hypothesis_profiles import examples
+
+pytest.importorskip("tvm")
+
+from optic.autotune import solve  # noqa: E402
+from optic.autotune.operator import ELEMENTWISE_FNS, Operator  # noqa: E402
+from optic.backend import codegen_cpu  # noqa: E402
+from optic.pipeline.verify import compare  # noqa: E402
+from optic.tvm_compat import host_target, require_tvm  # noqa: E402
+
+EPILOGUES = st.lists(st.sampled_from(["bias", "residual", "relu", "gelu", "silu", "tanh", "sigmoid"]),
+                     max_size=2, unique=True).map(tuple)
+
+
+@functools.lru_cache(maxsize=64)
+def _configs(operator: Operator) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    result = solve(operator.space("cpu"))
+    return result.names, result.rows
+
+
+def _build_and_check(operator: Operator, config: dict[str, int]) -> None:
+    tvm = require_tvm()
+    lib = codegen_cpu.compile_module(codegen_cpu.build(operator, config), host_target()).jit()
+    inputs = operator.make_inputs(seed=1)
+    out = torch.full(operator.out_shape, float("nan"))
+    lib["main"](*[tvm.runtime.from_dlpack(t) for t in (*inputs, out)])
+    check = compare(operator.reference(inputs), out, 1e-4)
+    assert check.ok, f"{operator} {config}: {check}"
+
+
+def _check_drawn(data: st.DataObject, operator: Operator) -> None:
+    names, rows = _configs(operator)
+    assert rows, f"{operator}: the template has no valid configuration"
+    row = rows[data.draw(st.integers(0, len(rows) - 1), label="config index")]
+    _build_and_check(operator, dict(zip(names, row, strict=True)))
+
+
+@examples(25)
+@given(m=st.integers(1, 70), n=st.integers(1, 70), k=st.integers(1, 90), layout=st.sampled_from(["kn", "nk"]),
+       epilogue=EPILOGUES, data=st.data())
+@example(m=512, n=512, k=512, layout="kn", epilogue=(), data=None)
+def test_matmul_configs_build_and_compute_the_reference(m, n, k, layout, epilogue, data):
+    operator = Operator("matmul", (m, n, k), b_layout=layout, epilogue=epilogue)
+    if data is None:  # the explicit example: the fastest-looking and the most overhanging configurations
+        names, rows = _configs(operator)
+        for row in (rows[0], rows[-1]):
+            _build_and_check(operator, dict(zip(names, row, strict=True)))
+        return
+    _check_drawn(data, operator)
+
+
+@st.composite
+def convolutions(draw) -> Operator:
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 6))
+    r, s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride, padding, dilation = draw(st.integers(1, 2)), draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    h = draw(st.integers(dilation * (r - 1) + 1, 12))
+    w = draw(st.integers(dilation * (s - 1) + 1, 12))
+    f = draw(st.integers(9, 40))  # the template's smallest N block is 16 and must stay under 2*F
+    return Operator("conv2d", (n, c, h, w, f, r, s), stride=stride, padding=padding, dilation=dilation,
+                    layout=draw(st.sampled_from(["NHWC", "NCHW"])), epilogue=draw(EPILOGUES))
+
+
+@examples(20)
+@given(operator=convolutions(), data=st.data())
+def test_conv2d_configs_build_and_compute_the_reference(operator, data):
+    _check_drawn(data, operator)
+
+
+def test_the_benchmark_convolution_builds_at_both_ends_of_its_space():
+    """The ResNet 3x3 convolution optic's benchmark tunes: its model-preferred and its last configuration."""
+    operator = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1")
+    names, rows = _configs(operator)
+    for row in (rows[0], rows[-1]):
+        _build_and_check(operator, dict(zip(names, row, strict=True)))
+
+
+def _allocations(operator: Operator, config: dict[str, int]) -> dict[str, int]:
+    """Elements of every buffer the scheduled kernel allocates, after TVM narrows each to the region
+    its loop nest uses (as compilation does)."""
+    tvm = require_tvm()
+    t = tvm.s_tir.transform
+    mod = codegen_cpu.build(operator, config)
+    for p in (t.LowerInitBlock(), t.PlanAndUpdateBufferAllocationLocation(), t.ConvertBlocksToOpaque(),
+              t.CompactBufferAllocation()):
+        mod = p(mod)
+    sizes: dict[str, int] = {}
+    todo = [mod["main"].body]
+    while todo:  # the statement tree: loops, sequences, blocks and their realizations, branches
+        node = todo.pop()
+        for buf in getattr(node, "alloc_buffers", ()):
+            sizes[buf.name] = int(functools.reduce(lambda a, b: a * b, [int(x) for x in buf.shape], 1))
+        todo += list(getattr(node, "seq", ()))
+        todo += [getattr(node, f) for f in ("body", "block", "then_case", "else_case", "init")
+                 if getattr(node, f, None) is not None]
+    return sizes
+
+
+def test_matmul_accumulates_in_its_output_unless_it_must_clip_or_apply_an_epilogue():
+    config = dict(MR=4, NR=64, KC=64, MC=256, NC=128, UNROLL=4, PARALLEL=2)
+    exact = _allocations(Operator("matmul", (512, 512, 512)), config)
+    assert "Cp" not in exact  # no product buffer, no write-back pass
+    assert exact["Bp"] == 128 * 64  # one KC x NC panel per tile
+    assert "Cp" in _allocations(Operator("matmul", (512, 512, 512), epilogue=("relu",)), config)
+    assert "Cp" in _allocations(Operator("matmul", (500, 512, 512)), config)  # M padded to 512
+
+
+def test_conv2d_gathers_im2col_blocks_per_tile_and_nhwc_writes_its_output_in_place():
+    operator = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1")
+    config = dict(MR=4, NR=64, KC=64, TOH=4, NC=64, UNROLL=8, PARALLEL=2)
+    sizes = _allocations(operator, config)
+    assert sizes["Ap"] == 4 * 56 * 64  # one MC x KC block, not the 3136 x 576 im2col matrix
+    assert sizes["Bp"] == 64 * 576  # the weights, packed once
+    assert "Cp" not in sizes
+    _build_and_check(operator, config)
+    nchw = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=1,pad=1,layout=NCHW")
+    sizes = _allocations(nchw, config)
+    assert sizes["Ap"] == 4 * 56 * 64 and sizes["Bp"] == 64 * 64 and "Cp" in sizes  # transposed after the GEMM
+    _build_and_check(nchw, config)
+
+
+@examples(12)
+@given(numel=st.integers(1, 5000), fn=st.sampled_from(sorted(ELEMENTWISE_FNS)), extra=st.integers(0, 1),
+       data=st.data())
+def test_elementwise_configs_build_and_compute_the_reference(numel, fn, extra, data):
+    inputs = 1 if ELEMENTWISE_FNS[fn][0] == 1 else 2 + extra
+    _check_drawn(data, Operator("elementwise", (numel,), fn=fn, inputs=inputs))
+
+
+@examples(12)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), kind=st.sampled_from(["softmax", "layernorm"]),
+       data=st.data())
+def test_reduction_configs_build_and_compute_the_reference(rows, cols, kind, data):
+    _check_drawn(data, Operator("reduction", (rows, cols), kind=kind))
+
+
+def test_operator_parsing_and_errors():
+    op = Operator.parse("conv2d", "1x64x56x56,64x64x3x3,stride=2,pad=1")
+    assert op.args == (1, 64, 56, 56, 64, 3, 3) and op.opts["stride"] == 2 and op.opts["padding"] == 1
+    assert op.out_shape == (1, 28, 28, 64)  # NHWC, the template's preferred layout
+    assert Operator.parse("matmul", "128x3072x768").flops == 2 * 128 * 3072 * 768
+    assert Operator.parse("reduction", "4x8x32,kind=layernorm").args == (32, 32)
+    assert Operator.parse("matmul", "8x8x8,epilogue=bias+relu").opts["epilogue"] == ("bias", "relu")
+    assert Operator("matmul", (8, 8, 8)).key == Operator.parse("matmul", "8x8x8").key
+    assert Operator("matmul", (8, 8, 8)).key != Operator("matmul", (8, 8, 8), b_layout="nk").key
+    from optic.autotune import SpaceError
+
+    for op, shape in (("matmul", "8x8"), ("conv2d", "1x3x8x8,4x2x3x3"), ("matmul", "8x8x8,colour=red"),
+                      ("elementwise", "8,fn=nope"), ("matmul", "axbxc")):
+        with pytest.raises(SpaceError):
+            Operator.parse(op, shape)
+
+
+def _init_elements(operator: Operator, config: dict[str, int]) -> int:
+    """Elements the GEMM's initialising block zeroes per execution (its own loops' extents)."""
+    tvm = require_tvm()
+    s = tvm.s_tir.Schedule(codegen_cpu.build(operator, config))
+    name = "C" if '"C_init"' in str(s.mod) else "Cp"  # the product accumulates in the output, or in Cp
+    gemm, init = s.get_sblock(f"{name}_update"), s.get_sblock(f"{name}_init")
+    shared = {s.get_sref(loop) for loop in s.get_loops(gemm)}
+    return functools.reduce(lambda a, b: a * b,
+                            [int(s.get(lp).extent) for lp in s.get_loops(init) if s.get_sref(lp) not in shared], 1)
+
+
+def test_one_k_block_zeroes_the_register_tile_and_several_zero_the_macro_tile_first():
+    mm = Operator("matmul", (512, 512, 512))
+    base = dict(MR=8, NR=32, MC=256, NC=128, UNROLL=4, PARALLEL=2)
+    assert _init_elements(mm, {**base, "KC": 512}) == 8 * 32  # in registers, inside the k loop's tile
+    assert _init_elements(mm, {**base, "KC": 128}) == 256 * 128  # a pass over the macro tile, then reloads
+    # K not a power of two: the space offers KC = K (one unpadded block), and it computes the product,
+    # for a matmul with an epilogue and a padded M, and for a convolution (K = C*R*S = 27)
+    odd = Operator("matmul", (40, 48, 24), epilogue=("bias", "relu"))
+    names, rows = _configs(odd)
+    single = [dict(zip(names, r, strict=True)) for r in rows if r[names.index("KC")] == 24]
+    assert single
+    _build_and_check(odd, single[0])
+    _build_and_check(odd, single[-1])
+    conv = Operator.parse("conv2d", "1x3x12x12,16x3x3x3,pad=1")
+    names, rows = _configs(conv)
+    single = [dict(zip(names, r, strict=True)) for r in rows if r[names.index("KC")] == 27]
+    assert single
+    _build_and_check(conv, single[0])
+
+
+def test_parallel_gemms_take_macro_tiles_dynamically_and_serial_ones_do_not():
+    """With PARALLEL > 1 the macro tiles come from a shared counter (an atomic add in the code), so a
+    faster core takes more of them; the result is the same as the reference either way."""
+    operator = Operator("matmul", (96, 80, 40), epilogue=("bias",))  # 6 x 3 padded macro tiles
+    for parallel, dynamic in ((2, True), (1, False)):
+        config = dict(MR=4, NR=16, KC=40, MC=16, NC=32, UNROLL=4, PARALLEL=parallel)
+        lib = codegen_cpu.compile_module(codegen_cpu.build(operator, config), host_target())
+        ir = lib.mod.inspect_source("ll")
+        assert ("atomicrmw add" in ir) is dynamic  # the counter's fetch-and-add (LLVM inlines it)
+        _build_and_check(operator, config)

@@ -1,0 +1,296 @@
+"""backend="tvm": generated kernels replace conv/linear (+ epilogue) layers exactly, only where they win.
+
+The property tests keep every generated kernel (option ``tvm_keep="all"``, no timing) so that the
+rewrite itself is what is checked: every dense conv/linear site becomes one compiled kernel, the
+pipeline's numerical check does not roll the pass back, and the result matches the original. The
+tactic tests feed the decision stored verdicts so that it is checked without timing noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given
+from hypothesis_profiles import examples
+
+import optic
+from optic.errors import OpticError
+from tests.strategies import cnn_models, mlp_models
+
+pytest.importorskip("tvm")
+
+from optic.autotune import TuningDB  # noqa: E402
+from optic.backend.generated import TVMKernel, find_sites, trials_for  # noqa: E402
+
+PASSES = ["cleanup", "fold_norm", "fuse", "cleanup"]  # no cpu_tactics: the generated kernels are what is tested
+KEEP_ALL = {"tvm_keep": "all"}
+
+
+def kernels_of(module: nn.Module) -> list[TVMKernel]:
+    return [m for m in module.program.gm.modules() if isinstance(m, TVMKernel)]
+
+
+def tvm_record(report):
+    return next(r for r in report.passes if r.name == "tvm_kernels")
+
+
+class AfterTVM:
+    """An instrument keeping the program the tvm_kernels pass returned (optimize itself may still return
+    the captured graph when the whole model measures slower: that guard is not what is tested here)."""
+
+    program = None
+
+    def after_pass(self, record, before, after):
+        if record.name == "tvm_kernels":
+            self.program = after
+
+
+class Block(nn.Module):
+    """conv → bias → relu, a residual conv, then linear → gelu → linear (+ residual): every epilogue."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(8, 8, 1, stride=2)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y) + y)
+        y = torch.sigmoid(self.c3(y)).flatten(1)
+        h = F.gelu(self.fc1(y))
+        return self.fc2(h) + h
+
+
+def _sites_expected(model, x) -> int:
+    from optic.ir.rewrite import RuleStats
+
+    program = optic.optimize(model, x, passes=PASSES, measure=False).program
+    return len(find_sites(program.gm, RuleStats()))
+
+
+def test_every_epilogue_becomes_one_kernel_and_matches(tmp_path):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grab = AfterTVM()
+    out = optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                         options=KEEP_ALL, instruments=[grab])
+    rec = tvm_record(out.report)
+    assert rec.changed and not rec.rolled_back
+    kernels = [m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]
+    assert len(kernels) == 5  # c1+relu, c2+residual+relu, c3+sigmoid, fc1+gelu, fc2+residual
+    epilogues = sorted(k.description.split(";")[0].split(" + ")[-1] for k in kernels)
+    assert "residual+relu" in epilogues and "bias+gelu" in epilogues and "bias+residual" in epilogues
+    with torch.no_grad():
+        for xi in (x, torch.randn(2, 3, 8, 8)):
+            torch.testing.assert_close(grab.program.gm(xi), model(xi), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out(xi), model(xi), rtol=1e-4, atol=1e-4)
+        # another batch: each kernel serves its own size, PyTorch's ops (the kernel's reference) any other
+        x5 = torch.randn(5, 3, 8, 8)
+        torch.testing.assert_close(out(x5), model(x5), rtol=1e-4, atol=1e-4)
+        recorded = {}
+        hooks = [k.register_forward_pre_hook(lambda m, a: recorded.setdefault(m, a)) for k in kernels]
+        grab.program.gm(x)
+        for h in hooks:
+            h.remove()
+        for k, args in recorded.items():  # the reference computes what the kernel does, at the kernel's size
+            torch.testing.assert_close(k.reference(*args), k(*args), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+
+
+def _check_generated(case, db_dir):
+    model, inputs = case
+    grab = AfterTVM()
+    out = optic.optimize(model, inputs, passes=PASSES, backend="tvm", tune="none", tuning_db=db_dir / "t.db",
+                         options=KEEP_ALL, instruments=[grab])
+    rec = tvm_record(out.report)
+    assert not rec.rolled_back, rec.reason
+    expected = _sites_expected(model, inputs)
+    got = [m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]
+    assert len(got) == expected
+    with torch.no_grad():
+        assert optic.pipeline.verify.compare(model(*inputs), grab.program.gm(*inputs), 1e-4).ok
+        assert optic.pipeline.verify.compare(model(*inputs), out(*inputs), 1e-4).ok
+
+
+@examples(6, suppress_health_check=list(HealthCheck))
+@given(cnn_models())
+def test_property_cnn_generated_kernels_are_exact(tmp_path_factory, case):
+    _check_generated(case, tmp_path_factory.mktemp("db"))
+
+
+@examples(6, suppress_health_check=list(HealthCheck))
+@given(mlp_models())
+def test_property_mlp_generated_kernels_are_exact(tmp_path_factory, case):
+    _check_generated(case, tmp_path_factory.mktemp("db"))
+
+
+def _stored_verdict(tvm_faster: bool, seen: list):
+    """A stand-in for the database's stored tactic verdicts (the pass reads them instead of timing)."""
+
+    def tactic(self, context):
+        seen.append(context)
+        names = json.loads(context)["candidates"]
+        return {n: (0.5e-3 if tvm_faster else 2e-3) if n == "tvm" else 1e-3 for n in names}
+
+    return tactic
+
+
+@pytest.mark.parametrize("tvm_faster", [False, True])
+def test_tactic_keeps_pytorch_when_generated_kernel_is_slower(tmp_path, monkeypatch, tvm_faster):
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    seen = []
+    monkeypatch.setattr(TuningDB, "tactic", _stored_verdict(tvm_faster, seen))
+    out = optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db")
+    kernels = tvm_record(out.report).measured["kernels"]
+    assert len(seen) == len(kernels) == 5
+    expected = {"tvm"} if tvm_faster else {"torch", "oneDNN"}
+    assert all(k["chosen"] in expected for k in kernels), [k["why"] for k in kernels]
+    assert all(k["cached"] for k in kernels)
+    if not tvm_faster:
+        assert not kernels_of(out)  # nothing slower than PyTorch's kernel is kept
+        assert all("the time of PyTorch's" in k["why"] for k in kernels)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_second_optimize_measures_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    x = torch.randn(16, 64)
+    db = tmp_path / "tuning.db"
+    first = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db).report)
+    assert first.measured["tuning_measurements"] == 4  # 2 kernels × 2 candidates
+    second = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db).report)
+    assert second.measured["tuning_measurements"] == 0
+    assert all(k["cached"] and k["tuned"].startswith("database") for k in second.measured["kernels"])
+    assert [k["chosen"] for k in second.measured["kernels"]] == [k["chosen"] for k in first.measured["kernels"]]
+
+
+def test_effort_levels_and_errors():
+    assert trials_for("none") == 0 and trials_for("fast") < trials_for("full") and trials_for(7) == 7
+    for bad in ("quick", -1, True):
+        with pytest.raises(OpticError, match="tune"):
+            trials_for(bad)
+    model, x = nn.Linear(4, 4).eval(), torch.randn(1, 4)
+    with pytest.raises(OpticError, match="tune takes"):
+        optic.optimize(model, x, backend="tvm", tune="quick")
+    with pytest.raises(OpticError, match="backends are 'torch'"):
+        optic.optimize(model, x, backend="tensorrt")
+    with pytest.raises(OpticError, match="known targets|unknown target"):
+        optic.optimize(model, x, "a101", backend="tvm")
+
+
+def test_declines_what_has_no_template(tmp_path):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2)).eval()
+    out = optic.optimize(model, torch.randn(1, 4, 8, 8), passes=PASSES, backend="tvm", tune="none",
+                         tuning_db=tmp_path / "t.db", options=KEEP_ALL)
+    rec = tvm_record(out.report)
+    assert not kernels_of(out)
+    assert len(rec.declined) == 2 and all("template" in d["reason"] for d in rec.declined)
+
+
+@pytest.mark.slow
+def test_cli_tune_twice(tmp_path):
+    model_file = tmp_path / "m.py"
+    model_file.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+        example_inputs = (torch.randn(8, 32),)
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    """))
+    cmd = [sys.executable, "-m", "optic.cli", "tune", f"{model_file}:build", "--trials", "2", "--db",
+           str(tmp_path / "t.db"), "--json", "--quiet"]
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout)
+            for _ in range(2)]
+    assert [len(r["kernels"]) for r in runs] == [2, 2]
+    assert runs[0]["tuning_measurements"] == 4 and runs[1]["tuning_measurements"] == 0
+    assert {k["chosen"] for k in runs[0]["kernels"]} <= {"tvm", "torch", "oneDNN"}
+
+
+def test_cpu_tactics_also_times_the_model_without_generated_kernels(tmp_path, monkeypatch):
+    """backend="tvm" never ends slower than the torch backend: once generated kernels are kept, cpu_tactics
+    times its variants of the model with them and without them, and keeps the fastest."""
+    from optic.backend.generated import TVMKernels
+
+    def keep(before, after, ctx, kernels):
+        ctx.without_generated = before
+        return True
+
+    monkeypatch.setattr(TuningDB, "tactic", _stored_verdict(True, []))
+    monkeypatch.setattr(TVMKernels, "_confirm", staticmethod(keep))
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    out = optic.optimize(model, x, passes=[*PASSES, "cpu_tactics"], backend="tvm", tune="none",
+                         tuning_db=tmp_path / "t.db")
+    assert tvm_record(out.report).changed
+    tactics = next(r for r in out.report.passes if r.name == "cpu_tactics")
+    variants = tactics.measured["variants_ms"]
+    assert "torch ops" in variants and "no generated kernels: torch ops" in variants
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_followed_by_an_inplace_activation_is_checked_on_its_own_output(tmp_path):
+    """The values a layer is checked on are copies: ReLU6(inplace=True) after it must not change them
+    (it did: every such conv was declined as 'result differs')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 1), nn.ReLU6(inplace=True)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    assert len([m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(grab.program.gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_the_time_budget_skipped_is_not_tuned_by_the_next_optimize(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    x, db = torch.randn(16, 64), tmp_path / "t.db"
+    opts = {"tune_budget_s": 0.0}  # the budget is spent before the first kernel: the cost model decides all
+    first = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db,
+                                      options=opts).report)
+    assert first.measured["tuning_measurements"] == 0
+    second = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=2, tuning_db=db).report)
+    assert second.measured["tuning_measurements"] == 0  # settled at this level
+    third = tvm_record(optic.optimize(model, x, passes=PASSES, backend="tvm", tune=3, tuning_db=db).report)
+    assert third.measured["tuning_measurements"] == 6  # a higher level tunes them
+
+
+def test_a_result_with_generated_kernels_pickles_and_refuses_what_they_cannot_do(tmp_path):
+    import io
+
+    from optic.api import OptimizedModule
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    grab = AfterTVM()
+    out = optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                         options=KEEP_ALL, instruments=[grab])
+    kept = OptimizedModule(grab.program, out.report)
+    assert len(kernels_of(kept)) == 5
+    buf = io.BytesIO()
+    torch.save(kept, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert len(kernels_of(loaded)) == 5 and all(k._fn is None for k in kernels_of(loaded))  # built on first use
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(optic.OpticError, match="tvm_kernels"):
+        loaded.half()
+    with pytest.raises(optic.OpticError, match="gradient"):
+        loaded(x.clone().requires_grad_())

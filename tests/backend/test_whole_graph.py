@@ -1,0 +1,269 @@
+"""The whole graph compiled as one program (optic.backend.whole) computes what the graph computes, on
+every call the original's signature allows, and stays right when what it froze changes.
+
+Each compile costs seconds, so the rest of the suite runs with ``OPTIC_WHOLE_GRAPH=0`` (conftest) and
+this file switches it on; where the CPU step's choice is not the subject, the choice is forced.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given
+from hypothesis_profiles import examples
+from strategies import contract_models
+
+import optic
+from optic import api
+from optic.backend import vendor, whole
+from optic.pipeline.verify import compare
+
+pytestmark = pytest.mark.skipif(whole.unavailable() is not None, reason=str(whole.unavailable()))
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def whole_graph_on(monkeypatch):
+    monkeypatch.setenv(whole.ENV, "1")
+
+
+def _keep(monkeypatch, name):
+    """The CPU step keeps implementation ``name`` whatever the clock says."""
+    def fastest(variants, program, ctx):
+        assert name in variants, f"{name} was not offered: {list(variants)}"
+        return name
+    monkeypatch.setattr(vendor.CpuTactics, "_fastest", staticmethod(fastest))
+    # and the final whole-model timing keeps it too (a model this small runs faster uncompiled)
+    monkeypatch.setattr(api, "_never_slower", lambda original, result, report, budget_s, inputs: result)
+
+
+@pytest.fixture
+def whole_kept(monkeypatch):
+    _keep(monkeypatch, whole.NAME)
+
+
+@pytest.fixture
+def packaged_kept(monkeypatch):
+    _keep(monkeypatch, whole.PACKAGED)
+
+
+def compiled_parts(module: nn.Module) -> list[whole.CompiledGraph]:
+    return [m for m in module.modules() if isinstance(m, whole.CompiledGraph | whole.PackagedGraph)]
+
+
+class Block(nn.Module):
+    def __init__(self, tally: bool = True):
+        super().__init__()
+        self.tally = tally
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.tally:
+            self.calls.add_(1.0)  # a buffer the graph itself updates: not an outside edit
+        y = torch.relu(self.bn(self.conv(x)))
+        return {"logits": self.fc(y.mean((2, 3))), "features": y}
+
+
+def _same(want, got):
+    assert type(got) is type(want)
+    c = compare(want, got, TOL)
+    assert c.ok, str(c)
+    assert optic.ir.contract.flatten(got)[1] == optic.ir.contract.flatten(want)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_compiled_graph_keeps_outputs_and_follows_weight_edits(capture, whole_kept):
+    model = Block().eval()
+    x = torch.randn(2, 3, 12, 12)
+    opt = optic.optimize(model, (x,), capture=capture, options={"whole_graph": "compiled"})
+    parts = compiled_parts(opt)
+    assert len(parts) == 1, opt.report
+    part = parts[0]
+    with torch.no_grad():
+        _same(model(x), opt(x))
+        assert part._compiled is not None and part.failed is None  # the compiled program served it
+        compiles = part.compile_s
+        for _ in range(3):  # the buffer the graph writes does not make it compile again
+            _same(model(x), opt(x))
+        assert part.compile_s == compiles
+        # the compiled program is no part of the module's state: the state holds the plain graph's tensors
+        plain = dict(part.graph_module.state_dict())
+        assert sorted(opt.state_dict()) == sorted(f"{_prefix(opt, part)}{k}" for k in plain)
+        # a weight edited in place (also what load_state_dict does): the frozen copy is stale
+        inner = {**dict(part.graph_module.named_parameters()), **dict(part.graph_module.named_buffers())}
+        name = next(n for n, p in inner.items() if p.dim() == 4)
+        inner[name].mul_(-1.0)
+        got = opt(x)
+        _same(_plain_call(opt, x), got)
+        assert not torch.allclose(got["logits"], model(x)["logits"])  # the edit does change the result
+        if capture == "export":
+            return  # export graphs are specialised to the example's shapes: other calls are refused
+        # another batch size: compiled again for it, still right
+        x5 = torch.randn(5, 3, 12, 12)
+        _same(_plain_call(opt, x5), opt(x5))
+
+
+def _prefix(root, part) -> str:
+    return next(name for name, m in root.named_modules() if m is part) + ".graph_module."
+
+
+def _plain_call(opt, x):
+    """What the optimized module computes without any compiled program (every part on its plain graph)."""
+    parts = compiled_parts(opt)
+    saved = [p._servable for p in parts]
+    for p in parts:
+        p._servable = lambda args: False
+    try:
+        return opt(x)
+    finally:
+        for p, s in zip(parts, saved, strict=True):
+            p._servable = s
+
+
+@pytest.mark.slow
+def test_gradients_copies_saves_and_exports_use_the_plain_graph(whole_kept):
+    model = Block().eval()
+    x = torch.randn(2, 3, 12, 12)
+    opt = optic.optimize(model, (x,), options={"whole_graph": "compiled"})
+    assert compiled_parts(opt)
+    with torch.no_grad():
+        want = opt(x)
+    # an input that needs a gradient gets one (the plain graph runs under autograd)
+    xg = x.clone().requires_grad_(True)
+    opt(xg)["logits"].sum().backward()
+    ref = x.clone().requires_grad_(True)
+    model(ref)["logits"].sum().backward()
+    torch.testing.assert_close(xg.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    # deep copies and pickles carry the plain graph and compile again on first use
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert all(p._compiled is None for p in compiled_parts(copied))
+        with torch.no_grad():
+            _same(want, copied(x))
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        _same(want, torch.load(buf, weights_only=False)(x))
+    ep = torch.export.export(opt, (x,), strict=False)
+    _same(want, ep.module()(x))
+
+
+def test_a_compiled_program_that_fails_falls_back_to_the_plain_graph(whole_kept, monkeypatch):
+    model = Block().eval()
+    x = torch.randn(2, 3, 12, 12)
+    opt = optic.optimize(model, (x,), options={"whole_graph": "compiled"})
+    part = compiled_parts(opt)[0]
+
+    def broken(*_a, **_k):
+        raise RuntimeError("C++ compile error: something")
+
+    object.__setattr__(part, "_compiled", broken)
+    part._versions = [t._version for t in part._frozen]
+    with torch.no_grad():
+        _same(model(x), opt(x))
+    assert part.failed and "C++ compile error" in part.failed
+
+
+@pytest.mark.slow
+def test_the_step_offers_it_measured_and_says_why_not(monkeypatch):
+    """Offered as one more implementation of the whole model; switched off, the report says so."""
+    model = Block().eval()
+    x = torch.randn(1, 3, 12, 12)
+    seen = {}
+
+    def fastest(variants, program, ctx):
+        seen.update(variants)
+        return "torch ops"
+    monkeypatch.setattr(vendor.CpuTactics, "_fastest", staticmethod(fastest))
+    optic.optimize(model, (x,))
+    assert whole.NAME in seen
+    monkeypatch.setenv(whole.ENV, "0")
+    opt = optic.optimize(model, (x,))
+    rec = next(p for p in opt.report.passes if p.name == "cpu_tactics")
+    assert any(d["rule"] == "whole_graph_compiled" and whole.ENV in d["reason"] for d in rec.declined)
+
+
+def test_the_report_counts_what_the_compiled_graph_computes(whole_kept):
+    model = Block().eval()
+    x = torch.randn(1, 3, 12, 12)
+    with_whole = optic.optimize(model, (x,), options={"whole_graph": "compiled"}).report
+    without = optic.optimize(model, (x,), options={"whole_graph": False}).report
+    assert with_whole.flops[1] == pytest.approx(without.flops[1], rel=1e-6) and with_whole.flops[1] > 0
+    assert with_whole.nodes[1] >= without.nodes[1] - 1
+
+
+@pytest.mark.slow
+@given(case=contract_models())
+@examples(3, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_the_call_contract_holds_when_compiled(case):
+    """Generated models with optional arguments, container outputs and buffers, run compiled."""
+    model, x, mask, how, buffer = case
+    if buffer == "counter":  # refused at capture (test_properties)
+        return
+    example, kwargs = {None: ((x,), {}), "positional": ((x, mask), {}), "keyword": ((x,), {"mask": mask})}[how]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vendor.CpuTactics, "_fastest", staticmethod(lambda variants, program, ctx: whole.NAME))
+        mp.setattr(api, "_never_slower", lambda original, result, report, budget_s, inputs: result)
+        opt = optic.optimize(copy.deepcopy(model), example, example_kwargs=kwargs,
+                             passes=["cleanup", "fold_norm", "fuse", "cpu_tactics"],
+                             options={"tactics_budget_s": 0.5, "whole_graph": "compiled"})
+    assert compiled_parts(opt), opt.report
+    other = 1.0 - mask
+    with torch.no_grad():
+        if how is None:
+            _same(model(x), opt(x))
+            _same(model(x), opt(x, mask=None))
+        else:
+            _same(model(x, other), opt(x, other))
+            _same(model(x, mask=mask), opt(x, mask=mask))
+
+
+@pytest.mark.slow
+def test_the_package_serves_its_shapes_and_leaves_every_other_call_to_the_plain_graph(packaged_kept, caplog):
+    model = Block(tally=False).eval()
+    x = torch.randn(2, 3, 12, 12)
+    opt = optic.optimize(model, (x,), options={"whole_graph": "packaged"})
+    (part,) = compiled_parts(opt)
+    assert isinstance(part, whole.PackagedGraph) and part.package
+    with torch.no_grad():
+        _same(model(x), opt(x))
+        assert part._runner is not None and part.failed is None  # the package served it
+        x5 = torch.randn(5, 3, 12, 12)
+        _same(model(x5), opt(x5))  # another batch size: the plain graph
+        copied = pickle.loads(pickle.dumps(opt))  # the package's bytes travel; no compile again
+        assert copied.state_dict().keys() == opt.state_dict().keys()
+        _same(model(x), copied(x))
+        assert compiled_parts(copied)[0]._runner is not None
+        # a weight edited after the build: the package is stale, never used again, and says so
+        w = next(t for t in part.graph_module.buffers() if t.dim() == 4) if any(
+            t.dim() == 4 for t in part.graph_module.buffers()) else next(
+            t for t in part.graph_module.parameters() if t.dim() == 4)
+        w.mul_(-1.0)
+        got = opt(x)
+        assert part.failed and "weight changed" in part.failed
+        assert "weight changed" in caplog.text
+        _same(_plain_call(opt, x), got)
+
+
+@pytest.mark.slow
+def test_a_model_that_updates_a_buffer_is_not_packaged(monkeypatch):
+    seen = {}
+
+    def fastest(variants, program, ctx):
+        seen.update(variants)
+        return "torch ops"
+    monkeypatch.setattr(vendor.CpuTactics, "_fastest", staticmethod(fastest))
+    # (export keeps the update in the graph; fx drops an update the outputs never read)
+    opt = optic.optimize(Block(tally=True).eval(), (torch.randn(1, 3, 12, 12),), capture="export")
+    assert whole.NAME in seen and whole.PACKAGED not in seen
+    rec = next(p for p in opt.report.passes if p.name == "cpu_tactics")
+    assert any(d["rule"] == "whole_graph_packaged" and "buffer" in d["reason"] for d in rec.declined)

@@ -1,0 +1,275 @@
+"""quantize: the integer math, the kernels against the integer reference, calibration, the pass's surgery
+(int8 chains requantize in the producer's epilogue) and the budgeted result."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis_profiles import examples
+
+import optic
+from optic import targets
+from optic.backend import int8
+from optic.budget.allocator import build
+from optic.budget.calibration import Budget, split
+from optic.ir.capture import capture
+from optic.passes import quantize as q
+from optic.pipeline.registry import get
+from optic.pipeline.runner import PassContext
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="int8 kernels are oneDNN's")
+
+
+# -- the integer math --------------------------------------------------------------------------------
+def test_weight_quantization_is_symmetric_per_channel_and_within_half_a_step():
+    w = torch.randn(6, 4, 3, 3)
+    w[2] = 0  # an all-zero channel keeps a finite scale
+    s = int8.weight_scales(w)
+    qw = int8.quantize_weight(w, s)
+    assert qw.dtype == torch.int8 and int(qw.abs().max()) == int8.WEIGHT_MAX
+    assert s[2] == 1 and not qw[2].any()
+    err = (qw.double() * s.double().reshape(-1, 1, 1, 1) - w.double()).abs()
+    assert bool((err <= s.double().reshape(-1, 1, 1, 1) / 2 + 1e-7).all())
+
+
+@given(lo=st.floats(-50, 50), width=st.floats(1e-3, 100))
+def test_activation_params_cover_the_range_and_zero_exactly(lo, width):
+    hi = lo + width
+    s, z = q.activation_params(lo, hi)
+    assert 0 <= z <= 255 and s > 0
+    assert int8.fake_quantize(torch.tensor([0.0]), s, z).item() == 0.0  # zero (padding, ReLU) is exact
+    x = torch.tensor([min(lo, 0.0), max(hi, 0.0)], dtype=torch.float64)
+    assert bool(((int8.fake_quantize(x, s, z) - x).abs() <= s * 0.5 + 1e-9).all())
+
+
+def test_percentile_clips_an_outlier_and_mse_minimises_the_error_on_heavy_tails():
+    g = torch.Generator().manual_seed(0)
+    r = q._Range(samples=[torch.randn(20000, generator=g)])
+    r.samples[0][0] = 400.0
+    r.lo, r.hi = float(r.samples[0].min()), 400.0
+    ranges = q.candidate_ranges(r)
+    assert ranges["percentile"][0] < ranges["minmax"][0] / 10
+
+    torch.manual_seed(0)
+    tails = torch.distributions.StudentT(2.0).sample((20000,)).double()  # heavy tails
+    r = q._Range(float(tails.min()), float(tails.max()), [tails.float()])
+    ranges = q.candidate_ranges(r)
+    mse = {m: float((int8.fake_quantize(tails, *p) - tails).pow(2).mean()) for m, p in ranges.items()}
+    assert ranges["mse"][0] < ranges["minmax"][0] and mse["mse"] < mse["minmax"] and mse["mse"] <= mse["percentile"]
+
+
+# -- the kernels against the integer reference ----------------------------------------------------------
+conv_cases = st.fixed_dictionaries({
+    "n": st.integers(1, 3), "c": st.sampled_from([3, 8, 16]), "o": st.sampled_from([4, 8, 24]),
+    "hw": st.integers(4, 9), "k": st.sampled_from([1, 3]), "stride": st.integers(1, 2),
+    "groups": st.sampled_from([1, 2]), "zp": st.integers(0, 255), "post": st.sampled_from(["none", "relu"]),
+    "seed": st.integers(0, 2**16)})
+
+
+def _qconv(case, x_scale, w_scales, bias, out=None):
+    g = torch.Generator().manual_seed(case["seed"])
+    c, o, groups = case["c"] * case["groups"] if case["c"] % case["groups"] else case["c"], case["o"], case["groups"]
+    qx = torch.randint(0, 256, (case["n"], c, case["hw"], case["hw"]), generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (o, c // groups, case["k"], case["k"]), generator=g).to(torch.int8)
+    pad = case["k"] // 2
+    args = ([case["stride"]] * 2, [pad] * 2, [1, 1], groups)
+    ws, b = w_scales(o, g), bias(o, g)
+    s_out, z_out = out or (1.0, 0)
+    got = int8.CONV(qx, x_scale, case["zp"], qw, ws, b, *args, s_out, z_out, out is not None, case["post"], [], "")
+    ref = int8.conv_reference(qx, x_scale, case["zp"], qw, ws, b, *args, post=(case["post"], [], ""), out=out)
+    return got, ref
+
+
+@examples(25)
+@given(case=conv_cases)
+def test_conv_kernel_accumulates_exactly_what_the_integer_reference_does(case):
+    """Unit scales and no bias: the float32 output is the int32 accumulation itself, so any
+    difference in the zero-point compensation or the sum shows up bit for bit."""
+    out, ref = _qconv(case, 1.0, lambda o, g: torch.ones(o), lambda o, g: None)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.equal(out.double(), ref.double())
+
+
+@examples(25)
+@given(case=conv_cases, x_scale=st.floats(1e-3, 0.1))
+def test_conv_kernel_scales_like_the_reference(case, x_scale):
+    out, ref = _qconv(case, x_scale, lambda o, g: torch.rand(o, generator=g) * 0.01 + 1e-4,
+                      lambda o, g: torch.randn(o, generator=g))
+    assert torch.allclose(out.double(), ref.double(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@examples(25)
+@given(m=st.integers(1, 9), k=st.sampled_from([4, 16, 64]), n=st.sampled_from([8, 24]), zp=st.integers(0, 255),
+       seed=st.integers(0, 2**16), lead=st.booleans())
+def test_linear_kernel_accumulates_exactly_what_the_integer_reference_does(m, k, n, zp, seed, lead):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, m, k) if lead else (m, k)
+    qx = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    out = int8.LINEAR(qx, 1.0, zp, qw, torch.ones(n), None, 1.0, 0, False, "none", [], "")
+    assert out.shape == (*shape[:-1], n)
+    assert torch.equal(out.double(), int8.linear_reference(qx, 1.0, zp, qw, torch.ones(n), None).double())
+
+
+def test_requantized_output_is_within_one_step_of_the_reference():
+    """The uint8 epilogue rounds ``y / s_out`` in float32: at most one step from the exact rounding."""
+    case = {"n": 2, "c": 16, "o": 24, "hw": 8, "k": 3, "stride": 1, "groups": 1, "zp": 7, "post": "relu", "seed": 3}
+    scales, bias = (lambda o, g: torch.rand(o, generator=g) * 0.01 + 1e-3), (lambda o, g: torch.randn(o, generator=g))
+    y, _ = _qconv(case, 0.02, scales, bias)
+    got, want = _qconv(case, 0.02, scales, bias, out=(float(y.max()) / 255, 0))
+    assert got.dtype == want.dtype == torch.uint8
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_a_weight_edited_in_place_is_packed_again():
+    qx = torch.randint(0, 256, (1, 8, 5, 5), dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (4, 8, 3, 3)).to(torch.int8)
+    args = ([1, 1], [1, 1], [1, 1], 1, 1.0, 0, False, "none", [], "")
+    before = int8.CONV(qx, 1.0, 0, qw, torch.ones(4), None, *args)
+    qw.mul_(-1)
+    after = int8.CONV(qx, 1.0, 0, qw, torch.ones(4), None, *args)
+    assert torch.equal(after, -before)
+
+
+# -- the pass ------------------------------------------------------------------------------------------
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64 * 8 * 8, 10)).eval()
+
+
+def context(prog, n=4, **options) -> PassContext:
+    x = prog.example_args[0]
+    g = torch.Generator().manual_seed(1)
+    cal = split([torch.randn(x.shape, generator=g) for _ in range(n)], Budget(), single_input=True,
+                batch_size=x.shape[0])
+    return PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options=options)
+
+
+def _int8_host() -> bool:
+    return q.int8_supported(targets.get("cpu").isa) is None
+
+
+needs_int8 = pytest.mark.skipif(not _int8_host(), reason="this CPU has no VNNI/AMX: the pass declines (tested below)")
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@needs_int8
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_every_layer_in_int8_chains_uint8_between_consecutive_layers(method):
+    model, x = cnn(), torch.randn(2, 3, 16, 16)
+    prog = capture(model, (x,), method=method)
+    actions = get("quantize").candidates(prog, context(prog, quantize_min_macs=0))
+    assert len(actions) == 4 and {a.info["calibration"] for a in actions} <= set(q.METHODS)
+    out = build(prog, actions)
+    calls = _targets(out.gm)
+    assert calls.count(int8.CONV) == 3 and calls.count(int8.LINEAR) == 1
+    assert calls.count(int8.quantize_u8) == 1, "only the model's input is quantized; the rest is requantized in epilogues"
+    kernels = [n for n in out.gm.graph.nodes if n.target in (int8.CONV, int8.LINEAR)]
+    assert [n.args[int8.OUT_ARGS[n.target][2]] for n in kernels] == [True, True, True, False]
+    with torch.no_grad():
+        ref, got = model(x), out(x)
+    assert float((got - ref).norm() / ref.norm()) < 0.05
+    assert prog.param_count() == sum(p.numel() for p in model.parameters())  # the base is untouched
+
+
+@needs_int8
+def test_a_layer_whose_output_is_also_read_in_float_is_not_chained():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.b(y) + y
+
+    model, x = Res().eval(), torch.randn(1, 16, 12, 12)
+    prog = capture(model, (x,))
+    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    kernels = [n for n in out.gm.graph.nodes if n.target == int8.CONV]
+    assert len(kernels) == 2 and not any(n.args[12] for n in kernels)
+    assert _targets(out.gm).count(int8.quantize_u8) == 2
+    with torch.no_grad():
+        assert float((out(x) - model(x)).norm() / model(x).norm()) < 0.05
+
+
+@needs_int8
+def test_declines_say_why_and_small_layers_stay_float():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    prog = capture(model, (torch.randn(1, 8),))
+    ctx = context(prog)
+    assert get("quantize").candidates(prog, ctx) == []
+    assert ctx.stats.declined and all("too small" in why for _, _, why in ctx.stats.declined)
+
+
+def test_no_int8_instructions_or_another_target_declines_with_a_note():
+    assert "VNNI" in q.int8_supported({"avx2", "fma"})
+    assert q.int8_supported({"avx512_vnni"}) is None and q.int8_supported({"amx_int8"}) is None
+    model, x = cnn(), torch.randn(1, 3, 16, 16)
+    prog = capture(model, (x,))
+    ctx = context(prog)
+    ctx.measure, ctx.target = False, targets.get("a100")
+    from optic.pipeline.report import PassRecord
+    ctx.record = PassRecord("quantize", False)
+    assert get("quantize").candidates(prog, ctx) == []
+    assert "not this machine" in ctx.record.notes[0]
+
+
+@needs_int8
+def test_the_int8_model_copies_pickles_and_keeps_plain_int8_weights():
+    model, x = cnn(), torch.randn(1, 3, 16, 16)
+    prog = capture(model, (x,))
+    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    with torch.no_grad():
+        want = out.gm(x)
+        assert torch.equal(copy.deepcopy(out.gm)(x), want)
+        buf = io.BytesIO()
+        torch.save(out.gm, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), want)
+        assert torch.equal(pickle.loads(pickle.dumps(out.gm))(x), want)
+    ints = [v for v in out.gm.state_dict().values() if v.dtype == torch.int8]
+    assert len(ints) == 4 and all(v.dtype == torch.int8 and v.layout == torch.strided for v in ints)
+
+
+@needs_int8
+def test_optimize_with_a_budget_reports_the_int8_layers_and_stays_within_it():
+    model = cnn()
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(6)]
+    budget = Budget(max_drop=0.05, metric="rel_error")
+    fast = optic.optimize(model, (data[0][:1],), target="cpu", passes="default", budget=budget, calibration=data,
+                          options={"quantize_min_macs": 0})
+    rows = [r for r in fast.report.budget["actions"] if r["pass"] == "quantize"]
+    assert len(rows) == 4 and all(r["precision"] == "int8" and r["calibration"] in q.METHODS for r in rows)
+    assert all(r["status"] for r in rows)
+    text = fast.report.budget_table()
+    assert "quantize" in text and "int8" in text
+    from optic.budget.calibration import Evaluator
+    cal = split(data, budget, single_input=True, batch_size=None)
+    assert Evaluator(budget, cal, model).drop(fast, "holdout") <= 0.05
+
+
+def test_the_roofline_credits_int8_with_the_targets_int8_rate():
+    """A compute-bound GEMM is predicted faster in int8 wherever the target has an int8 figure (it was
+    costed at the float32 rate, and no layer was ever proposed)."""
+    from optic.pipeline import cost
+
+    flops, elems = 2 * 512 * 3072 * 768, 512 * 768 + 3072 * 768 + 512 * 3072
+    for name in ("cpu", "a100", "h100"):
+        t = targets.get(name)
+        if t.peak_flops("int8"):
+            assert cost.kernel_seconds(flops, elems, t, "int8") < cost.kernel_seconds(flops, 4 * elems, t, "float32")

@@ -1,0 +1,120 @@
+"""The pipeline: verification, roll-back with a reason, disabling passes by name, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import optic
+from optic import ir
+from optic.ir.opview import view
+from optic.pipeline import registry
+
+
+class BreakWeights:
+    """A deliberately wrong 'exact' pass: doubles the first linear's weight."""
+
+    name = "break_weights"
+    exact = True
+    description = "test-only"
+
+    def run(self, program, ctx):
+        gm = program.gm
+        for n in gm.graph.nodes:
+            op = view(n, gm)
+            if op is not None and op.kind == "linear":
+                with gm.graph.inserting_before(n):
+                    w = ir.const_node(gm.graph, gm, op.const("weight") * 2, "w")
+                    b = ir.const_node(gm.graph, gm, op.const("bias"), "b")
+                    new = gm.graph.call_function(torch.ops.aten.linear.default, (op.x, w, b))
+                ir.replace(n, new, self.name)
+                gm.graph.erase_node(n)
+                return True
+        return False
+
+
+class Crash:
+    name = "crash"
+    exact = True
+    description = "test-only"
+
+    def run(self, program, ctx):
+        out = next(n for n in program.gm.graph.nodes if n.op == "output")
+        out.args = (next(iter(program.gm.graph.nodes)),)  # half-done surgery: output is now the input...
+        raise RuntimeError("boom")
+
+
+def _model():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def test_a_pass_that_breaks_numerics_is_rolled_back_and_reported():
+    m, x = _model(), torch.randn(3, 4)
+    opt = optic.optimize(m, (x,), passes=[BreakWeights(), "cleanup"], measure=False)
+    rec = opt.report.pass_record("break_weights")
+    assert rec.rolled_back and "numerical check failed" in rec.reason
+    torch.testing.assert_close(opt(x), m(x))
+    assert "ROLLED BACK" in str(opt.report)
+
+
+def test_a_pass_that_crashes_is_rolled_back_never_half_applied():
+    m, x = _model(), torch.randn(3, 4)
+    opt = optic.optimize(m, (x,), passes=[Crash(), "fuse"], measure=False)
+    rec = opt.report.pass_record("crash")
+    assert rec.rolled_back and "RuntimeError: boom" in rec.reason
+    torch.testing.assert_close(opt(x), m(x))
+
+
+def test_passes_can_be_disabled_by_argument_and_environment(monkeypatch):
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    opt = optic.optimize(m, (x,), disable=["fold_norm"], measure=False)
+    assert opt.report.pass_record("fold_norm").skipped
+    monkeypatch.setenv("OPTIC_DISABLE", "fold_norm,fuse")
+    opt = optic.optimize(m, (x,), measure=False)
+    assert opt.report.pass_record("fold_norm").skipped and opt.report.pass_record("fuse").skipped
+    assert opt.report.matched("bn_into_conv_or_linear") == 0
+
+
+def test_unknown_pass_names_are_clear_errors():
+    with pytest.raises(optic.UnknownPassError, match="fold_norm"):
+        optic.optimize(_model(), (torch.randn(1, 4),), passes=["fold_norms"])
+    with pytest.raises(optic.OpticError, match="cannot disable"):
+        optic.optimize(_model(), (torch.randn(1, 4),), disable=["nope"])
+
+
+def test_report_records_counts_and_serializes():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2)).eval()
+    opt = optic.optimize(m, (torch.randn(1, 3, 8, 8),), measure=False)
+    rep = opt.report
+    fold = rep.pass_record("fold_norm")
+    assert fold.changed and fold.nodes_after < fold.nodes_before
+    assert fold.params_after < fold.params_before
+    assert fold.max_error <= rep.tolerance
+    d = json.loads(rep.to_json())
+    assert [p["name"] for p in d["passes"]] == [p.name for p in rep.passes]
+    assert d["passes"][1]["matched"] == {"bn_into_conv_or_linear": 1}
+    assert "fold_norm" in str(rep) and "bn_into_conv_or_linear: 1" in str(rep)
+
+
+def test_user_model_is_never_mutated():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    optic.optimize(m, (torch.randn(2, 3, 8, 8),), measure=False)
+    assert m.training and all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    assert isinstance(m[1], nn.BatchNorm2d)
+
+
+def test_presets_are_data():
+    assert registry.PRESETS["exact"][0] == "cleanup"
+    assert {p.name for p in registry.resolve("exact")} <= set(registry.names())
+    assert all(registry.get(n).exact for n in registry.PRESETS["exact"])
+
+
+def test_tolerance_is_configurable_and_enforced():
+    m, x = _model(), torch.randn(3, 4)
+    opt = optic.optimize(m, (x,), passes=[BreakWeights()], tolerance=10.0, measure=False)
+    assert not opt.report.pass_record("break_weights").rolled_back  # within a (silly) declared tolerance
