@@ -18,11 +18,12 @@ from .budget.calibration import split as split_calibration
 from .errors import OpticError
 from .ir.capture import capture as capture_program
 from .ir.contract import flatten
+from .ir.dynamic import batch_size
 from .ir.program import Program
 from .pipeline import cost, health, registry
+from .pipeline.final import check_result
 from .pipeline.report import Report
-from .pipeline.timing import compare_models, rotating
-from .pipeline.verify import compare, generated_inputs, run_seeded, tolerance_for
+from .pipeline.verify import generated_inputs, run_seeded, tolerance_for
 from .progress import progress_callback
 
 log = logging.getLogger("optic")
@@ -105,57 +106,43 @@ def _listed(names: list[str]) -> str:
     return ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in counts.items())
 
 
-def _final_check(reference: list, result: Program, checks: list, tol: float) -> float:
-    """The worst error of ``result`` against ``reference`` on ``checks``: NaN when the reference holds no
-    finite value to compare (0.0 would claim an agreement nothing measured; the health note says why)."""
-    if all(health.finite_share(ref) == 0.0 for ref in reference):
-        return float("nan")
-    worst = 0.0
-    for ref, (args, kwargs) in zip(reference, checks, strict=True):
-        worst = max(worst, compare(ref, run_seeded(result, args, kwargs), tol).rel)
-    return worst
+def _checked_arguments(target: Any, passes: str | list, tolerance: Any, options: dict | None, disable: Any,
+                       backend: str, tune: str | int, tuning_db: Any) -> tuple[Any, list, dict, set[str]]:
+    """The target, the pass list (with the backend's steps), the options and the disabled passes; a bad
+    argument is an :class:`OpticError` naming it, before any work."""
+    from . import targets as _targets  # optic.targets, installed from targets/
+
+    _check_tolerance(tolerance)
+    tgt = _targets.get(target)
+    pass_list = registry.resolve(passes)
+    options = registry.check_options(options)
+    if backend not in registry.BACKEND_STEPS:
+        raise OpticError(f"unknown backend {backend!r}; backends are 'torch' (PyTorch's kernels) and 'tvm' "
+                         "(generated kernels where they are faster)")
+    if backend == "tvm":
+        _check_tvm_backend(tgt, tune)
+        options.setdefault("tune", tune)
+        options.setdefault("tuning_db", tuning_db)
+    pass_list = registry.with_backend(pass_list, backend, tgt.kind)
+    disabled = pipeline.disabled_passes(disable)
+    unknown = disabled - set(registry.names())
+    if unknown:
+        raise OpticError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes are {registry.names()}")
+    return tgt, pass_list, options, disabled
 
 
-def _never_slower(original: Program, result: Program, report: Report, budget_s: float,
-                  inputs: list[tuple[tuple, dict]]) -> Program:
-    """Time the captured and the optimized model alternated in blocks (each call on the next of
-    ``inputs``, so data-dependent models such as early exit are timed on real data); keep the
-    optimized one unless it is slower beyond the measured noise (then the captured graph is
-    returned, and the report says so)."""
-    t = compare_models({"original": rotating(original, inputs), "optimized": rotating(result, inputs)}, budget_s)
-    before, after = t["original"], t["optimized"]
-    report.record_measured_latency(before, after)
-    noise = max(before.spread, after.spread)
-    if after.median > before.median * (1 + noise):
-        report.notes.append(f"the optimized graph measured slower here ({before} → {after}); "
-                            "returned the captured graph instead")
-        report.record_measured_latency(before, before)
-        return original
-    if before.noisy or after.noisy:
-        report.notes.append(f"timing the whole model here was too noisy to compare ({before} → {after}): kept the "
-                            "optimized graph, which is verified to compute the same; measure again on a quiet machine")
-    return result
-
-
-def _with_tvm_kernels(pass_list: list, tgt: Any) -> list:
-    """The pass list with ``tvm_kernels`` before ``cpu_tactics`` (oneDNN takes the layers it leaves),
-    else at the end (before ``early_exit``, which splits the graph)."""
+def _check_tvm_backend(tgt: Any, tune: str | int) -> None:
+    """backend='tvm' needs TVM, a target it can serve and a tuning effort it knows."""
     from optic.tvm_compat import require_tvm
 
     require_tvm()
-    if tgt.kind == "gpu":
-        return pass_list  # the kernels are generated after the passes, into an artifact (optic.backend.artifact)
-    if tgt.name != "cpu":
+    if tgt.kind != "gpu" and tgt.name != "cpu":
         raise OpticError(f"backend='tvm' builds and measures CPU kernels on this machine, so a CPU target must be "
                          f"'cpu' (this CPU), not {tgt.name!r}; for a GPU target (a100, h100, ...) it writes an "
                          "artifact")
-    names = [p.name for p in pass_list]
-    if "tvm_kernels" in names:
-        return pass_list
-    tvm = registry.get("tvm_kernels")
-    at = names.index("cpu_tactics") if "cpu_tactics" in names else (
-        names.index("early_exit") if "early_exit" in names else len(names))
-    return [*pass_list[:at], tvm, *pass_list[at:]]
+    from optic.backend.generated import trials_for
+
+    trials_for(tune)  # a bad effort level is an error before any work
 
 
 def _check_tolerance(tolerance: Any) -> None:
@@ -166,9 +153,72 @@ def _check_tolerance(tolerance: Any) -> None:
                          f"output scale, e.g. 1e-4), or None for the dtype's default; got {tolerance!r}")
 
 
-def _example_batch(flat: list) -> int | None:
-    sizes = [t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0]
-    return int(sizes[0]) if sizes else None
+def _checks_and_reference(program: Program, verify: bool, check_inputs: int,
+                          tolerance: float | None) -> tuple[list, list, float]:
+    """The input sets every pass is checked on (the example, generated ones, other sizes), the original's
+    outputs on them (computed once) and the tolerance for its output dtype."""
+    checks = [(program.example_args, program.example_kwargs)]
+    if verify:
+        checks += generated_inputs(program.example_args, program.example_kwargs, check_inputs, seed=1)
+        checks += program.size_checks
+    reference = [run_seeded(program.gm, a, k) for a, k in checks]
+    return checks, reference, tolerance_for(reference[0], tolerance)
+
+
+def _start_report(model: nn.Module, tgt: Any, program: Program, checks: list, reference: list, tol: float) -> Report:
+    """The report with what is known before the passes: the captured graph's size, cost and health."""
+    report = Report(model=type(model).__name__, target=tgt.name, capture=program.capture,
+                    notes=list(program.notes), tolerance=tol, checked_inputs=len(checks),
+                    dynamic=program.dims.describe() if program.dims else "")
+    report.notes += health.notes(program.gm, reference[0])  # NaN/Inf weights verify "exactly": say so
+    report.nodes = (program.node_count(), 0)
+    report.params = (program.param_count(), 0)
+    report.flops = (float(cost.total_flops(program)), 0.0)
+    return report
+
+
+def _context(program: Program, original: Program, tgt: Any, checks: list, tol: float, report: Report, *,
+             verify: bool, options: dict, measure: bool | None, on_pass: Callable | None, instruments: list | None,
+             progress: Any, budget: Budget | None, calibration: Any) -> pipeline.PassContext:
+    """The pass context: target, tolerance, checked inputs, options, instruments and, with a budget, the
+    calibration split and the evaluator that scores candidates against ``original``."""
+    ctx = pipeline.PassContext(
+        target=tgt, tolerance=tol if verify else float("inf"), check_inputs=checks, options=options,
+        measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass,
+        instruments=list(instruments or []))
+    ctx.progress = progress_callback(progress)
+    if budget is not None:
+        flat = program.flat_inputs()
+        cal = split_calibration(calibration, budget, single_input=len(flat) == 1 and not program.example_kwargs,
+                                batch_size=batch_size(flat) if program.static_batch else None)
+        ctx.budget, ctx.calibration, ctx.budget_left = budget, cal, float(budget.max_drop)
+        ctx.evaluator = Evaluator(budget, cal, original)
+        report.notes += cal.notes
+    elif calibration is not None:
+        report.notes.append("calibration= was given without budget=: no lossy pass ran (pass optic.Budget(...) "
+                            "to allow them)")
+    return ctx
+
+
+def _finish_report(report: Report, original: Program, result: Program, tgt: Any) -> None:
+    """The report's after-figures: nodes, parameters, FLOPs and the roofline estimate of both graphs."""
+    report.nodes = (report.nodes[0], result.node_count())
+    report.params = (report.params[0], result.param_count())
+    report.flops = (report.flops[0], float(cost.total_flops(result)))
+    if tgt.peak_flops("float32") and tgt.mem_bandwidth:
+        report.latency_estimate_s = (cost.roofline_seconds(original, tgt), cost.roofline_seconds(result, tgt))
+
+
+def _gpu_artifact(result: Program, tgt: Any, tol: float, ctx: pipeline.PassContext, report: Report) -> Any:
+    """backend='tvm' on a GPU target: the generated CUDA kernels, as an artifact (None when no layer gets one)."""
+    from .backend.artifact import build_gpu_artifact
+
+    artifact, left = build_gpu_artifact(result, tgt, tol, ctx.progress)
+    report.notes.append(artifact.summary() if artifact else
+                        f"backend='tvm': no layer of this model gets a generated CUDA kernel for {tgt.name} "
+                        "(dense linear layers do; convolutions stay with cuDNN): no artifact")
+    report.notes += [f"stays with PyTorch: {why}" for why in left[:20]]
+    return artifact
 
 
 def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes: str | list = "exact", *,
@@ -227,103 +277,22 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
             inputs that share a name share the size); ``False``: the example's shapes only. Every pass is
             also verified on an input of another size; the report says which dimensions are dynamic.
     """
-    from . import targets as _targets  # optic.targets, installed from targets/
-
     t_start = time.perf_counter()
-    _check_tolerance(tolerance)
-    tgt = _targets.get(target)
-    pass_list = registry.resolve(passes)
-    options = registry.check_options(options)
-    if backend == "tvm":
-        pass_list = _with_tvm_kernels(pass_list, tgt)
-        from optic.backend.generated import trials_for
-
-        trials_for(tune)  # a bad effort level is an error before any work
-        options.setdefault("tune", tune)
-        options.setdefault("tuning_db", tuning_db)
-    elif backend != "torch":
-        raise OpticError(f"unknown backend {backend!r}; backends are 'torch' (PyTorch's kernels) and 'tvm' "
-                         "(generated kernels where they are faster)")
+    tgt, pass_list, options, disabled = _checked_arguments(target, passes, tolerance, options, disable, backend,
+                                                           tune, tuning_db)
     program = capture_program(model, example_inputs, example_kwargs, method=capture, inference=inference,
                               dynamic=dynamic)
     original = program.clone()
-    checks = [(program.example_args, program.example_kwargs)]
-    checks += generated_inputs(program.example_args, program.example_kwargs, check_inputs, seed=1) if verify else []
-    checks += program.size_checks if verify else []
-    reference = [run_seeded(program.gm, a, k) for a, k in checks]  # the original's outputs, computed once
-    tol = tolerance_for(reference[0], tolerance)
-    ctx = pipeline.PassContext(
-        target=tgt, tolerance=tol if verify else float("inf"), check_inputs=checks, options=options,
-        measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass,
-        instruments=list(instruments or []))
-    ctx.progress = progress_callback(progress)
-    report = Report(model=type(model).__name__, target=tgt.name, capture=program.capture,
-                    notes=list(program.notes), tolerance=tol, checked_inputs=len(checks),
-                    dynamic=program.dims.describe() if program.dims else "")
-    report.notes += health.notes(program.gm, reference[0])  # NaN/Inf weights verify "exactly": say so
-    report.nodes = (program.node_count(), 0)
-    report.params = (program.param_count(), 0)
-    report.flops = (float(cost.total_flops(program)), 0.0)
-    if budget is not None:
-        flat = program.flat_inputs()
-        batch = _example_batch(flat)
-        cal = split_calibration(calibration, budget, single_input=len(flat) == 1 and not program.example_kwargs,
-                                batch_size=batch if program.static_batch else None)
-        ctx.budget, ctx.calibration, ctx.budget_left = budget, cal, float(budget.max_drop)
-        ctx.evaluator = Evaluator(budget, cal, original)
-        report.notes += cal.notes
-    elif calibration is not None:
-        report.notes.append("calibration= was given without budget=: no lossy pass ran (pass optic.Budget(...) "
-                            "to allow them)")
-    disabled = pipeline.disabled_passes(disable)
-    unknown = disabled - set(registry.names())
-    if unknown:
-        raise OpticError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes are {registry.names()}")
+    checks, reference, tol = _checks_and_reference(program, verify, check_inputs, tolerance)
+    report = _start_report(model, tgt, program, checks, reference, tol)
+    ctx = _context(program, original, tgt, checks, tol, report, verify=verify, options=options, measure=measure,
+                   on_pass=on_pass, instruments=instruments, progress=progress, budget=budget,
+                   calibration=calibration)
     result = pipeline.run(program, pass_list, ctx, report, disabled, reference)
-    lossy = ctx.reference is not reference  # a lossy pass changed what the model computes
-    if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
-        batch = _example_batch(original.flat_inputs())
-        timed = ctx.calibration.holdout_like(batch, 16) if ctx.calibration is not None and batch else []
-        result = _never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)),
-                               timed or [(original.example_args, original.example_kwargs)])
-        if result is original:
-            lossy = False
-
-    final_tol = max(tol, ctx.tolerance) if lossy else tol  # widened after int8 rounding (pipeline)
-    report.final_error = _final_check(ctx.reference if lossy else reference, result, checks, final_tol)
-    if verify and report.final_error > final_tol:  # each pass was checked; this guards the whole
-        report.notes.append(f"the optimized graph disagrees with the original on the checked inputs "
-                            f"(error {report.final_error:.2e} > {final_tol:g}); returned the captured graph. "
-                            "Please report it; bisect with disable=[...] or OPTIC_DISABLE.")
-        result, lossy = original, False
-        report.final_error = _final_check(reference, result, checks, tol)
-    if lossy:
-        final_drop = ctx.evaluator.drop(result, "holdout")
-        report.budget = dict(report.budget or {}, final_holdout_drop=final_drop,
-                             final_holdout=ctx.evaluator.base["holdout"] - final_drop)
-        if final_drop > budget.max_drop + 1e-12:  # the stages are checked; this guards the whole
-            report.notes.append(f"the held-out drop {final_drop:.4f} exceeds the budget {budget.max_drop}; "
-                                "returned the captured graph. Please report it.")
-            result = original
-            report.final_error = _final_check(reference, result, checks, tol)
-        else:
-            report.notes.append(f"lossy passes changed the results within the budget: held-out {ctx.evaluator.metric_name} "
-                                f"{ctx.evaluator.base['holdout']:.4f} → {report.budget['final_holdout']:.4f}; the "
-                                "max error above is against the budgeted model")
-    report.nodes = (report.nodes[0], result.node_count())
-    report.params = (report.params[0], result.param_count())
-    report.flops = (report.flops[0], float(cost.total_flops(result)))
-    if tgt.peak_flops("float32") and tgt.mem_bandwidth:
-        report.latency_estimate_s = (cost.roofline_seconds(original, tgt), cost.roofline_seconds(result, tgt))
-    artifact = None
-    if backend == "tvm" and tgt.kind == "gpu":
-        from .backend.artifact import build_gpu_artifact
-
-        artifact, left = build_gpu_artifact(result, tgt, tol, ctx.progress)
-        report.notes.append(artifact.summary() if artifact else
-                            f"backend='tvm': no layer of this model gets a generated CUDA kernel for {tgt.name} "
-                            "(dense linear layers do; convolutions stay with cuDNN): no artifact")
-        report.notes += [f"stays with PyTorch: {why}" for why in left[:20]]
+    result = check_result(original, result, ctx, report, checks=checks, reference=reference, tolerance=tol,
+                          verify=verify)
+    _finish_report(report, original, result, tgt)
+    artifact = _gpu_artifact(result, tgt, tol, ctx, report) if backend == "tvm" and tgt.kind == "gpu" else None
     report.seconds = time.perf_counter() - t_start
     out = OptimizedModule(result, report)
     out.artifact = artifact

@@ -10,6 +10,9 @@ A lossy pass that proposes actions to the budget's allocator instead of rewritin
 Options are typed and declared (TVM's ``PassContext`` config keys): :func:`check_options` rejects a
 name no pass declares, with the closest declared one, and a value of the wrong type; a pass reads
 its options with ``ctx.option(name)`` and gets the declared default.
+
+Pass order is data too: :data:`PRESETS` name passes in order, and :data:`BACKEND_STEPS` say where the
+steps a backend adds (``tvm_kernels`` for ``backend="tvm"``) join any pass list, a preset's or the user's.
 """
 
 from __future__ import annotations
@@ -94,6 +97,39 @@ PRESETS: dict[str, list[str]] = {
                 "quantize", "cpu_tactics", "early_exit"],
     "none": [],
 }
+
+
+@dataclass(frozen=True)
+class BackendStep:
+    """A step a backend adds to every pass list (a preset's or the user's): before the first of ``before``
+    that the list holds (in that order of preference), else at the end; only on targets of the ``kinds``
+    given; never twice."""
+
+    name: str
+    before: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("cpu", "gpu")
+
+
+# What each backend adds to the pass list, and where (the presets above are the torch backend's lists).
+BACKEND_STEPS: dict[str, tuple[BackendStep, ...]] = {
+    "torch": (),
+    # generated kernels go before the oneDNN tactics, which take the layers they leave, else before early
+    # exit, which splits the graph; on a GPU target the kernels are generated after the passes, into an
+    # artifact (optic.backend.artifact), so no step joins the list there
+    "tvm": (BackendStep("tvm_kernels", before=("cpu_tactics", "early_exit"), kinds=("cpu",)),),
+}
+
+
+def with_backend(passes: list[Pass], backend: str, target_kind: str) -> list[Pass]:
+    """``passes`` with the steps of ``backend`` (:data:`BACKEND_STEPS`) for a target of ``target_kind``."""
+    out = list(passes)
+    for step in BACKEND_STEPS[backend]:
+        names = [p.name for p in out]
+        if target_kind not in step.kinds or step.name in names:
+            continue
+        at = next((names.index(b) for b in step.before if b in names), len(names))
+        out.insert(at, get(step.name))
+    return out
 
 
 def register(p: Any) -> Any:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 import torch.nn as nn
 
 import optic
-from optic import ir
+from optic import ir, targets
 from optic.ir.opview import view
-from optic.pipeline import registry
+from optic.pipeline import PassContext, final, registry
+from optic.pipeline.report import Report
+from optic.pipeline.verify import run_seeded
 
 
 class BreakWeights:
@@ -118,3 +121,58 @@ def test_tolerance_is_configurable_and_enforced():
     m, x = _model(), torch.randn(3, 4)
     opt = optic.optimize(m, (x,), passes=[BreakWeights()], tolerance=10.0, measure=False)
     assert not opt.report.pass_record("break_weights").rolled_back  # within a (silly) declared tolerance
+
+
+def test_backend_steps_join_any_pass_list_where_the_table_says():
+    def names(passes, backend="tvm", kind="cpu"):
+        return [p.name for p in registry.with_backend(registry.resolve(passes), backend, kind)]
+
+    assert names("exact") == ["cleanup", "fold_norm", "fuse", "cleanup", "tvm_kernels", "cpu_tactics"]
+    assert names("default")[-4:] == ["quantize", "tvm_kernels", "cpu_tactics", "early_exit"]
+    # before cpu_tactics wherever early_exit is: the table's order of preference, not the list's
+    assert names(["early_exit", "cpu_tactics"]) == ["early_exit", "tvm_kernels", "cpu_tactics"]
+    assert names(["fold_norm", "early_exit", "cleanup"]) == ["fold_norm", "tvm_kernels", "early_exit", "cleanup"]
+    assert names(["fold_norm"]) == ["fold_norm", "tvm_kernels"]
+    assert names(["tvm_kernels", "fold_norm"]) == ["tvm_kernels", "fold_norm"]  # never twice
+    assert names("exact", kind="gpu") == registry.PRESETS["exact"]  # a GPU's kernels go into an artifact
+    assert names("exact", backend="torch") == registry.PRESETS["exact"]
+    with pytest.raises(optic.OpticError, match="unknown backend 'onnx'.*'torch'.*'tvm'"):
+        optic.optimize(_model(), (torch.randn(1, 4),), backend="onnx")
+
+
+def _final_setup():
+    m, x = _model(), torch.randn(3, 4)
+    original = optic.capture(m, (x,))
+    checks = [((x,), {})]
+    reference = [run_seeded(original.gm, *c) for c in checks]
+    ctx = PassContext(target=targets.get("cpu"), measure=False, check_inputs=checks)
+    ctx.reference = reference  # as pipeline.run leaves it when no lossy pass ran
+    return m, original, ctx, Report(model="Sequential", target="cpu", capture="fx"), checks, reference
+
+
+def test_the_final_check_returns_the_captured_graph_when_the_whole_disagrees():
+    m, original, ctx, report, checks, reference = _final_setup()
+    with torch.no_grad():
+        m[0].weight.mul_(2)  # a result that passed each step's check but not the whole (a bug to report)
+    wrong = optic.capture(m, checks[0][0])
+    got = final.check_result(original, wrong, ctx, report, checks=checks, reference=reference, tolerance=1e-4)
+    assert got is original and report.final_error == 0.0
+    assert any("disagrees with the original" in n and "returned the captured graph" in n for n in report.notes)
+    report.notes.clear()
+    same = original.clone()
+    assert final.check_result(original, same, ctx, report, checks=checks, reference=reference, tolerance=1e-4) is same
+    assert report.notes == []
+    # verify=False measures the error but keeps the result
+    assert final.check_result(original, wrong, ctx, report, checks=checks, reference=reference, tolerance=1e-4,
+                              verify=False) is wrong
+    assert report.final_error > 1e-4
+
+
+def test_never_slower_keeps_the_captured_graph_when_the_result_measures_slower():
+    _, original, _, report, checks, _ = _final_setup()
+    slow = original.clone()
+    slow.runner = lambda x: (time.sleep(0.003), slow.gm(x))[1]
+    assert final.never_slower(original, slow, report, 0.3, checks) is original
+    assert any("measured slower here" in n for n in report.notes)
+    before, after = report.measured_latency_s
+    assert before == after  # the report gives the latency of what is returned
