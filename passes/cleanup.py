@@ -56,40 +56,69 @@ def _deterministic(node: fx.Node) -> bool:
     return not any(r in name for r in _RANDOM)
 
 
-def fold_constants(program, stats) -> bool:
-    """Evaluate every maximal constant subgraph once; replace its live outputs with constants."""
-    gm = program.gm
+# Constant folding keeps its own traversal, not the rule driver's, for two reasons. It must evaluate
+# any pure op (``ones``, ``tril``, ``arange``, ``sin``, ...), and the driver visits only the ops the op
+# view classifies. And it decides on maximal constant subgraphs, a forward dataflow then a frontier:
+# whether a fold grows the model depends on every constant the whole subgraph frees, and folding op
+# by op would materialize each intermediate as a constant of its own.
+def constant_values(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Every node whose value is fixed, with that value: constants (``get_attr``), and pure,
+    deterministic ops whose inputs are all fixed, evaluated once here (in graph order, so inputs
+    come first). An op that cannot be evaluated here (it needs a device) is left to run time."""
     const: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             const[node] = ir.fetch_attr(gm, node.target)
-        elif node.op in ("call_function", "call_method") and not ir.is_inplace(node) and _deterministic(node) \
-                and all(a in const for a in node.all_input_nodes) and not node.is_impure():
+        elif _foldable(node, const):
             try:
-                args, kwargs = fx.map_arg((node.args, node.kwargs), lambda a: const[a])
-                with torch.no_grad():
-                    fn = node.target if node.op == "call_function" else getattr(args[0], node.target)
-                    const[node] = fn(*args, **kwargs) if node.op == "call_function" else fn(*args[1:], **kwargs)
+                const[node] = _evaluate(node, const)
             except Exception:  # not evaluable here (e.g. needs a device): leave it to run time
                 continue
-    frontier = [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
-    readers = ir.tensor_readers(gm)
+    return const
+
+
+def _foldable(node: fx.Node, const: dict[fx.Node, Any]) -> bool:
+    return node.op in ("call_function", "call_method") and not ir.is_inplace(node) and _deterministic(node) \
+        and all(a in const for a in node.all_input_nodes) and not node.is_impure()
+
+
+def _evaluate(node: fx.Node, const: dict[fx.Node, Any]) -> Any:
+    args, kwargs = fx.map_arg((node.args, node.kwargs), lambda a: const[a])
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+def _live_outputs(const: dict[fx.Node, Any]) -> list[fx.Node]:
+    """The computed constants something outside the constant subgraphs reads: what gets folded."""
+    return [n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)]
+
+
+def _fold(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor | int | float | bool) -> None:
+    """Replace ``node`` by its value: a new constant for a tensor, the number itself in its users' arguments."""
+    if isinstance(value, torch.Tensor):
+        with gm.graph.inserting_before(node):
+            new = ir.const_node(gm.graph, gm, value.detach().clone(), node.name)
+        ir.replace(node, new, "cleanup")
+        return
+    for user in list(node.users):
+        user.args, user.kwargs = fx.map_arg((user.args, user.kwargs), lambda a, n=node, v=value: v if a is n else a)
+
+
+def fold_constants(program, stats) -> bool:
+    """Evaluate every maximal constant subgraph once; replace its live outputs with constants."""
+    gm = program.gm
+    const = constant_values(gm)
     changed = False
-    for node in frontier:
+    for node in _live_outputs(const):
         value = const[node]
         if not isinstance(value, torch.Tensor | int | float | bool):
             continue
-        if isinstance(value, torch.Tensor):
-            reason = _growth(node, value, const, readers)
-            if reason:
-                stats.decline("constant_fold", node.name, reason)
-                continue
-            with gm.graph.inserting_before(node):
-                new = ir.const_node(gm.graph, gm, value.detach().clone(), node.name)
-            ir.replace(node, new, "cleanup")
-        else:
-            for user in list(node.users):
-                user.args, user.kwargs = fx.map_arg((user.args, user.kwargs), lambda a, n=node, v=value: v if a is n else a)
+        if isinstance(value, torch.Tensor) and (reason := _growth(node, value, const)):
+            stats.decline("constant_fold", node.name, reason)
+            continue
+        _fold(gm, node, value)
         stats.match("constant_fold")
         changed = True
     if changed:
@@ -99,7 +128,7 @@ def fold_constants(program, stats) -> bool:
     return changed
 
 
-def _growth(node: fx.Node, value: torch.Tensor, const: dict, readers) -> str | None:
+def _growth(node: fx.Node, value: torch.Tensor, const: dict) -> str | None:
     """Why folding ``node`` would make the model larger, or None."""
     if value.numel() <= _FOLD_LIMIT:
         return None
@@ -122,6 +151,18 @@ def _growth(node: fx.Node, value: torch.Tensor, const: dict, readers) -> str | N
     return None
 
 
+def drop_metadata_asserts(gm: fx.GraphModule, stats) -> bool:
+    """Remove export's dtype/device asserts: on a static, verified graph they always hold.
+
+    Its own walk: an assert computes nothing, so the op view does not classify it and the rule
+    driver, which visits classified ops, never sees it."""
+    asserts = [n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        gm.graph.erase_node(node)
+        stats.match("metadata_assert")
+    return bool(asserts)
+
+
 @register
 class Cleanup:
     name = "cleanup"
@@ -130,17 +171,13 @@ class Cleanup:
     options = ()
 
     def run(self, program, ctx) -> bool:
-        changed = apply_rules(program.gm, [RemoveNoop("remove_noop")], ctx, ctx.stats)
+        gm = program.gm
+        changed = apply_rules(gm, [RemoveNoop("remove_noop")], ctx, ctx.stats)
         changed |= fold_constants(program, ctx.stats)
-        for node in list(program.gm.graph.nodes):
-            # export's dtype/device asserts on a static, verified graph always hold
-            if node.target is torch.ops.aten._assert_tensor_metadata.default:
-                program.gm.graph.erase_node(node)
-                ctx.stats.match("metadata_assert")
-                changed = True
-        for _ in range(ir.eliminate_dead_code(program.gm)):
+        changed |= drop_metadata_asserts(gm, ctx.stats)
+        for _ in range(ir.eliminate_dead_code(gm)):
             ctx.stats.match("dead_code")
             changed = True
         if changed:
-            program.gm.recompile()
+            gm.recompile()
         return changed
