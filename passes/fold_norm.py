@@ -92,6 +92,41 @@ def _bn_statistics_reason(bn: Op) -> str | None:
     return None
 
 
+def _producer_reason(p: Op) -> str | None:
+    """Why the conv or linear ``p`` cannot take a fold: other readers of its output or its weight, a
+    computed or non-float weight."""
+    if len(ir.value_users(p.node)) > 1:
+        return f"producer '{p.node.name}' has {len(ir.value_users(p.node))} users: folding would change what the others see"
+    w = p.const("weight")
+    if w is None or "bias" not in p.consts:
+        return f"{p.kind} weight or bias is computed, not a constant"
+    if not w.is_floating_point():
+        return f"{p.kind} weight is {w.dtype}, not floating point"
+    if ir.is_shared(p.node.graph.owning_module, w, p.node):
+        return f"{p.kind} weight is shared with another op (tied): folding would duplicate it"
+    return None
+
+
+def _channels_reason(p: Op, channels: int) -> str | None:
+    """Why the BN's ``channels`` are not the output channels of ``p`` (or its weights cannot be rebuilt)."""
+    w = p.const("weight")
+    if p.kind == "linear":
+        out_shape = ir.shape(p.node)
+        if out_shape is None or len(out_shape) != 2:
+            return "BatchNorm normalizes dim 1 but the linear's features are its last dim (input rank ≠ 2)"
+        if w.shape[0] != channels:
+            return f"channel count differs ({w.shape[0]} vs {channels})"
+        return None
+    if "output_size" in p.attrs:
+        return "transposed conv called with output_size"
+    if p.attrs.get("padding") is None and p.attrs.get("padding_str") is None:
+        return "convolution padding is not expressible"
+    out_ch = w.shape[1] * p.attrs["groups"] if p.attrs.get("transposed") else w.shape[0]
+    if out_ch != channels:
+        return f"channel count differs ({out_ch} vs {channels})"
+    return None
+
+
 @dataclass
 class BnMatch:
     bn: Op
@@ -108,35 +143,8 @@ class BnIntoProducer(Rule):
         return BnMatch(op, producer)
 
     def guard(self, m: BnMatch, ctx: Any) -> str | None:
-        bn, p = m.bn, m.producer
-        if reason := _bn_statistics_reason(bn):
-            return reason
-        if len(ir.value_users(p.node)) > 1:
-            return f"producer '{p.node.name}' has {len(ir.value_users(p.node))} users: folding would change what the others see"
-        w = p.const("weight")
-        if w is None or "bias" not in p.consts:
-            return f"{p.kind} weight or bias is computed, not a constant"
-        if not w.is_floating_point():
-            return f"{p.kind} weight is {w.dtype}, not floating point"
-        gm = p.node.graph.owning_module
-        if ir.is_shared(gm, w, p.node):
-            return f"{p.kind} weight is shared with another op (tied): folding would duplicate it"
-        channels = bn.const("running_mean").numel()
-        if p.kind == "linear":
-            out_shape = ir.shape(p.node)
-            if out_shape is None or len(out_shape) != 2:
-                return "BatchNorm normalizes dim 1 but the linear's features are its last dim (input rank ≠ 2)"
-            if w.shape[0] != channels:
-                return f"channel count differs ({w.shape[0]} vs {channels})"
-            return None
-        if "output_size" in p.attrs:
-            return "transposed conv called with output_size"
-        if p.attrs.get("padding") is None and p.attrs.get("padding_str") is None:
-            return "convolution padding is not expressible"
-        out_ch = w.shape[1] * p.attrs["groups"] if p.attrs.get("transposed") else w.shape[0]
-        if out_ch != channels:
-            return f"channel count differs ({out_ch} vs {channels})"
-        return None
+        return (_bn_statistics_reason(m.bn) or _producer_reason(m.producer)
+                or _channels_reason(m.producer, m.bn.const("running_mean").numel()))
 
     def apply(self, m: BnMatch, ctx: Any) -> None:
         bn, p = m.bn, m.producer
