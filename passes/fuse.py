@@ -314,38 +314,12 @@ class AttentionToSdpa(Rule):
         return Attention(op, probs, scores, _scaled_operand(qk.x, gm), _scaled_operand(qk.other, gm))
 
     def guard(self, m: Attention, ctx: Any):
-        return m.reason or self._why_not(m, _gm(m.out))
-
-    @staticmethod
-    def _why_not(m: Attention, gm: fx.GraphModule) -> str | None:
-        s, probs = m.scores, m.probs
-        for n in (probs.node, *s.chain, s.qk):
-            if len(ir.value_users(n)) > 1:
-                return f"intermediate '{n.name}' is also used elsewhere"
-        rank = len(ir.shape(probs.node) or ())
-        dim = probs.attrs.get("dim")
-        if rank == 0 or dim is None or dim not in (-1, rank - 1):
-            return f"softmax over dim {dim}, not the last"
-        if probs.attrs.get("dtype") not in (None, ir.dtype(probs.x)) or probs.attrs.get("half_to_float"):
-            return "softmax changes dtype"
-        qk = view(s.qk, gm)
-        q, kt, v = qk.x, qk.other, m.out.other
-        qs, ks, vs = ir.shape(q), ir.shape(kt), ir.shape(v)
-        if qs is None or ks is None or vs is None or min(len(qs), len(ks), len(vs)) < 3:
-            return "Q, K, V need batch dimensions (rank ≥ 3)"
-        if not (qs[:-2] == ks[:-2] == vs[:-2]):
-            return f"batch dimensions differ: Q{qs} Kᵀ{ks} V{vs}"
-        if ks[-2] != qs[-1] or vs[-2] != ks[-1]:
-            return "shapes are not Q·Kᵀ·V"
-        dt = ir.dtype(q)
-        if dt not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return f"dtype {dt}"
-        for n in s.chain:
-            if ir.shape(n) != ir.shape(s.qk) or ir.dtype(n) != ir.dtype(s.qk):
-                return f"'{n.name}' turns the {ir.dtype(s.qk)} scores {ir.shape(s.qk)} into {ir.dtype(n)} {ir.shape(n)}"
-        if any(isinstance(v, float) and v == 0 and p == -1 for v, p in s.scale + m.q.scale + m.k.scale):
-            return "the scores are divided by zero"
-        return _mask_reason(s, dt)
+        if m.reason:
+            return m.reason
+        gm = _gm(m.out)
+        qk = view(m.scores.qk, gm)
+        return (_reuse_reason(m) or _softmax_reason(m.probs) or _operands_reason(qk.x, qk.other, m.out.other)
+                or _scores_reason(m) or _mask_reason(m.scores, ir.dtype(qk.x)))
 
     def apply(self, m: Attention, ctx: Any):
         graph, gm = m.out.node.graph, _gm(m.out)
@@ -357,6 +331,49 @@ class AttentionToSdpa(Rule):
             new = emit.sdpa(graph, qk.x, _untransposed(qk.other, gm), m.out.other, _sdpa_mask(m.scores, gm), scale)
         absorbed = [n for n, _ in m.q.scalers + m.k.scalers]
         ir.replace(m.out.node, new, "fuse", [m.out.node, m.probs.node, *m.scores.chain, m.scores.qk, *absorbed])
+
+
+def _reuse_reason(m: Attention) -> str | None:
+    for n in (m.probs.node, *m.scores.chain, m.scores.qk):
+        if len(ir.value_users(n)) > 1:
+            return f"intermediate '{n.name}' is also used elsewhere"
+    return None
+
+
+def _softmax_reason(probs: Op) -> str | None:
+    rank = len(ir.shape(probs.node) or ())
+    dim = probs.attrs.get("dim")
+    if rank == 0 or dim is None or dim not in (-1, rank - 1):
+        return f"softmax over dim {dim}, not the last"
+    if probs.attrs.get("dtype") not in (None, ir.dtype(probs.x)) or probs.attrs.get("half_to_float"):
+        return "softmax changes dtype"
+    return None
+
+
+def _operands_reason(q: fx.Node, kt: fx.Node, v: Any) -> str | None:
+    """Why Q, Kᵀ and V are not what SDPA takes (batched, same batch dims, a float dtype)."""
+    qs, ks, vs = ir.shape(q), ir.shape(kt), ir.shape(v)
+    if qs is None or ks is None or vs is None or min(len(qs), len(ks), len(vs)) < 3:
+        return "Q, K, V need batch dimensions (rank ≥ 3)"
+    if not (qs[:-2] == ks[:-2] == vs[:-2]):
+        return f"batch dimensions differ: Q{qs} Kᵀ{ks} V{vs}"
+    if ks[-2] != qs[-1] or vs[-2] != ks[-1]:
+        return "shapes are not Q·Kᵀ·V"
+    dt = ir.dtype(q)
+    if dt not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return f"dtype {dt}"
+    return None
+
+
+def _scores_reason(m: Attention) -> str | None:
+    """Why the ops from Q·Kᵀ to softmax are not a scale (and mask) of the scores."""
+    s = m.scores
+    for n in s.chain:
+        if ir.shape(n) != ir.shape(s.qk) or ir.dtype(n) != ir.dtype(s.qk):
+            return f"'{n.name}' turns the {ir.dtype(s.qk)} scores {ir.shape(s.qk)} into {ir.dtype(n)} {ir.shape(n)}"
+    if any(isinstance(v, float) and v == 0 and p == -1 for v, p in s.scale + m.q.scale + m.k.scale):
+        return "the scores are divided by zero"
+    return None
 
 
 def _mask_reason(s: Scores, dt: torch.dtype) -> str | None:
