@@ -34,16 +34,22 @@ Edges: the template lets a block overhang the extent (``MC < 2*M``); the packing
 with zeros to whole blocks (``Mp = ceil(M/MC)*MC``, likewise N and K), so the GEMM loops never need
 a predicate and only the write-back clips to the real extent. Padding costs work the cost model
 charges (``Mp*Np*Kp`` against ``M*N*K``).
+
+The expressions this shares with the CUDA generator (epilogue, elementwise functions, zero padding)
+are in :mod:`.tir_expr`; the TIR pipeline :func:`compile_module` runs, with the GEMM's dynamic macro
+tiles, is in :mod:`.dynamic_tiles`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from optic.autotune.operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
 from optic.tvm_compat import require_tvm
+
+from .dynamic_tiles import TIR_PIPELINE, mark_dynamic, register_pipeline
+from .tir_expr import elementwise_value, epilogue, padded
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "TIR_PIPELINE", "build", "compile_module"]
 
@@ -61,136 +67,15 @@ def build(operator: Operator, config: Mapping[str, int]) -> Any:
     return BUILDERS[operator.op](operator, dict(config))
 
 
-# -- dynamic macro tiles ---------------------------------------------------------------------------------
-#
-# TVM's parallel loop hands each thread a fixed share of the iterations, so the slowest core sets the
-# time. On a shared machine cores do not run at one speed: on this 2-vCPU VM one of them runs at ~60 %
-# for seconds at a time. The GEMM's macro-tile loop is therefore marked (``pragma_optic_dynamic``) and,
-# after TVM's lowering, rewritten so that each of PARALLEL threads takes the next tile from a shared
-# atomic counter until none is left: a fast core takes more tiles. (Measured, 512^3 on 2 threads,
-# alternated in one process: 5-10 % faster than the static split in three runs of four, equal in the
-# fourth.) TVM's LLVM back end has no atomic builtin on CPUs, so the counter's fetch-and-add is a
-# three-line LLVM IR function linked into the module (``pragma_import_llvm``).
-
-TIR_PIPELINE = "optic_cpu"  # TVM's default TIR pipeline, then the dynamic-tile rewrite
-_DYNAMIC = "pragma_optic_dynamic"
-_NEXT_TILE = "optic_next_tile"
-_NEXT_TILE_LL = f"""
-define i32 @{_NEXT_TILE}(ptr %counter) {{
-entry:
-  %tile = atomicrmw add ptr %counter, i32 1 seq_cst
-  ret i32 %tile
-}}
-"""
-
-
-def _mark_dynamic(s: Any, loop: Any, threads: int) -> None:
-    s.annotate(loop, _DYNAMIC, threads)
-    s.annotate(loop, "pragma_import_llvm", _NEXT_TILE_LL)
-
-
-def _dynamic_tiles(tirx: Any, loop: Any, threads: int) -> Any:
-    """``for t in parallel(min, min + T): body(t)`` becomes ``threads`` parallel workers that each take
-    the next tile from a counter (set to ``min`` on every call) until it passes ``min + T``."""
-    counter = tirx.decl_buffer((1,), "int32", name="tile_counter")
-    tile = tirx.decl_buffer((1,), "int32", name="tile")
-    fetch = tirx.call_extern("int32", _NEXT_TILE, counter.data)
-    current = tirx.BufferLoad(tile, [0])
-    # The tile's body stays under a one-iteration loop over the tile's own variable: its buffers'
-    # allocation and release keep their scope (a bare binding let them escape the while loop).
-    work = tirx.SeqStmt([tirx.For(loop.loop_var, current, 1, tirx.ForKind.SERIAL, loop.body),
-                         tirx.BufferStore(tile, fetch, [0])])
-    worker = tirx.SeqStmt([tirx.AllocBuffer(tile), tirx.BufferStore(tile, fetch, [0]),
-                           tirx.While(current < loop.min + loop.extent, work)])
-    workers = tirx.For(tirx.Var("worker", "int32"), 0, threads, tirx.ForKind.PARALLEL, worker)
-    first = tirx.Cast("int32", loop.min)  # 0 after TVM's loop canonicalisation, but not assumed
-    return tirx.SeqStmt([tirx.AllocBuffer(counter), tirx.BufferStore(counter, first, [0]), workers])
-
-
-def _rewrite_dynamic(tirx: Any, stmt: Any) -> Any:
-    """``stmt`` with every marked parallel loop made dynamic (the lowered function's statement tree;
-    TVM exposes no statement mutator to Python, so the few node kinds that hold bodies are walked)."""
-    if isinstance(stmt, tirx.AttrStmt):
-        if stmt.attr_key == _DYNAMIC and isinstance(stmt.body, tirx.For) \
-                and stmt.body.kind == tirx.ForKind.PARALLEL:
-            return _dynamic_tiles(tirx, stmt.body, int(stmt.value))
-        body = _rewrite_dynamic(tirx, stmt.body)
-        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
-    if isinstance(stmt, tirx.SeqStmt):
-        seq = [_rewrite_dynamic(tirx, x) for x in stmt.seq]
-        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq, strict=True)) else tirx.SeqStmt(seq)
-    if isinstance(stmt, tirx.For):
-        body = _rewrite_dynamic(tirx, stmt.body)
-        return stmt if body.same_as(stmt.body) else tirx.For(
-            stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
-    if isinstance(stmt, tirx.IfThenElse):
-        then = _rewrite_dynamic(tirx, stmt.then_case)
-        other = None if stmt.else_case is None else _rewrite_dynamic(tirx, stmt.else_case)
-        if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
-            return stmt
-        return tirx.IfThenElse(stmt.condition, then, other)
-    return stmt
-
-
-def _register_pipeline(tvm: Any) -> None:
-    from tvm.tirx import compilation_pipeline as pipelines
-
-    if TIR_PIPELINE in pipelines.PIPELINE_MAP:
-        return
-    tirx = tvm.tirx
-
-    @tirx.transform.prim_func_pass(opt_level=0, name="optic.DynamicTiles")
-    def dynamic_tiles(func: Any, mod: Any, ctx: Any) -> Any:
-        body = _rewrite_dynamic(tirx, func.body)
-        return func if body.same_as(func.body) else func.with_body(body)
-
-    def factory() -> tuple[Any, Any, Any]:
-        base, finalize_host, finalize_device = pipelines.get_tir_pipeline("s_tir")
-        return tvm.transform.Sequential([base, dynamic_tiles]), finalize_host, finalize_device
-
-    pipelines.PIPELINE_MAP[TIR_PIPELINE] = factory
-
-
 def compile_module(mod: Any, target: Any) -> Any:
     """``tvm.compile`` of a module from :func:`build` (or any TIR module) for a CPU ``target``, with
-    the dynamic macro tiles."""
+    the dynamic macro tiles (:mod:`.dynamic_tiles`)."""
     tvm = require_tvm()
-    _register_pipeline(tvm)
+    register_pipeline(tvm)
     return tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE)
 
 
 # -- GEMM ------------------------------------------------------------------------------------------------
-
-
-def _guard(tvm: Any, conds: list[Any], value: Any) -> Any:
-    """``value`` where every condition holds, else 0 (padding); no select when there is no condition."""
-    conds = [c for c in conds if c is not None]
-    if not conds:
-        return value
-    return tvm.tirx.if_then_else(tvm.tirx.all(*conds) if len(conds) > 1 else conds[0], value,
-                                 tvm.tirx.const(0, "float32"))
-
-
-def _epilogue(tvm: Any, value: Any, epilogue: tuple[str, ...], bias: Any, residual: Any) -> Any:
-    """The fused epilogue applied to one output element. ``bias``/``residual``: that element's operand."""
-    for e in epilogue:
-        if e == "bias":
-            value = value + bias
-        elif e == "residual":
-            value = value + residual
-        elif e == "relu":
-            value = tvm.tirx.max(value, tvm.tirx.const(0, "float32"))
-        elif e == "gelu":
-            value = 0.5 * value * (1.0 + tvm.tirx.erf(value * (1.0 / math.sqrt(2.0))))
-        elif e == "silu":
-            value = value * tvm.tirx.sigmoid(value)
-        elif e == "tanh":
-            value = tvm.tirx.tanh(value)
-        elif e == "sigmoid":
-            value = tvm.tirx.sigmoid(value)
-        else:  # the Operator validated the names against the templates' EPILOGUES
-            raise AssertionError(f"epilogue {e} has no code")
-    return value
 
 
 def _gemm_te(tvm: Any, rows: tuple[int, ...], Np: int, Kp: int, NR: int,
@@ -263,7 +148,7 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
         s.reverse_compute_at(wb, outer)
     if PARALLEL > 1:
         s.parallel(outer)
-        _mark_dynamic(s, outer, PARALLEL)
+        mark_dynamic(s, outer, PARALLEL)
     # B is packed where it is used: the KC x NC panel of each k block, by the thread that owns the
     # tile, while it is hot in L2 (a separate pass over all of B measured up to 20% slower on wide
     # GEMMs). A row of macro tiles packs it again: the cost model charges Mp/MC packings.
@@ -335,10 +220,10 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
     in_k = (lambda k: k < K) if Kp != K else (lambda k: None)
 
     def a_value(i: Any, k: Any) -> Any:
-        return _guard(tvm, [in_m(i), in_k(k)], A[i, k])
+        return padded(tvm, [in_m(i), in_k(k)], A[i, k])
 
     def b_value(k: Any, j: Any) -> Any:
-        return _guard(tvm, [in_n(j), in_k(k)], B[k, j] if o["b_layout"] == "kn" else B[j, k])
+        return padded(tvm, [in_n(j), in_k(k)], B[k, j] if o["b_layout"] == "kn" else B[j, k])
 
     direct = (Mp, Np) == (M, N) and not epi  # nothing to clip or apply: accumulate in C itself
     Cp = _gemm_te(tvm, (Mp,), Np, Kp, NR, a_value, b_value, pack_a=(Mp, Kp) != (M, K),
@@ -346,7 +231,7 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
     bias = te.placeholder((N,), name="bias") if "bias" in epi else None
     residual = te.placeholder((M, N), name="residual") if "residual" in epi else None
     extra = [t for t in (bias, residual) if t is not None]
-    C = Cp if direct else te.compute((M, N), lambda i, j: _epilogue(
+    C = Cp if direct else te.compute((M, N), lambda i, j: epilogue(
         tvm, Cp[i, j], epi, bias[j] if bias is not None else None,
         residual[i, j] if residual is not None else None), name="C")
     func = te.create_prim_func([A, B, *extra, C])
@@ -385,11 +270,11 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
         conds = [oh < oh_ if OHp != oh_ else None, k < Kdim if Kp != Kdim else None]
         if pad:
             conds += [h >= 0, h < h_, w >= 0, w < w_]
-        return _guard(tvm, conds, X[n, h, w, c] if nhwc else X[n, c, h, w])
+        return padded(tvm, conds, X[n, h, w, c] if nhwc else X[n, c, h, w])
 
     def b_value(k: Any, f: Any) -> Any:
         c, r, s = split_k(k)
-        return _guard(tvm, [f < f_ if Np != f_ else None, k < Kdim if Kp != Kdim else None], Wt[f, c, r, s])
+        return padded(tvm, [f < f_ if Np != f_ else None, k < Kdim if Kp != Kdim else None], Wt[f, c, r, s])
 
     # NHWC without padding to clip or an epilogue: the product is the output, accumulated in place.
     direct = nhwc and (OHp, Np) == (oh_, f_) and not epi
@@ -399,7 +284,7 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
     extra = [t for t in (bias, residual) if t is not None]
 
     def out(n: Any, f: Any, oh: Any, ow: Any, idx: tuple[Any, ...]) -> Any:
-        return _epilogue(tvm, Cp[n, oh, ow, f], epi, bias[f] if bias is not None else None,
+        return epilogue(tvm, Cp[n, oh, ow, f], epi, bias[f] if bias is not None else None,
                          residual[idx] if residual is not None else None)
 
     if direct:
@@ -420,23 +305,6 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
 # -- memory-bound kernels --------------------------------------------------------------------------------
 
 
-def _elementwise_expr(tvm: Any, fn: str, values: list[Any]) -> Any:
-    zero = tvm.tirx.const(0, "float32")
-    unary = {
-        "relu": lambda x: tvm.tirx.max(x, zero), "sigmoid": tvm.tirx.sigmoid, "tanh": tvm.tirx.tanh,
-        "exp": tvm.tirx.exp, "neg": lambda x: zero - x, "silu": lambda x: x * tvm.tirx.sigmoid(x),
-        "gelu": lambda x: 0.5 * x * (1.0 + tvm.tirx.erf(x * (1.0 / math.sqrt(2.0)))),
-    }  # fmt: skip
-    binary = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-              "maximum": tvm.tirx.max}
-    if fn in unary:
-        return unary[fn](values[0])
-    out = values[0]
-    for v in values[1:]:
-        out = binary[fn](out, v)
-    return out
-
-
 def elementwise(operator: Operator, cfg: dict[str, int]) -> Any:
     """``out[i] = fn(x0[i], x1[i], ...)``: tasks of CHUNK elements over PARALLEL threads, VEC lanes a step.
     The last task may be partial (the template allows CHUNK to overhang): its steps are predicated."""
@@ -446,7 +314,7 @@ def elementwise(operator: Operator, cfg: dict[str, int]) -> Any:
     o = operator.opts
     assert ELEMENTWISE_FNS[o["fn"]][0] in (1, 2)
     xs = [te.placeholder((numel,), name=f"x{i}") for i in range(o["inputs"])]
-    C = te.compute((numel,), lambda i: _elementwise_expr(tvm, o["fn"], [x[i] for x in xs]), name="C")
+    C = te.compute((numel,), lambda i: elementwise_value(tvm, o["fn"], [x[i] for x in xs]), name="C")
     s = tvm.s_tir.Schedule(te.create_prim_func([*xs, C]))
     (i,) = s.get_loops(s.get_sblock("C"))
     VEC, CHUNK = cfg["VEC"], cfg["CHUNK"]

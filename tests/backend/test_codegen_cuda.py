@@ -11,9 +11,11 @@ the allocation at compile time).
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 from hypothesis import given
@@ -27,6 +29,7 @@ from optic.autotune import solve  # noqa: E402
 from optic.autotune.operator import Operator  # noqa: E402
 from optic.autotune.space import SpaceError  # noqa: E402
 from optic.backend import codegen_cuda as cc  # noqa: E402
+from optic.backend import cuda_config, cuda_schedules, cuda_toolchain  # noqa: E402
 from optic.errors import OpticError  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -169,7 +172,7 @@ def test_an_arch_nvcc_does_not_know_is_reported_not_raised():
 
 
 def test_without_nvcc_the_source_is_generated_but_not_compiled(monkeypatch):
-    monkeypatch.setattr(cc.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cuda_toolchain.shutil, "which", lambda name: None)
     op = Operator("reduction", (32, 128), kind="softmax")
     result = cc.compile_cuda(op, {"TPR": 32, "RPB": 2, "VEC": 4}, "a100")
     assert not result.compiled and result.within_limits is None
@@ -206,7 +209,7 @@ ptxas info    : Function properties for other_kernel
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 12 registers, used 0 barriers, 388 bytes cmem[0]
 """
-    first, second = cc.parse_ptxas(text)
+    first, second = cuda_toolchain.parse_ptxas(text)
     assert (first.name, first.registers, first.static_smem, first.spill_stores, first.spill_loads) == \
         ("main_kernel", 96, 2048, 8, 12)
     assert (second.name, second.registers, second.static_smem) == ("other_kernel", 12, 0)
@@ -229,3 +232,90 @@ def test_bad_targets_and_operators_are_optic_errors():
         cc.gpu_space(op, "a100", dtype="int8")
     with pytest.raises(OpticError, match="no CUDA code generator for conv2d"):
         cc.build(Operator("conv2d", (1, 8, 8, 8, 8, 3, 3)), {})
+
+
+def test_every_operator_with_a_schedule_has_a_space_and_back():
+    """The configuration's table and the schedules' table name the same operators: a schedule without a
+    space could never be configured, a space without a schedule never built."""
+    assert set(cuda_config.SPACES) == set(cuda_schedules.BUILDERS) == {"matmul", "elementwise", "reduction"}
+
+
+def test_padding_zero_has_the_element_type_of_the_value():
+    """The shared padding expression selects a zero of the value's own type (fp16 tiles stay fp16)."""
+    tvm = pytest.importorskip("tvm")
+    from optic.backend.tir_expr import padded
+
+    i = tvm.tirx.Var("i", "int32")
+    x = tvm.te.placeholder((8,), "float16", name="A")[i]
+    assert padded(tvm, [None, None], x) is x  # no condition: no select
+    sel = padded(tvm, [i < 4, None], x)
+    assert sel.op.name.endswith("if_then_else") and str(sel.args[2]) == "T.float16(0.0)"
+    both = padded(tvm, [i < 4, i >= 0], x)
+    assert type(both.args[0]).__name__ == "And"
+
+
+# -- the toolchain, with a stand-in nvcc (no CUDA needed) ---------------------------------------------------
+
+_PTXAS_300_REGS = """ptxas info    : Compiling entry function 'main_kernel' for 'sm_80'
+ptxas info    : Function properties for main_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 300 registers, used 0 barriers, 1024 bytes smem, 388 bytes cmem[0]
+"""
+
+
+def _stand_in_nvcc(tmp_path, monkeypatch, body: str):
+    """A shell script named ``nvcc`` first on PATH, running ``body``; returns the file it logs its arguments to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "nvcc_args.txt"
+    script = bin_dir / "nvcc"
+    script.write_text(f'#!/bin/sh\necho "$@" > "{log}"\n{body}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_what_ptxas_reports_is_read_back_and_checked_against_the_target(tmp_path, monkeypatch):
+    log = _stand_in_nvcc(tmp_path, monkeypatch, f"cat >&2 <<'END'\n{_PTXAS_300_REGS}END")
+    op = Operator("elementwise", (1024,), fn="relu")
+    result = cc.compile_cuda(op, {"THREADS": 128, "EPT": 4, "VEC": 4}, "a100")
+    args = log.read_text().split()
+    assert args[:5] == ["-cubin", "-arch=sm_80", "-Xptxas", "-v", "-o"] and args[-1].endswith("_sm_80.cu")
+    assert result.compiled and result.kernels == [cuda_toolchain.PtxasKernel("main_kernel", 300, 1024)]
+    assert result.registers == 300 and result.smem == 1024 and result.threads == 128
+    assert result.within_limits is False
+    assert result.violations == [f"main_kernel: 300 registers per thread > {targets.get('a100').regs_per_thread}"]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("echo 'k.cu(3): warning: unused' >&2; echo 'k.cu(7): error: identifier \"q\" is undefined' >&2; exit 2",
+     'nvcc failed for sm_90: k.cu(7): error: identifier "q" is undefined'),
+    ("exit 0", "nvcc succeeded but ptxas reported no kernel"),
+    ("exec sleep 30", "nvcc took over 0.5 s for sm_90; not compiled"),
+], ids=["error", "silent", "hangs"])
+def test_an_nvcc_that_fails_says_nothing_or_hangs_is_a_reason_not_an_exception(tmp_path, monkeypatch, body, reason):
+    _stand_in_nvcc(tmp_path, monkeypatch, body)
+    monkeypatch.setattr(cuda_toolchain, "NVCC_TIMEOUT_S", 0.5)
+    start = time.perf_counter()
+    built = cuda_toolchain.compile_cubin("__global__ void k() {}", "sm_90")
+    assert (built.reason, built.kernels) == (reason, [])
+    assert time.perf_counter() - start < 10 and built.seconds < 10
+    op = Operator("elementwise", (1024,), fn="relu")
+    result = cc.compile_cuda(op, {"THREADS": 128, "EPT": 4, "VEC": 4}, "h100")
+    assert not result.compiled and result.within_limits is None and result.reason == reason
+
+
+def test_the_source_is_kept_in_a_given_directory_only(tmp_path, monkeypatch):
+    _stand_in_nvcc(tmp_path, monkeypatch, f"cat >&2 <<'END'\n{_PTXAS_300_REGS}END")
+    kept = cuda_toolchain.compile_cubin("// the source", "sm_80", "matmul 64x64x64 + bias", workdir=tmp_path / "w")
+    assert kept.cu_path == str(tmp_path / "w" / "matmul_64x64x64_bias_sm_80.cu")
+    assert (tmp_path / "w" / "matmul_64x64x64_bias_sm_80.cu").read_text() == "// the source"
+    assert cuda_toolchain.compile_cubin("// the source", "sm_80").cu_path is None
+
+
+def test_nvcc_version_is_its_release_line(tmp_path, monkeypatch):
+    _stand_in_nvcc(tmp_path, monkeypatch, "echo 'nvcc: NVIDIA (R) Cuda compiler driver'; "
+                                          "echo 'Cuda compilation tools, release 12.4, V12.4.131'")
+    assert cuda_toolchain.nvcc_version() == "release 12.4, V12.4.131"
+    monkeypatch.setattr(cuda_toolchain.shutil, "which", lambda name: None)
+    assert cuda_toolchain.nvcc_version() is None
