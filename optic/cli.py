@@ -6,7 +6,8 @@
     optic optimize examples/resnet_bn.py:build --target cpu [--json] [-o resnet.pt2]
     optic targets [--json]
     optic passes [--json]
-    optic bench [--models resnet18,hf_bert] [--systems eager,optic,compile] [--batch 1,8]   # from a checkout
+    optic bench [--models resnet18,hf_bert] [--systems eager,optic,compile] [--batch 1,8]   # in a checkout:
+                                                                    # python -m benchmarks
     optic kernel matmul 512x512x512 --target cpu --trials 32 [--json] [--db PATH]   # tune one operator
     optic db [--db PATH] [--json]                                   # what the tuning database holds
 
@@ -26,31 +27,41 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from .errors import OpticError
 
 EXIT_ERROR = 2
+COMMANDS = "optic.commands"  # entry point group: commands other distributions add (optic bench looks there)
 PROGRESS_HELP = ("progress lines on stderr where it is not a terminal (on a terminal: bars; OPTIC_PROGRESS=0 or 1 "
                  "turns them off or on)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own arguments
+        return _run(cmd_bench, argv[1:])
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
                         format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
+    return _run(args.func, args)
+
+
+def _run(command: Any, args: Any) -> int:
+    """``command(args)``'s exit status; an error optic expects is one line on stderr and status 2."""
     try:
-        return args.func(args)
+        return command(args)
     except OpticError as e:
         print(f"optic: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -136,37 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="as JSON")
     ps.set_defaults(func=cmd_passes)
 
-    bench = sub.add_parser("bench", help="time optic against eager, torch.compile, ONNX Runtime and TVM on the zoo",
-                           description="Benchmark systems on the model zoo (benchmarks/zoo/): preparation time, "
-                                       "max error vs eager and steady-state latency, all systems alternated in "
-                                       "blocks over several rounds; a failing system is reported, never ends the "
-                                       "run. Writes bench.json, bench.md and bench.png. Needs a checkout of the "
-                                       "optic repository and pip install -e '.[bench]'.")
-    bench.add_argument("--models", metavar="A,B", help="zoo entries (default: every entry usable here)")
-    bench.add_argument("--systems", metavar="A,B", default="eager,optic,optic-tvm,compile,ort,tvm-default",
-                       help="systems to compare (default: %(default)s; also fx-ofi: torch.fx's "
-                            "optimize_for_inference), or package.module:ATTR naming a benchmarks.systems.System "
-                            "of your own; eager is always included")
-    bench.add_argument("--batch", metavar="1,8", default="1,8", help="batch sizes (default: %(default)s)")
-    bench.add_argument("--target", default="cpu", help="where to measure: only cpu, this machine (default)")
-    bench.add_argument("--rounds", type=int, default=20, metavar="N",
-                       help="alternation rounds per timing, at least (default: %(default)s)")
-    bench.add_argument("--warmup", type=float, metavar="S",
-                       help="seconds every system runs, alternated with the others, before timing (default: 2; "
-                            "a fresh process's first seconds run up to 10x slower on these machines)")
-    bench.add_argument("--threads", type=int, metavar="N",
-                       help="threads for every system (default: $OMP_NUM_THREADS if set, else all cores here)")
-    bench.add_argument("--out", metavar="DIR", help="folder for the results (default: benchmarks/results)")
-    bench.add_argument("--readme", metavar="README.md",
-                       help="also replace the <!-- bench:begin -->…<!-- bench:end --> block of this file")
-    bench.add_argument("--in-process", action="store_true",
-                       help="run every model in this process (default: one child process per model and batch, "
-                            "so that a crash costs one system, not the run)")
-    bench.add_argument("--timeout", type=float, default=1800, metavar="S",
-                       help="seconds per model and batch before the system in progress is given up "
-                            "(default: %(default)s)")
-    bench.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
-    bench.set_defaults(func=cmd_bench)
+    # the benchmark parses its own arguments (main() hands them over before this parser sees them); listed
+    # here for `optic --help`
+    bench = sub.add_parser("bench", add_help=False,
+                           help="time optic against eager, torch.compile, ONNX Runtime and TVM on the zoo "
+                                "(from a checkout; optic bench --help)")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: cmd_bench(args.arguments))
 
     kern = sub.add_parser("kernel", help="tune one operator on its own and print the chosen configuration",
                           description="Tune one operator (a template's kernel) for --target: solve the template's "
@@ -207,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     tdb.add_argument("--json", action="store_true", help="as JSON")
     tdb.set_defaults(func=cmd_db)
 
-    for p in (dump, opt, tune, tg, ps, bench, kern, tdb):
+    for p in (dump, opt, tune, tg, ps, kern, tdb):
         p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     return parser
 
@@ -250,32 +237,52 @@ def cmd_dump(args: argparse.Namespace) -> int:
     fmt = args.format or _format_from_path(args.output) or "text"
     if args.each_pass and not args.output:
         raise OpticError("--each-pass writes one file per pass: give a directory with -o DIR.")
+    if args.kernel is not None and (fmt != "tvmscript" or args.each_pass):
+        raise OpticError("--kernel NAME shows one fused kernel of the lowered graph: it goes with --format "
+                         "tvmscript, without --each-pass (kernel names differ from pass to pass).")
     if args.output:
         _check_output(args.output, folder=args.each_pass)
     if fmt == "svg":
         dump.dot_executable()  # fail before any work
     _check_target(args)
     pass_list = registry.resolve(args.passes)
+    upto = _pass_position(pass_list, args.after) if args.after else None
     progress = _Progress(args)
     model, inputs = _load(args, progress)
-    opts = dict(capture=args.capture, disable=args.disable, measure=False if args.no_measure else None)
+
+    def render(step: dump.PassStep) -> str:
+        view = None
+        if fmt == "tvmscript":
+            from .backend.inspect import tvm_view  # TVM loads only when this format is asked for
+
+            view = tvm_view(step.program, args.target, args.kernel)
+        return dump.render(step.program, fmt, step.previous, title=step.title, tvm=view)
 
     if args.each_pass:
         progress.line(f"running {len(pass_list)} passes, writing {fmt} files to {args.output}")
-        paths, _ = dump.dump_each_pass(model, inputs, pass_list, args.output, fmt, args.target,
-                                       on_pass=progress.pass_done, **opts)
+        paths = dump.write_steps(_trace_passes(model, inputs, pass_list, args, progress), args.output, fmt, render)
         print("\n".join(str(p) for p in paths))
         return 0
-    if args.after:
-        upto = _pass_position(pass_list, args.after)
-        steps, _ = dump.trace_passes(model, inputs, pass_list[:upto], args.target, on_pass=progress.pass_done, **opts)
-        step = steps[-1]
-        text = dump.render(step.program, fmt, step.previous, title=step.title, target=args.target, kernel=args.kernel)
+    if upto is not None:
+        step = _trace_passes(model, inputs, pass_list[:upto], args, progress)[-1]
     else:
-        program = capture(model, inputs, method=args.capture)
-        text = dump.render(program, fmt, title="captured graph", target=args.target, kernel=args.kernel)
-    _emit(text, args.output, progress)
+        step = dump.PassStep(0, "capture", capture(model, inputs, method=args.capture), None, None)
+    _emit(render(step), args.output, progress)
     return 0
+
+
+def _trace_passes(model: Any, inputs: Any, pass_list: list[Any], args: argparse.Namespace,
+                  progress: _Progress) -> list[Any]:
+    """Optimize with ``pass_list`` (the same pipeline, checks and roll-backs as ``optic optimize``) and keep
+    the Program after the capture and after every pass (:class:`optic.dump.PassStep`)."""
+    from .api import optimize
+    from .dump import Recorder
+
+    recorder = Recorder()
+    result = optimize(model, inputs, args.target, pass_list, capture=args.capture, disable=args.disable,
+                      measure=False if args.no_measure else None, on_pass=progress.pass_done,
+                      instruments=[recorder])
+    return recorder.steps(captured=result.program)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -395,7 +402,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
         print(json.dumps({"passes": [{"name": p.name, "exact": bool(p.exact), "description": p.description,
                                       "options": [option_json(o) for o in p.options]} for p in rows],
                           "pipeline_options": [option_json(o) for o in registry.PIPELINE_OPTIONS],
-                          "presets": registry.PRESETS}, indent=2))
+                          "presets": registry.PRESETS,
+                          "backend_steps": {b: [dataclasses.asdict(s) for s in steps]
+                                            for b, steps in registry.BACKEND_STEPS.items()}}, indent=2))
         return 0
     width = max(len(p.name) for p in rows) if rows else 4
     print(f"{'pass'.ljust(width)}  {'exact':<5}  description")
@@ -409,6 +418,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
     print("\npresets (--passes):")
     for name, names in registry.PRESETS.items():
         print(f"  {name}: {' → '.join(names) if names else '(no passes)'}")
+    print("\nbackend steps (--backend; added to any pass list):")
+    for backend, steps in registry.BACKEND_STEPS.items():
+        where = [f"{s.name} before {' else before '.join(s.before)}, else last ({'/'.join(s.kinds)} targets)"
+                 for s in steps]
+        print(f"  {backend}: {'; '.join(where) or '(none)'}")
     return 0
 
 
@@ -488,68 +502,28 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    runner = _bench_runner()
-    from benchmarks import render, systems, zoo
+def cmd_bench(argv: list[str]) -> int:
+    """``optic bench ARGS``: the benchmark of the optic repository, ``python -m benchmarks ARGS``.
 
-    if args.target != "cpu":
-        raise OpticError(f"optic bench measures on this machine's CPU; --target {args.target} is not supported "
-                         "(use --target cpu).")
-    known = zoo.names()
-    models = _csv(args.models) or known
-    unknown = [m for m in models if m not in known]
-    if unknown:
-        raise OpticError(f"--models: {', '.join(unknown)} not in the zoo here (known: {', '.join(known)}; the hf_* "
-                         "entries need transformers).")
-    names = _csv(args.systems)
-    bad = [s for s in names if s not in systems.SYSTEMS and ":" not in s]
-    if bad:
-        raise OpticError(f"--systems: unknown {', '.join(bad)}; systems are {', '.join(systems.SYSTEMS)}.")
-    try:
-        batches = [int(b) for b in _csv(args.batch)]
-    except ValueError:
-        raise OpticError(f"--batch {args.batch}: give batch sizes as integers, e.g. 1,8.") from None
-    if not batches or min(batches) < 1 or args.rounds < 1 or (args.threads is not None and args.threads < 1):
-        raise OpticError("--batch, --rounds and --threads take positive integers.")
-    if args.warmup is not None:
-        if not args.warmup >= 0:
-            raise OpticError("--warmup takes a number of seconds >= 0.")
-        os.environ[runner.WARMUP_ENV] = str(args.warmup)  # the rows' child processes inherit it
-    if args.readme:
-        try:
-            render.check_readme(Path(args.readme))
-        except ValueError as e:
-            raise OpticError(f"--readme: {e}") from None
-    progress = _Progress(args)
-    results = runner.run(models, names, batches, args.rounds, args.out or runner.RESULTS, progress.line,
-                         threads=args.threads, isolate=not args.in_process, timeout_s=args.timeout,
-                         readme=args.readme, steps=progress.bars)
-    progress.close()
-    print(render.markdown(results), end="")
-    out = Path(args.out or runner.RESULTS)
-    print(f"optic: wrote {out / 'bench.json'}, {out / 'bench.md'}" + (
-        f", {out / 'bench.png'}" if (out / "bench.png").exists() else " (no chart: pip install matplotlib)"),
-        file=sys.stderr)
-    return 0
-
-
-def _bench_runner() -> Any:
-    """benchmarks.runner from the checkout this optic was installed from (benchmarks/ is not installed)."""
-    root = Path(__file__).resolve().parents[1]
-    if (root / "benchmarks" / "runner.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from benchmarks import runner
-    except ImportError as e:
-        if e.name is not None and not e.name.startswith("benchmarks"):
-            raise OpticError(f"optic bench needs {e.name}: pip install -e '.[bench]' ({e})") from None
-        raise OpticError("run optic bench from a checkout of the optic repository (benchmarks/ is not "
-                         "installed)") from None
-    return runner
-
-
-def _csv(text: str | None) -> list[str]:
-    return [x.strip() for x in (text or "").split(",") if x.strip()]
+    ``benchmarks/`` is a folder of the checkout, not installed with optic, and optic imports nothing of it: a
+    distribution that registers ``bench`` in the entry point group ``optic.commands`` runs in this process;
+    else ``python -m benchmarks`` runs in the current directory when it is the checkout optic is installed
+    from (``pip install -e '.[bench]'``)."""
+    registered = entry_points(group=COMMANDS, name="bench")
+    if registered:
+        return int(next(iter(registered)).load()(argv) or 0)
+    here = Path.cwd()
+    if not (here / "benchmarks" / "__main__.py").is_file():
+        raise OpticError("optic bench runs the benchmarks of a checkout of the optic repository (benchmarks/ is not "
+                         "installed with optic): in the checkout, pip install -e '.[bench]', then run optic bench "
+                         "(or python -m benchmarks) there.")
+    installed = Path(__file__).resolve().parents[1]
+    if installed != here.resolve():
+        raise OpticError(f"optic bench runs the benchmarks of the checkout this optic is installed from "
+                         f"({installed}), not of {here}: run it there, or install this checkout with "
+                         "pip install -e '.[bench]'.")
+    status = subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=here)
+    return status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
 
 
 # -- helpers ----------------------------------------------------------------------------------------------

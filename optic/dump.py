@@ -9,12 +9,14 @@
   erased are drawn as red dashed ghosts (``class="erased"``) with their old edges. Tooltips carry
   the provenance.
 - ``svg``: the DOT drawn by Graphviz's ``dot`` program.
-- ``tvmscript``: the Program lowered to TVM (``optic.lower``) as TVMScript: the Relax module, one
-  function per partition, under a comment header that lists the fused kernels and the ops kept in
-  PyTorch; or, with ``kernel=NAME``, that one fused TIR kernel. Needs TVM (``optic[tvm]``).
+- ``tvmscript``: the Program as TVM sees it (a view from :func:`optic.backend.inspect.tvm_view`): the
+  Relax module, one function per partition, under a comment header that lists the fused kernels and the
+  ops kept in PyTorch; or, for a view of one kernel, that fused TIR kernel and its schedule.
 
-:func:`dump_each_pass` writes ``000_capture.<ext>``, ``001_<pass>.<ext>``, ... one file per pass
-of the pipeline, in order; a DOT or SVG file shows what its pass changed.
+This module only records and renders; it runs nothing. :class:`Recorder` is a pipeline instrument
+(``optimize(..., instruments=[recorder])``) that keeps the Program after every pass, and
+:func:`write_steps` writes ``000_capture.<ext>``, ``001_<pass>.<ext>``, ... one file per step, in order;
+a DOT or SVG file shows what its pass changed.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ from torch.fx.node import _get_qualified_name
 
 from .errors import OpticError
 from .ir.program import Program
-from .pipeline.report import PassRecord, Report
+from .pipeline.report import PassRecord
 
 FORMATS = {"text": "py", "json": "json", "dot": "dot", "svg": "svg", "tvmscript": "py"}
 
 
 def render(program: Program, fmt: str, previous: Program | None = None, title: str | None = None, *,
-           target: Any = "cpu", kernel: str | None = None) -> str:
+           tvm: Any = None) -> str:
     """``program``'s graph in ``fmt`` (text, json, dot, svg, tvmscript); dot/svg mark changes from
-    ``previous``; tvmscript lowers for ``target`` and shows one ``kernel`` when named."""
+    ``previous``; tvmscript renders ``tvm``, the Program's view from :func:`optic.backend.inspect.tvm_view`."""
     if fmt == "tvmscript":
-        return render_tvmscript(program, target, kernel, title)
-    if kernel is not None:
-        raise OpticError("a kernel can be chosen only with the tvmscript format.")
+        if tvm is None:
+            raise OpticError("the tvmscript format renders the Program as TVM lowered it: pass "
+                             "tvm=optic.backend.inspect.tvm_view(program, target).")
+        return render_tvmscript(tvm, title)
     if fmt == "text":
         return render_text(program, title)
     if fmt == "json":
@@ -83,21 +86,18 @@ def _describe_inputs(program: Program) -> str:
 
 
 # -- tvmscript ----------------------------------------------------------------------------------------
-def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None = None,
-                     title: str | None = None) -> str:
-    """The Program lowered to TVM as TVMScript: the Relax module, or one fused kernel."""
-    from .backend.lower import lower  # TVM loads only when this format is asked for
-
-    lowered = lower(program, target)
+def render_tvmscript(view: Any, title: str | None = None) -> str:
+    """A :class:`optic.backend.inspect.TVMView` as TVMScript: the Relax module, or its one fused kernel,
+    unscheduled and then as optic's template schedules it."""
+    lowered = view.lowered
     head = [f"# optic TVMScript dump{': ' + title if title else ''}",
             f"# target {lowered.target}; {len(lowered.partitions)} partition(s) in TVM, "
             f"{len(lowered.fallbacks)} op(s) kept in PyTorch"]
-    if kernel is not None:
-        k = lowered.kernel(kernel)
-        head.append(f"# kernel {k}")
+    if view.kernel is not None:
+        head.append(f"# kernel {view.kernel}")
         head.append("# as TVM fused it (unscheduled loop nest):")
-        text = "\n".join(head) + "\n" + k.script().strip("\n") + "\n"
-        return text + "\n" + scheduled_kernel(k, target)
+        text = "\n".join(head) + "\n" + view.kernel.script().strip("\n") + "\n"
+        return text + "\n" + (view.schedule or "")
 
     head.append("# fused kernels (show one with kernel=NAME):")
     head += [f"#   {k}" for k in lowered.kernels] or ["#   none"]
@@ -106,37 +106,6 @@ def render_tvmscript(program: Program, target: Any = "cpu", kernel: str | None =
         head += [f"#   {f}" for f in lowered.fallbacks]
     head.append("# the Relax module as imported (one function per partition), before fusion:")
     return "\n".join(head) + "\n" + lowered.script().strip("\n") + "\n"
-
-
-def scheduled_kernel(k: Any, target: Any = "cpu") -> str:
-    """The kernel scheduled by optic's template for ``target``: the tuning database's best configuration
-    (else the cost model's choice; nothing is measured), as TVMScript; or why there is none."""
-    from . import targets
-    from .autotune import Operator, tune
-    from .autotune.space import SpaceError
-
-    op = Operator.from_workload(k.workload)
-    if op is None:
-        return "# no optic template covers this kernel: it runs with the schedule above\n"
-    t = targets.get(target)
-    try:
-        if t.kind == "cpu":
-            from .backend.codegen_cpu import build
-
-            result = tune(op, t, 0)
-            config, how = result.config, ("the tuning database's best" if result.measured
-                                          else "the cost model's choice (not tuned yet: optic tune / optic kernel)")
-            mod = build(op, config)
-        else:
-            from .backend.codegen_cuda import build, model_config
-
-            config = model_config(op, t)
-            how, mod = "the cost model's choice (GPU: nothing is measured here)", build(op, config)
-    except (SpaceError, OpticError) as e:
-        return f"# optic's {op.op} template cannot schedule it for {t.name}: {str(e).splitlines()[0]}\n"
-    cfg = " ".join(f"{n}={v}" for n, v in config.items())
-    return (f"# scheduled by optic's {op.op} template for {t.name} ({op}), {how}:\n# {cfg}\n"
-            + mod.script().strip("\n") + "\n")
 
 
 # -- json ---------------------------------------------------------------------------------------------
@@ -370,54 +339,45 @@ class PassStep:
         return f"{self.index:03d}_{self.name}"
 
 
-class _Recorder:
-    """Pipeline instrument: keeps the Program before and after every pass."""
+class Recorder:
+    """Pipeline instrument (``optimize(..., instruments=[recorder])``): keeps the Program before and after
+    every pass. A pass that was rolled back, skipped or changed nothing leaves the Program as it was."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[PassRecord, Program, Program]] = []
+        self.records: list[tuple[PassRecord, Program, Program]] = []
 
     def after_pass(self, record: PassRecord, before: Program, after: Program) -> None:
-        self.steps.append((record, before, after))
+        self.records.append((record, before, after))
+
+    def steps(self, captured: Program | None = None) -> list[PassStep]:
+        """The capture (index 0), then every pass in order. ``captured``: the captured Program, needed
+        only when no pass ran (then nothing was recorded; the result of such a run is its capture)."""
+        first = self.records[0][1] if self.records else captured
+        if first is None:
+            raise ValueError("no pass was recorded: pass the captured Program")
+        out = [PassStep(0, "capture", first, None, None)]
+        for i, (record, before, after) in enumerate(self.records, start=1):
+            out.append(PassStep(i, record.name, after, before, record))
+        return out
 
 
-def trace_passes(model: Any, example_inputs: Any, passes: str | list = "exact", target: Any = "cpu", *,
-                 on_pass: Callable[[PassRecord], None] | None = None,
-                 **optimize_kwargs: Any) -> tuple[list[PassStep], Report]:
-    """Run ``optic.optimize`` and keep the Program after capture and after every pass.
+def write_steps(steps: list[PassStep], out_dir: str | Path, fmt: str = "text",
+                render_step: Callable[[PassStep], str] | None = None) -> list[Path]:
+    """Write ``NNN_<step>.<ext>`` into ``out_dir`` (created if missing) for every step; return the paths.
 
-    Same pipeline, checks and roll-backs as ``optimize`` (keyword arguments go to it); a pass
-    that was rolled back, skipped or changed nothing leaves the Program as it was.
-    """
-    from .api import optimize  # the pipeline and passes load only when a dump runs them
-
-    rec = _Recorder()
-    result = optimize(model, example_inputs, target, passes, on_pass=on_pass, instruments=[rec], **optimize_kwargs)
-    report = result.report
-    first = rec.steps[0][1] if rec.steps else result.program  # no pass ran: the result is the capture
-    steps = [PassStep(0, "capture", first, None, None)]
-    for i, (record, before, after) in enumerate(rec.steps, start=1):
-        steps.append(PassStep(i, record.name, after, before, record))
-    return steps, report
-
-
-def dump_each_pass(model: Any, example_inputs: Any, passes: str | list, out_dir: str | Path, fmt: str = "text",
-                   target: Any = "cpu", *, on_pass: Callable[[PassRecord], None] | None = None,
-                   **optimize_kwargs: Any) -> tuple[list[Path], Report]:
-    """Write ``NNN_<step>.<ext>`` into ``out_dir`` for the capture and every pass; return the paths and report.
-
-    DOT and SVG files mark the nodes each pass created and erased. Existing files of the same
-    names are overwritten.
-    """
+    ``render_step`` gives a step's text (default :func:`render` in ``fmt``; DOT and SVG mark the nodes
+    each pass created and erased; tvmscript needs a ``render_step`` that lowers). Existing files of the
+    same names are overwritten."""
     if fmt not in FORMATS:
         raise OpticError(f"unknown dump format '{fmt}'; choose one of {', '.join(FORMATS)}.")
-    if fmt == "svg":
-        dot_executable()  # fail before the work, not after it
-    steps, report = trace_passes(model, example_inputs, passes, target, on_pass=on_pass, **optimize_kwargs)
+    if render_step is None:
+        def render_step(step: PassStep) -> str:
+            return render(step.program, fmt, step.previous, title=step.title)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for step in steps:
         path = out / f"{step.filename_stem}.{FORMATS[fmt]}"
-        path.write_text(render(step.program, fmt, step.previous, title=step.title, target=target), encoding="utf-8")
+        path.write_text(render_step(step), encoding="utf-8")
         paths.append(path)
-    return paths, report
+    return paths

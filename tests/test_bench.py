@@ -1,4 +1,5 @@
-"""The benchmark runner (``optic bench``): results written, failures reported not fatal, figures consistent.
+"""The benchmark (``python -m benchmarks``, also ``optic bench`` from a checkout): results written, failures
+reported not fatal, figures consistent; how ``optic bench`` finds it.
 
 Only tiny_cnn, one thread, few rounds: these check the runner, not the speed of anything.
 """
@@ -20,7 +21,9 @@ import pytest
 import torch
 
 from benchmarks import render, runner
+from benchmarks.__main__ import main as bench_main
 from benchmarks.systems import Prepared, System
+from optic import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,12 +193,60 @@ def test_a_system_that_crashes_or_hangs_its_process_costs_that_system_only(tmp_p
     assert rec["optic"]["status"] == "ok" and rec["optic"]["calls"] >= runner.MIN_CALLS
 
 
-def test_bench_rejects_what_it_cannot_do():
-    from optic import cli
+@pytest.mark.parametrize("argv, reason", [
+    (["--models", "no_such_model"], "--models: no_such_model not in the zoo here"),
+    (["--systems", "eager,tensorrt"], "--systems: unknown tensorrt"),
+    (["--target", "h100"], "--target h100 is not supported"),
+    (["--batch", "1,x"], "--batch 1,x: give batch sizes as integers"),
+])
+def test_bench_rejects_what_it_cannot_do(argv, reason, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("benchmarked despite a bad argument"))
+    assert bench_main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("optic bench: error: ") and reason in err and err.count("\n") == 1, err
 
-    assert cli.main(["bench", "--models", "no_such_model"]) == cli.EXIT_ERROR
-    assert cli.main(["bench", "--systems", "eager,tensorrt"]) == cli.EXIT_ERROR
-    assert cli.main(["bench", "--target", "h100"]) == cli.EXIT_ERROR
+
+def test_python_m_benchmarks_is_the_command_and_optic_bench_runs_it_in_a_checkout():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    direct = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.startswith("usage: optic bench") and "--models A,B" in direct.stdout
+    script = shutil.which("optic", path=str(Path(sys.executable).parent))
+    via = subprocess.run([script, "bench", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert via.returncode == 0 and via.stdout == direct.stdout, via.stderr
+    bad = subprocess.run([script, "bench", "--target", "h100"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == cli.EXIT_ERROR and "--target h100 is not supported" in bad.stderr, bad.stderr
+
+
+def test_optic_bench_outside_a_checkout_says_how_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--models", "tiny_cnn"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "optic bench runs the benchmarks of a checkout" in err and "python -m benchmarks" in err, err
+    (tmp_path / "benchmarks").mkdir()  # a checkout, but not the one this optic is installed from
+    (tmp_path / "benchmarks" / "__main__.py").write_text("raise SystemExit(0)\n")
+    assert cli.main(["bench"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"installed from ({ROOT})" in err and f"not of {tmp_path}" in err, err
+
+
+def test_a_registered_bench_command_runs_in_this_process(tmp_path, monkeypatch):
+    seen = []
+
+    class Registered:  # what importlib.metadata finds where a distribution registers optic.commands: bench
+        def load(self):
+            return lambda argv: seen.append(argv) or 3
+
+    def entry_points(group, name):
+        assert (group, name) == ("optic.commands", "bench")
+        return [Registered()]
+
+    monkeypatch.setattr(cli, "entry_points", entry_points)
+    monkeypatch.chdir(tmp_path)  # no checkout needed then
+    assert cli.main(["bench", "--models", "resnet18", "--batch", "1"]) == 3
+    assert seen == [["--models", "resnet18", "--batch", "1"]]
 
 
 def test_git_commit_is_read_without_git(tmp_path):

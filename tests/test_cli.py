@@ -121,8 +121,12 @@ def test_targets_and_passes_listings(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^fold_norm\s+yes\s+fold BatchNorm", out, re.M)
     assert "exact: cleanup → fold_norm → fuse → cleanup → cpu_tactics" in out
+    assert "tvm: tvm_kernels before cpu_tactics else before early_exit, else last (cpu targets)" in out
     assert cli.main(["passes", "--json"]) == 0
-    assert "fold_norm" in {p["name"] for p in json.loads(capsys.readouterr().out)["passes"]}
+    data = json.loads(capsys.readouterr().out)
+    assert "fold_norm" in {p["name"] for p in data["passes"]}
+    assert data["backend_steps"] == {"torch": [], "tvm": [{"name": "tvm_kernels", "before": ["cpu_tactics", "early_exit"],
+                                                           "kinds": ["cpu"]}]}
 
 
 def test_dump_after_a_pass_diffs_against_the_step_before(capsys):
@@ -131,6 +135,19 @@ def test_dump_after_a_pass_diffs_against_the_step_before(capsys):
     assert "after pass 2 'fold_norm': changed" in out and 'class="erased"' in out
     assert cli.main(["dump", MLP, "--after", "7"]) == 2
     assert "the pipeline has passes 1..5: 1 cleanup, 2 fold_norm" in capsys.readouterr().err
+
+
+def test_dump_tvmscript_lowers_the_graph_and_shows_one_kernel_scheduled(capsys):
+    pytest.importorskip("tvm")
+    assert cli.main(["dump", MLP, "--format", "tvmscript"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# optic TVMScript dump: captured graph") and "def part_0(" in text
+    kernels = re.findall(r"^#   (fused_\w+): matmul", text, re.M)
+    assert kernels, text
+    assert cli.main(["dump", MLP, "--format", "tvmscript", "--kernel", kernels[0]]) == 0
+    one = capsys.readouterr().out
+    assert f"# kernel {kernels[0]}" in one and "def part_0(" not in one
+    assert "# scheduled by optic's matmul template for cpu" in one and one.count("def main(") == 2
 
 
 def test_optimize_json_and_save(tmp_path, capsys):
@@ -187,6 +204,16 @@ def test_output_paths_are_checked_before_any_work(argv, reason, tmp_path, capsys
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = _one_line_error(capsys)
     assert f"-o {argv[-1].format(tmp=tmp_path)}" in err and reason.format(tmp=tmp_path) in err
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["dump", MLP, "--kernel", "fused_matmul"], "--kernel NAME shows one fused kernel"),
+    (["dump", MLP, "--format", "tvmscript", "--kernel", "k", "--each-pass", "-o", "{tmp}"], "without --each-pass"),
+    (["dump", MLP, "--after", "fold_nrom"], "--after fold_nrom: no such pass in the pipeline"),
+])
+def test_dump_arguments_are_checked_before_any_work(argv, reason, tmp_path, capsys, no_work):
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert reason in _one_line_error(capsys)
 
 
 def test_optimize_overwrites_an_existing_output_file(tmp_path, capsys):

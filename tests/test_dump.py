@@ -1,4 +1,4 @@
-"""Graph dumps: each format of render(), the per-pass diff, and one file per pass."""
+"""Graph dumps: each format of render(), the recorder instrument and its per-pass diff, one file per pass."""
 
 from __future__ import annotations
 
@@ -33,11 +33,17 @@ def model_and_inputs():
     return m, (torch.randn(1, 3, 8, 8),)
 
 
+def recorded(model, inputs, passes, **kwargs):
+    """The steps a :class:`dump.Recorder` keeps through ``optimize``, and the result."""
+    recorder = dump.Recorder()
+    result = optic.optimize(model, inputs, "cpu", passes, instruments=[recorder], measure=False, **kwargs)
+    return recorder.steps(captured=result.program), result
+
+
 @pytest.fixture(scope="module")
 def steps():
     m, x = model_and_inputs()
-    found, _ = dump.trace_passes(m, x, ["cleanup", "fold_norm"], "cpu", measure=False)
-    return found
+    return recorded(m, x, ["cleanup", "fold_norm"])[0]
 
 
 def test_text_is_fx_source_under_a_header():
@@ -112,12 +118,17 @@ def test_svg_draws_or_says_how_to_get_graphviz(steps, monkeypatch):
         dump.render(program, "svg")
 
 
-def test_unknown_format_is_an_optic_error(steps):
+def test_unknown_format_is_an_optic_error(steps, tmp_path):
     with pytest.raises(optic.OpticError, match="text, json, dot, svg"):
         dump.render(steps[0].program, "png")
+    with pytest.raises(optic.OpticError, match="text, json, dot, svg"):
+        dump.write_steps(steps, tmp_path, "png")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(optic.OpticError, match=r"tvm=optic\.backend\.inspect\.tvm_view"):
+        dump.render(steps[0].program, "tvmscript")  # rendering lowers nothing itself
 
 
-def test_trace_passes_keeps_programs_apart_and_rolled_back_passes_change_nothing():
+def test_the_recorder_keeps_programs_apart_and_rolled_back_passes_change_nothing():
     class Breaks:
         name, exact, description = "breaks", True, "test-only: crashes after editing the graph"
 
@@ -128,8 +139,8 @@ def test_trace_passes_keeps_programs_apart_and_rolled_back_passes_change_nothing
             raise RuntimeError("boom")
 
     m, x = model_and_inputs()
-    found, report = dump.trace_passes(m, x, ["fold_norm", Breaks(), "cleanup"], "cpu", measure=False,
-                                      disable=["cleanup"])
+    found, result = recorded(m, x, ["fold_norm", Breaks(), "cleanup"], disable=["cleanup"])
+    report = result.report
     assert [s.name for s in found] == ["capture", "fold_norm", "breaks", "cleanup"]
     capture, fold, broken, skipped = found
     assert capture.program.gm is not fold.program.gm
@@ -140,10 +151,11 @@ def test_trace_passes_keeps_programs_apart_and_rolled_back_passes_change_nothing
     assert report.pass_record("fold_norm").changed
 
 
-def test_dump_each_pass_writes_numbered_files_in_order(tmp_path):
+def test_write_steps_writes_numbered_files_in_order(tmp_path):
     m, x = model_and_inputs()
-    paths, report = dump.dump_each_pass(m, x, "cleanup,fold_norm,cleanup", tmp_path / "out", "text", "cpu",
-                                        measure=False)
+    found, result = recorded(m, x, "cleanup,fold_norm,cleanup")
+    report = result.report
+    paths = dump.write_steps(found, tmp_path / "out", "text")
     names = [p.name for p in paths]
     assert names == ["000_capture.py", "001_cleanup.py", "002_fold_norm.py", "003_cleanup.py"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
@@ -151,3 +163,18 @@ def test_dump_each_pass_writes_numbered_files_in_order(tmp_path):
         compile(p.read_text(), str(p), "exec")
     assert "after pass 2 'fold_norm': changed" in paths[2].read_text()
     assert [r.name for r in report.passes] == ["cleanup", "fold_norm", "cleanup"]
+
+
+def test_no_pass_recorded_is_the_capture_alone():
+    m, x = model_and_inputs()
+    found, result = recorded(m, x, [])
+    assert [s.name for s in found] == ["capture"] and found[0].program is result.program
+    assert found[0].title == "captured graph" and found[0].previous is None
+    with pytest.raises(ValueError, match="captured Program"):
+        dump.Recorder().steps()
+
+
+def test_a_step_renderer_is_used_for_every_file(steps, tmp_path):
+    paths = dump.write_steps(steps, tmp_path, "tvmscript", lambda s: f"# {s.index} {s.name}\n")
+    assert [p.name for p in paths] == ["000_capture.py", "001_cleanup.py", "002_fold_norm.py"]
+    assert paths[2].read_text() == "# 2 fold_norm\n"
