@@ -4,7 +4,8 @@ After every pass: graph lint, a numerical check of the candidate against the ori
 the example inputs plus generated ones, roll back (keep the last good Program) when the check or
 the pass itself fails, and a :class:`PassRecord` either way. Passes can be switched off by name
 through ``disable=`` or the ``OPTIC_DISABLE`` environment variable (comma separated), so that a
-wrong result can be bisected to one pass.
+wrong result can be bisected to one pass. After the last pass, :mod:`.final` checks the whole result
+(never slower, the numerical check, the budget's held-out check).
 """
 
 from __future__ import annotations
