@@ -15,18 +15,11 @@ import torch.nn.functional as F
 import optic.targets
 from optic.budget.calibration import Budget, Evaluator, split
 from optic.ir.capture import capture
-from optic.passes.early_exit import (
-    NEVER,
-    EarlyExit,
-    block_boundaries,
-    choose_cuts,
-    executed_fraction,
-    exit_candidates,
-    feature_width,
-    make_runner,
-    train_heads,
-)
-from optic.passes.early_exit.segments import ExitHead, confidence, side_nodes
+from optic.passes.early_exit import EarlyExit
+from optic.passes.early_exit.cuts import block_boundaries, choose_cuts, exit_candidates
+from optic.passes.early_exit.heads import ExitHead, confidence, feature_width, train_heads
+from optic.passes.early_exit.runner import make_runner, side_nodes
+from optic.passes.early_exit.thresholds import NEVER, executed_fraction
 from optic.pipeline.report import PassRecord
 from optic.pipeline.runner import PassContext
 
