@@ -41,7 +41,7 @@ Gram matrix).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ from optic.budget.allocator import Action
 from optic.budget.calibration import record_values
 from optic.ir import emit
 from optic.ir.opview import Op, view
+from optic.ir.rewrite import Site, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import Option, register
 from optic.pipeline.timing import calls_per_block, compare
@@ -267,21 +268,22 @@ def _layer(node: fx.Node, op: Op) -> Layer:
     return Layer(node.name, ir.layer_name(node), op.kind, op.x.name, gemm, xs, tuple(w.shape), attrs, str(w.device))
 
 
+@dataclass
+class EligibleLayer(Site):
+    """Linears and convolutions the pass may factor (:func:`_guard` says why not); ``readers`` are the
+    model's tensor readers, taken once per walk for the tied-weight check."""
+
+    readers: dict = field(default_factory=dict)
+
+    def guard(self, op: Op, ctx: Any) -> str | None:
+        return _guard(op.node, op, op.node.graph.owning_module, self.readers)
+
+
 def eligible_layers(program: Any, ctx: Any) -> list[Layer]:
     """The linears and convolutions the pass may factor; the others are declined with a reason."""
     gm = program.gm
-    readers = ir.tensor_readers(gm)
-    found = []
-    for node in gm.graph.nodes:
-        op = view(node, gm)
-        if op is None or op.kind not in ("linear", "conv"):
-            continue
-        reason = _guard(node, op, gm, readers)
-        if reason:
-            ctx.stats.decline(RULE, node.name, reason)
-            continue
-        found.append(_layer(node, op))
-    return found
+    site = EligibleLayer(RULE, kinds=frozenset({"linear", "conv"}), readers=ir.tensor_readers(gm))
+    return [_layer(op.node, op) for op in find_sites(gm, site, ctx, ctx.stats)]
 
 
 def layer_grams(program: Any, layers: list[Layer], calibration: Any, samples: int = SAMPLES) -> dict[str, torch.Tensor]:
@@ -426,6 +428,20 @@ def measured_gains(ly: Layer, ranks: list[int], budget_s: float, cache: dict) ->
 
 
 # -- the pass --------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """A layer some rank pays for on the target: its break-even rank and the ranks proposed."""
+
+    layer: Layer
+    break_even: int
+    ranks: list[int]
+
+
+def _faster_here(ranks: list[int], measured: dict[int, float]) -> list[int]:
+    """The ranks measured faster than the dense layer here (all of them when nothing was measured)."""
+    return [r for r in ranks if measured[r] > 0] if measured else ranks
+
+
 @register
 class LowRank:
     name = "lowrank"
@@ -444,7 +460,7 @@ class LowRank:
     )
 
     def _method(self, ctx: Any) -> str:
-        method = ctx.option("lowrank_method", "activation")
+        method = ctx.option("lowrank_method")
         if method not in ("activation", "svd"):
             raise ValueError(f"lowrank_method={method!r}: use 'activation' (activation-aware SVD) or 'svd'")
         if method == "activation" and ctx.calibration is None:
@@ -455,15 +471,36 @@ class LowRank:
     def _grams(self, program: Any, layers: list[Layer], ctx: Any) -> dict[str, torch.Tensor]:
         if self._method(ctx) == "svd" or not layers:
             return {}
-        return layer_grams(program, layers, ctx.calibration, int(ctx.option("lowrank_samples", SAMPLES)))
+        return layer_grams(program, layers, ctx.calibration, int(ctx.option("lowrank_samples")))
 
     def candidates(self, program: Any, ctx: Any) -> list[Action]:
+        plans = self._plans(eligible_layers(program, ctx), ctx)
+        grams = self._grams(program, [p.layer for p in plans], ctx)
+        factorizer = Factorizer(float(ctx.option("lowrank_damp")))
+        measure_s = float(ctx.option("lowrank_measure_s"))
+        timed: dict = {}
+        actions = []
+        for plan in plans:
+            ly = plan.layer
+            measured = measured_gains(ly, plan.ranks, measure_s, timed) if ctx.measure else {}
+            ranks = _faster_here(plan.ranks, measured)
+            if not ranks:
+                ctx.stats.decline(RULE, ly.node, "no rank below break-even measured faster than the dense layer here")
+                continue
+            ctx.stats.match(RULE)
+            actions += [self._action(ly, r, grams.get(ly.node), factorizer, ctx.target, plan.break_even,
+                                     measured.get(r)) for r in ranks]
+        return actions
+
+    @staticmethod
+    def _plans(layers: list[Layer], ctx: Any) -> list[Plan]:
+        """The layers some rank below break-even pays for on the target, with the ranks proposed; the
+        others are declined with the reason."""
         tgt = ctx.target
         step = lanes(tgt)
-        levels = tuple(ctx.option("lowrank_levels", LEVELS))
-        measure_s = float(ctx.option("lowrank_measure_s", MEASURE_S))
+        levels = tuple(ctx.option("lowrank_levels"))
         plans = []
-        for ly in eligible_layers(program, ctx):
+        for ly in layers:
             if ly.gemm.full_rank <= step:
                 ctx.stats.decline(RULE, ly.node, f"tiny layer: full rank {ly.gemm.full_rank} leaves no rank "
                                   f"that is a multiple of {step} below it")
@@ -475,23 +512,8 @@ class LowRank:
                                   f"[{ly.gemm.rows}×{ly.gemm.k}]·[{ly.gemm.k}×{ly.gemm.m}] two kernels cost more "
                                   "than the dense one (launch overhead or memory-bound)")
                 continue
-            plans.append((ly, be, ranks))
-        grams = self._grams(program, [p[0] for p in plans], ctx)
-        factorizer = Factorizer(float(ctx.option("lowrank_damp", DAMP)))
-        timed: dict = {}
-        actions = []
-        for ly, be, ranks in plans:
-            measured = measured_gains(ly, ranks, measure_s, timed) if ctx.measure else {}
-            if measured:
-                ranks = [r for r in ranks if measured[r] > 0]
-                if not ranks:
-                    ctx.stats.decline(RULE, ly.node, "no rank below break-even measured faster than the dense layer here")
-                    continue
-            gram = grams.get(ly.node)
-            ctx.stats.match(RULE)
-            for r in ranks:
-                actions.append(self._action(ly, r, gram, factorizer, tgt, be, measured.get(r)))
-        return actions
+            plans.append(Plan(ly, be, ranks))
+        return plans
 
     def _action(self, ly: Layer, rank: int, gram: torch.Tensor | None, factorizer: Factorizer, target: Any,
                 break_even: int | None = None, measured: float | None = None) -> Action:
@@ -519,7 +541,7 @@ class LowRank:
         model says (``keep=1`` reproduces every layer)."""
         layers = eligible_layers(program, ctx)
         grams = self._grams(program, layers, ctx)
-        factorizer = Factorizer(float(ctx.option("lowrank_damp", DAMP)))
+        factorizer = Factorizer(float(ctx.option("lowrank_damp")))
         out = []
         for ly in layers:
             rank = min(ly.gemm.full_rank, max(1, round(keep * ly.gemm.full_rank)))
