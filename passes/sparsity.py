@@ -23,21 +23,23 @@ the target, and the report marks the gain as predicted for the target, not measu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from optic import ir
 from optic.budget.allocator import Action
 from optic.budget.calibration import record_values
 from optic.ir import emit
-from optic.ir.opview import view
+from optic.ir.opview import Op, view
+from optic.ir.rewrite import Site, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import register
 
 SPARSE_EFFICIENCY = 0.75  # share of the 2x sparse tensor-core rate a real kernel reaches on large GEMMs
 TENSOR_CORE_DTYPE = "float16"  # what the target runs a sparse GEMM in
+RULE = "sparse24"
 
 
 # -- the math ----------------------------------------------------------------------------------------
@@ -73,6 +75,34 @@ def predicted_seconds(m: int, n: int, k: int, itemsize: int, target: Any) -> tup
 
 
 # -- the pass ----------------------------------------------------------------------------------------
+def _guard(op: Op) -> str | None:
+    """Why the linear ``op`` cannot be made 2:4 sparse, or None."""
+    w = op.const("weight")
+    if w is None:
+        return "the weight is not a constant"
+    if "bias" not in op.consts:
+        return "the bias is computed, not a constant"
+    if w.dim() != 2 or w.shape[1] % 4:
+        return f"input dimension {tuple(w.shape)[-1]} is not a multiple of 4"
+    if not w.is_floating_point():
+        return f"weight dtype {w.dtype}"
+    if ir.is_shared(op.node.graph.owning_module, w, op.node):
+        return "the weight is shared with another op (tied weights)"
+    if ir.shape(op.x) is None:
+        return "input shape unknown"
+    return None
+
+
+class SparsifiableLinear(Site):
+    """A linear whose weight can take a 2:4 mask (:func:`_guard` says why not)."""
+
+    def guard(self, op: Op, ctx: Any) -> str | None:
+        return _guard(op)
+
+
+SITE = SparsifiableLinear(RULE, kinds=frozenset({"linear"}))
+
+
 @register
 class Sparse24:
     name = "sparse24"
@@ -86,57 +116,29 @@ class Sparse24:
             ctx.note(f"target '{tgt.name}' has no sparse tensor cores: 2:4 sparsity cannot run faster there, "
                      "so no layer was made sparse (targets with them: a100, h100, h200, l4, rtx4090)")
             return []
-        gm = program.gm
-        layers = []
-        for node in gm.graph.nodes:
-            op = view(node, gm)
-            if op is None or op.kind != "linear":
-                continue
-            w = op.const("weight")
-            reason = self._guard(node, op, w, gm)
-            if reason:
-                ctx.stats.decline("sparse24", node.name, reason)
-                continue
-            layers.append((node, op, w))
+        layers = find_sites(program.gm, SITE, ctx, ctx.stats)
         inputs = {}
         if ctx.calibration is not None and layers:
-            inputs = record_values(program, [op.x for _, op, _ in layers], ctx.calibration.fit_inputs())
+            inputs = record_values(program, [op.x for op in layers], ctx.calibration.fit_inputs())
         actions = []
-        for node, op, w in layers:
-            xs = ir.shape(op.x)
-            m = 1
-            for d in xs[:-1]:
-                m *= d
-            n, k = w.shape
-            dense, sparse = predicted_seconds(m, n, k, 2, tgt)
+        for op in layers:
+            dense, sparse, gemm = _predicted(op, tgt)
             if sparse >= dense:
-                ctx.stats.decline("sparse24", node.name, f"no predicted gain at [{m}×{k}]·[{k}×{n}] on {tgt.name}: "
+                ctx.stats.decline(RULE, op.node.name, f"no predicted gain at {gemm} on {tgt.name}: "
                                   "memory-bound or too small for the sparse kernel (pytorch#111339)")
                 continue
-            importance = "activation-aware (|W|·‖X‖)" if op.x.name in inputs else "weight magnitude"
-            actions.append(Action(
-                pass_name=self.name, group=node.name, layer=ir.layer_name(node),
-                describe=f"2:4 sparse [{n}×{k}], {importance}", level=0.5, nodes=frozenset({node.name}),
-                predicted_gain_s=dense - sparse, apply=_applier(node.name, inputs.get(op.x.name)),
-                predicted_only=True,
-                info={"predicted_speedup": dense / sparse, "importance": importance}))
+            actions.append(self._action(op, dense, sparse, inputs.get(op.x.name)))
         return actions
 
-    @staticmethod
-    def _guard(node: fx.Node, op: Any, w: torch.Tensor | None, gm: fx.GraphModule) -> str | None:
-        if w is None:
-            return "the weight is not a constant"
-        if "bias" not in op.consts:
-            return "the bias is computed, not a constant"
-        if w.dim() != 2 or w.shape[1] % 4:
-            return f"input dimension {tuple(w.shape)[-1]} is not a multiple of 4"
-        if not w.is_floating_point():
-            return f"weight dtype {w.dtype}"
-        if ir.is_shared(gm, w, node):
-            return "the weight is shared with another op (tied weights)"
-        if ir.shape(op.x) is None:
-            return "input shape unknown"
-        return None
+    def _action(self, op: Op, dense: float, sparse: float, inputs: list[torch.Tensor] | None) -> Action:
+        n, k = op.const("weight").shape
+        importance = "activation-aware (|W|·‖X‖)" if inputs is not None else "weight magnitude"
+        name = op.node.name
+        return Action(
+            pass_name=self.name, group=name, layer=ir.layer_name(op.node),
+            describe=f"2:4 sparse [{n}×{k}], {importance}", level=0.5, nodes=frozenset({name}),
+            predicted_gain_s=dense - sparse, apply=_applier(name, inputs), predicted_only=True,
+            info={"predicted_speedup": dense / sparse, "importance": importance})
 
     def run(self, program: Any, ctx: Any) -> bool:
         """Without the allocator: make every proposed layer sparse (used by tests and by hand)."""
@@ -144,6 +146,14 @@ class Sparse24:
         for a in actions:
             a.apply(program)
         return bool(actions)
+
+
+def _predicted(op: Op, target: Any) -> tuple[float, float, str]:
+    """Dense and sparse seconds of the linear ``op`` on ``target`` at its input shape, and the GEMM in words."""
+    m = math.prod(ir.shape(op.x)[:-1])
+    n, k = op.const("weight").shape
+    dense, sparse = predicted_seconds(m, n, k, 2, target)
+    return dense, sparse, f"[{m}×{k}]·[{k}×{n}]"
 
 
 def _applier(name: str, inputs: list[torch.Tensor] | None):
