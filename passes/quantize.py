@@ -38,6 +38,7 @@ from optic.backend import int8
 from optic.budget.allocator import Action
 from optic.budget.calibration import iter_values
 from optic.ir.opview import Op, view
+from optic.ir.rewrite import Site, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import Option, register
 
@@ -46,6 +47,7 @@ PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "perce
 SAMPLE = 1 << 16  # recorded activation values kept per layer for percentile and MSE calibration
 ERROR_SAMPLES = 8  # calibration samples the per-layer output error is measured on
 MIN_MACS = 50_000  # below this a layer's int8 kernel cannot pay for its quantize step (default)
+RULE = "quantize"
 
 # op-view activation -> oneDNN post-op (attr, scalars, algorithm); int8 kernels fuse these
 POST_OPS = {
@@ -105,40 +107,71 @@ def int8_supported(isa: Any) -> str | None:
     return None
 
 
-def _layer(node: fx.Node, gm: fx.GraphModule, min_macs: int) -> tuple[Layer | None, str | None]:
-    op = view(node, gm)
-    if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node):
-        return None, None
+def _reason(op: Op, gm: fx.GraphModule, min_macs: int) -> str | None:
+    """Why the conv or linear ``op`` stays float32, or None when it has an int8 kernel that pays."""
     w = op.const("weight")
     if w is None or "bias" not in op.consts:
-        return None, "the weight or bias is computed, not a constant"
+        return "the weight or bias is computed, not a constant"
     if w.dtype != torch.float32 or ir.dtype(op.x) != torch.float32 or w.device.type != "cpu":
-        return None, "not a float32 CPU layer"
-    if ir.is_shared(gm, w, node):
-        return None, "the weight is shared with another op (tied weights)"
-    xs, ys = ir.shape(op.x), ir.shape(node)
+        return "not a float32 CPU layer"
+    if ir.is_shared(gm, w, op.node):
+        return "the weight is shared with another op (tied weights)"
+    xs, ys = ir.shape(op.x), ir.shape(op.node)
     if xs is None or ys is None:
-        return None, "input shape unknown"
+        return "input shape unknown"
     if op.kind == "conv":
         if op.attrs.get("nd") != 2 or op.attrs.get("transposed") or op.attrs.get("padding") is None \
                 or op.attrs.get("padding_mode", "zeros") != "zeros":
-            return None, "only 2-D, non-transposed, zero-padded convolutions have an int8 kernel"
-        macs = math.prod(ys) * w[0].numel()
-    else:
-        if w.dim() != 2 or len(xs) < 2:
-            return None, "not a 2-D weight"
-        macs = math.prod(xs[:-1]) * w.numel()
+            return "only 2-D, non-transposed, zero-padded convolutions have an int8 kernel"
+    elif w.dim() != 2 or len(xs) < 2:
+        return "not a 2-D weight"
+    macs = _macs(op)
     if macs < min_macs:
-        return None, f"{macs} multiply-adds: too small for int8 to pay for quantizing its input"
-    act = None
-    users = ir.value_users(node)
-    if len(users) == 1:
-        a = view(users[0], gm)
-        if (a is not None and a.kind == "act" and a.x is node and a.attrs.get("fn") in POST_OPS
-                and not ir.is_inplace(a.node)):
-            act = a
+        return f"{macs} multiply-adds: too small for int8 to pay for quantizing its input"
+    return None
+
+
+def _macs(op: Op) -> int:
+    w = op.const("weight")
+    if op.kind == "conv":
+        return math.prod(ir.shape(op.node)) * w[0].numel()
+    return math.prod(ir.shape(op.x)[:-1]) * w.numel()
+
+
+def _fused_activation(op: Op, gm: fx.GraphModule) -> Op | None:
+    """The activation the int8 kernel takes over: the layer's only reader, when oneDNN has it as a post-op."""
+    users = ir.value_users(op.node)
+    if len(users) != 1:
+        return None
+    a = view(users[0], gm)
+    if (a is not None and a.kind == "act" and a.x is op.node and a.attrs.get("fn") in POST_OPS
+            and not ir.is_inplace(a.node)):
+        return a
+    return None
+
+
+def _layer(op: Op, gm: fx.GraphModule) -> Layer:
+    act = _fused_activation(op, gm)
     post = POST_OPS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
-    return Layer(op, act, post, macs), None
+    return Layer(op, act, post, _macs(op))
+
+
+@dataclass
+class QuantizableLayer(Site):
+    """Convolutions and linears reading a tensor that have an int8 kernel worth running (:func:`_reason`
+    says why not)."""
+
+    min_macs: int = MIN_MACS
+
+    def match(self, op: Op, ctx: Any) -> Op | None:
+        return op if op.kind in self.kinds and isinstance(op.x, fx.Node) else None
+
+    def guard(self, op: Op, ctx: Any) -> str | None:
+        return _reason(op, op.node.graph.owning_module, self.min_macs)
+
+
+def quantizable(min_macs: int) -> QuantizableLayer:
+    return QuantizableLayer(RULE, kinds=frozenset({"conv", "linear"}), min_macs=min_macs)
 
 
 # -- calibration --------------------------------------------------------------------------------------
@@ -250,39 +283,56 @@ def chain(gm: fx.GraphModule) -> int:
     """Requantize in the producer's epilogue: an int8 kernel whose only consumer is a quantize step
     writes that step's uint8 directly (the step is removed). Returns how many were chained."""
     n_chained = 0
+    # its own walk: int8 kernels and quantize steps are optic's own ops, which the op view does not
+    # classify, so the rule driver (which visits classified ops) never sees them
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in int8.OUT_ARGS:
-            continue
-        i_s, i_z, i_u8 = int8.OUT_ARGS[node.target]
-        if node.args[i_u8]:
-            continue
-        cur = node  # through ops that only move elements (flatten, reshape, permute): they take uint8 alike
-        while len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            v = view(nxt, gm)
-            if v is None or v.kind not in LAYOUT_KINDS or v.x is not cur:
-                break
-            cur = nxt
-        q = next(iter(cur.users)) if len(cur.users) == 1 else None
-        if q is None or q.op != "call_function" or q.target is not int8.quantize_u8 or q.args[0] is not cur:
-            continue
-        args = list(node.args)
-        args[i_s], args[i_z], args[i_u8] = float(q.args[1]), int(q.args[2]), True
-        node.args = tuple(args)
-        q.replace_all_uses_with(cur)
-        gm.graph.erase_node(q)
-        n_chained += 1
+        if node.op != "call_function" or node.target not in int8.OUT_ARGS or node.args[int8.OUT_ARGS[node.target][2]]:
+            continue  # not an int8 kernel, or one that already writes uint8
+        found = _quantize_consumer(node, gm)
+        if found is not None:
+            _requantize_in_epilogue(node, *found)
+            n_chained += 1
     return n_chained
+
+
+def _quantize_consumer(kernel: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
+    """(the value the quantize step reads, the step) when ``kernel``'s only consumer is a quantize
+    step, directly or through ops that only move elements (flatten, reshape, permute: they take uint8
+    alike); else None."""
+    cur = kernel
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        v = view(nxt, gm)
+        if v is None or v.kind not in LAYOUT_KINDS or v.x is not cur:
+            break
+        cur = nxt
+    q = next(iter(cur.users)) if len(cur.users) == 1 else None
+    if q is None or q.op != "call_function" or q.target is not int8.quantize_u8 or q.args[0] is not cur:
+        return None
+    return cur, q
+
+
+def _requantize_in_epilogue(kernel: fx.Node, value: fx.Node, q: fx.Node) -> None:
+    """``kernel`` writes ``q``'s uint8 (its scale and zero point) and ``q`` goes."""
+    i_s, i_z, i_u8 = int8.OUT_ARGS[kernel.target]
+    args = list(kernel.args)
+    args[i_s], args[i_z], args[i_u8] = float(q.args[1]), int(q.args[2]), True
+    kernel.args = tuple(args)
+    q.replace_all_uses_with(value)
+    kernel.graph.erase_node(q)
 
 
 def _applier(name: str, scale: float, zp: int, min_macs: int):
     def apply(program: Any) -> None:
         gm = program.gm
         node = next(n for n in gm.graph.nodes if n.name == name)
-        layer, why = _layer(node, gm, min_macs)
-        if layer is None:
+        site = quantizable(min_macs)
+        op = view(node, gm)
+        op = site.match(op, None) if op is not None else None
+        why = site.guard(op, None) if op is not None else "it is no longer a conv or linear reading a tensor"
+        if why:
             raise RuntimeError(f"{name} can no longer be quantized: {why}")
-        _kernel(layer, gm, scale, zp)
+        _kernel(_layer(op, gm), gm, scale, zp)
         chain(gm)
         ir.eliminate_dead_code(gm)
         ir.drop_unused_constants(gm)
@@ -329,33 +379,20 @@ class Quantize:
     )
 
     def layers(self, program: Any, ctx: Any) -> list[Layer]:
-        gm = program.gm
-        min_macs = int(ctx.option("quantize_min_macs", MIN_MACS))
-        out = []
-        for node in list(gm.graph.nodes):
-            layer, why = _layer(node, gm, min_macs)
-            if why:
-                ctx.stats.decline("quantize", node.name, why)
-            elif layer is not None:
-                out.append(layer)
-        return out
+        """The layers that can run in int8; the others are declined with the reason."""
+        site = quantizable(int(ctx.option("quantize_min_macs")))
+        return [_layer(op, program.gm) for op in find_sites(program.gm, site, ctx, ctx.stats)]
 
     def candidates(self, program: Any, ctx: Any) -> list[Action]:
-        tgt = ctx.target
-        if not ctx.measure:
-            ctx.note(f"int8 runs through this CPU's oneDNN kernels; target '{tgt.name}' is not this machine, so no "
-                     "layer was quantized")
-            return []
-        why = int8_supported(getattr(tgt, "isa", ()))
+        why = self._why_not_here(ctx)
         if why:
-            ctx.note(f"no layer was quantized: {why}")
+            ctx.note(why)
             return []
         layers = self.layers(program, ctx)
         if not layers or ctx.calibration is None:
             return []
-        fit = ctx.calibration.fit_inputs()
-        ranges = observe(program, [la.op.x for la in layers], fit)
-        min_macs = int(ctx.option("quantize_min_macs", MIN_MACS))
+        ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs())
+        min_macs = int(ctx.option("quantize_min_macs"))
         actions = []
         for i, layer in enumerate(layers):
             if ctx.progress:
@@ -363,20 +400,32 @@ class Quantize:
             r = ranges[layer.op.x.name]
             cal = self._calibrate(layer, r, r.first)
             if cal is None:
-                ctx.stats.decline("quantize", layer.op.node.name, "the int8 kernel failed on the recorded input")
+                ctx.stats.decline(RULE, layer.op.node.name, "the int8 kernel failed on the recorded input")
                 continue
-            w = layer.op.const("weight")
-            t_fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), tgt, "float32")
-            # the int8 call's fixed cost, measured on this machine: it decides small layers
-            t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), tgt, "int8") + call_overhead_s()
-            actions.append(Action(
-                pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
-                describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
-                level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(t_fp32 - t_int8, 0.0),
-                apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
-                info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
-                      "x_zero_point": cal.zero_point, "layer_errors": cal.errors}))
+            actions.append(self._action(layer, cal, ctx.target, min_macs))
         return actions
+
+    @staticmethod
+    def _why_not_here(ctx: Any) -> str | None:
+        """Why no layer can be quantized for this target (a note for the whole model), or None."""
+        if not ctx.measure:
+            return (f"int8 runs through this CPU's oneDNN kernels; target '{ctx.target.name}' is not this "
+                    "machine, so no layer was quantized")
+        why = int8_supported(getattr(ctx.target, "isa", ()))
+        return f"no layer was quantized: {why}" if why else None
+
+    def _action(self, layer: Layer, cal: Calibrated, target: Any, min_macs: int) -> Action:
+        w = layer.op.const("weight")
+        t_fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), target, "float32")
+        # the int8 call's fixed cost, measured on this machine: it decides small layers
+        t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), target, "int8") + call_overhead_s()
+        return Action(
+            pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
+            describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
+            level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(t_fp32 - t_int8, 0.0),
+            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
+            info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
+                  "x_zero_point": cal.zero_point, "layer_errors": cal.errors})
 
     @staticmethod
     def _calibrate(layer: Layer, r: _Range, x: torch.Tensor) -> Calibrated | None:
