@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 from helpers import op_kinds, run_exact
 
+from optic.ir.capture import capture as capture_program
+
 CAPTURES = ["fx", "export"]
 
 
@@ -90,3 +92,52 @@ def test_random_ops_are_never_folded():
 
     o = optic.optimize(M(), (torch.randn(2, 3),), passes=["cleanup"], measure=False)
     assert o.report.matched("constant_fold") == 0
+
+
+# -- before / expected ------------------------------------------------------------------------------
+def _declined_nodes_exist(opt, model, inputs, capture):
+    """Every decline of the run names a node of the captured graph (never a placeholder like "*")."""
+    names = {n.name for n in capture_program(model, inputs, method=capture).gm.graph.nodes}
+    declines = opt.report.declines()
+    assert declines and all(d["node"] in names for d in declines), declines
+    return {d["node"]: d for d in declines}
+
+
+@pytest.mark.parametrize("capture,before,noops", [
+    ("fx", ["linear", "dropout", "identity", "dropout", "cast"], 4),
+    ("export", ["linear", "dropout", "dropout", "_assert_tensor_metadata.default", "cast"], 3),
+])
+def test_before_expected_noops_and_metadata_asserts(capture, before, noops):
+    m, x = Noops().eval(), (torch.randn(2, 4),)
+    assert op_kinds(capture_program(m, x, method=capture).gm) == before
+    opt = run_exact(m, x, capture, passes=["cleanup"])
+    assert op_kinds(opt.program.gm) == ["linear"]
+    assert opt.report.matched("remove_noop") == noops
+    assert opt.report.matched("metadata_assert") == before.count("_assert_tensor_metadata.default")
+
+
+def test_before_expected_constant_subgraphs_of_an_exported_graph():
+    m, x = ConstantMask().eval(), (torch.randn(3, 8),)
+    assert op_kinds(capture_program(m, x, method="export").gm) == [
+        "ones.default", "tril.default", "log.default", "div", "sin.default", "unsqueeze", "add", "linear",
+        "sum.dim_IntList", "add"]
+    opt = run_exact(m, x, "export", passes=["cleanup"])
+    assert op_kinds(opt.program.gm) == ["add", "linear", "add"]
+    assert opt.report.matched("constant_fold") == 2  # the position table and the mask's sum
+
+
+def _kinds_by_name(gm) -> dict[str, str]:
+    """Each op node's name with its kind as ``op_kinds`` writes it (op_kinds lists exactly the call nodes)."""
+    calls = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return dict(zip(calls, op_kinds(gm), strict=True))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_fold_that_grows_the_model_declines_at_the_node_it_would_fold(capture):
+    m, x = Growth(), (torch.randn(4, 2, 256),)
+    opt = run_exact(m, x, capture, passes=["cleanup"])
+    declined = _declined_nodes_exist(opt, m, x, capture)
+    kinds = _kinds_by_name(capture_program(m, x, method=capture).gm)
+    # the frontier of the two constant subgraphs: the expanded weight's transpose and the weight's t()
+    assert sorted(kinds[n].split(".")[0] for n in declined) == ["t", "transpose"]
+    assert all(d["rule"] == "constant_fold" and "larger" in d["reason"] for d in declined.values())

@@ -9,6 +9,9 @@ import torch.nn as nn
 from helpers import op_kinds, run_exact
 from strategies import randomize_bn
 
+from optic.ir.capture import capture as capture_program
+from optic.ir.opview import view
+
 G = torch.Generator().manual_seed(0)
 CAPTURES = ["fx", "export"]
 
@@ -167,3 +170,58 @@ def test_norm_feeding_a_residual_is_not_folded(capture):
     opt = run_exact(M(), (torch.randn(2, 4),), capture)
     assert opt.report.matched("norm_affine_into_linear") == 0
     assert "not only linears" in opt.report.declines("norm_affine_into_linear")[0]["reason"]
+
+
+# -- before / expected ------------------------------------------------------------------------------
+class ConvBnMlp(nn.Module):
+    """Each fold once: conv+BN, a BN after an add (no producer to fold into), a LayerNorm read by two linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(3, 8, 3, padding=1), _bn2d(8), _bn2d(8)
+        self.fc, self.ln, self.q, self.k = nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 4)
+        nn.init.normal_(self.ln.weight)
+        nn.init.normal_(self.ln.bias)
+
+    def forward(self, x):
+        y = self.bn2(torch.relu(self.bn(self.conv(x))) + 1)
+        h = self.ln(self.fc(y.mean((2, 3))))
+        return self.q(h) * self.k(h)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_before_expected_every_fold(capture):
+    m, x = ConvBnMlp().eval(), (torch.randn(2, 3, 5, 5),)
+    assert op_kinds(capture_program(m, x, method=capture).gm) == [
+        "conv", "batch_norm", "act:relu", "add", "batch_norm", "mean", "linear", "layer_norm", "linear", "linear", "mul"]
+    opt = run_exact(m, x, capture, passes=["fold_norm"])
+    assert op_kinds(opt.program.gm) == [
+        "conv", "act:relu", "add", "addcmul.default", "mean", "linear", "layer_norm", "linear", "linear", "mul"]
+    assert opt.report.pass_record("fold_norm").matched == {
+        "bn_into_conv_or_linear": 1, "bn_to_scale_shift": 1, "norm_affine_into_linear": 1}
+    gm = opt.program.gm
+    ln = next(op for n in gm.graph.nodes if (op := view(n, gm)) is not None and op.kind == "layer_norm")
+    assert ln.const("weight") is None and ln.const("bias") is None, "the affine moved into q and k"
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_declines_name_the_node_that_stays(capture):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.ln, self.fc = nn.Conv2d(3, 4, 1), _bn2d(4), nn.LayerNorm(5), nn.Linear(5, 5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            h = self.ln(self.bn(y) + y)  # conv read twice; the norm also feeds the residual
+            return h + self.fc(h)
+
+    m, x = M().eval(), (torch.randn(2, 3, 5, 5),)
+    gm = capture_program(m, x, method=capture).gm
+    kinds = dict(zip([n.name for n in gm.graph.nodes if n.op.startswith("call")], op_kinds(gm), strict=True))
+    opt = run_exact(m, x, capture, passes=["fold_norm"])
+    declined = {d["rule"]: d for d in opt.report.declines()}
+    assert kinds[declined["bn_into_conv_or_linear"]["node"]] == "batch_norm"
+    assert "users" in declined["bn_into_conv_or_linear"]["reason"]
+    assert kinds[declined["norm_affine_into_linear"]["node"]] == "layer_norm"
+    assert "not only linears" in declined["norm_affine_into_linear"]["reason"]

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import op_kinds, run_exact
 
+from optic.ir.capture import capture as capture_program
+
 CAPTURES = ["fx", "export"]
 
 
@@ -142,3 +144,64 @@ def test_written_out_gelu_with_reused_intermediate_stays(capture):
     opt = run_exact(NewGelu(reuse=True), (torch.randn(4, 8),), capture)
     assert opt.report.matched("gelu_tanh") == 0
     assert "used elsewhere" in opt.report.declines("gelu_tanh")[0]["reason"]
+
+
+# -- before / expected ------------------------------------------------------------------------------
+def _kinds_by_name(gm) -> dict[str, str]:
+    """Each op node's name with its kind as ``op_kinds`` writes it (op_kinds lists exactly the call nodes)."""
+    calls = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return dict(zip(calls, op_kinds(gm), strict=True))
+
+
+class PlainAttn(nn.Module):
+    """Single-head attention without reshapes: Q, K, V projections, scaled scores, softmax, times V."""
+
+    def __init__(self, d=8, reuse=False):
+        super().__init__()
+        self.q, self.k, self.v, self.reuse = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), reuse
+
+    def forward(self, x):
+        p = (self.q(x) @ self.k(x).transpose(-2, -1) * 0.5).softmax(-1)
+        out = p @ self.v(x)
+        return (out, p) if self.reuse else out
+
+
+class Chain(nn.Module):
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.a, self.b, self.reuse = nn.Linear(8, 64), nn.Linear(64, 4), reuse
+
+    def forward(self, x):
+        h = self.a(x)
+        return (self.b(h), h.sum()) if self.reuse else self.b(h)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("make,x,before,expected,matched", [
+    (PlainAttn, (2, 6, 8), ["linear", "linear", "transpose", "matmul", "mul", "softmax", "linear", "matmul"],
+     ["linear", "split", "getitem", "getitem", "getitem", "sdpa"], {"attention_to_sdpa": 1, "horizontal_linear": 1}),
+    (NewGelu, (4, 8), ["linear", "pow", "mul", "add", "mul", "mul", "act:tanh", "add", "mul"], ["linear", "act:gelu"],
+     {"gelu_tanh": 1}),
+    (Chain, (3, 8), ["linear", "linear"], ["linear"], {"merge_linear_chain": 1}),
+])
+def test_before_expected(capture, make, x, before, expected, matched):
+    m, inputs = make().eval(), (torch.randn(*x),)
+    assert op_kinds(capture_program(m, inputs, method=capture).gm) == before
+    opt = run_exact(m, inputs, capture, passes=["fuse"])
+    assert op_kinds(opt.program.gm) == expected
+    assert opt.report.pass_record("fuse").matched == matched
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.parametrize("make,rule,kind,why", [
+    (lambda: PlainAttn(reuse=True), "attention_to_sdpa", "matmul", "also used elsewhere"),
+    (lambda: Chain(reuse=True), "merge_linear_chain", "linear", "has other users"),
+])
+def test_declines_name_the_node_the_rule_looked_at(capture, make, rule, kind, why):
+    m = make().eval()
+    inputs = (torch.randn(2, 6, 8),)
+    kinds = _kinds_by_name(capture_program(m, inputs, method=capture).gm)
+    opt = run_exact(m, inputs, capture, passes=["fuse"])
+    assert opt.report.matched(rule) == 0
+    declined = opt.report.declines(rule)
+    assert declined and all(kinds.get(d["node"]) == kind and why in d["reason"] for d in declined), declined

@@ -18,6 +18,7 @@ from optic import targets
 from optic.budget.allocator import build
 from optic.budget.calibration import Budget, split
 from optic.ir.capture import capture
+from optic.ir.opview import view
 from optic.passes import lowrank as lr
 from optic.pipeline.registry import get
 from optic.pipeline.runner import PassContext
@@ -229,20 +230,23 @@ def test_one_svd_per_layer_whatever_the_levels_and_rebuilds(monkeypatch):
     assert len(calls) == 1
 
 
+class Refused(nn.Module):
+    """A grouped conv, a transposed conv and a linear read twice (tied): none of them factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 16, 3, groups=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.up(self.grouped(x)).permute(0, 2, 3, 1)
+        return self.fc(torch.relu(self.fc(y)))  # the same weight read twice
+
+
 @pytest.mark.parametrize("method", ["fx", "export"])
 def test_declines_grouped_transposed_and_shared_weights(method):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.grouped = nn.Conv2d(8, 16, 3, groups=2, padding=1)
-            self.up = nn.ConvTranspose2d(16, 8, 3, padding=1)
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            y = self.up(self.grouped(x)).permute(0, 2, 3, 1)
-            return self.fc(torch.relu(self.fc(y)))  # the same weight read twice
-
-    prog = capture(Net().eval(), (torch.randn(1, 8, 4, 4),), method=method)
+    prog = capture(Refused().eval(), (torch.randn(1, 8, 4, 4),), method=method)
     ctx = context(prog, lowrank_keep=1.0)
     assert get("lowrank").candidates(prog, ctx) == []
     reasons = [why for rule, _, why in ctx.stats.declined if rule == "lowrank"]
@@ -250,6 +254,40 @@ def test_declines_grouped_transposed_and_shared_weights(method):
     assert sum("transposed convolution" in r for r in reasons) == 1
     assert sum("shared with another op" in r for r in reasons) == 2
     assert get("lowrank").run(prog.clone(), ctx) is False  # nothing eligible
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_declines_name_the_layer_they_refuse(method):
+    prog = capture(Refused().eval(), (torch.randn(1, 8, 4, 4),), method=method)
+    ctx = context(prog, calibrate=False)
+    get("lowrank").candidates(prog, ctx)
+    by_name = {n.name: view(n, prog.gm) for n in prog.gm.graph.nodes}
+    refused = {}
+    for rule, node, why in ctx.stats.declined:
+        assert rule == "lowrank" and by_name.get(node) is not None, (node, why)
+        refused.setdefault(next(k for k in ("grouped", "transposed", "shared") if k in why), []).append(by_name[node])
+    assert [op.attrs["groups"] for op in refused["grouped"]] == [2]
+    assert [op.attrs["transposed"] for op in refused["transposed"]] == [True]
+    shared = refused["shared"]
+    assert [op.kind for op in shared] == ["linear", "linear"] and shared[0].node is not shared[1].node
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_before_expected_each_eligible_layer_becomes_two(method):
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    prog = capture(model, (x,), method=method)
+    assert op_kinds(prog.gm) == ["conv", "act:relu", "conv", "flatten", "linear"]
+    ctx = context(prog, calibrate=False, lowrank_keep=0.5)
+    assert get("lowrank").run(prog, ctx) is True
+    assert op_kinds(prog.gm) == ["conv", "conv", "act:relu", "conv", "flatten", "linear", "linear"]
+    assert ctx.stats.matched == {"lowrank": 2}
+    ((rule, node, why),) = ctx.stats.declined  # the grouped conv stays, and the decline says which it is
+    grouped = view(next(n for n in prog.gm.graph.nodes if n.name == node), prog.gm)
+    assert rule == "lowrank" and grouped.attrs["groups"] == 4 and "groups=4" in why
+    prog.recompile()
+    assert prog(x).shape == (2, 10)
 
 
 def test_on_a_gpu_target_tiny_layers_decline_and_a_big_linear_at_batch_1_is_proposed():

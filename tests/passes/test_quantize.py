@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from helpers import op_kinds
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
@@ -20,6 +21,7 @@ from optic.backend import int8
 from optic.budget.allocator import build
 from optic.budget.calibration import Budget, split
 from optic.ir.capture import capture
+from optic.ir.opview import view
 from optic.passes import quantize as q
 from optic.pipeline.registry import get
 from optic.pipeline.runner import PassContext
@@ -273,3 +275,40 @@ def test_the_roofline_credits_int8_with_the_targets_int8_rate():
         t = targets.get(name)
         if t.peak_flops("int8"):
             assert cost.kernel_seconds(flops, elems, t, "int8") < cost.kernel_seconds(flops, 4 * elems, t, "float32")
+
+
+# -- before / expected ------------------------------------------------------------------------------
+def _kind(target) -> str:
+    return str(getattr(target, "__name__", target))  # how op_kinds writes an op the op view does not know
+
+
+@needs_int8
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_before_expected_every_layer_becomes_an_int8_kernel_with_its_activation(method):
+    model, x = cnn(), torch.randn(2, 3, 16, 16)
+    prog = capture(model, (x,), method=method)
+    assert op_kinds(prog.gm) == ["conv", "act:relu"] * 3 + ["flatten", "linear"]
+    assert get("quantize").run(prog, context(prog, quantize_min_macs=0)) is True
+    conv, linear = _kind(int8.CONV), _kind(int8.LINEAR)
+    assert op_kinds(prog.gm) == [_kind(int8.quantize_u8), conv, conv, conv, "flatten", linear]
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_declines_name_the_layers_that_stay_float(method):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small, self.big = nn.Linear(8, 4), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.big(x), self.small(x[:, :8]), self.big(x)  # big's weight is read twice
+
+    prog = capture(M().eval(), (torch.randn(4, 64),), method=method)
+    ctx = context(prog, quantize_min_macs=1000)
+    assert get("quantize").layers(prog, ctx) == []
+    kinds = {n.name: op.kind for n in prog.gm.graph.nodes if (op := view(n, prog.gm)) is not None}
+    declined = [(node, why) for rule, node, why in ctx.stats.declined if rule == "quantize"]
+    assert [kinds.get(node) for node, _ in declined] == ["linear", "linear", "linear"]
+    assert [why.split(":")[0] for _, why in declined] == [
+        "the weight is shared with another op (tied weights)", f"{4 * 8 * 4} multiply-adds",  # rows × in × out
+        "the weight is shared with another op (tied weights)"]
