@@ -46,13 +46,14 @@ import torch.nn as nn
 
 from optic import ir
 from optic.errors import OpticError
+from optic.ir import rewrite
 from optic.ir.opview import Op, view
 from optic.pipeline import timing
 from optic.pipeline.cost import kernel_flops
 from optic.pipeline.registry import Option, register
 from optic.pipeline.verify import compare
 
-from .vendor import ONEDNN_ATTRS, recorded_inputs, why_not_dense_fp32
+from .vendor import ONEDNN_ATTRS, TACTICS_CONFIRM_S, DenseSite, recorded_inputs
 from .vendor import Candidate as OneDNNCandidate
 from .vendor import fast_call as onednn_call
 
@@ -89,14 +90,14 @@ def describe_effort(tune: Any) -> str:
 
 # -- finding kernels ----------------------------------------------------------------------------------
 @dataclass
-class Site:
+class KernelSite:
     """One kernel in the graph: the main op, what fuses after it, and its operator."""
 
     op: Op
     nodes: list[fx.Node]  # in graph order; the last one's value is the kernel's output
     epilogue: tuple[str, ...]
     residual: fx.Node | None
-    operator: Any  # optic.autotune.Operator
+    operator: Any = None  # optic.autotune.Operator (set by the guard that accepts the site)
     onednn_act: Op | None = None  # the activation oneDNN would fuse (no residual)
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
@@ -176,20 +177,20 @@ def _operator(op: Op, epilogue: tuple[str, ...], b_layout: str = "nk") -> tuple[
         return None, (), (), str(e)
 
 
-def find_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[Site]:
-    """Every dense conv/linear with its epilogue (bias, activation, residual add) that a template covers;
-    ``b_layout``: see :func:`_operator`."""
-    sites: list[Site] = []
-    taken: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        op = view(node, gm)
-        if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node) or node in taken:
-            continue
-        why = why_not_dense_fp32(op)
-        if why:
-            stats.decline("tvm_" + op.kind, node.name, why)
-            continue
-        nodes, epilogue, residual = [node], [], None
+@dataclass
+class FusedKernel(DenseSite):
+    """A dense conv/linear (``kinds``) and what can run in its write-back: the bias, one activation the
+    code generator has, a residual add (in any order the graph has them). The guard accepts it when a
+    template covers the result, and then completes the site with its operator; ``b_layout``: see
+    :func:`_operator`."""
+
+    b_layout: str = "nk"
+
+    def match(self, op: Op, ctx: Any) -> KernelSite | None:
+        if super().match(op, ctx) is None:
+            return None
+        gm = op.node.graph.owning_module
+        nodes, epilogue, residual = [op.node], [], None
         if op.const("bias") is not None:
             epilogue.append("bias")
         while True:
@@ -206,16 +207,27 @@ def find_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[Sit
                 nodes.append(nxt.node)
                 continue
             break
-        operator, in_shape, out_shape, why = _operator(op, tuple(epilogue), b_layout)
-        if operator is None:
-            stats.decline("tvm_" + op.kind, node.name, why)
-            continue
-        onednn_act = None
-        if residual is None and len(nodes) == 2:
-            onednn_act = view(nodes[1], gm)
-        taken.update(nodes)
-        sites.append(Site(op, nodes, tuple(epilogue), residual, operator, onednn_act, in_shape, out_shape))
-    return sites
+        onednn_act = view(nodes[1], gm) if residual is None and len(nodes) == 2 else None
+        return KernelSite(op, nodes, tuple(epilogue), residual, onednn_act=onednn_act)
+
+    def guard(self, site: KernelSite, ctx: Any) -> str | None:
+        why = super().guard(site.op, ctx)
+        if why:
+            return why
+        site.operator, site.in_shape, site.out_shape, why = _operator(site.op, site.epilogue, self.b_layout)
+        return why
+
+
+def kernel_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[KernelSite]:
+    """Every dense conv/linear with its epilogue (bias, activation, residual add) that a template covers,
+    in graph order; the others are declined in ``stats`` (rules ``tvm_conv``, ``tvm_linear``).
+    ``b_layout``: see :func:`_operator`."""
+    rules = [FusedKernel("tvm_conv", kinds=frozenset({"conv"}), b_layout=b_layout),
+             FusedKernel("tvm_linear", kinds=frozenset({"linear"}), b_layout=b_layout)]
+    return rewrite.find_sites(gm, rules, None, stats)
+
+
+find_sites = kernel_sites  # the name optic.backend.artifact imports
 
 
 def _reaches(value: fx.Node, kernel_nodes: list[fx.Node]) -> bool:
@@ -326,7 +338,7 @@ def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
     return lib["main"], lib
 
 
-def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKernel:
+def make_module(site: KernelSite, fn: Any, lib: Any, config: dict[str, int]) -> TVMKernel:
     cfg = " ".join(f"{k}={v}" for k, v in config.items())
     weight = site.op.const("weight")
     if site.operator.op == "matmul" and site.operator.opts.get("b_layout") == "kn":
@@ -336,7 +348,7 @@ def make_module(site: Site, fn: Any, lib: Any, config: dict[str, int]) -> TVMKer
                      (site.operator, dict(config)), epilogue=site.epilogue)
 
 
-def replace_sites(gm: fx.GraphModule, items: list[tuple[Site, nn.Module, str]], pass_name: str) -> None:
+def replace_sites(gm: fx.GraphModule, items: list[tuple[KernelSite, nn.Module, str]], pass_name: str) -> None:
     """Replace each site's nodes with a call of its module (added under a free name near ``name``)."""
     renamed: dict[fx.Node, fx.Node] = {}  # a kernel's output replaces the node an earlier site ended with
     for site, module, name in items:
@@ -389,28 +401,28 @@ class TVMKernels:
         Option("tuning_db", (str, object), None, "the tuning database: a path or a TuningDB (unset: the default "
                "one under ~/.cache/optic)"),
         Option("tactic_rounds", int, 5, "timing rounds per kernel, generated against PyTorch's"),
-        Option("tactics_confirm_s", float, 3.0, "seconds spent timing the whole model's variants against each other"),
+        TACTICS_CONFIRM_S,
     )
 
     def run(self, program: Any, ctx: Any) -> bool:
         if ctx.target.kind != "cpu" or not ctx.measure:
-            ctx.stats.decline("tvm_kernels", "*", "generated kernels replace PyTorch's only where both are measured: "
+            ctx.stats.decline("tvm_kernels", rewrite.MODEL, "generated kernels replace PyTorch's only where both are measured: "
                               "the target must be this machine's CPU with measuring on")
             return False
         from optic.tvm_compat import tvm_available
 
         if not tvm_available():
-            ctx.stats.decline("tvm_kernels", "*", "TVM is not installed (pip install 'optic[tvm]')")
+            ctx.stats.decline("tvm_kernels", rewrite.MODEL, "TVM is not installed (pip install 'optic[tvm]')")
             return False
         gm = program.gm
         # B[K,N]: the CPU template runs a linear about 2x faster with its weight transposed (once, here)
         # than in nn.Linear's B[N,K] (matmul 128x3072x768 + bias+gelu: 0.49x PyTorch in B[N,K], 1.02x in B[K,N])
-        sites = find_sites(gm, ctx.stats, b_layout="kn")
+        sites = kernel_sites(gm, ctx.stats, b_layout="kn")
         if not sites:
             return False
-        tune_level = ctx.option("tune", "fast")
+        tune_level = ctx.option("tune")
         ctx.note(describe_effort(tune_level))
-        groups: dict[str, list[Site]] = {}
+        groups: dict[str, list[KernelSite]] = {}
         for s in sites:
             groups.setdefault(s.operator.key, []).append(s)
         values = recorded_inputs(program, {n for s in sites for n in (*s.inputs, s.last)})
@@ -422,17 +434,20 @@ class TVMKernels:
         replace_sites(gm, [(site, make_module(site, fn, lib, config), f"tvm_kernel_{i}")
                            for i, (site, (fn, lib, config)) in enumerate(chosen)], "tvm_kernels")
         program.annotate_shapes()
-        if ctx.option("tvm_keep", "faster") == "all":
+        if ctx.option("tvm_keep") == "all":
             return True
         return self._confirm(before, program, ctx, len(chosen))
 
-    def _choose(self, groups: list[list[Site]], gm: fx.GraphModule, values: dict, ctx: Any, tune_level: Any) -> list:
+    def _choose(self, groups: list[list[KernelSite]], gm: fx.GraphModule, values: dict, ctx: Any, tune_level: Any) -> list:
         from optic.autotune import Runner, TuningDB, tune
         from optic.autotune.tune import workload_key
 
         trials = trials_for(tune_level)
-        budget_s = float(ctx.option("tune_budget_s", FAST_BUDGET_S if tune_level == "fast" else math.inf))
-        db_opt = ctx.option("tuning_db", None)
+        budget_s = ctx.option("tune_budget_s")
+        if budget_s is None:  # unset: the effort level decides
+            budget_s = FAST_BUDGET_S if tune_level == "fast" else math.inf
+        budget_s = float(budget_s)
+        db_opt = ctx.option("tuning_db")
         db = db_opt if isinstance(db_opt, TuningDB) else TuningDB(db_opt)
         runner = Runner() if trials else None
         if runner is not None:
@@ -488,7 +503,7 @@ class TVMKernels:
             ctx.note("  " + c.line())
         return out
 
-    def _tactic(self, group: list[Site], gm: fx.GraphModule, values: dict, ctx: Any, result: Any, db: Any,
+    def _tactic(self, group: list[KernelSite], gm: fx.GraphModule, values: dict, ctx: Any, result: Any, db: Any,
                 choice: KernelChoice) -> tuple:
         site = group[0]
         none = (None, None, None)
@@ -513,7 +528,7 @@ class TVMKernels:
         if not check.ok:
             choice.why = f"generated kernel's result differs ({check})"
             return none
-        if ctx.option("tvm_keep", "faster") == "all":  # testing the rewrite itself: no timing, keep every kernel
+        if ctx.option("tvm_keep") == "all":  # testing the rewrite itself: no timing, keep every kernel
             choice.chosen, choice.why = "tvm", "kept without timing (option tvm_keep='all')"
             return fn, lib, result.config
         region = ir.subgraph_callable(gm, site.nodes, site.inputs)
@@ -535,7 +550,7 @@ class TVMKernels:
         if cached is None:
             with torch.no_grad():
                 n = timing.calls_per_block(fns["torch"], target_s=0.005)
-                t = timing.compare(fns, rounds=int(ctx.option("tactic_rounds", 5)), block=n, warmup=1)
+                t = timing.compare(fns, rounds=int(ctx.option("tactic_rounds")), block=n, warmup=1)
             times = {k: v.median for k, v in t.items()}
             db.add_tactic(context, times)
         else:
@@ -555,7 +570,7 @@ class TVMKernels:
         args, kwargs = after.example_args, after.example_kwargs
         fns = {"torch": (lambda g=before.gm: g(*args, **kwargs)), "tvm": (lambda g=after.gm: g(*args, **kwargs))}
         with torch.no_grad():
-            t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s", 3.0)))
+            t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s")))
         ctx.record.measured["latency_s"] = (t["torch"].median, t["tvm"].median)
         ctx.note(f"whole model, measured here: PyTorch kernels {t['torch']}, with {kernels} generated kernel(s) "
                  f"{t['tvm']}")

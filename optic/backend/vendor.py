@@ -32,6 +32,7 @@ from optic import ir
 from optic.errors import OpticError
 from optic.ir import emit
 from optic.ir.opview import Op, view
+from optic.ir.rewrite import MODEL, RuleStats, Site, find_sites
 from optic.pipeline import timing
 from optic.pipeline.registry import Option, register
 from optic.pipeline.verify import compare
@@ -53,6 +54,9 @@ ONEDNN_ATTRS = {
     "gelu": lambda a: ("gelu", [], a.get("approximate", "none")),
 }
 _KEEP_MARGIN = 0.97  # a candidate must be at least 3% faster than what it replaces
+# Read by both backend steps (cpu_tactics, tvm_kernels): declared once, here.
+TACTICS_CONFIRM_S = Option("tactics_confirm_s", float, 3.0,
+                           "seconds spent timing the whole model's variants against each other")
 
 
 @dataclass
@@ -99,27 +103,46 @@ def why_not_dense_fp32(op: Op) -> str | None:
     return None
 
 
-def _candidates(gm: fx.GraphModule, stats) -> list[Candidate]:
-    out = []
-    for node in gm.graph.nodes:
-        op = view(node, gm)
-        if op is None or op.kind not in ("conv", "linear") or not isinstance(op.x, fx.Node):
-            continue
-        w = op.const("weight")
-        reason = why_not_dense_fp32(op)
+@dataclass
+class DenseSite(Site):
+    """An op of ``kinds`` (conv, linear) that reads a node and is float32 on dense constant weights."""
+
+    def match(self, op: Op, ctx: Any) -> Op | None:
+        return op if op.kind in self.kinds and isinstance(op.x, fx.Node) else None
+
+    def guard(self, op: Op, ctx: Any) -> str | None:
+        return why_not_dense_fp32(op)
+
+
+@dataclass
+class OneDNNSite(DenseSite):
+    """Where a oneDNN pointwise kernel can run: a dense site, and a conv also not transposed and zero-padded."""
+
+    def guard(self, op: Op, ctx: Any) -> str | None:
+        reason = super().guard(op, ctx)
         if reason is None and op.kind == "conv" and (op.attrs.get("transposed")
                                                      or op.attrs.get("padding_mode", "zeros") != "zeros"):
             reason = _CONV_ONLY
-        if reason:
-            stats.decline("onednn_" + op.kind, node.name, reason)
-            continue
-        act = _fusable_act(op, gm)
-        name, scalars, algo = ONEDNN_ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
-        attr = (name, scalars or [None], algo)  # the kernels take [None] for "no scalars"
-        sig = (op.kind, ir.shape(op.x), tuple(w.shape), op.const("bias") is not None, repr(attr),
-               repr({k: op.attrs.get(k) for k in ("stride", "padding", "dilation", "groups")}))
-        out.append(Candidate(op, act, sig, attr=attr))
-    return out
+        return reason
+
+
+ONEDNN_SITES = [OneDNNSite("onednn_conv", kinds=frozenset({"conv"})),
+                OneDNNSite("onednn_linear", kinds=frozenset({"linear"}))]
+
+
+def _candidate(op: Op, gm: fx.GraphModule) -> Candidate:
+    """The oneDNN kernel for ``op`` (a site), with the activation after it that the kernel fuses."""
+    act = _fusable_act(op, gm)
+    name, scalars, algo = ONEDNN_ATTRS[act.attrs["fn"]](act.attrs) if act else ("none", [], "")
+    attr = (name, scalars or [None], algo)  # the kernels take [None] for "no scalars"
+    sig = (op.kind, ir.shape(op.x), tuple(op.const("weight").shape), op.const("bias") is not None, repr(attr),
+           repr({k: op.attrs.get(k) for k in ("stride", "padding", "dilation", "groups")}))
+    return Candidate(op, act, sig, attr=attr)
+
+
+def _candidates(gm: fx.GraphModule, stats: RuleStats) -> list[Candidate]:
+    """Every oneDNN candidate of ``gm`` in graph order; the ops that cannot be one are declined in ``stats``."""
+    return [_candidate(op, gm) for op in find_sites(gm, ONEDNN_SITES, None, stats)]
 
 
 def recorded_inputs(program, nodes: set[fx.Node]) -> dict[fx.Node, Any]:
@@ -223,10 +246,11 @@ def to_channels_last(gm: fx.GraphModule) -> int:
     changed = 0
     graph = gm.graph
     cl = torch.channels_last
-    for node in list(graph.nodes):
-        op = view(node, gm)
-        if op is None or op.kind != "conv" or not isinstance(op.x, fx.Node) or why_not_dense_fp32(op):
-            continue
+    # A conv left out here is declined by the rule onednn_conv for the same reason, and cpu_tactics records
+    # that one: these declines are not recorded twice.
+    for site in find_sites(gm, DenseSite("channels_last", kinds=frozenset({"conv"})), None, RuleStats()):
+        node = site.node
+        op = view(node, gm)  # again: a conv before it, rewritten meanwhile, may be its input
         with graph.inserting_before(node):
             x = graph.call_function(torch.ops.aten.contiguous.default, (op.x,), {"memory_format": cl})
             w = ir.const_node(graph, gm, op.const("weight").contiguous(memory_format=cl), "weight_cl")
@@ -260,18 +284,18 @@ class CpuTactics:
                "'compiled' or 'packaged' only (unset: on unless OPTIC_WHOLE_GRAPH=0)",
                choices=(None, True, False, "compiled", "packaged")),
         Option("tactics_budget_s", float, 4.0, "seconds spent timing oneDNN kernels one layer at a time"),
-        Option("tactics_confirm_s", float, 3.0, "seconds spent timing the whole model's variants against each other"),
+        TACTICS_CONFIRM_S,
     )
 
     def run(self, program, ctx) -> bool:
         if ctx.target.kind != "cpu":
-            ctx.stats.decline("cpu_tactics", "*", f"target '{ctx.target.name}' is not a CPU")
+            ctx.stats.decline("cpu_tactics", MODEL, f"target '{ctx.target.name}' is not a CPU")
             return False
         if not ctx.measure:
-            ctx.stats.decline("cpu_tactics", "*", "tactics are chosen by measurement: measuring is off (measure=False, or the target is not this machine)")
+            ctx.stats.decline("cpu_tactics", MODEL, "tactics are chosen by measurement: measuring is off (measure=False, or the target is not this machine)")
             return False
         if not torch.backends.mkldnn.is_available():
-            ctx.stats.decline("cpu_tactics", "*", "this PyTorch build has no oneDNN")
+            ctx.stats.decline("cpu_tactics", MODEL, "this PyTorch build has no oneDNN")
             return False
         variants, kernels = self._variants(program, ctx, "")
         fallback = ctx.without_generated  # backend="tvm": the same model with PyTorch's kernels only
@@ -305,7 +329,9 @@ class CpuTactics:
         AOTInductor package), each checked on the inputs the pass is checked on; a decline says why one
         is not offered."""
         why = whole.unavailable()
-        which = ctx.option("whole_graph", os.environ.get(whole.ENV, "1") != "0")
+        which = ctx.option("whole_graph")
+        if which is None:  # unset: the environment decides
+            which = os.environ.get(whole.ENV, "1") != "0"
         if which not in (True, False, "compiled", "packaged"):
             raise OpticError(f"option whole_graph={which!r}: expected True (offer both), 'compiled', 'packaged' "
                              "or False")
@@ -314,12 +340,12 @@ class CpuTactics:
         elif ctx.lossy_after:
             why = "a lossy pass follows and needs to see the graph"
         if why:
-            ctx.stats.decline("whole_graph_compiled", "*", why)
+            ctx.stats.decline("whole_graph_compiled", MODEL, why)
             return {}
         kinds = [] if which == "packaged" else [(whole.NAME, "whole_graph_compiled", False)]
         if which != "compiled":
             if whole.writes_state(program):
-                ctx.stats.decline("whole_graph_packaged", "*", "the model updates a buffer in forward: a package "
+                ctx.stats.decline("whole_graph_packaged", MODEL, "the model updates a buffer in forward: a package "
                                                                  "would update its own copy")
             else:
                 kinds.append((whole.PACKAGED, "whole_graph_packaged", True))
@@ -336,7 +362,7 @@ class CpuTactics:
                 if candidate.gm.compiled.failed:
                     raise RuntimeError(candidate.gm.compiled.failed)
             except Exception as e:  # it could not be built: PyTorch's ops and the tactics remain
-                ctx.stats.decline(rule, "*", whole.error_line(e, 160))
+                ctx.stats.decline(rule, MODEL, whole.error_line(e, 160))
                 continue
             ctx.record.measured[rule + "_build_s"] = round(time.perf_counter() - t0, 2)
             found[name] = candidate
@@ -360,7 +386,7 @@ class CpuTactics:
     def _choose_kernels(self, program, ctx) -> list[str]:
         """Swap in the oneDNN kernels measured faster one by one; the rules that fired."""
         gm = program.gm
-        t_end = time.perf_counter() + float(ctx.option("tactics_budget_s", 4.0))
+        t_end = time.perf_counter() + float(ctx.option("tactics_budget_s"))
         cands = _candidates(gm, ctx.stats)
         if not cands:
             return []
@@ -415,7 +441,7 @@ class CpuTactics:
         """Time the whole model in every variant, alternated in blocks; the fastest one's name."""
         args, kwargs = program.example_args, program.example_kwargs
         fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}  # "torch ops" first
-        t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s", 3.0)))
+        t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s")))
         best = min(t, key=lambda k: t[k].median)
         before = t["torch ops"]
         ctx.record.measured["latency_s"] = (before.median, t[best].median)

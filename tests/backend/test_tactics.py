@@ -11,10 +11,9 @@ import torch
 import torch.nn as nn
 
 import optic
-from optic import api
 from optic.backend import vendor as cpu_tactics
 from optic.backend.vendor import to_channels_last
-from optic.pipeline import timing
+from optic.pipeline import final, timing
 
 ONEDNN = "channels-last + oneDNN kernels"
 CONV_RULES = {"onednn_conv+relu": 2, "onednn_conv": 1}  # conv-relu, conv-relu, conv (the batch norm folded)
@@ -50,7 +49,7 @@ def _optimize_with(monkeypatch, clock: ScriptedClock):
     monkeypatch.setattr(cpu_tactics, "timing", clock)
     # optimize()'s last check times the whole model for real and may return the captured graph: here it
     # measures a tie, which keeps what the pass chose
-    monkeypatch.setattr(api, "compare_models", lambda fns, budget_s: {k: timing.Timing(1e-3, 1e-3, 1e-3, 7) for k in fns})
+    monkeypatch.setattr(final, "compare_models", lambda fns, budget_s: {k: timing.Timing(1e-3, 1e-3, 1e-3, 7) for k in fns})
     m, x = _cnn(), torch.randn(1, 3, 16, 16)
     opt = optic.optimize(m, (x,))
     torch.testing.assert_close(opt(x), m(x), rtol=1e-4, atol=1e-4 * m(x).abs().max().item())
@@ -141,3 +140,57 @@ def test_tactics_decline_off_host():
     assert not opt.report.pass_record("cpu_tactics").changed
     opt = optic.optimize(m, (x,), measure=False)
     assert "measurement" in opt.report.declines("cpu_tactics")[0]["reason"]
+
+
+def test_channels_last_feeds_each_conv_its_rewritten_producer():
+    """Each conv is rewritten in graph order and reads what replaced the conv before it: the originals are
+    gone, not kept alive to feed the next one."""
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)).eval(), torch.randn(1, 3, 9, 9)
+    p = optic.capture(m, (x,))
+    assert to_channels_last(p.gm) == 3
+    convs = [n for n in p.gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 3 and not any(n.op == "call_module" for n in p.gm.graph.nodes)
+    assert all(c.args[0].target is torch.ops.aten.contiguous.default
+               and c.args[0].kwargs["memory_format"] is torch.channels_last for c in convs)
+    assert [c.args[0].args[0] for c in convs[1:]] == convs[:-1]  # each conv reads the new one before it
+    torch.testing.assert_close(p.gm(x), m(x), rtol=1e-4, atol=1e-4)
+    assert to_channels_last(optic.capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(1, 4),)).gm) == 0
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.refl = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(self.refl(self.up(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_onednn_candidates_come_in_graph_order_and_declines_name_their_node():
+    from optic.ir.rewrite import RuleStats
+
+    p = optic.capture(Mixed().eval(), (torch.randn(1, 3, 4, 4),))
+    stats = RuleStats()
+    cands = cpu_tactics._candidates(p.gm, stats)
+    assert [([n.name for n in c.nodes], c.attr[0]) for c in cands] == [(["conv", "relu"], "relu"), (["fc"], "none")]
+    assert list(stats.declined) == [("onednn_conv", "up", cpu_tactics._CONV_ONLY),
+                                    ("onednn_conv", "refl", cpu_tactics._CONV_ONLY)]
+
+
+def test_where_nothing_can_be_measured_the_step_declines_for_the_whole_model():
+    from types import SimpleNamespace
+
+    from optic import targets
+    from optic.ir.rewrite import MODEL, RuleStats
+
+    p = optic.capture(_cnn(), (torch.randn(1, 3, 8, 8),))
+    for target, measure, words in (("a100", True, "is not a CPU"), ("cpu", False, "measuring is off")):
+        ctx = SimpleNamespace(target=targets.get(target), measure=measure, stats=RuleStats())
+        assert cpu_tactics.CpuTactics().run(p, ctx) is False
+        ((rule, node, reason),) = ctx.stats.declined
+        assert (rule, node) == ("cpu_tactics", MODEL) and words in reason

@@ -27,7 +27,7 @@ from tests.strategies import cnn_models, mlp_models
 pytest.importorskip("tvm")
 
 from optic.autotune import TuningDB  # noqa: E402
-from optic.backend.generated import TVMKernel, find_sites, trials_for  # noqa: E402
+from optic.backend.generated import TVMKernel, kernel_sites, trials_for  # noqa: E402
 
 PASSES = ["cleanup", "fold_norm", "fuse", "cleanup"]  # no cpu_tactics: the generated kernels are what is tested
 KEEP_ALL = {"tvm_keep": "all"}
@@ -75,7 +75,7 @@ def _sites_expected(model, x) -> int:
     from optic.ir.rewrite import RuleStats
 
     program = optic.optimize(model, x, passes=PASSES, measure=False).program
-    return len(find_sites(program.gm, RuleStats()))
+    return len(kernel_sites(program.gm, RuleStats()))
 
 
 def test_every_epilogue_becomes_one_kernel_and_matches(tmp_path):
@@ -294,3 +294,56 @@ def test_a_result_with_generated_kernels_pickles_and_refuses_what_they_cannot_do
         loaded.half()
     with pytest.raises(optic.OpticError, match="gradient"):
         loaded(x.clone().requires_grad_())
+
+
+class Sites(nn.Module):
+    """Two kernels (conv+bias+relu, linear+bias+sigmoid) and two convolutions no template covers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c2 = nn.Conv2d(8, 8, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = self.c2(self.dw(y) + y)
+        return torch.sigmoid(self.fc(y.mean((2, 3))))
+
+
+def test_kernel_sites_come_in_graph_order_leave_the_graph_alone_and_declines_name_their_node():
+    from optic.ir.rewrite import RuleStats
+
+    program = optic.capture(Sites().eval(), (torch.randn(2, 3, 8, 8),))
+    code = program.gm.code
+    stats = RuleStats()
+    sites = kernel_sites(program.gm, stats, b_layout="kn")
+    assert program.gm.code == code
+    assert [([n.name for n in s.nodes], s.epilogue) for s in sites] == [
+        (["c1", "relu"], ("bias", "relu")), (["fc", "sigmoid"], ("bias", "sigmoid"))]
+    conv, linear = (s.operator for s in sites)
+    assert (conv.op, conv.args, conv.opts["epilogue"]) == ("conv2d", (2, 3, 8, 8, 8, 3, 3), ("bias", "relu"))
+    assert (linear.op, linear.args, linear.opts["b_layout"]) == ("matmul", (2, 4, 8), "kn")  # M x N x K
+    assert [s.onednn_act.attrs["fn"] for s in sites] == ["relu", "sigmoid"]
+    assert list(stats.declined) == [
+        ("tvm_conv", "dw", "only dense, non-transposed, zero-padded 2-D convolutions have a template"),
+        ("tvm_conv", "c2", "stride, padding or dilation differ between the dims")]
+    assert stats.matched == {}
+
+
+def test_on_a_target_that_is_not_this_cpu_the_step_declines_for_the_whole_model():
+    from types import SimpleNamespace
+
+    from optic import targets
+    from optic.backend.generated import TVMKernels
+    from optic.ir.rewrite import MODEL, RuleStats
+
+    program = optic.capture(nn.Linear(4, 4).eval(), (torch.randn(1, 4),))
+    code = program.gm.code
+    for target, measure in (("a100", True), ("cpu", False)):
+        ctx = SimpleNamespace(target=targets.get(target), measure=measure, stats=RuleStats())
+        assert TVMKernels().run(program, ctx) is False
+        ((rule, node, reason),) = ctx.stats.declined
+        assert (rule, node) == ("tvm_kernels", MODEL) and "this machine's CPU with measuring on" in reason
+    assert program.gm.code == code
