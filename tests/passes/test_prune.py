@@ -1,8 +1,12 @@
 """Structured pruning: the channel-coupling analysis on hand-built models (exact membership, and the
-reason when a group cannot be pruned), the surgery (exact when the removed channels are zero, on fx
-and export captures), the proposed actions, and a property test over generated models."""
+reason when a group cannot be pruned), its transfer table, small models before and after pruning
+(op kinds and channel counts), the surgery (exact when the removed channels are zero, on fx and
+export captures), the proposed actions, and a property test over generated models."""
 
 from __future__ import annotations
+
+import operator
+from fractions import Fraction
 
 import pytest
 import torch
@@ -17,8 +21,11 @@ from optic import ir
 from optic.budget.allocator import build
 from optic.budget.calibration import Budget, split
 from optic.ir.capture import capture
+from optic.ir.opview import view
 from optic.passes.prune import keep_count, preferred_multiple, prune_group, removed_positions, select_channels
 from optic.passes.prune.channels import analyse
+from optic.passes.prune.spaces import Chan
+from optic.passes.prune.transfer import PRODUCERS, TRANSFER, reshape_chan
 from optic.pipeline.registry import get
 from optic.pipeline.runner import PassContext
 
@@ -279,6 +286,88 @@ def test_attention_heads_are_one_group(method):
     assert group_of(prog, "o")["reason"] == "'add' combines them with 'x', whose channels are not pruned with them"
 
 
+# -- the transfer table ------------------------------------------------------------------------------------------
+# every op kind the analysis handled before it was a table (a k_<kind> method, or conv/linear as producers)
+HANDLED_KINDS = {"conv", "linear", "act", "dropout", "identity", "contiguous", "cast", "neg", "exp", "sqrt", "rsqrt",
+                 "pool", "resample", "batch_norm", "layer_norm", "rms_norm", "group_norm", "softmax", "mean",
+                 "transpose", "permute", "reshape", "flatten", "pad", "slice", "unsqueeze", "squeeze", "getitem",
+                 "split", "cat", "add", "sub", "mul", "div", "pow", "where", "masked_fill", "matmul", "sdpa"}
+# kinds of one behaviour: one entry
+SHARED = [("act", "dropout", "identity", "contiguous", "cast", "neg", "exp", "sqrt", "rsqrt"), ("pool", "resample"),
+          ("layer_norm", "rms_norm"), ("reshape", "flatten"), ("add", "sub", "mul", "div", "pow"), ("where", "masked_fill")]
+
+
+def test_the_transfer_table_covers_every_kind_the_analysis_handled():
+    assert set(TRANSFER) == HANDLED_KINDS and PRODUCERS <= set(TRANSFER)
+    for kinds in SHARED:
+        assert len({id(TRANSFER[k]) for k in kinds}) == 1, kinds
+    # and the others have an entry each
+    assert len({id(t) for t in TRANSFER.values()}) == len(TRANSFER) - sum(len(kinds) - 1 for kinds in SHARED)
+
+
+class Negated(nn.Module):
+    """logical_not: a kind the op view knows and the table does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.logical_not(self.conv1(x)).float())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_kind_without_an_entry_falls_back_to_not_understood(method):
+    assert "logical_not" not in TRANSFER
+    prog = capture(Negated().eval(), (torch.randn(1, 3, 4, 4),), method=method)
+    op = next(view(n, prog.gm) for n in prog.gm.graph.nodes if "logical_not" in n.name)
+    assert op.kind == "logical_not"
+    assert group_of(prog, "conv1")["reason"] == \
+        f"'{op.node.name}' (logical_not) reads them in a way pruning does not understand"
+
+
+def test_reshape_moves_channels_by_merging_later_axes_or_splitting_heads():
+    c = Chan(1, ((0, 8),))
+    assert reshape_chan((2, 8, 3, 3), (2, 72), c) == Chan(1, ((0, 72),), Fraction(9))  # 9 features per channel
+    assert reshape_chan((2, 8, 3, 3), (2, 8, 9), c) == Chan(1, ((0, 8),))
+    heads = Chan(2, ((0, 16),))
+    assert reshape_chan((2, 5, 16), (2, 5, 4, 4), heads) == Chan(2, ((0, 4),), Fraction(1, 4))  # a head: 4 channels
+    assert reshape_chan((2, 8, 3, 3), (16, 3, 3), c) is None  # merged with the batch axis: not a slice
+    # heads of 3 channels would cut the space of 10 (the other 2 channels are fixed)
+    assert reshape_chan((2, 5, 12), (2, 5, 4, 3), Chan(2, ((0, 10), (None, 2)))) is None
+
+
+class SplitApart(nn.Module):
+    """One linear split into three pieces read apart: three groups with one first producer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fa, self.fb = nn.Linear(4, 24), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b, c = self.fc(x).split([8, 8, 8], -1)
+        return self.fa(F.relu(a)) + self.fb(b), c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pieces_of_one_producer_are_found_and_declined_at_it_in_group_order(method):
+    prog = capture(SplitApart().eval(), (torch.randn(2, 4),), method=method)
+    groups = analyse(prog.gm).groups
+    fc, fa = groups[0].producers[0].name, groups[3].producers[0].name
+    assert [g.key for g in groups] == [(f"{fc}[0]",), (f"{fc}[1]",), (f"{fc}[2]",), (fa, groups[3].key[1])]
+    assert [(g["consumers"], g["reason"] is None) for g in summary(prog)] == [
+        (["fa"], True), (["fb"], True), ([], False), ([], False)]
+    names = {n.name for n in prog.gm.graph.nodes}
+    ref = prog.run()
+    ctx = ctx_for(prune_fraction=0.5, prune_multiple=1)
+    assert get("prune").run(prog, ctx)
+    assert ctx.stats.matched == {"prune": 2}  # both pieces read by a layer
+    assert [(node, "reach the graph output" in why) for _, node, why in ctx.stats.declined] == [(fc, True), (fa, True)]
+    assert {node for _, node, _ in ctx.stats.declined} <= names
+    assert [ir.shape(n)[-1] for n in prog.gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem] == [4, 4, 8]
+    assert [o.shape for o in prog.run()] == [o.shape for o in ref]
+
+
 # -- the math ----------------------------------------------------------------------------------------------------
 def test_levels_round_to_the_target_multiple_and_never_to_zero():
     assert [keep_count(64, f, 16) for f in (1 / 8, 1 / 4, 1 / 2, 3 / 4)] == [64, 48, 32, 16]
@@ -294,7 +383,6 @@ def test_selection_keeps_whole_heads_and_positions_expand_blocks():
     assert select_channels(imp, 2, 4).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
     assert select_channels(imp, 2).tolist() == [4, 11]  # ties: the first
     assert removed_positions(torch.tensor([1, 3]), 2, 2).tolist() == [4, 5, 8, 9]
-    from fractions import Fraction
     assert removed_positions(torch.tensor([4, 5, 6, 7]), 0, Fraction(1, 4)).tolist() == [1]
 
 
@@ -546,6 +634,72 @@ def test_measured_levels_must_be_faster_here():
     assert any(a.info["channels"] == (1024, 256) for a in actions)  # removing 3/4 is faster on any machine
     declined = [why for _, _, why in ctx.stats.declined if "not faster here" in why]
     assert len(actions) + len(declined) == 3
+
+
+# -- before and after: op kinds and channel counts of small models pruned by prune_fraction ---------------------
+def layers(prog) -> list[str]:
+    """Every op on tensors in graph order: its kind, with channel counts for layers and norms (in→out)
+    and the output shape of reshapes."""
+    prog.annotate_shapes()
+    out = []
+    for node in prog.gm.graph.nodes:
+        op, y = view(node, prog.gm), ir.shape(node)
+        if op is None or y is None:
+            continue
+        x = ir.shape(op.x) if isinstance(op.x, torch.fx.Node) else None
+        if op.kind == "conv":
+            out.append(f"conv {x[1]}→{y[1]}")
+        elif op.kind == "linear":
+            out.append(f"linear {x[-1]}→{y[-1]}")
+        elif op.kind == "batch_norm":
+            out.append(f"batch_norm {y[1]}")
+        elif op.kind in ("reshape", "flatten"):
+            out.append(f"{op.kind} {list(y)}")
+        else:
+            out.append(op.kind)
+    return out
+
+
+BEFORE_AFTER = {
+    # conv2's channels reach the output: only conv1's group (with its BatchNorm) is pruned
+    "conv_bn_conv": (ConvBnConv, (2, 3, 6, 6), dict(prune_fraction=0.5, prune_multiple=1), 1,
+                     ["conv 3→8", "batch_norm 8", "act", "conv 8→4"],
+                     ["conv 3→4", "batch_norm 4", "act", "conv 4→4"]),
+    # a quarter of 32 neurons, kept in multiples of 8
+    "ffn": (Ffn, (2, 3, 8), dict(prune_fraction=0.25, prune_multiple=8), 1,
+            ["linear 8→32", "act", "linear 32→8"],
+            ["linear 8→24", "act", "linear 24→8"]),
+    # half of every group: the residual stream (stem, conv and the depthwise dw), side, mix (each of its
+    # channels is 9 features after the flatten) and fc1
+    "mixed": (Mixed, (2, 3, 6, 6), dict(prune_fraction=0.5, prune_multiple=1), 4,
+              ["conv 3→8", "batch_norm 8", "act", "conv 8→8", "batch_norm 8", "add", "act", "conv 8→8", "act",
+               "conv 3→4", "act", "cat", "conv 12→4", "act", "pool", "flatten [2, 36]", "linear 36→16", "act",
+               "linear 16→5"],
+              ["conv 3→4", "batch_norm 4", "act", "conv 4→4", "batch_norm 4", "add", "act", "conv 4→4", "act",
+               "conv 3→2", "act", "cat", "conv 6→2", "act", "pool", "flatten [2, 18]", "linear 18→8", "act",
+               "linear 8→5"]),
+    # two of four heads of q/k/v (the view sizes follow), and half of fc1; the residual stream is the input
+    "sdpa_block": (SdpaBlock, (2, 5, 16), dict(prune_fraction=0.5, prune_multiple=1), 2,
+                   ["linear 16→16", "reshape [2, 5, 4, 4]", "transpose", "linear 16→16", "reshape [2, 5, 4, 4]",
+                    "transpose", "linear 16→16", "reshape [2, 5, 4, 4]", "transpose", "sdpa", "transpose",
+                    "reshape [2, 5, 16]", "linear 16→16", "add", "linear 16→32", "act", "linear 32→16", "add"],
+                   ["linear 16→8", "reshape [2, 5, 2, 4]", "transpose", "linear 16→8", "reshape [2, 5, 2, 4]",
+                    "transpose", "linear 16→8", "reshape [2, 5, 2, 4]", "transpose", "sdpa", "transpose",
+                    "reshape [2, 5, 8]", "linear 8→16", "add", "linear 16→16", "act", "linear 16→16", "add"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_AFTER))
+def test_before_and_after_pruning(case):
+    make, shape, options, groups, before, expected = BEFORE_AFTER[case]
+    prog = capture(make().eval(), (torch.randn(*shape),), method="fx")
+    assert layers(prog) == before
+    ref = prog.run()
+    ctx = ctx_for(**options)
+    assert get("prune").run(prog, ctx) is True
+    assert layers(prog) == expected
+    assert ctx.stats.matched == {"prune": groups}
+    assert prog.run().shape == ref.shape
 
 
 # -- property: every level of every group keeps a runnable graph of the same output shape ---------------------------
