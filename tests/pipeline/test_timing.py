@@ -122,3 +122,65 @@ def test_optimize_on_a_busy_machine_measures_again_and_says_the_latency_is_not_r
     assert report.pass_record("cleanup").changed  # the dropout went: the two models were timed
     assert report.measured_attempts > 1 and not report.measured_reliable
     assert "NOT RELIABLE" in report.table() and "speed-up)" not in report.table()
+
+
+# -- the measurement itself -------------------------------------------------------------------------------
+
+
+def test_candidates_alternate_in_blocks_and_the_order_turns_every_other_round(clock):
+    calls = []
+
+    def fn(name, seconds):
+        def call():
+            calls.append(name)
+            clock.now += seconds
+        return call
+
+    t = timing.compare({"a": fn("a", 1 * MS), "b": fn("b", 3 * MS)}, rounds=4, block=2, warmup=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"]
+    assert t["a"].median == pytest.approx(1 * MS) and t["b"].median == pytest.approx(3 * MS)  # per call, not per block
+    assert t["a"].samples == t["b"].samples == 4 and t["a"].attempts == 1
+
+
+def test_fewer_than_four_samples_span_from_the_fastest_to_the_slowest(clock):
+    t = timing.compare({"a": clock.function([0, 1 * MS, 5 * MS, 2 * MS])}, rounds=3, block=1, warmup=1)["a"]
+    assert (t.q1, t.median, t.q3, t.samples) == (pytest.approx(1 * MS), pytest.approx(2 * MS), pytest.approx(5 * MS), 3)
+    assert timing.Timing(0.0, 0.0, 0.0, 3).spread == 0.0  # a zero median has no relative spread
+
+
+def test_a_budget_stops_the_rounds_early_but_never_before_two(clock):
+    fns = {"a": clock.function(itertools.repeat(10 * MS)), "b": clock.function(itertools.repeat(10 * MS))}
+    t = timing.compare(fns, rounds=50, block=1, warmup=0, budget_s=0.05)
+    assert t["a"].samples == 3  # 20 ms a round: past 50 ms after the third
+    tiny = timing.compare(fns, rounds=50, block=1, warmup=0, budget_s=0.0)
+    assert tiny["a"].samples == 2
+
+
+def test_a_block_is_sized_from_the_second_call(clock):
+    durations = [0.25, 0.125]  # the first call may still pack weights: it is not what is sized on
+    assert timing.calls_per_block(clock.function(durations), target_s=0.5) == 4
+    assert timing.calls_per_block(clock.function([1 * MS, 1e-9]), target_s=0.02, cap=7) == 7
+    assert timing.calls_per_block(clock.function([1 * MS, 0.1]), target_s=0.02) == 1
+
+
+def test_compare_models_sizes_its_blocks_on_the_baseline(clock):
+    calls = {"base": 0, "other": 0}
+
+    def fn(name, seconds):
+        def call():
+            calls[name] += 1
+            clock.now += seconds
+        return call
+
+    t = timing.compare_models({"base": fn("base", 4 * MS), "other": fn("other", 1 * MS)}, budget_s=10.0)
+    # blocks of 20 ms / 4 ms = 5 calls each, 7 rounds, after 2 sizing calls of the baseline and a warm-up call each
+    assert calls == {"base": 2 + 1 + 7 * 5, "other": 1 + 7 * 5}
+    assert t["base"].samples == t["other"].samples == 7
+
+
+def test_rotating_calls_the_function_on_each_input_in_turn():
+    seen = []
+    call = timing.rotating(lambda *a, **k: seen.append((a, k)), [((1,), {}), ((2,), {"flag": True})])
+    for _ in range(5):
+        call()
+    assert seen == [((1,), {}), ((2,), {"flag": True})] * 2 + [((1,), {})]
