@@ -209,3 +209,33 @@ def test_parallel_gemms_take_macro_tiles_dynamically_and_serial_ones_do_not():
         ir = lib.mod.inspect_source("ll")
         assert ("atomicrmw add" in ir) is dynamic  # the counter's fetch-and-add (LLVM inlines it)
         _build_and_check(operator, config)
+
+
+def test_the_dynamic_tile_rewrite_turns_only_marked_parallel_loops_into_workers():
+    """A marked parallel loop of T tiles becomes PARALLEL workers that take tiles from a counter until
+    none is left; an unmarked loop, or a marked one that is not parallel, is left as it is."""
+    tvm = require_tvm()
+    from optic.backend import dynamic_tiles
+
+    tirx = tvm.tirx
+    i = tirx.Var("i", "int32")
+    body = tirx.Evaluate(tirx.const(0, "int32"))
+    parallel = tirx.For(i, 0, 10, tirx.ForKind.PARALLEL, body)
+
+    def attr(key, loop):
+        return tirx.AttrStmt(tvm.runtime.convert("x"), key, tirx.const(3, "int32"), loop)
+
+    marked = attr(dynamic_tiles._DYNAMIC, parallel)
+    out = dynamic_tiles._rewrite_dynamic(tirx, marked)
+    counter, start, workers = out.seq
+    assert type(counter).__name__ == "AllocBuffer" and type(start).__name__ == "BufferStore"
+    assert workers.kind == tirx.ForKind.PARALLEL and int(workers.extent) == 3  # PARALLEL workers, not T tiles
+    text = str(out)
+    assert text.count("optic_next_tile") == 2 and "while tile < 10" in text  # a tile to start, then the next
+    for untouched in (attr("pragma_other", parallel),
+                      attr(dynamic_tiles._DYNAMIC, tirx.For(i, 0, 10, tirx.ForKind.SERIAL, body))):
+        assert dynamic_tiles._rewrite_dynamic(tirx, untouched).same_as(untouched)
+    nested = tirx.SeqStmt([attr("pragma_other", parallel), tirx.For(tirx.Var("j", "int32"), 0, 2, tirx.ForKind.SERIAL,
+                                                                     marked)])
+    rewritten = dynamic_tiles._rewrite_dynamic(tirx, nested)
+    assert rewritten.seq[0].same_as(nested.seq[0]) and str(rewritten.seq[1].body) == text  # found inside a loop
