@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 import optic
-from optic import api
 from optic.backend import vendor as cpu_tactics
 from optic.errors import OpticError
+from optic.pipeline import final
 
 
 class SmallCNN(nn.Module):
@@ -40,7 +40,7 @@ def onednn_kept(monkeypatch):
     monkeypatch.setattr(cpu_tactics.CpuTactics, "_measure", staticmethod(lambda c, gm, values, ctx: (True, "")))
     monkeypatch.setattr(cpu_tactics.CpuTactics, "_fastest",
                         staticmethod(lambda variants, program, ctx: next(k for k in variants if "oneDNN" in k)))
-    monkeypatch.setattr(api, "_never_slower", lambda original, result, *a, **k: result)
+    monkeypatch.setattr(final, "never_slower", lambda original, result, *a, **k: result)
 
 
 def _model_and_input():

@@ -92,8 +92,7 @@ def test_every_lazy_import_is_in_an_extra_and_the_tvm_extra_holds_only_what_opti
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
     core = {MODULE_OF[d] for d in _names(project["dependencies"])}
-    # benchmarks/: not installed; optic bench imports it from a checkout (and says so when it is not there)
-    lazy = set().union(*_imports(load_time_only=False).values()) - core - {"benchmarks"}
+    lazy = set().union(*_imports(load_time_only=False).values()) - core
     offered = {MODULE_OF.get(d, d.replace("-", "_")) for extra in extras.values() for d in _names(extra)}
     assert lazy <= offered, f"imported by optic, installed by no extra: {sorted(lazy - offered)}"
     tvm = _names(extras["tvm"])

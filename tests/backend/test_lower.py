@@ -19,6 +19,7 @@ pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install 'opt
 
 import optic  # noqa: E402
 from optic import tvm_compat  # noqa: E402
+from optic.backend.inspect import scheduled_kernel, tvm_view  # noqa: E402
 from optic.backend.partition import convex_groups, extract  # noqa: E402
 from optic.errors import LoweringError, OpticError, UnknownTargetError  # noqa: E402
 from optic.pipeline.verify import compare  # noqa: E402
@@ -246,11 +247,11 @@ def test_tvmscript_dump(mlp):
 
     model, x, lowered = mlp
     program = optic.capture(model, (x,))
-    text = dump.render(program, "tvmscript", title="captured graph")
+    text = dump.render(program, "tvmscript", title="captured graph", tvm=tvm_view(program))
     assert text.startswith("# optic TVMScript dump: captured graph")
     assert "fused_matmul_add_gelu: matmul" in text and "def part_0(" in text
     name = by_class(lowered, "matmul")[0].name
-    one = dump.render(program, "tvmscript", kernel=name)
+    one = dump.render(program, "tvmscript", tvm=tvm_view(program, "cpu", name))
     assert f"# kernel {name}" in one and "def part_0(" not in one
     # then the same kernel scheduled by optic's template: its variables in the header, parallel loops in the TIR
     assert "# scheduled by optic's matmul template for cpu" in one and "MR=" in one and "NR=" in one
@@ -258,10 +259,9 @@ def test_tvmscript_dump(mlp):
 
 
 def test_scheduled_kernel_for_a_gpu_binds_threads_or_says_why(block):
-    from optic import dump
 
     _, _, lowered = block
-    texts = [dump.scheduled_kernel(k, "a100") for k in lowered.kernels]
+    texts = [scheduled_kernel(k, "a100") for k in lowered.kernels]
     assert any("scheduled by optic's" in t for t in texts)
     for text in texts:
         assert text.startswith("# ")

@@ -19,8 +19,8 @@ from hypothesis_profiles import examples
 from strategies import contract_models
 
 import optic
-from optic import api
 from optic.backend import vendor, whole
+from optic.pipeline import final
 from optic.pipeline.verify import compare
 
 pytestmark = pytest.mark.skipif(whole.unavailable() is not None, reason=str(whole.unavailable()))
@@ -39,7 +39,7 @@ def _keep(monkeypatch, name):
         return name
     monkeypatch.setattr(vendor.CpuTactics, "_fastest", staticmethod(fastest))
     # and the final whole-model timing keeps it too (a model this small runs faster uncompiled)
-    monkeypatch.setattr(api, "_never_slower", lambda original, result, report, budget_s, inputs: result)
+    monkeypatch.setattr(final, "never_slower", lambda original, result, report, budget_s, inputs: result)
 
 
 @pytest.fixture
@@ -212,7 +212,7 @@ def test_the_call_contract_holds_when_compiled(case):
     example, kwargs = {None: ((x,), {}), "positional": ((x, mask), {}), "keyword": ((x,), {"mask": mask})}[how]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vendor.CpuTactics, "_fastest", staticmethod(lambda variants, program, ctx: whole.NAME))
-        mp.setattr(api, "_never_slower", lambda original, result, report, budget_s, inputs: result)
+        mp.setattr(final, "never_slower", lambda original, result, report, budget_s, inputs: result)
         opt = optic.optimize(copy.deepcopy(model), example, example_kwargs=kwargs,
                              passes=["cleanup", "fold_norm", "fuse", "cpu_tactics"],
                              options={"tactics_budget_s": 0.5, "whole_graph": "compiled"})
