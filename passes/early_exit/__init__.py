@@ -61,7 +61,7 @@ class EarlyExit:
             return _decline(ctx, MODEL, why)
         spec, why = classifier_output(program)
         if why is not None:
-            return _decline(ctx, "<output>", why)
+            return _decline(ctx, _output_node(program.gm).name, why)  # the value it returns is to blame
         cuts, why = _cuts(program, ctx)
         if why is not None:
             return _decline(ctx, MODEL, why)

@@ -1,11 +1,17 @@
-"""early_exit: cut points at block boundaries, segments that chain exactly, the runner's exits at
-batch 1 and batch > 1 (exited samples leave the batch; everybody continues on an export graph specialized to
-its batch, dynamic=False), and the
-calibrated pass on a trained model within its budget."""
+"""early_exit: cut points at block boundaries (and the guard that declines some by node), segments that
+chain exactly (the graph before and its segments and exits after, as op kinds), the runner's exits at batch 1
+and batch > 1 (exited samples leave the batch; everybody continues on an export graph specialized to its
+batch, dynamic=False), saved runners loading by their module path, the heads' distillation and cross-fitting,
+the threshold search on its own (within the budget, monotonic in it), and the calibrated pass on a trained
+model within its budget."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
+import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,11 +21,21 @@ import torch.nn.functional as F
 import optic.targets
 from optic.budget.calibration import Budget, Evaluator, split
 from optic.ir.capture import capture
+from optic.ir.graph import is_shape_query
+from optic.ir.opview import kind_of
+from optic.ir.rewrite import MODEL, RuleStats
 from optic.passes.early_exit import EarlyExit
 from optic.passes.early_exit.cuts import block_boundaries, choose_cuts, exit_candidates
-from optic.passes.early_exit.heads import ExitHead, confidence, feature_width, train_heads
-from optic.passes.early_exit.runner import make_runner, side_nodes
-from optic.passes.early_exit.thresholds import NEVER, executed_fraction
+from optic.passes.early_exit.heads import (
+    ExitHead,
+    confidence,
+    distill_loss,
+    feature_width,
+    out_of_fold_logits,
+    train_heads,
+)
+from optic.passes.early_exit.runner import EarlyExitRunner, Segment, make_runner, side_nodes
+from optic.passes.early_exit.thresholds import NEVER, ThresholdSearch, executed_fraction, threshold_levels
 from optic.pipeline.report import PassRecord
 from optic.pipeline.runner import PassContext
 
@@ -109,6 +125,39 @@ class Dense(nn.Module):
         for b in self.blocks:
             feats.append(F.relu(b(feats[-1])))
         return self.fc(torch.cat(feats, 1).mean((2, 3)))
+
+
+class IndexStream(nn.Module):
+    """A stream value that is an integer map (argmax over channels), embedded again afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.emb, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Embedding(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.emb(self.conv(x).argmax(1)).mean((1, 2)))
+
+
+class PooledLinear(nn.Module):
+    """One linear on a parameter-free function of the input: nothing before it to cut after."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class LateBoundary(nn.Module):
+    """Its one boundary, the wide linear's output, comes after nearly all of the cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(192, 1024), nn.Linear(1024, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x.flatten(1)))
 
 
 def token_batch(n, gen, length=8):
@@ -213,6 +262,62 @@ def test_no_cut_where_earlier_values_are_read_later():
     assert block_boundaries(prog.gm) == ["relu", "cat", "mean"]
 
 
+def test_choose_cuts_declines_a_feature_no_head_reads_by_its_node():
+    prog = capture(IndexStream().eval(), (torch.randn(2, 3, 8, 8),), method="fx")
+    assert block_boundaries(prog.gm) == ["conv", "argmax", "emb", "mean"]
+    stats = RuleStats()
+    chosen = choose_cuts(prog, exit_candidates(prog, CPU), 4, stats, latest=1.0)
+    assert [c.node for c in chosen] == ["conv", "emb", "mean"]
+    assert list(stats.declined) == [
+        ("early_exit", "argmax", "feature is [2, 8, 8] int64: heads read 2-D/3-D/4-D float")]
+
+
+def test_choose_cuts_declines_what_comes_too_late_by_its_node():
+    prog = capture(ResNet().eval(), (torch.randn(2, 3, 8, 8),), method="fx")
+    cands = exit_candidates(prog, CPU)
+    stats = RuleStats()
+    chosen = choose_cuts(prog, cands, 3, stats, latest=cands[2].fraction)
+    assert [c.node for c in chosen] == ["relu", "relu_2", "relu_4"]  # the three early enough
+    assert [node for _, node, _ in stats.declined] == ["relu_6", "relu_8", "view"]
+    assert all("too little left to skip" in why for _, _, why in stats.declined)
+
+
+# -- before and after ------------------------------------------------------------------------------
+def op_kinds(gm) -> str:
+    """The computing nodes of ``gm`` as op kinds, in graph order (shape queries as ``shape``)."""
+    return " ".join("shape" if is_shape_query(n) else kind_of(n, gm) or str(n.target)
+                    for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output"))
+
+
+BLOCK = "conv batch_norm act conv add act"
+
+
+@pytest.mark.parametrize("method, before, segments", [
+    ("fx", f"conv act {BLOCK} {BLOCK} {BLOCK} {BLOCK} shape reshape linear", [
+        (("x",), f"conv act {BLOCK}", ("relu_2",)),
+        (("relu_2",), BLOCK, ("relu_4",)),
+        (("relu_4",), BLOCK, ("relu_6",)),
+        (("relu_6",), f"{BLOCK} shape reshape linear", ("fc",))]),
+    # the batch size is read once at the top of an export graph: it moves to the segment that reads it,
+    # and the input travels along to it (a sample that exits never computes it)
+    ("export", f"shape conv act {BLOCK} {BLOCK} {BLOCK} {BLOCK} reshape linear", [
+        (("x",), f"conv act {BLOCK}", ("relu_2",)),
+        (("relu_2",), BLOCK, ("relu_4",)),
+        (("relu_4",), BLOCK, ("relu_6",)),
+        (("x", "relu_6"), f"shape {BLOCK} reshape linear", ("linear",))]),
+])
+def test_a_classifier_before_and_its_segments_and_exits_after(method, before, segments):
+    prog = capture(ResNet().eval(), (torch.randn(2, 3, 8, 8),), method=method)
+    assert op_kinds(prog.gm) == before
+    cuts = [c.node for c in choose_cuts(prog, exit_candidates(prog, CPU), 3)]
+    runner = make_runner(prog, cuts, random_heads(prog, cuts), [NEVER] * 3)
+    assert [(s.inputs, op_kinds(s.gm), s.outputs) for s in runner.segments] == segments
+    assert op_kinds(prog.gm) == before  # the graph itself is not touched
+    # an exit after each of the first three segments: global average pool of [N, 8, 8, 8], linear 8 → 4
+    assert runner.cuts == [s[2][0] for s in segments[:-1]]
+    assert [(h.rank, h.norm, tuple(h.fc.weight.shape)) for h in runner.heads] == [(4, None, (4, 8))] * 3
+
+
 # -- segments and runner ---------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fx", "export"])
 @pytest.mark.parametrize("make", [lambda: (ResNet(), torch.randn(4, 3, 8, 8)),
@@ -298,6 +403,56 @@ def test_batch_behaviour(case, method, dynamic):
                 assert torch.allclose(runner(x[i:i + 1])[0], got[i], atol=1e-5)
 
 
+def test_a_saved_runner_loads_and_exits_the_same():
+    prog = capture(ResNet().eval(), (torch.randn(8, 3, 8, 8),), method="fx")
+    cuts = ["relu_2", "relu_4"]
+    runner = make_runner(prog, cuts, random_heads(prog, cuts), [NEVER, NEVER])
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    runner.thresholds = [_half_confident(runner, x)[0], NEVER]
+    buf = io.BytesIO()
+    torch.save(runner, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), runner(x))
+    assert loaded.exit_counts == runner.exit_counts and 0 < loaded.exit_counts[0] < 8
+
+
+@pytest.mark.parametrize("cls", [EarlyExitRunner, Segment, ExitHead])
+def test_results_saved_before_the_split_name_classes_that_still_load(cls):
+    # a pickle names a class by module path; files saved before the pass was split name ``segments``
+    assert pickle.loads(f"coptic.passes.early_exit.segments\n{cls.__name__}\n.".encode()) is cls
+
+
+# -- heads -------------------------------------------------------------------------------------------
+def test_distill_loss_is_tempered_kl_plus_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher, labels, t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen), \
+        torch.tensor([0, 1, 2, 3, 0]), 2.0
+    p, q = (teacher.double() / t).softmax(-1), (student.double() / t).softmax(-1)
+    kl = float((p * (p.log() - q.log())).sum(-1).mean()) * t * t
+    ce = float(-student.double().log_softmax(-1)[torch.arange(5), labels].mean())
+    assert float(distill_loss(student, teacher, None, t)) == pytest.approx(kl, rel=1e-5)
+    assert float(distill_loss(student, teacher, labels, t)) == pytest.approx(kl + ce, rel=1e-5)
+    assert float(distill_loss(teacher, teacher, None, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_out_of_fold_logits_come_from_heads_that_did_not_see_the_sample():
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(40, 8, generator=gen)]
+    teacher = feats[0][:, :4] * 3
+    heads = [ExitHead(2, 8, 4)]
+    untrained = [p.clone() for p in heads[0].parameters()]
+    oof = out_of_fold_logits(heads, feats, teacher, None, 2, steps=50, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(untrained, heads[0].parameters(), strict=True))
+    for fold in (0, 1):
+        held = torch.arange(40) % 2 == fold
+        alone = [ExitHead(2, 8, 4)]
+        alone[0].load_state_dict(dict(zip(heads[0].state_dict(), untrained, strict=True)))
+        train_heads(alone, [feats[0][~held]], teacher[~held], None, steps=50, seed=3)
+        with torch.no_grad():
+            assert torch.equal(oof[0][held], alone[0].classify(feats[0][held]))
+
+
 def test_heads_train_deterministically_and_fold_their_standardization():
     gen = torch.Generator().manual_seed(0)
     feats = [torch.randn(64, 8, generator=gen) * 5 + 3, torch.randn(64, 6, generator=gen)]
@@ -323,6 +478,66 @@ def test_expected_fraction_of_cost():
     assert executed_fraction([0.0, 1.0], [1.0, 1.0], [0.1]) == pytest.approx(1.05)
 
 
+# -- thresholds --------------------------------------------------------------------------------------
+def test_threshold_levels_go_from_strict_to_loose_and_let_their_share_exit():
+    conf = torch.rand(200, generator=torch.Generator().manual_seed(0)) * 0.7 + 0.3
+    levels = threshold_levels(conf)
+    assert levels == sorted(set(levels), reverse=True) and len(levels) > 10
+    assert levels[-1] == float(conf.min())  # the loosest lets everybody exit
+    shares = [float((conf >= t).float().mean()) for t in levels]
+    assert shares[0] >= 0.01 and shares == sorted(shares)
+
+
+class Disagreement:
+    """An evaluator whose drop is the share of top-1 predictions that differ from the model's own."""
+
+    metric = "agreement"
+
+    def __init__(self, batches, final):
+        self.batches, self.reference = batches, [z.argmax(-1) for z in final]
+
+    def drop(self, model, split):
+        assert split == "fit"
+        differ = sum(int((model(*b.args, **b.kwargs).argmax(-1) != ref).sum())
+                     for b, ref in zip(self.batches, self.reference, strict=True))
+        return differ / sum(len(ref) for ref in self.reference)
+
+
+def search_case(allowed, seed=0, n_batches=4, size=32):
+    """Two heads over the model's logits: the first noisier than the second, both more often right
+    where they are confident."""
+    gen = torch.Generator().manual_seed(seed)
+    final = [torch.randn(size, 4, generator=gen) * 2 for _ in range(n_batches)]
+    heads = [[z + torch.randn(size, 4, generator=gen) * scale for z in final] for scale in (2.0, 1.0)]
+    batches = [SimpleNamespace(args=(torch.zeros(size, 1),), kwargs={}) for _ in range(n_batches)]
+    spec = torch.utils._pytree.tree_flatten(final[0])[1]
+    return ThresholdSearch(heads, final, [1.0, 1.0, 1.0], [0.05, 0.05], spec, Disagreement(batches, final),
+                           batches, allowed)
+
+
+@pytest.mark.parametrize("allowed", [0.0, 0.05, 0.2])
+def test_threshold_search_steps_loosen_save_and_stay_within_the_budget(allowed):
+    search = search_case(allowed)
+    steps = search.search()
+    assert len(steps) > 1
+    n = sum(search.sizes)
+    for (prev, before), (state, res) in itertools.pairwise(steps):
+        assert all(b >= a for a, b in zip(prev, state, strict=True)) and state != prev  # only loosens
+        assert res.fraction < before.fraction
+        assert res.changed <= allowed + 0.5 / n and res.drop <= search.base_drop + allowed + 1e-12
+        assert res.drop == pytest.approx(res.changed)  # the replayed outputs are what the exits return
+        assert res.thresholds == search.thresholds(state)
+        assert sum(res.rates) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_threshold_search_saves_more_with_more_budget(seed):
+    finals = [search_case(allowed, seed).search()[-1][1] for allowed in (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)]
+    fractions = [res.fraction for res in finals]
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] < fractions[0]
+    assert finals[-1].rates[0] == 1.0  # no limit: everybody leaves at the first head
+
+
 # -- the calibrated pass -------------------------------------------------------------------------------
 def test_pass_within_budget_exits_most_samples_early(trained):
     prog = capture(trained, (torch.randn(2, 3, 8, 8),), method="fx")
@@ -339,6 +554,9 @@ def test_pass_within_budget_exits_most_samples_early(trained):
     assert ctx.evaluator.drop(prog, "holdout") <= 0.03  # Program calls its runner
     assert any(what == "training exit heads" and done == total for what, done, total in steps)
     assert ctx.stats.matched == {"early_exit": len(exits)}
+    # after: the segments hold the graph's ops in order, each ending at the next exit's cut
+    assert " ".join(op_kinds(s.gm) for s in prog.runner.segments) == op_kinds(prog.gm)
+    assert [s.outputs for s in prog.runner.segments[:-1]] == [(e["node"],) for e in exits]
 
 
 def test_budget_zero_keeps_no_exit_that_changes_a_prediction(trained):
@@ -388,7 +606,8 @@ def test_declines_what_is_not_a_classifier(model, reason):
     ctx, _ = context(prog, blob_data(2, 16), 0.05, metric="rel_error")
     assert not EarlyExit().run(prog, ctx)
     assert prog.runner is None
-    assert any(reason in why for _, _, why in ctx.stats.declined)
+    [(rule, node, why)] = ctx.stats.declined
+    assert rule == "early_exit" and node == "output" and reason in why  # the graph's output node
 
 
 def test_declines_without_calibration():
@@ -396,4 +615,22 @@ def test_declines_without_calibration():
     ctx = PassContext(target=CPU, record=PassRecord("early_exit", False))
     assert not EarlyExit().run(prog, ctx)
     assert "calibration" in ctx.record.notes[0]
+    assert [node for _, node, _ in ctx.stats.declined] == [MODEL]
+
+
+def test_declines_a_model_with_no_block_boundary_as_a_whole():
+    prog = capture(PooledLinear().eval(), (torch.randn(2, 3, 8, 8),), method="fx")
+    ctx, _ = context(prog, blob_data(2, 16), 0.05)
+    assert not EarlyExit().run(prog, ctx)
+    assert list(ctx.stats.declined) == [
+        ("early_exit", MODEL, "no block boundary: no cut of the graph has a single stream value")]
+
+
+def test_declines_each_boundary_by_its_node_then_the_model_when_none_is_early_enough():
+    prog = capture(LateBoundary().eval(), (torch.randn(2, 3, 8, 8),), method="fx")
+    ctx, _ = context(prog, blob_data(2, 16), 0.05)
+    assert not EarlyExit().run(prog, ctx)
+    (_, first, late), last = ctx.stats.declined
+    assert first == "fc1" and "too little left to skip" in late
+    assert last == ("early_exit", MODEL, "no block boundary with a 2-D/3-D/4-D float feature early enough")
 
