@@ -47,7 +47,7 @@ class Option:
         if not ok:
             want = " or ".join(t.__name__ for t in types)
             raise UnknownOptionError(f"option {self.name!r} takes {want} ({self.help}); got {value!r}.")
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and value not in self.choices and not (value is None and self.default is None):
             raise UnknownOptionError(f"option {self.name!r} takes one of {', '.join(map(repr, self.choices))}; "
                                      f"got {value!r}.")
         return value
