@@ -322,16 +322,21 @@ def _requantize_in_epilogue(kernel: fx.Node, value: fx.Node, q: fx.Node) -> None
     kernel.graph.erase_node(q)
 
 
+def _still_quantizable(node: fx.Node, gm: fx.GraphModule, min_macs: int) -> Op:
+    """The layer at ``node`` of the program an action is applied to, checked by the same site that proposed it."""
+    site = quantizable(min_macs)
+    op = view(node, gm)
+    op = site.match(op, None) if op is not None else None
+    why = "it is no longer a conv or linear reading a tensor" if op is None else site.guard(op, None)
+    if why:
+        raise RuntimeError(f"{node.name} can no longer be quantized: {why}")
+    return op
+
+
 def _applier(name: str, scale: float, zp: int, min_macs: int):
     def apply(program: Any) -> None:
         gm = program.gm
-        node = next(n for n in gm.graph.nodes if n.name == name)
-        site = quantizable(min_macs)
-        op = view(node, gm)
-        op = site.match(op, None) if op is not None else None
-        why = site.guard(op, None) if op is not None else "it is no longer a conv or linear reading a tensor"
-        if why:
-            raise RuntimeError(f"{name} can no longer be quantized: {why}")
+        op = _still_quantizable(next(n for n in gm.graph.nodes if n.name == name), gm, min_macs)
         _kernel(_layer(op, gm), gm, scale, zp)
         chain(gm)
         ir.eliminate_dead_code(gm)
