@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,36 @@ import torch
 from .errors import OpticError
 
 FORMAT = "optic.OptimizedModule/1"
+
+# Modules that moved since files of this format were first written (the core's subpackages): a file saved
+# before names its classes by the old paths, and still loads.
+MOVED = {
+    **{f"optic.{m}": f"optic.ir.{m}" for m in ("opview", "rewrite", "emit", "program", "capture", "dynamic",
+                                               "contract")},
+    "optic.ir": "optic.ir.graph",
+    "optic.pipeline": "optic.pipeline.runner",
+    **{f"optic.{m}": f"optic.pipeline.{m}" for m in ("registry", "verify", "timing", "cost", "report", "health")},
+    "optic.budget": "optic.budget.allocator",
+    "optic.calibration": "optic.budget.calibration",
+    **{f"optic.{m}": f"optic.backend.{m}" for m in ("lower", "partition", "kernels", "artifact", "int8")},
+    "optic.channels": "optic.passes.prune.channels",
+    "optic.segments": "optic.passes.early_exit.segments",
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            if module not in MOVED:
+                raise
+            return super().find_class(MOVED[module], name)
+
+
+# what torch.load(pickle_module=...) uses: pickle with the moved paths followed
+_PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(),
+                                __name__="optic.saving")
 
 
 def save(result: Any, path: str | os.PathLike) -> Path:
@@ -73,7 +105,7 @@ def load(path: str | os.PathLike) -> Any:
     if not src.is_file():
         raise OpticError(f"{src} does not exist or is not a file (write one with optic.save(result, path))")
     try:
-        payload = torch.load(src, weights_only=False)
+        payload = torch.load(src, weights_only=False, pickle_module=_PICKLE)
     except Exception as e:
         raise OpticError(f"{src} is not a file optic.save wrote ({type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None

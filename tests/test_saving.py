@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,32 @@ def test_budgeted_digits_models_round_trip(example, tmp_path):
     x = common.load_digits().test.x[:64]
     with torch.no_grad():
         assert torch.equal(result(x).argmax(1), loaded(x).argmax(1))
+
+
+@pytest.mark.parametrize("cls_path", ["optic.pipeline.report:Report", "optic.ir.program:Program",
+                                      "optic.ir.contract:CallSignature"])
+def test_a_file_saved_before_the_core_moved_still_loads(cls_path, tmp_path, monkeypatch):
+    """Files saved before the core moved into subpackages name their classes by the old module paths
+    (optic.report, optic.program, ...): they load, through the table of moved modules."""
+    import importlib
+
+    from optic import saving
+
+    module_name, _, cls_name = cls_path.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    old = next(o for o, n in saving.MOVED.items() if n == module_name)
+    entry = get("tiny_cnn")
+    result = optic.optimize(entry.factory(), entry.inputs(1), measure=False)
+    stand_in = types.ModuleType(old)  # the old module, as an old optic had it, while saving
+    setattr(stand_in, cls_name, cls)
+    monkeypatch.setattr(cls, "__module__", old)
+    monkeypatch.setitem(sys.modules, old, stand_in)
+    path = optic.save(result, tmp_path / "old.optic.pt")
+    monkeypatch.undo()
+    assert old not in sys.modules or old in saving.MOVED.values()
+    loaded = optic.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(*entry.inputs(1)), result(*entry.inputs(1)))
+    monkeypatch.setattr(saving, "MOVED", {})
+    with pytest.raises(OpticError, match="not a file optic.save wrote"):
+        optic.load(path)  # without the table the old path is not found: the table is what loads it
