@@ -29,9 +29,14 @@ from .opview import Op, view
 
 @dataclass
 class Rule:
-    """One rewrite: a pattern (``match``), a legality check (``guard``) and the surgery (``apply``)."""
+    """One rewrite: a pattern (``match``), a legality check (``guard``) and the surgery (``apply``).
+
+    The driver shows a rule the ops the op view knows. A rule about calls the op view does not classify
+    (optic's own int8 kernels, export's metadata asserts) names their functions in ``targets``: the
+    driver shows it those calls as ops of kind :data:`OPAQUE` (``op.node`` is the call)."""
 
     name: str
+    targets: frozenset[Any] = field(default=frozenset(), kw_only=True)
 
     def match(self, op: Op, ctx: Any) -> Any | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -56,6 +61,7 @@ class RuleStats:
 
 
 MODEL = "<model>"  # the node name of a decline about the whole model (no single node is to blame)
+OPAQUE = "opaque"  # the kind of a call the op view does not classify, shown to rules that name its target
 
 
 @dataclass
@@ -66,6 +72,8 @@ class Site(Rule):
     kinds: frozenset[str] = frozenset()
 
     def match(self, op: Op, ctx: Any) -> Any | None:
+        if op.kind == OPAQUE:
+            return op if op.node.target in self.targets else None
         return op if not self.kinds or op.kind in self.kinds else None
 
     def apply(self, m: Any, ctx: Any) -> None:  # sites are collected, not rewritten
@@ -76,13 +84,18 @@ def _first_legal(gm: fx.GraphModule, rules: list[Rule], ctx: Any, declined: dict
     """Walk ``gm`` in graph order; per op, yield (node, rule, match) for the first rule that matches and
     whose guard passes, recording (rule, node, reason) in ``declined`` for each guard that refuses.
     The caller may rewrite the graph between steps (nodes erased meanwhile are skipped)."""
+    opaque = frozenset().union(*(r.targets for r in rules))
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
         op = view(node, gm)
         if op is None:
-            continue
+            if node.op != "call_function" or node.target not in opaque:
+                continue
+            op = Op(kind=OPAQUE, node=node, x=node.args[0] if node.args else None)
         for rule in rules:
+            if op.kind == OPAQUE and node.target not in rule.targets:
+                continue
             m = rule.match(op, ctx)
             if m is None:
                 continue
