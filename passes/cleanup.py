@@ -14,6 +14,7 @@ the fx path stays shape-generic; exported graphs are already static.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch.fx as fx
 
 from optic import ir
 from optic.ir.opview import Op, is_noop
-from optic.ir.rewrite import Rule, apply_rules
+from optic.ir.rewrite import OPAQUE, Rule, apply_rules
 from optic.pipeline.registry import register
 
 # Values whose folding would change what the model computes or bloat it for no gain.
@@ -151,16 +152,19 @@ def _growth(node: fx.Node, value: torch.Tensor, const: dict) -> str | None:
     return None
 
 
-def drop_metadata_asserts(gm: fx.GraphModule, stats) -> bool:
-    """Remove export's dtype/device asserts: on a static, verified graph they always hold.
+ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
-    Its own walk: an assert computes nothing, so the op view does not classify it and the rule
-    driver, which visits classified ops, never sees it."""
-    asserts = [n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
-    for node in asserts:
-        gm.graph.erase_node(node)
-        stats.match("metadata_assert")
-    return bool(asserts)
+
+@dataclass
+class DropMetadataAssert(Rule):
+    """Export's dtype/device asserts: on a static, verified graph they always hold. An assert computes
+    nothing, so the op view does not classify it: the rule names it (``targets``)."""
+
+    def match(self, op: Op, ctx: Any) -> Op | None:
+        return op if op.kind == OPAQUE else None
+
+    def apply(self, op: Op, ctx: Any) -> None:
+        op.node.graph.erase_node(op.node)
 
 
 @register
@@ -174,7 +178,7 @@ class Cleanup:
         gm = program.gm
         changed = apply_rules(gm, [RemoveNoop("remove_noop")], ctx, ctx.stats)
         changed |= fold_constants(program, ctx.stats)
-        changed |= drop_metadata_asserts(gm, ctx.stats)
+        changed |= apply_rules(gm, [DropMetadataAssert("metadata_assert", targets=ASSERTS)], ctx, ctx.stats)
         for _ in range(ir.eliminate_dead_code(gm)):
             ctx.stats.match("dead_code")
             changed = True

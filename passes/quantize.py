@@ -38,7 +38,7 @@ from optic.backend import int8
 from optic.budget.allocator import Action
 from optic.budget.calibration import iter_values
 from optic.ir.opview import Op, view
-from optic.ir.rewrite import Site, find_sites
+from optic.ir.rewrite import OPAQUE, Rule, RuleStats, Site, apply_rules, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import Option, register
 
@@ -279,20 +279,28 @@ def run_float(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 LAYOUT_KINDS = ("flatten", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze")
 
 
+@dataclass
+class RequantizeInEpilogue(Rule):
+    """An int8 kernel whose only consumer is a quantize step writes that step's uint8 directly (the
+    step is removed). Int8 kernels are optic's own ops, which the op view does not classify: the rule
+    names them (``targets``) and the driver shows them as opaque ops."""
+
+    def match(self, op: Op, ctx: Any) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+        kernel = op.node
+        if op.kind != OPAQUE or kernel.args[int8.OUT_ARGS[kernel.target][2]]:
+            return None  # not an int8 kernel, or one that already writes uint8
+        found = _quantize_consumer(kernel, kernel.graph.owning_module)
+        return None if found is None else (kernel, *found)
+
+    def apply(self, m: tuple[fx.Node, fx.Node, fx.Node], ctx: Any) -> None:
+        _requantize_in_epilogue(*m)
+
+
 def chain(gm: fx.GraphModule) -> int:
-    """Requantize in the producer's epilogue: an int8 kernel whose only consumer is a quantize step
-    writes that step's uint8 directly (the step is removed). Returns how many were chained."""
-    n_chained = 0
-    # its own walk: int8 kernels and quantize steps are optic's own ops, which the op view does not
-    # classify, so the rule driver (which visits classified ops) never sees them
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in int8.OUT_ARGS or node.args[int8.OUT_ARGS[node.target][2]]:
-            continue  # not an int8 kernel, or one that already writes uint8
-        found = _quantize_consumer(node, gm)
-        if found is not None:
-            _requantize_in_epilogue(node, *found)
-            n_chained += 1
-    return n_chained
+    """Requantize in the producers' epilogues (:class:`RequantizeInEpilogue`); how many were chained."""
+    stats = RuleStats()
+    apply_rules(gm, [RequantizeInEpilogue("requantize_in_epilogue", targets=frozenset(int8.OUT_ARGS))], None, stats)
+    return stats.matched.get("requantize_in_epilogue", 0)
 
 
 def _quantize_consumer(kernel: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node] | None:
