@@ -139,3 +139,16 @@ def test_tuning_without_tvm_says_which_extra_and_records_nothing(tmp_path, monke
     with TuningDB(tmp_path / "t.db") as db:
         assert db.summary() == []
     assert tune(Operator.parse("matmul", "64x64x64"), "cpu", 0, db=tmp_path / "t.db").config  # the model's pick
+
+
+def test_every_package_folder_is_installed():
+    """A folder with an ``__init__.py`` under an installed tree is in pyproject's package list: a missed
+    subpackage installs nothing (a non-editable install, as the core check in CI makes, would lack it)."""
+    cfg = _pyproject()["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    where = {pkg: ROOT / folder for pkg, folder in cfg["package-dir"].items()}
+    for top, folder in where.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder)
+            name = ".".join([top, *rel.parts])
+            assert name in listed, f"{init.parent.relative_to(ROOT)} is not installed: add {name!r} to packages"
