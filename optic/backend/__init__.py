@@ -11,6 +11,19 @@ graph they leave, how it runs on the target, and keeps only what it measured fas
   MKL/oneDNN GEMMs with their binary post-ops, and generated C++ kernels for everything between them),
   timed against the two above; the fastest implementation of the whole model is kept.
 
+Below the steps:
+
+- :mod:`.lower` (with :mod:`.partition` and :mod:`.kernels`): the graph to TVM Relax, the ops TVM cannot
+  take kept in PyTorch, Relax's fused kernels read back as optic's operators;
+- code generators, one per target kind: :mod:`.codegen_cpu` (LLVM schedules; :mod:`.dynamic_tiles`, the
+  parallel loop that takes tiles from a counter) and :mod:`.codegen_cuda` (entry point) with
+  :mod:`.cuda_config` (choosing a configuration), :mod:`.cuda_schedules` (TIR schedules) and
+  :mod:`.cuda_toolchain` (nvcc and ptxas); :mod:`.tir_expr` holds the expressions both share;
+- :mod:`.artifact`: a GPU target's artifact (CUDA kernels, ptxas-checked, saved with the graph);
+- :mod:`.int8`: optic's int8 operators and their integer reference;
+- :mod:`.inspect`: views for the dumps (the lowered module, one scheduled kernel);
+- :mod:`.profiling`: per-kernel profiles.
+
 Importing this package registers its steps with :mod:`optic.pipeline.registry`. Nothing here imports a pass.
 """
 

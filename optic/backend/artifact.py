@@ -257,7 +257,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     from optic.autotune.space import SpaceError
     from optic.autotune.toolchain import toolchain
     from optic.backend.codegen_cuda import compile_cuda, model_config
-    from optic.backend.generated import find_sites, replace_sites
+    from optic.backend.generated import kernel_sites, replace_sites
     from optic.ir.rewrite import RuleStats
 
     from ..tvm_compat import require_tvm
@@ -267,7 +267,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     result = program.clone()
     gm = result.gm
     stats = RuleStats()
-    sites = find_sites(gm, stats)
+    sites = kernel_sites(gm, stats)
     left = [f"{n}: {why}" for _, n, why in stats.declined]
     groups: dict[str, list[Any]] = {}
     for s in sites:

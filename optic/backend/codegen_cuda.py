@@ -50,8 +50,9 @@ def build(operator: Operator, config: Mapping[str, int], dtype: str | None = Non
     """The scheduled TIR module (``main``) of ``operator`` with the GPU template ``config``.
 
     ``dtype``: the element type (float32 or float16), by default the operator's. The configuration
-    must satisfy the template's constraints (it is checked: an invalid one raises ``SpaceError``,
-    never builds), with the target's limits for any GPU: the schedule reads only the variables."""
+    must name every variable of the template's space (a missing one raises ``SpaceError``); whether
+    it satisfies the constraints with a given GPU's limits is :func:`compile_cuda`'s check, since the
+    schedule itself reads only the variables and one configuration may fit one GPU and not another."""
     if operator.op not in BUILDERS:
         raise SpaceError(f"no CUDA code generator for {operator.op}; known: {sorted(BUILDERS)}")
     cfg = dict(config)

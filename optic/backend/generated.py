@@ -224,10 +224,26 @@ def kernel_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[K
     ``b_layout``: see :func:`_operator`."""
     rules = [FusedKernel("tvm_conv", kinds=frozenset({"conv"}), b_layout=b_layout),
              FusedKernel("tvm_linear", kinds=frozenset({"linear"}), b_layout=b_layout)]
-    return rewrite.find_sites(gm, rules, None, stats)
+    return _one_kernel_per_node(rewrite.find_sites(gm, rules, None, stats), stats)
 
 
-find_sites = kernel_sites  # the name optic.backend.artifact imports
+def _one_kernel_per_node(sites: list[KernelSite], stats: Any) -> list[KernelSite]:
+    """``sites`` without those whose epilogue an earlier site already took (both convs of a ResNet block
+    end in its add): the later one is declined, naming the kernel that has its epilogue."""
+    owner: dict[fx.Node, fx.Node] = {}
+    kept = []
+    for site in sites:
+        taken = [n for n in site.nodes if n in owner]
+        if taken:
+            stats.decline(f"tvm_{site.op.kind}", site.op.node.name,
+                          f"its epilogue ({', '.join(n.name for n in taken)}) is already in "
+                          f"{owner[taken[0]].name}'s kernel")
+            continue
+        owner.update({n: site.op.node for n in site.nodes})
+        kept.append(site)
+    return kept
+
+
 
 
 def _reaches(value: fx.Node, kernel_nodes: list[fx.Node]) -> bool:

@@ -347,3 +347,34 @@ def test_on_a_target_that_is_not_this_cpu_the_step_declines_for_the_whole_model(
         ((rule, node, reason),) = ctx.stats.declined
         assert (rule, node) == ("tvm_kernels", MODEL) and "this machine's CPU with measuring on" in reason
     assert program.gm.code == code
+
+
+class Residual(nn.Module):
+    """A ResNet block with a projection shortcut: both convs' outputs meet in one add (+ relu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.ds = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        return torch.relu(y + self.ds(x))
+
+
+def test_an_add_two_kernels_could_take_goes_to_one_and_the_other_says_so():
+    """Both c2 and the shortcut ds could end in the block's add + relu: one kernel takes them, the other is
+    declined by its node with the kernel that took them (two sites claiming one add would both be tuned and
+    reported while the second ends up dead in the graph)."""
+    from optic.ir.rewrite import RuleStats
+
+    program = optic.capture(Residual().eval(), (torch.randn(1, 4, 8, 8),))
+    stats = RuleStats()
+    sites = kernel_sites(program.gm, stats)
+    claimed = [n for s in sites for n in s.nodes]
+    assert len(claimed) == len(set(claimed)), "two kernel sites claim the same node"
+    (first_add,) = [s for s in sites if "residual" in s.epilogue]
+    others = {s.op.node.name for s in sites} - {first_add.op.node.name}
+    declined = {node: why for rule, node, why in stats.declined}
+    (loser,) = {"c2", "ds"} - {first_add.op.node.name}
+    assert loser not in others and first_add.op.node.name in declined[loser]
