@@ -12,12 +12,11 @@ measured and how.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-from optic.cli import EXIT_ERROR, PROGRESS_HELP
+from optic.cli import PROGRESS_HELP, run_command
 from optic.cli import _Progress as Progress  # the optic command line's progress lines and bars, the same here
 from optic.errors import OpticError
 
@@ -61,20 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark command; return the exit status (2 for a bad argument, said in one line)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error argparse has already printed
-        return e.code if isinstance(e.code, int) else EXIT_ERROR
-    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
-                        format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        return bench(args)
-    except OpticError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, bench, PROG)
 
 
 def bench(args: argparse.Namespace) -> int:

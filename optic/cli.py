@@ -49,24 +49,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments
         return _run(cmd_bench, argv[1:])
+    return run_command(build_parser(), argv, lambda args: args.func(args))
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, command: Any, prog: str = "optic") -> int:
+    """Parse ``argv`` with ``parser``, set logging from ``-v``, run ``command(args)``; the exit status. A usage
+    error is argparse's message and its status; an error optic expects is one line on stderr and status 2.
+    (``python -m benchmarks`` runs through here too.)"""
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
                         format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
-    return _run(args.func, args)
+    return _run(command, args, prog)
 
 
-def _run(command: Any, args: Any) -> int:
+def _run(command: Any, args: Any, prog: str = "optic") -> int:
     """``command(args)``'s exit status; an error optic expects is one line on stderr and status 2."""
     try:
         return command(args)
     except OpticError as e:
-        print(f"optic: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("optic: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `optic dump ... | head`: the reader left; that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
