@@ -9,8 +9,10 @@ it was made on. What depends on the machine is never stored in a form that could
 - the whole graph compiled by Inductor is compiled again on first use; an AOTInductor package travels as
   its bytes and is built again when the machine that loads it differs (another CPU model, other vector
   extensions, another torch);
-- TVM-generated kernels travel as their tuning records (operator and tile configuration) and are compiled
-  for the loading machine on first use; the tuning database is not needed.
+- TVM-generated kernels travel as their compiled library (a shared object) with the machine it was built for,
+  and their tuning records (operator and tile configuration): loaded on a machine like it, the library
+  runs as saved; elsewhere (or where it does not load) the kernel is compiled again from its records on
+  first use. The tuning database is not needed.
 
 Loading unpickles the file: load only files you trust (as with ``torch.load(weights_only=False)``).
 """

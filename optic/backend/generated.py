@@ -35,9 +35,13 @@ module cannot be saved with ``torch.save`` (its ``state_dict`` can).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +62,7 @@ from .vendor import Candidate as OneDNNCandidate
 from .vendor import fast_call as onednn_call
 
 EFFORT = {"none": 0, "fast": 4, "full": 32}
+log = logging.getLogger("optic.backend.generated")
 FAST_BUDGET_S = 60.0
 _ACTS = frozenset({"relu", "silu", "tanh", "sigmoid", "gelu"})  # the activations the code generator fuses
 _KEEP_MARGIN = 0.97  # the generated kernel must be at least 3 % faster than PyTorch's fastest
@@ -292,12 +297,54 @@ class TVMKernel(nn.Module):
         transposed = self.source is not None and self.source[0].opts.get("b_layout") == "kn"
         return kernel_flops(out_shape, w[::-1] if transposed else w, self.epilogue)
 
-    def __getstate__(self) -> dict:  # a loaded library does not pickle: it is compiled again on first use
+    def __getstate__(self) -> dict:
+        """The kernel's state with its compiled library as bytes (a shared object) and the machine it was
+        built for; a library that cannot be written (no C compiler here) leaves the tuning records
+        (``source``) to rebuild it."""
         if self.source is None:
             raise TypeError(f"a generated kernel ({self.description}) without its source cannot be pickled")
         state = dict(self.__dict__)
         state["_fn"] = state["_lib"] = None
+        state["stored_library"] = self._library_bytes()
         return state
+
+    def _library_bytes(self) -> tuple[str, bytes] | None:
+        """(machine fingerprint, the shared library's bytes) of the loaded kernel, or what was loaded from
+        a file when the kernel has not run since."""
+        if self._lib is None:
+            return getattr(self, "stored_library", None)
+        from optic.targets.cpu import host_fingerprint
+
+        with tempfile.TemporaryDirectory(prefix="optic-kernel-") as tmp:
+            path = Path(tmp) / "kernel.so"
+            try:
+                self._lib.export_library(str(path))
+            except Exception as e:  # noqa: BLE001 - no compiler, or a library TVM cannot write: rebuild on load
+                log.info("generated kernel %s: library not stored (%s); it is rebuilt on load", self.description, e)
+                return None
+            return host_fingerprint(), path.read_bytes()
+
+    def _load(self) -> tuple[Any, Any]:
+        """(function, library): the stored library when it was built on a machine like this one, else the
+        kernel compiled again from its tuning records."""
+        from optic.targets.cpu import host_fingerprint
+
+        stored = getattr(self, "stored_library", None)
+        if stored is not None and stored[0] == host_fingerprint():
+            try:
+                from optic.tvm_compat import require_tvm
+
+                tvm = require_tvm()
+                with tempfile.NamedTemporaryFile(prefix="optic-kernel-", suffix=".so", delete=False) as f:
+                    f.write(stored[1])
+                try:
+                    lib = tvm.runtime.load_module(f.name)
+                finally:
+                    os.unlink(f.name)  # the loaded library stays mapped
+                return lib["main"], lib
+            except Exception as e:  # noqa: BLE001 - a library that does not load here is rebuilt
+                log.info("generated kernel %s: stored library did not load (%s); compiling it", self.description, e)
+        return compile_kernel(*self.source)
 
     def _x_shape(self) -> tuple:
         """The input shape the kernel was generated for (a linear's rows flattened into ``in_shape``)."""
@@ -328,7 +375,7 @@ class TVMKernel(nn.Module):
         if tuple(x.shape) != self._x_shape() and self.source is not None:  # another size: PyTorch's ops
             return self.reference(x, *residual)
         if self._fn is None:
-            self._fn, self._lib = compile_kernel(*self.source)
+            self._fn, self._lib = self._load()
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
         out = torch.empty(self.out_shape, dtype=torch.float32)
         args = [x.detach().reshape(self.in_shape).contiguous(), self.weight]

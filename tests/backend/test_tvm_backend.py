@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -378,3 +379,39 @@ def test_an_add_two_kernels_could_take_goes_to_one_and_the_other_says_so():
     declined = {node: why for rule, node, why in stats.declined}
     (loser,) = {"c2", "ds"} - {first_add.op.node.name}
     assert loser not in others and first_add.op.node.name in declined[loser]
+
+
+def test_a_saved_kernel_brings_its_library_and_rebuilds_only_on_another_machine(tmp_path, monkeypatch):
+    """Pickled, a generated kernel carries its compiled library: loaded on the same machine it runs without
+    compiling; on another machine (another fingerprint) it is compiled again from its tuning records."""
+    import io
+
+    from optic.backend import generated
+
+    grab = AfterTVM()
+    model, x = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval(), torch.randn(4, 16)
+    optic.optimize(model, (x,), passes=PASSES, backend="tvm", tune="none", options=KEEP_ALL, instruments=[grab],
+                   tuning_db=str(tmp_path / "db.json"))
+    (kernel,) = kernels_of(SimpleNamespace(program=grab.program))
+    with torch.no_grad():
+        want = kernel(x)
+    buf = io.BytesIO()
+    torch.save(kernel, buf)
+    compiled = []
+    real = generated.compile_kernel
+    monkeypatch.setattr(generated, "compile_kernel", lambda *a: compiled.append(a) or real(*a))
+
+    def load():
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    same = load()
+    assert same.stored_library is not None
+    with torch.no_grad():
+        assert torch.equal(same(x), want)
+    assert compiled == [], "the stored library was compiled again on the machine that built it"
+    monkeypatch.setattr("optic.targets.cpu.host_fingerprint", lambda: "another|cpu|avx2|torch x")
+    other = load()
+    with torch.no_grad():
+        assert torch.equal(other(x), want)
+    assert len(compiled) == 1, "a library built for another machine was used instead of compiling"
