@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -155,6 +156,13 @@ def split(gm: fx.GraphModule, cuts: Sequence[str]) -> list[Segment]:
 
 
 # -- the runner ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DumpedSpec:
+    """A pytree spec as :func:`torch.utils._pytree.treespec_dumps` wrote it (see EarlyExitRunner.__getstate__)."""
+
+    text: str
+
+
 class EarlyExitRunner(nn.Module):
     """Runs ``segments`` in order; after segment k, ``heads[k]`` reads the stream value ``cuts[k]``
     and the samples whose confidence reaches ``thresholds[k]`` take its logits as their output.
@@ -182,6 +190,22 @@ class EarlyExitRunner(nn.Module):
 
     def reset_counts(self) -> None:
         self.exit_counts = [0] * len(self.segments)
+
+    def __getstate__(self) -> dict:
+        """The output's pytree spec travels as pytree's own serialized form where it has one (a pickled
+        TreeSpec leans on classes torch is deprecating); a spec it cannot write (a node type without a
+        serialization name) is pickled as it is."""
+        state = dict(super().__getstate__())
+        try:
+            state["out_spec"] = _DumpedSpec(pytree.treespec_dumps(self.out_spec))
+        except Exception:  # noqa: BLE001 - pickled as the TreeSpec itself
+            pass
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("out_spec"), _DumpedSpec):
+            state = dict(state, out_spec=pytree.treespec_loads(state["out_spec"].text))
+        super().__setstate__(state)
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         if self.capture == "export":
