@@ -312,5 +312,9 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
         check = compare(program.gm(*args, **kwargs), gm(*args, **kwargs), tolerance)
     if not check.ok:
         raise OpticError(f"the artifact's graph disagrees with the optimized model ({check}); please report it")
-    return GPUArtifact(target.name, target.arch, result, library, kernels, left, sources, toolchain(),
+    from .cuda_toolchain import nvcc_version
+
+    # the cubins depend on nvcc as much as the CUDA source depends on TVM: the manifest names both
+    tools = dict(toolchain(), nvcc=nvcc_version())
+    return GPUArtifact(target.name, target.arch, result, library, kernels, left, sources, tools,
                        time.perf_counter() - start), left

@@ -63,6 +63,10 @@ def test_saved_artifact_computes_the_same_on_cpu(built, tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["cuda", "kernels.so", "manifest.json", "model.pt"]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["target"] == "a100" and len(manifest["kernels"]) == 3
+    from optic.backend.cuda_toolchain import nvcc_version
+
+    assert manifest["toolchain"]["nvcc"] == nvcc_version()  # the cubins' compiler, None without nvcc
+    assert manifest["toolchain"]["tvm"]
     assert len(list((path / "cuda").glob("*.cu"))) == 3
     loaded = optic.load_artifact(path)
     kernels = [m for m in loaded.modules() if isinstance(m, GPUKernel)]
