@@ -457,6 +457,7 @@ class Quantize:
         actions = self.candidates(program, ctx)
         for a in actions:
             a.apply(program)
+            ctx.stats.match("quantize")  # as lowrank's and prune's runs count theirs
         return bool(actions)
 
 

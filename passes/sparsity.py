@@ -145,6 +145,7 @@ class Sparse24:
         actions = self.candidates(program, ctx)
         for a in actions:
             a.apply(program)
+            ctx.stats.match("sparse24")  # as lowrank's and prune's runs count theirs
         return bool(actions)
 
 

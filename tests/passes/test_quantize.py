@@ -288,7 +288,9 @@ def test_before_expected_every_layer_becomes_an_int8_kernel_with_its_activation(
     model, x = cnn(), torch.randn(2, 3, 16, 16)
     prog = capture(model, (x,), method=method)
     assert op_kinds(prog.gm) == ["conv", "act:relu"] * 3 + ["flatten", "linear"]
-    assert get("quantize").run(prog, context(prog, quantize_min_macs=0)) is True
+    ctx = context(prog, quantize_min_macs=0)
+    assert get("quantize").run(prog, ctx) is True
+    assert ctx.stats.matched.get("quantize") == 4  # every layer, counted as the other lossy runs count
     conv, linear = _kind(int8.CONV), _kind(int8.LINEAR)
     assert op_kinds(prog.gm) == [_kind(int8.quantize_u8), conv, conv, conv, "flatten", linear]
 
