@@ -60,6 +60,12 @@ class RuleStats:
         self.declined[(rule, node, reason)] = None
 
 
+class Several(tuple):
+    """What a :class:`Site` rule's ``match`` returns when one op is the place of several sites (a linear
+    whose output is split into pieces pruned apart): :func:`find_sites` guards each and keeps the legal
+    ones, in this order."""
+
+
 MODEL = "<model>"  # the node name of a decline about the whole model (no single node is to blame)
 OPAQUE = "opaque"  # the kind of a call the op view does not classify, shown to rules that name its target
 
@@ -99,11 +105,16 @@ def _first_legal(gm: fx.GraphModule, rules: list[Rule], ctx: Any, declined: dict
             m = rule.match(op, ctx)
             if m is None:
                 continue
-            reason = rule.guard(m, ctx)
-            if reason is not None:
-                declined[(rule.name, node.name, reason)] = None
+            legal = []
+            for one in m if isinstance(m, Several) else (m,):
+                reason = rule.guard(one, ctx)
+                if reason is not None:
+                    declined[(rule.name, node.name, reason)] = None
+                else:
+                    legal.append(one)
+            if not legal:
                 continue
-            yield node, rule, m
+            yield node, rule, Several(legal) if isinstance(m, Several) else legal[0]
             break
 
 
@@ -112,7 +123,8 @@ def find_sites(gm: fx.GraphModule, rules: Rule | list[Rule], ctx: Any, stats: Ru
     gives a site (its match); a guard's reason is recorded as a decline of that node. The graph is
     not changed; a site is counted as a match by the pass when it acts on it."""
     declined: dict[tuple[str, str, str], None] = {}
-    sites = [m for _, _, m in _first_legal(gm, [rules] if isinstance(rules, Rule) else list(rules), ctx, declined)]
+    sites = [one for _, _, m in _first_legal(gm, [rules] if isinstance(rules, Rule) else list(rules), ctx, declined)
+             for one in (m if isinstance(m, Several) else (m,))]
     for key in declined:
         stats.decline(*key)
     return sites

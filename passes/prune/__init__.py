@@ -55,7 +55,7 @@ from optic import ir
 from optic.budget.allocator import Action
 from optic.budget.calibration import record_values
 from optic.errors import OpticError
-from optic.ir.rewrite import RuleStats, Site, find_sites
+from optic.ir.rewrite import Several, Site, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import Option, register
 
@@ -76,16 +76,16 @@ RULE = "prune"
 class GroupSite(Site):
     """A channel group, found at its first producer: legal when the analysis gave no reason against it
     and it has at least two units to choose from. ``led``: per producer, the groups it is the first
-    producer of (indices into ``groups``, in their order); ``rank`` picks one of them."""
+    producer of (indices into ``groups``, in their order): several when a split cuts its channels into
+    pieces pruned apart."""
 
     kinds: frozenset[str] = PRODUCERS
     groups: list[Group] = field(default_factory=list)
     led: dict[fx.Node, list[int]] = field(default_factory=dict)
-    rank: int = 0
 
-    def match(self, op: Any, ctx: Any) -> int | None:
-        led = self.led.get(op.node, [])
-        return led[self.rank] if self.rank < len(led) else None
+    def match(self, op: Any, ctx: Any) -> Several | None:
+        led = self.led.get(op.node)
+        return Several(led) if led else None
 
     def guard(self, i: int, ctx: Any) -> str | None:
         g = self.groups[i]
@@ -97,23 +97,11 @@ class GroupSite(Site):
 
 
 def find_groups(analysis: Analysis, gm: fx.GraphModule, ctx: Any) -> list[int]:
-    """Indices of the groups that can be pruned; every other group is declined at its first producer.
-
-    The driver takes one site per op, and a producer is the first of several groups when a split
-    cuts its channels into pieces pruned apart: one walk per rank among them. Declines are recorded
-    in the order of the groups, as one walk over the groups would."""
+    """Indices of the groups that can be pruned; every other group is declined at its first producer."""
     led: dict[fx.Node, list[int]] = {}
     for i, g in enumerate(analysis.groups):
         led.setdefault(g.producers[0], []).append(i)
-    position = {n.name: k for k, n in enumerate(gm.graph.nodes)}
-    found, declined = [], []
-    for rank in range(max(map(len, led.values()), default=0)):
-        seen = RuleStats()
-        found += find_sites(gm, GroupSite(RULE, groups=analysis.groups, led=led, rank=rank), ctx, seen)
-        declined += [(position[node], rank, (rule, node, why)) for rule, node, why in seen.declined]
-    for *_, decline in sorted(declined):
-        ctx.stats.decline(*decline)
-    return sorted(found)
+    return sorted(find_sites(gm, GroupSite(RULE, groups=analysis.groups, led=led), ctx, ctx.stats))
 
 
 def owned_nodes(analysis: Analysis) -> dict[int, set[str]]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis_profiles import examples
 
 from optic.ir.opview import Op, view
-from optic.ir.rewrite import MODEL, Rule, RuleStats, Site, apply_rules, find_sites
+from optic.ir.rewrite import MODEL, OPAQUE, Rule, RuleStats, Several, Site, apply_rules, find_sites
 
 FNS = {"neg": torch.neg, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
@@ -218,3 +218,49 @@ def test_a_site_is_found_never_applied():
 def test_the_model_wide_node_name_cannot_be_a_node_of_a_graph():
     """fx names nodes with identifiers; a decline about the whole model names MODEL, which none can be."""
     assert not MODEL.isidentifier()
+
+
+@dataclass
+class Pieces(Site):
+    """Two sites per activation (its halves); the second half of a tanh is refused."""
+
+    def match(self, op, ctx):
+        return Several([(op.node.name, 0), (op.node.name, 1)]) if op.kind == "act" else None
+
+    def guard(self, piece, ctx):
+        return "the second half of a tanh" if piece[1] == 1 and "tanh" in piece[0] else None
+
+
+def test_an_op_that_is_the_place_of_several_sites_gives_each_guarded_in_order():
+    gm = chain(["relu", "tanh", "neg", "sigmoid"])
+    stats = RuleStats()
+    assert find_sites(gm, Pieces("halves"), None, stats) == [("relu", 0), ("relu", 1), ("tanh", 0),
+                                                              ("sigmoid", 0), ("sigmoid", 1)]
+    assert list(stats.declined) == [("halves", "tanh", "the second half of a tanh")]
+
+
+@dataclass
+class Asserts(Rule):
+    """Erases the calls it names: torch.ops.aten._assert_tensor_metadata, which the op view does not classify."""
+
+    def match(self, op, ctx):
+        return op if op.kind == OPAQUE else None
+
+    def apply(self, op, ctx):
+        op.node.graph.erase_node(op.node)
+
+
+def test_a_rule_sees_the_calls_the_op_view_does_not_classify_only_when_it_names_them():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    check = g.call_function(torch.ops.aten._assert_tensor_metadata.default, (x,), {"dtype": torch.float32})
+    y = g.call_function(torch.relu, (x,))
+    g.output(y)
+    gm = fx.GraphModule(nn.Module(), g)
+    assert view(check, gm) is None
+    stats = RuleStats()
+    assert not apply_rules(gm, [Asserts("blind")], None, stats)  # not named: never shown
+    assert apply_rules(gm, [Asserts("asserts", targets=frozenset({torch.ops.aten._assert_tensor_metadata.default}))],
+                       None, stats)
+    assert stats.matched == {"asserts": 1}
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.relu]
