@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from optic.cli import PROGRESS_HELP, run_command
-from optic.cli import _Progress as Progress  # the optic command line's progress lines and bars, the same here
 from optic.errors import OpticError
+from optic.progress import CommandProgress as Progress  # the optic command line's progress lines and bars
 
 PROG = "optic bench"
 

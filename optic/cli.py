@@ -30,13 +30,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from .errors import OpticError
+from .progress import CommandProgress
 
 EXIT_ERROR = 2
 COMMANDS = "optic.commands"  # entry point group: commands other distributions add (optic bench looks there)
@@ -254,7 +254,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     _check_target(args)
     pass_list = registry.resolve(args.passes)
     upto = _pass_position(pass_list, args.after) if args.after else None
-    progress = _Progress(args)
+    progress = CommandProgress(args)
     model, inputs = _load(args, progress)
 
     def render(step: dump.PassStep) -> str:
@@ -279,7 +279,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _trace_passes(model: Any, inputs: Any, pass_list: list[Any], args: argparse.Namespace,
-                  progress: _Progress) -> list[Any]:
+                  progress: CommandProgress) -> list[Any]:
     """Optimize with ``pass_list`` (the same pipeline, checks and roll-backs as ``optic optimize``) and keep
     the Program after the capture and after every pass (:class:`optic.dump.PassStep`)."""
     from .api import optimize
@@ -300,7 +300,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.output:  # with --backend tvm, a GPU target saves an artifact directory (which may exist)
         _check_output(args.output, folder=None if args.backend == "tvm" and targets.get(args.target).kind == "gpu"
                       else False)
-    progress = _Progress(args)
+    progress = CommandProgress(args)
     model, inputs = _load(args, progress)
     budget, data, passes = None, None, args.passes
     if args.budget is not None:
@@ -339,7 +339,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .api import optimize
 
     _check_target(args)
-    progress = _Progress(args, on=not args.quiet)
+    progress = CommandProgress(args, on=not args.quiet)
     model, inputs = _load(args, progress)
     progress.line(f"tuning the kernels of {args.model} on {args.target} ({args.trials} per kernel)")
     result = optimize(model, inputs, args.target, args.passes, capture=args.capture, on_pass=progress.pass_done,
@@ -464,7 +464,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     except OpticError as e:
         raise OpticError(str(e) if "SHAPE" in str(e) else f"SHAPE '{args.shape}': {e}") from None
     target = targets.get(args.target)
-    progress = _Progress(args)
+    progress = CommandProgress(args)
 
     def on_measured(done: int, total: int, best: float, last: Any) -> None:
         if progress.bars is not None:
@@ -534,46 +534,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-class _Progress:
-    """Progress on stderr, for a terminal or when asked (--progress; ``on``: a command's own choice): tqdm
-    bars and lines above them where bars are wanted (:func:`optic.progress.bars_wanted`), else plain lines."""
-
-    def __init__(self, args: argparse.Namespace, on: bool | None = None):
-        from .progress import bars_wanted, default_progress
-
-        asked = bool(getattr(args, "progress", False)) or sys.stderr.isatty() or bars_wanted()
-        self.on = asked if on is None else on
-        self.bars = default_progress() if self.on else None
-
-    def line(self, text: str) -> None:
-        if self.bars is not None:
-            self.bars.write(f"optic: {text}")
-        elif self.on:
-            print(f"optic: {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        """Close the open bar before the command prints its result."""
-        if self.bars is not None:
-            self.bars.close()
-
-    def work(self, what: str, done: int, total: int) -> None:
-        """Long work (budget allocation, training exit heads, tuning): a bar, else a line at most every 2 s."""
-        if self.bars is not None:
-            self.bars(what, done, total)
-            return
-        now = time.monotonic()
-        if self.on and (now - getattr(self, "_last", 0.0) > 2.0 or done + 1 >= total):
-            self._last = now
-            bar = "#" * int(20 * (done + 1) / max(total, 1))
-            print(f"optic: {what} [{bar:<20}] {done + 1}/{total}", file=sys.stderr, flush=True)
-
-    def pass_done(self, rec: Any) -> None:
-        self.close()  # a pass's work ends with it
-        extra = f": {rec.reason}" if rec.rolled_back else ""
-        self.line(f"pass {rec.name}: {rec.status} ({rec.seconds:.2f} s){extra}")
-
-
-def _load(args: argparse.Namespace, progress: _Progress) -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, progress: CommandProgress) -> tuple[Any, Any]:
     from .modelref import load
 
     progress.line(f"loading {args.model}")
@@ -631,7 +592,7 @@ def _check_output(output: str, folder: bool | None) -> None:
         raise OpticError(f"-o {output}: cannot write into folder {into} ({e.strerror or e}).") from None
 
 
-def _emit(text: str, output: str | None, progress: _Progress) -> None:
+def _emit(text: str, output: str | None, progress: CommandProgress) -> None:
     if not output:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return

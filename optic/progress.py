@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -94,3 +95,41 @@ def progress_callback(progress: object) -> object:
         raise OpticError(f"progress must be True (bars on a terminal), a callable progress(what, done, total), "
                          f"or None; got {progress!r}")
     return progress
+
+
+class CommandProgress:
+    """Progress on stderr, for a terminal or when asked (--progress; ``on``: a command's own choice): tqdm
+    bars and lines above them where bars are wanted (:func:`optic.progress.bars_wanted`), else plain lines."""
+
+    def __init__(self, args: Any, on: bool | None = None):
+        """``args``: the command's arguments (``args.progress``: --progress given)."""
+        asked = bool(getattr(args, "progress", False)) or sys.stderr.isatty() or bars_wanted()
+        self.on = asked if on is None else on
+        self.bars = default_progress() if self.on else None
+
+    def line(self, text: str) -> None:
+        if self.bars is not None:
+            self.bars.write(f"optic: {text}")
+        elif self.on:
+            print(f"optic: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Close the open bar before the command prints its result."""
+        if self.bars is not None:
+            self.bars.close()
+
+    def work(self, what: str, done: int, total: int) -> None:
+        """Long work (budget allocation, training exit heads, tuning): a bar, else a line at most every 2 s."""
+        if self.bars is not None:
+            self.bars(what, done, total)
+            return
+        now = time.monotonic()
+        if self.on and (now - getattr(self, "_last", 0.0) > 2.0 or done + 1 >= total):
+            self._last = now
+            bar = "#" * int(20 * (done + 1) / max(total, 1))
+            print(f"optic: {what} [{bar:<20}] {done + 1}/{total}", file=sys.stderr, flush=True)
+
+    def pass_done(self, rec: Any) -> None:
+        self.close()  # a pass's work ends with it
+        extra = f": {rec.reason}" if rec.rolled_back else ""
+        self.line(f"pass {rec.name}: {rec.status} ({rec.seconds:.2f} s){extra}")

@@ -147,10 +147,10 @@ def test_optimize_draws_bars_only_when_asked(monkeypatch):
 
 # -- the command line and the benchmarks ------------------------------------------------------------------
 def test_the_cli_draws_bars_on_a_terminal_and_writes_its_lines_above_them(monkeypatch, capsys):
-    from optic.cli import _Progress
+    from optic.progress import CommandProgress
 
     _terminal(monkeypatch)
-    progress = _Progress(argparse.Namespace(progress=False))
+    progress = CommandProgress(argparse.Namespace(progress=False))
     progress.line("loading model")
     for done in range(4):
         progress.work("training exit heads", done, 3)
@@ -160,14 +160,14 @@ def test_the_cli_draws_bars_on_a_terminal_and_writes_its_lines_above_them(monkey
 
 
 def test_the_cli_keeps_plain_lines_where_asked_off_a_terminal(monkeypatch, capsys):
-    from optic.cli import _Progress
+    from optic.progress import CommandProgress
 
     monkeypatch.delenv(progress.ENV, raising=False)
-    quiet = _Progress(argparse.Namespace(progress=False))
+    quiet = CommandProgress(argparse.Namespace(progress=False))
     quiet.line("loading model")
     quiet.work("training exit heads", 2, 3)
     assert quiet.bars is None and capsys.readouterr().err == ""
-    asked = _Progress(argparse.Namespace(progress=True))
+    asked = CommandProgress(argparse.Namespace(progress=True))
     asked.line("loading model")
     asked.work("training exit heads", 2, 3)
     assert asked.bars is None
