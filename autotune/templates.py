@@ -268,6 +268,9 @@ def reduction_gpu(rows: int, cols: int, target: str | Target, *, kind: str = "so
           "a row's threads are part of one warp (shuffles only) or whole warps (shuffles, then shared memory)"),
         c(Le(smem, SMEM), "shared memory per block: the per-warp partials"),
         c(Le(VEC * BYTES, LOAD), "widest vector load"),
+        # the fp32 partial statistics are VEC-wide vectors too: 8 fp32 lanes (an fp16 row read 8 wide) is a
+        # 32-byte vector, which CUDA has no type for (TVM writes a make_ulonglong4 of 8 floats; nvcc refuses it)
+        c(Le(VEC * ACC, LOAD), "widest vector of the fp32 partial statistics"),
         c(Eq(Mod(COLS, VEC), 0), "vector loads need no scalar tail"),
         _fits_masked(COLS, TPR * VEC),
         _fits_masked(ROWS, RPB),

@@ -319,3 +319,16 @@ def test_nvcc_version_is_its_release_line(tmp_path, monkeypatch):
     assert cuda_toolchain.nvcc_version() == "release 12.4, V12.4.131"
     monkeypatch.setattr(cuda_toolchain.shutil, "which", lambda name: None)
     assert cuda_toolchain.nvcc_version() is None
+
+
+def test_an_fp16_reduction_never_gets_a_vector_its_fp32_statistics_cannot_have():
+    """fp16 rows read 8 wide would make the fp32 partial statistics 32-byte vectors, which nvcc refuses
+    (found by the deep hypothesis profile): the space leaves them out, and what it yields compiles."""
+    from optic.autotune import Operator, solve
+    from optic.backend.cuda_config import gpu_space
+
+    op = Operator("reduction", (32, 128), kind="softmax")
+    space = gpu_space(op, targets.get("a100"), "float16")
+    assert not space.is_valid({"TPR": 4, "RPB": 8, "VEC": 8})
+    configs = solve(space).configs
+    assert configs and max(cfg["VEC"] for cfg in configs) == 2 * 2  # 4 fp32 lanes: 16 bytes
