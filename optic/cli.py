@@ -400,9 +400,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
     rows = [registry.get(n) for n in registry.names()]
 
     def option_json(o: registry.Option) -> dict:
-        types = o.type if isinstance(o.type, tuple) else (o.type,)
         default = o.default if isinstance(o.default, (str, int, float, bool, type(None))) else list(o.default)
-        return {"name": o.name, "type": [t.__name__ for t in types], "default": default, "help": o.help,
+        return {"name": o.name, "type": [t.__name__ for t in o.types], "default": default, "help": o.help,
                 "choices": None if o.choices is None else list(o.choices)}
 
     if args.json:
@@ -448,8 +447,7 @@ def _option_arg(text: str) -> tuple[str, object]:
 
 
 def _option_line(o) -> str:
-    types = o.type if isinstance(o.type, tuple) else (o.type,)
-    return f"{o.name} ({'|'.join(t.__name__ for t in types)}, default {o.default!r}): {o.help}"
+    return f"{o.name} ({'|'.join(t.__name__ for t in o.types)}, default {o.default!r}): {o.help}"
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:

@@ -78,8 +78,8 @@ class Site(Rule):
     kinds: frozenset[str] = frozenset()
 
     def match(self, op: Op, ctx: Any) -> Any | None:
-        if op.kind == OPAQUE:
-            return op if op.node.target in self.targets else None
+        if op.kind == OPAQUE:  # the driver shows one only to a rule that names its target
+            return op
         return op if not self.kinds or op.kind in self.kinds else None
 
     def apply(self, m: Any, ctx: Any) -> None:  # sites are collected, not rewritten

@@ -35,7 +35,7 @@ def check_result(original: Program, result: Program, ctx: PassContext, report: R
     check applies it only when ``verify``; it measures ``report.final_error`` always)."""
     lossy = ctx.reference is not reference  # a lossy pass changed what the model computes
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
-        result = never_slower(original, result, report, float(ctx.option("final_measure_s", 2.0)),
+        result = never_slower(original, result, report, float(ctx.option("final_measure_s")),
                               _timing_inputs(original, ctx))
         lossy = lossy and result is not original
     result, lossy = _numerics(original, result, ctx, report, checks, reference, tolerance, verify, lossy)

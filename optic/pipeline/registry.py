@@ -35,19 +35,20 @@ class Option:
     help: str
     choices: tuple[Any, ...] | None = None  # the values allowed, when they are few
 
+    @property
+    def types(self) -> tuple[type, ...]:
+        """The declared type(s) as a tuple."""
+        return self.type if isinstance(self.type, tuple) else (self.type,)
+
     def check(self, value: Any) -> Any:
         """``value`` when it fits this option, else an :class:`UnknownOptionError` saying what would."""
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        if float in types:
-            types = (*types, int)
-        if isinstance(value, bool) and bool not in types:
-            ok = False
-        else:
-            ok = (value is None and self.default is None) or isinstance(value, types)
-        if not ok:
+        if value is None and self.default is None:
+            return value  # unset, as when not given
+        types = (*self.types, int) if float in self.types else self.types
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in types)
             raise UnknownOptionError(f"option {self.name!r} takes {want} ({self.help}); got {value!r}.")
-        if self.choices is not None and value not in self.choices and not (value is None and self.default is None):
+        if self.choices is not None and value not in self.choices:
             raise UnknownOptionError(f"option {self.name!r} takes one of {', '.join(map(repr, self.choices))}; "
                                      f"got {value!r}.")
         return value

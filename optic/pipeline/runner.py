@@ -67,16 +67,14 @@ class PassContext:
         if self.record is not None:
             self.record.notes.append(text)
 
-    def option(self, name: str, default: Any = None) -> Any:
-        """The value of a declared option: the user's, else ``default`` when given, else the declared
-        default. Reading an option no pass declares is a bug in the pass (an error, never a silent
+    def option(self, name: str) -> Any:
+        """The value of a declared option: the user's, else the declared default (the one source of
+        defaults). Reading an option no pass declares is a bug in the pass (an error, never a silent
         default)."""
         known = registry.declared_options()
         if name not in known:
             raise KeyError(f"option {name!r} is read but declared by no pass (optic.pipeline.registry.Option)")
-        if name in self.options:
-            return self.options[name]
-        return known[name].default if default is None else default
+        return self.options[name] if name in self.options else known[name].default
 
 
 def disabled_passes(disable: list[str] | tuple | str | None) -> set[str]:
@@ -179,9 +177,9 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     ctx.record = None
     # the allocator's drops are against the original model, so what earlier stages spent counts in them
     spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
-    allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share", 0.5)) if later else 1.0)
+    allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share")) if later else 1.0)
     alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
-                     measure_s=float(ctx.option("budget_measure_s", 0.6)), progress=ctx.progress)
+                     measure_s=float(ctx.option("budget_measure_s")), progress=ctx.progress)
     seconds = (time.perf_counter() - t0) / max(len(stage), 1)
     result = alloc.program
     for p, rec in zip(stage, recs, strict=True):

@@ -73,7 +73,7 @@ def test_a_pass_without_declared_options_is_refused_at_registration():
 
 
 def _reads(path: Path) -> set[str]:
-    """The option names a source file reads with ``ctx.option("name", ...)``."""
+    """The option names a source file reads with ``ctx.option("name")``."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "option"
