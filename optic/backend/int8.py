@@ -24,6 +24,7 @@ layer with fewer than 2^53 / (255·127) ≈ 2.8e11 products per output).
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -156,3 +157,90 @@ CONV = torch.ops.optic.int8_conv2d.default
 LINEAR = torch.ops.optic.int8_linear.default
 # where each kernel's output scale, zero point and "uint8 out" flag sit in its arguments
 OUT_ARGS = {CONV: (10, 11, 12), LINEAR: (6, 7, 8)}
+
+
+# -- the same kernels as Inductor's int8 patterns ---------------------------------------------------------
+_POST_ATEN = {"relu": lambda y, s, a: (torch.ops.aten.relu.default, (y,), {}),
+              "gelu": lambda y, s, a: (torch.ops.aten.gelu.default, (y,), {"approximate": a or "none"}),
+              "swish": lambda y, s, a: (torch.ops.aten.silu.default, (y,), {}),
+              "sigmoid": lambda y, s, a: (torch.ops.aten.sigmoid.default, (y,), {}),
+              "tanh": lambda y, s, a: (torch.ops.aten.tanh.default, (y,), {}),
+              "hardtanh": lambda y, s, a: (torch.ops.aten.hardtanh.default, (y, float(s[0]), float(s[1])), {})}
+
+
+def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` in which every int8 kernel and quantize step is written as quantize/dequantize
+    around the float op (``quantized_decomposed``'s Q/DQ form: the graph PyTorch's own int8 flow hands to
+    Inductor), sharing ``gm``'s tensors; ``gm`` itself is not changed.
+
+    Inductor with frozen weights rewrites that form back into oneDNN's int8 kernels, with what the
+    eager operators cannot have: the weights prepacked at compile time, the activation, the next
+    layer's quantize step and a residual add (with its ReLU) fused into one call, and the elementwise
+    work around them in generated loops. It computes the same integers as the operators (the same
+    oneDNN kernels, the same scales and zero points); where a float op sits between two of them, the
+    value is quantized with the same rounding (round half to even) as :func:`quantize_u8`. Graphs with
+    no int8 kernel come back as they are."""
+    import copy
+
+    if not any(n.op == "call_function" and (n.target in OUT_ARGS or n.target is quantize_u8) for n in gm.graph.nodes):
+        return gm
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed
+
+    qd = torch.ops.quantized_decomposed
+    graph = copy.deepcopy(gm.graph)
+    attrs: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            attrs[n.target] = _attr(gm, n.target)
+    zeros: dict[int, str] = {}
+
+    def zero_points(c: int) -> torch.fx.Node:
+        if c not in zeros:
+            zeros[c] = f"_int8_w_zero_points_{c}"
+            attrs[zeros[c]] = torch.zeros(c, dtype=torch.int64)
+        return graph.get_attr(zeros[c])
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is quantize_u8:
+            with graph.inserting_before(node):
+                q = graph.call_function(qd.quantize_per_tensor.default,
+                                        (node.args[0], float(node.args[1]), int(node.args[2]), 0, 255, torch.uint8))
+        elif node.target in OUT_ARGS:
+            conv = node.target is CONV
+            xq, x_scale, x_zp, qweight, w_scales, bias = node.args[:6]
+            out_scale, out_zp, out_u8, attr, scalars, algo = node.args[10:] if conv else node.args[6:]
+            c = _attr(gm, qweight.target).shape[0] if qweight.op == "get_attr" else None
+            if c is None:
+                continue  # a computed weight: the operator stays as it is
+            with graph.inserting_before(node):
+                x = graph.call_function(qd.dequantize_per_tensor.default,
+                                        (xq, float(x_scale), int(x_zp), 0, 255, torch.uint8))
+                w = graph.call_function(qd.dequantize_per_channel.default,
+                                        (qweight, w_scales, zero_points(c), 0, -128, 127, torch.int8))
+                if conv:
+                    stride, padding, dilation, groups = node.args[6:10]
+                    y = graph.call_function(torch.ops.aten.convolution.default,
+                                            (x, w, bias, list(stride), list(padding), list(dilation), False, [0, 0],
+                                             int(groups)))
+                else:
+                    y = graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
+                if attr != "none":
+                    target, args, kwargs = _POST_ATEN[attr](y, scalars, algo)
+                    y = graph.call_function(target, args, kwargs)
+                q = y if not out_u8 else graph.call_function(
+                    qd.quantize_per_tensor.default, (y, float(out_scale), int(out_zp), 0, 255, torch.uint8))
+        else:
+            continue
+        q.meta = dict(node.meta)
+        node.replace_all_uses_with(q)
+        graph.erase_node(node)
+    graph.lint()
+    return torch.fx.GraphModule(attrs, graph)
+
+
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

@@ -47,6 +47,42 @@ def unavailable() -> str | None:
     return None
 
 
+def choice(ctx: Any) -> Any:
+    """Which whole-graph implementations the CPU step offers: True (both), "compiled", "packaged" or False,
+    from the option ``whole_graph`` (declared by the CPU step), else ``$OPTIC_WHOLE_GRAPH``."""
+    from optic.errors import OpticError
+
+    which = ctx.option("whole_graph")
+    if which is None:  # unset: the environment decides
+        which = os.environ.get(ENV, "1") != "0"
+    if which not in (True, False, "compiled", "packaged"):
+        raise OpticError(f"option whole_graph={which!r}: expected True (offer both), 'compiled', 'packaged' or False")
+    return which
+
+
+def will_compile(ctx: Any, later: list[Any]) -> bool:
+    """Whether the whole graph will be offered compiled after the passes so far: a step that offers it
+    (``compiles_whole_graph``) is among ``later`` (the passes still to run), no lossy pass follows that
+    step (it would need the graph), it is switched on, and it can be built here."""
+    steps = [i for i, p in enumerate(later) if getattr(p, "compiles_whole_graph", False)]
+    if not steps or not ctx.measure or getattr(ctx.target, "kind", None) != "cpu" or unavailable() is not None:
+        return False
+    if any(not getattr(p, "exact", True) for p in later[steps[0] + 1:]):
+        return False
+    return bool(choice(ctx))
+
+
+def compiled_call(program: Any) -> Any:
+    """A zero-argument call of ``program`` on its example, the whole graph compiled (what the allocator
+    times actions whose gain shows only there)."""
+    compiled = wrap(program)
+    args, kwargs = program.example_args, program.example_kwargs
+
+    def call() -> Any:
+        return compiled.gm(*args, **kwargs)
+    return call
+
+
 def error_line(e: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message``, cut to ``limit`` characters (what reports and warnings show)."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
@@ -134,6 +170,8 @@ class CompiledGraph(_FrozenGraph):
         # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
         # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
         fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
+        if fresh.graph is not (qdq := int8_for_inductor(self.graph_module)).graph:
+            fresh = qdq  # optic's int8 kernels as Inductor's int8 patterns (a fresh module too)
         # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
         # a graph with dynamic dimensions: Dynamo's automatic dynamic shapes compile one program for every size
         # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
@@ -165,6 +203,15 @@ class CompiledGraph(_FrozenGraph):
 
     def __getstate__(self) -> dict:  # the compiled program is neither copied nor saved: compiled again
         return {**super().__getstate__(), "_compiled": None}
+
+
+def int8_for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with optic's int8 kernels written in the quantize/dequantize form Inductor fuses back into
+    prepacked oneDNN int8 calls with their activations, requantization and residual adds (see
+    :func:`optic.backend.int8.as_qdq`); ``gm`` itself when it has none, or when ``OPTIC_INT8_QDQ=0``."""
+    from .int8 import as_qdq
+
+    return gm if os.environ.get("OPTIC_INT8_QDQ") == "0" else as_qdq(gm)
 
 
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -283,13 +330,14 @@ class PackagedGraph(_FrozenGraph):
                          for a, s_ in zip(example, spec, strict=True))
         with torch.no_grad():
             try:
-                ep = torch.export.export(self.graph_module, args, dynamic_shapes=spec, strict=False)
+                ep = torch.export.export(int8_for_inductor(self.graph_module), args, dynamic_shapes=spec,
+                                         strict=False)
             except Exception as e:  # a pass made a dimension static: the package serves the example's shapes
                 if spec is None:
                     raise
                 log.info("optic: the package keeps the example's shapes (%s)", error_line(e))
                 self.dims = None
-                ep = torch.export.export(self.graph_module, tuple(example), strict=False)
+                ep = torch.export.export(int8_for_inductor(self.graph_module), tuple(example), strict=False)
             buf = io.BytesIO()
             with inductor_config.patch(freezing=True):
                 torch._inductor.aoti_compile_and_package(ep, package_path=buf)
