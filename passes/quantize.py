@@ -437,6 +437,8 @@ class Quantize:
             describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
             level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(t_fp32 - t_int8, 0.0),
             apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
+            # compiled, the kernels fuse their quantize steps, residual adds and neighbours' requantization
+            compiled_gain=True,
             info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
                   "x_zero_point": cal.zero_point, "layer_errors": cal.errors})
 

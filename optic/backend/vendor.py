@@ -19,7 +19,6 @@ float32 on the CPU only (the optimized module refuses ``.half()`` and other devi
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from optic import ir
-from optic.errors import OpticError
 from optic.ir import emit
 from optic.ir.opview import Op, view
 from optic.ir.rewrite import MODEL, RuleStats, Site, find_sites
@@ -277,6 +275,7 @@ def to_channels_last(gm: fx.GraphModule) -> int:
 class CpuTactics:
     name = "cpu_tactics"
     exact = True
+    compiles_whole_graph = True  # offers the whole graph compiled (the allocator times int8 actions that way)
     description = ("the fastest implementation of the whole model, measured: PyTorch ops, channels-last, oneDNN conv/linear "
                    "kernels (fused activation, prepacked weights), or the whole graph compiled (Inductor, AOTInductor)")
     options = (
@@ -329,12 +328,7 @@ class CpuTactics:
         AOTInductor package), each checked on the inputs the pass is checked on; a decline says why one
         is not offered."""
         why = whole.unavailable()
-        which = ctx.option("whole_graph")
-        if which is None:  # unset: the environment decides
-            which = os.environ.get(whole.ENV, "1") != "0"
-        if which not in (True, False, "compiled", "packaged"):
-            raise OpticError(f"option whole_graph={which!r}: expected True (offer both), 'compiled', 'packaged' "
-                             "or False")
+        which = whole.choice(ctx)
         if not which:
             why = f"switched off (option whole_graph=False, or ${whole.ENV}=0)"
         elif ctx.lossy_after:

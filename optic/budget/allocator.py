@@ -50,6 +50,9 @@ class Action:
     predicted_gain_s: float  # latency saved on the target, by the target's cost model
     apply: Callable[[Program], None]
     predicted_only: bool = False  # the gain exists on the target only (e.g. 2:4 on a CPU): never measured here
+    # the gain shows where the backend compiles the whole graph (int8 kernels fuse with their neighbours
+    # there, and pay a dispatch each in the plain graph): such actions are measured together, compiled
+    compiled_gain: bool = False
     # nodes the action changes without owning them (pruning slices its consumers' inputs); they
     # conflict only with other passes' actions: a pass composes its own actions
     touches: frozenset[str] = frozenset()
@@ -99,8 +102,14 @@ def _conflicts(a: Action, chosen: dict[str, Action]) -> bool:
 
 
 def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: float, *, measure: bool = False,
-             measure_s: float = 0.6, progress: Callable[[str, int, int], None] | None = None) -> Allocation:
-    """Choose which ``actions`` to apply to ``base`` within ``max_drop`` (see the module docstring)."""
+             measure_s: float = 0.6, progress: Callable[[str, int, int], None] | None = None,
+             compiled: Callable[[Program], Callable[[], Any]] | None = None) -> Allocation:
+    """Choose which ``actions`` to apply to ``base`` within ``max_drop`` (see the module docstring).
+
+    ``compiled``: when the backend will compile the whole graph, ``compiled(program)`` is a zero-argument
+    call of ``program`` compiled that way on its example; actions with ``compiled_gain`` are then measured
+    together through it (with all of them against none of them) instead of one at a time in the plain
+    graph, where their gain does not show."""
     notes: list[str] = []
     eps = 1e-9
     # what ``base`` itself lost against the original (an earlier budget stage): an action's own drop is above it
@@ -177,7 +186,7 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
             a.status = "over budget (a milder level was)" if over else "not chosen"
     kept = list(chosen.values())
     if measure and kept:  # 3. a change that is not faster here is undone
-        kept = _measured(base, kept, measure_s, progress)
+        kept = _measured(base, kept, measure_s, progress, compiled, notes)
     # 4. the held-out check
     result = build(base, kept)
     holdout = evaluator.drop(result, "holdout") if kept else 0.0
@@ -197,13 +206,16 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
 
 
 def _measured(base: Program, kept: list[Action], budget_s: float,
-              progress: Callable[[str, int, int], None] | None) -> list[Action]:
+              progress: Callable[[str, int, int], None] | None,
+              compiled: Callable[[Program], Callable[[], Any]] | None = None,
+              notes: list[str] | None = None) -> list[Action]:
     args, kwargs = base.example_args, base.example_kwargs
-    out = list(kept)
+    together = [a for a in kept if a.compiled_gain and not a.predicted_only] if compiled is not None else []
+    out = [a for a in kept if a not in together]
     with_ = build(base, out)  # rebuilt only when an action is undone
-    for i, a in enumerate(list(kept)):
+    for i, a in enumerate(list(out)):
         if progress:
-            progress("measuring kept actions", i, len(kept))
+            progress("measuring kept actions", i, len(out))
         if a.predicted_only:
             continue
         without = build(base, [b for b in out if b is not a])
@@ -214,7 +226,40 @@ def _measured(base: Program, kept: list[Action], budget_s: float,
             a.status = "not faster here"
             out = [b for b in out if b is not a]
             with_ = without
+    if together:
+        out += _measured_together(base, out, together, budget_s, progress, compiled, notes)
     return out
+
+
+def _measured_together(base: Program, others: list[Action], together: list[Action], budget_s: float,
+                       progress: Callable[[str, int, int], None] | None,
+                       compiled: Callable[[Program], Callable[[], Any]], notes: list[str] | None) -> list[Action]:
+    """``together`` kept or undone as one, by timing the whole graph compiled with and without them (two
+    compiles, where timing each alone would need one per action); their share of the measured gain is
+    the share of their predicted gain."""
+    if progress:
+        progress("measuring compiled", 0, 2)
+    without = compiled(build(base, others))
+    if progress:
+        progress("measuring compiled", 1, 2)
+    with_ = compiled(build(base, others + together))
+    for f in (without, with_):  # built (compiled) before the clock starts
+        f()
+    t = compare_models({"without": without, "with": with_}, budget_s * 2)
+    gain = t["without"].median - t["with"].median
+    total = sum(a.predicted_gain_s for a in together) or 1.0
+    kinds = sorted({a.pass_name for a in together})
+    what = f"{len(together)} {'/'.join(kinds)} actions measured together with the whole graph compiled"
+    for a in together:
+        a.measured_gain_s = gain * a.predicted_gain_s / total
+    if notes is not None:
+        notes.append(f"{what}: {t['without'].median * 1e3:.3f} → {t['with'].median * 1e3:.3f} ms "
+                     f"({'kept' if gain > 0 else 'undone: not faster here'})")
+    if gain > 0:
+        return together
+    for a in together:
+        a.status = "not faster here (measured together, compiled)"
+    return []
 
 
 def optimum(actions: list[Action], max_drop: float, max_groups: int = 16) -> tuple[float, list[Action]]:

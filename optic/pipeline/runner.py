@@ -112,7 +112,8 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
                 stage.append(passes[i + len(stage)])
             before = program
             later = any(not getattr(q, "exact", True) and q.name not in disable for q in passes[i + len(stage):])
-            program = _run_stage(program, stage, ctx, report, later)
+            rest = [q for q in passes[i + len(stage):] if q.name not in disable]
+            program = _run_stage(program, stage, ctx, report, later, rest)
             for rec in report.passes[-len(stage):]:
                 for inst in ctx.instruments:
                     inst.after_pass(rec, before, program)
@@ -143,7 +144,8 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
     return program
 
 
-def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool) -> Program:
+def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool,
+               rest: list[Pass] = ()) -> Program:
     """One budget stage: every pass proposes actions, the allocator chooses across all of them.
 
     When lossy passes follow (early exit), the stage may spend only ``budget_stage_share`` (default
@@ -178,8 +180,11 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     # the allocator's drops are against the original model, so what earlier stages spent counts in them
     spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
     allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share")) if later else 1.0)
+    from ..backend import whole
+
+    compiled = whole.compiled_call if ctx.measure and whole.will_compile(ctx, list(rest)) else None
     alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
-                     measure_s=float(ctx.option("budget_measure_s")), progress=ctx.progress)
+                     measure_s=float(ctx.option("budget_measure_s")), progress=ctx.progress, compiled=compiled)
     seconds = (time.perf_counter() - t0) / max(len(stage), 1)
     result = alloc.program
     for p, rec in zip(stage, recs, strict=True):

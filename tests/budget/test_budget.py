@@ -230,6 +230,36 @@ def test_allocator_with_a_zero_budget_keeps_only_free_actions():
     assert alloc.kept == [] and alloc.program is prog
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_actions_whose_gain_shows_compiled_are_measured_together_compiled(faster):
+    """int8 layers pay only where the whole graph is compiled: the allocator times them all at once through
+    the backend's compiled call (two builds), keeps or undoes them as one, and never times them alone."""
+    import time
+
+    prog, ev = _setup(0.5)
+    acts = [_action("a", "_0", 0.999, gain=3.0), _action("b", "_2", 0.999, gain=1.0)]
+    for a in acts:
+        a.compiled_gain = True
+    built = []
+
+    def compiled(program):
+        applied = sum(n.target is torch.nn.functional.linear for n in program.gm.graph.nodes)
+        built.append(applied)
+        seconds = 0.004 - 0.0015 * applied if faster else 0.001 + 0.0015 * applied
+        return lambda: time.sleep(seconds)
+
+    alloc = allocate(prog, acts, ev, 0.5, measure=True, measure_s=0.3, compiled=compiled)
+    assert built == [0, 2], "one build without them and one with both, nothing else"
+    if faster:
+        assert alloc.kept == acts and all(a.status == "kept" for a in acts)
+        gains = [a.measured_gain_s for a in acts]
+        assert gains[0] == pytest.approx(3 * gains[1]) and sum(gains) == pytest.approx(0.003, rel=0.3)
+    else:
+        assert alloc.kept == [] and alloc.program is prog
+        assert all(a.status == "not faster here (measured together, compiled)" for a in acts)
+    assert any("measured together with the whole graph compiled" in n for n in alloc.notes)
+
+
 # -- the pipeline and optimize -----------------------------------------------------------------------
 def test_lossy_passes_need_a_budget():
     m = classifier()
