@@ -415,7 +415,7 @@ class Quantize:
             if cal is None:
                 ctx.stats.decline(RULE, layer.op.node.name, "the int8 kernel failed on the recorded input")
                 continue
-            actions.append(self._action(layer, cal, ctx.target, min_macs))
+            actions.append(self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after))
         return actions
 
     @staticmethod
@@ -427,11 +427,13 @@ class Quantize:
         why = int8_supported(getattr(ctx.target, "isa", ()))
         return f"no layer was quantized: {why}" if why else None
 
-    def _action(self, layer: Layer, cal: Calibrated, target: Any, min_macs: int) -> Action:
+    def _action(self, layer: Layer, cal: Calibrated, target: Any, min_macs: int, compiled: bool = False) -> Action:
         w = layer.op.const("weight")
         t_fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), target, "float32")
-        # the int8 call's fixed cost, measured on this machine: it decides small layers
-        t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), target, "int8") + call_overhead_s()
+        # the int8 call's fixed cost in the plain graph, measured on this machine: it decides small layers
+        # there; compiled, the quantize step fuses into the producer and the call is one of the program's
+        fixed = 0.0 if compiled else call_overhead_s()
+        t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), target, "int8") + fixed
         return Action(
             pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
             describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ir.program import Program
 from ..ir.rewrite import RuleStats
@@ -62,6 +63,9 @@ class PassContext:
     # whether a lossy pass that will run comes after the current one: it needs to see the graph, so a
     # step may not make the graph opaque (the whole-graph compiled implementation waits for it)
     lossy_after: bool = False
+    # whether the CPU step will compile the whole graph after the current budget stage (int8 kernels then
+    # cost no dispatch of their own: their fixed cost is not what it is in the plain graph)
+    compiled_after: bool = False
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -102,6 +106,9 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
     if reference is None:
         reference = [run_seeded(program.gm, a, k) for a, k in ctx.check_inputs]
     ctx.reference = reference
+    # a step that compiles the whole graph but ran while a lossy pass was still to come (which needs to
+    # see the graph): (the step, the program before it, its record), to run again if they all declined
+    deferred: tuple[Pass, Program, PassRecord] | None = None
     i = 0
     while i < len(passes):
         p = passes[i]
@@ -135,13 +142,46 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
         else:
             ctx.lossy_after = ctx.budget is not None and ctx.budget.max_drop > 0 and any(
                 not getattr(q, "exact", True) and q.name not in disable for q in passes[i + 1:])
+            if ctx.lossy_after and getattr(p, "compiles_whole_graph", False):
+                deferred = (p, program, rec)
             program = _run_one(program, p, ctx, rec, ctx.reference)
         for inst in ctx.instruments:
             inst.after_pass(rec, before, program)
         if ctx.on_pass is not None:
             ctx.on_pass(rec)
         i += 1
+    if deferred is not None:
+        program = _run_deferred(program, deferred, ctx, report)
     return program
+
+
+def _run_deferred(program: Program, deferred: tuple[Pass, Program, PassRecord], ctx: PassContext,
+                  report: Report) -> Program:
+    """The whole-graph step once more, when every pass after its first run left the graph as it was (early
+    exit found no exit worth its cost): it had to keep the graph open for them, and now may compile it.
+    It runs on the program it first saw, so its first choice is made again with the compiled graph
+    offered; the first record stays in the report with a note."""
+    p, before, first = deferred
+    after = report.passes[report.passes.index(first) + 1:]
+    if program.runner is not None or first.rolled_back or first.skipped or any(r.changed for r in after):
+        return program
+    from ..backend import whole
+
+    ctx.lossy_after = False
+    if not whole.will_compile(ctx, [p]):  # it would choose among what it chose from before
+        return program
+    rec = PassRecord(p.name, bool(getattr(p, "exact", True)))
+    report.passes.append(rec)
+    first.notes.append(f"ran before {', '.join(r.name for r in after)}, which must see the graph; "
+                       "run again after them, as they left it unchanged (the later record)")
+    again = _run_one(before, p, ctx, rec, ctx.reference)
+    rec.notes.append(f"run again after {', '.join(r.name for r in after)} left the graph unchanged: the whole "
+                     "graph may be compiled now")
+    for inst in ctx.instruments:
+        inst.after_pass(rec, program, again)
+    if ctx.on_pass is not None:
+        ctx.on_pass(rec)
+    return again if not rec.rolled_back else program
 
 
 def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool,
@@ -162,6 +202,9 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
             rec.skipped = "lossy: the budget is 0"
         return program
     t0 = time.perf_counter()
+    from ..backend import whole
+
+    ctx.compiled_after = bool(ctx.measure) and whole.will_compile(ctx, list(rest))
     actions, by_pass = [], {}
     for p, rec in zip(stage, recs, strict=True):
         ctx.stats, ctx.record = RuleStats(), rec
@@ -180,9 +223,7 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     # the allocator's drops are against the original model, so what earlier stages spent counts in them
     spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
     allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share")) if later else 1.0)
-    from ..backend import whole
-
-    compiled = whole.compiled_call if ctx.measure and whole.will_compile(ctx, list(rest)) else None
+    compiled = whole.compiled_call if ctx.compiled_after else None
     alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
                      measure_s=float(ctx.option("budget_measure_s")), progress=ctx.progress, compiled=compiled)
     seconds = (time.perf_counter() - t0) / max(len(stage), 1)
@@ -218,31 +259,53 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     return result
 
 
+class _Nudged(TorchDispatchMode):
+    """Every op's floating-point result moved by float rounding (1e-5 of the tensor's mean magnitude, a few
+    float32 ulps of a sum of its terms; seeded), as another exact arrangement of the same float work (a
+    fused kernel, reassociated sums) would round it; results that are integer-valued throughout (a
+    rounding step's) are left as they are."""
+
+    relative = 1e-5
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return pytree.tree_map(self._nudge, out)
+
+    def _nudge(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+            return t
+        if torch.equal(t, t.round()):
+            return t
+        # a reassociated sum errs relative to the size of its terms, not of its result: the nudge is
+        # scaled by the tensor's mean magnitude (a value near zero moves as much as the others)
+        noise = torch.randn(t.shape, generator=self.g, dtype=t.dtype).to(t.device)
+        return t + (self.relative * t.abs().mean()) * noise
+
+
 def _widen_for_rounding(program: Program, ctx: PassContext, report: Report, draws: int = 3) -> None:
     """After a lossy change that rounds values to integers (int8), an exact rewrite upstream of a
     rounding (reassociated float sums, a fused kernel) can move a value across a rounding boundary: one
-    quantization step, not float rounding. How far that moves the outputs is measured here, by
-    perturbing the checked inputs by a few float32 ulps (relative 1e-6), and later exact steps are
-    checked against the changed model with that much slack (twice the worst seen) when it exceeds the
+    quantization step, not float rounding. How far that moves the outputs is measured here, by running
+    the changed model with every floating-point result moved by float rounding (:class:`_Nudged`:
+    this reaches models whose inputs are integers, token ids, too), and later exact steps are checked
+    against the changed model with that much slack (twice the worst seen) when it exceeds the
     tolerance; the report says so. The budget's final held-out check still guards the whole."""
     if ctx.tolerance == float("inf") or not ctx.check_inputs:
         return
-    g = torch.Generator().manual_seed(0)
-
-    def nudge(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return t * (1 + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device))
-        return t
-
     worst = 0.0
     for ref, (args, kwargs) in zip(ctx.reference, ctx.check_inputs, strict=True):
-        for _ in range(draws):
-            a, k = pytree.tree_map(nudge, (args, kwargs))
-            worst = max(worst, compare(ref, run_seeded(program, a, k), float("inf")).rel)
+        for draw in range(draws):
+            with _Nudged(draw):
+                got = run_seeded(program, args, kwargs)
+            worst = max(worst, compare(ref, got, float("inf")).rel)
     if 2 * worst > ctx.tolerance:
         ctx.tolerance = 2 * worst
-        report.notes.append(f"the budgeted model rounds values to integers: an input moved by float32 rounding "
-                            f"moves its outputs by up to {worst:.1e}, so the steps after it are checked to "
+        report.notes.append(f"the budgeted model rounds values to integers: float32 rounding moved anywhere in "
+                            f"it moves its outputs by up to {worst:.1e}, so the steps after it are checked to "
                             f"{ctx.tolerance:.1e} against it (the budget's held-out check guards the result)")
 
 
