@@ -24,11 +24,17 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+# Inductor's int8 lowering copies each weight's zero points with torch.tensor(tensor), which warns once per
+# compiled int8 layer: noise about PyTorch's own code that a user can do nothing about
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                        module=r"torch\._inductor\.mkldnn_lowerings")
 
 NAME = "whole graph compiled (Inductor, frozen weights)"
 log = logging.getLogger("optic")
