@@ -131,3 +131,16 @@ def test_the_allocator_measures_compiled_only_where_the_cpu_step_will_compile(mo
                                               options={"whole_graph": False}), [step])
     monkeypatch.setenv(whole.ENV, "0")
     assert not whole.will_compile(ctx, [step])
+
+
+def test_the_compiled_int8_program_serves_other_batch_sizes():
+    """A dynamic batch: the compiled program compiles again (or once for every size) and still computes
+    what the int8 operators compute; a size it cannot serve runs the plain graph."""
+    model = Net(16, "relu", True, 1).eval()
+    prog = int8_program(model, torch.randn(2, 3, 8, 8), "export")
+    compiled = whole.wrap(prog)
+    with torch.no_grad():
+        for n in (2, 3, 1, 5):
+            x = torch.randn(n, 3, 8, 8)
+            assert _close(compiled.gm(x), prog.gm(x)) < 2e-3
+    assert compiled.gm.compiled.failed is None
