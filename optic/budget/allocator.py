@@ -16,6 +16,8 @@ The allocator, greedy by marginal gain per unit of metric lost:
    split; a step that exceeds the budget is undone, and only milder levels of its group stay open;
 3. on this machine (``ctx.measure``) times the model with and without each chosen action and
    drops the actions that are not faster here (a change that saves FLOPs but not time is undone);
+   actions whose gain shows only where the backend compiles the whole graph (``compiled_gain``: int8
+   layers) are timed all together through the compiled program instead, and kept or undone as one;
 4. checks the held-out split and, while it is over budget, drops the chosen action with the worst
    gain per drop.
 
