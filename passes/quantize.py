@@ -242,6 +242,7 @@ def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int) -> fx.Node:
     qw, ws, b = _weights(layer)
     with graph.inserting_before(op.node):
         xq = graph.call_function(int8.quantize_u8, (op.x, scale, zp, op.kind == "conv"))
+        ir.stamp(xq, layer.nodes, "quantize")  # a quantize boundary: dumps show which layer's and which pass's
         wn = ir.const_node(graph, gm, qw, "int8_weight")
         sn = ir.const_node(graph, gm, ws, "int8_scale")
         bn = ir.const_node(graph, gm, b, "int8_bias") if b is not None else None

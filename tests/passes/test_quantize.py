@@ -188,6 +188,21 @@ def test_every_layer_in_int8_chains_uint8_between_consecutive_layers(method):
 
 
 @needs_int8
+def test_the_dump_shows_each_quantize_boundary_with_its_layer_and_pass():
+    from optic.dump import render_text
+
+    model, x = cnn(), torch.randn(2, 3, 16, 16)
+    prog = capture(model, (x,), method="fx")
+    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    steps = [n for n in out.gm.graph.nodes if n.target is int8.quantize_u8]
+    assert steps and all(n.meta["optic"]["pass"] == "quantize" for n in steps)
+    text = render_text(out)
+    for n in steps:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"#   {n.name} <- "))
+        assert line.endswith("[quantize]") and "_0" in line  # the first conv's nodes are its origin
+
+
+@needs_int8
 def test_a_layer_whose_output_is_also_read_in_float_is_not_chained():
     class Res(nn.Module):
         def __init__(self):
