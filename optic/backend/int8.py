@@ -168,6 +168,11 @@ _POST_ATEN = {"relu": lambda y, s, a: (torch.ops.aten.relu.default, (y,), {}),
               "hardtanh": lambda y, s, a: (torch.ops.aten.hardtanh.default, (y, float(s[0]), float(s[1])), {})}
 
 
+def rounds(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` rounds float values to integers: it holds an int8 kernel or a quantize step."""
+    return any(n.op == "call_function" and (n.target in OUT_ARGS or n.target is quantize_u8) for n in gm.graph.nodes)
+
+
 def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` in which every int8 kernel and quantize step is written as quantize/dequantize
     around the float op (``quantized_decomposed``'s Q/DQ form: the graph PyTorch's own int8 flow hands to
@@ -178,11 +183,12 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     layer's quantize step and a residual add (with its ReLU) fused into one call, and the elementwise
     work around them in generated loops. It computes the same integers as the operators (the same
     oneDNN kernels, the same scales and zero points); where a float op sits between two of them, the
-    value is quantized with the same rounding (round half to even) as :func:`quantize_u8`. Graphs with
-    no int8 kernel come back as they are."""
+    value is quantized by ``round(x · (1/scale))`` (half to even), which can land one step away from
+    :func:`quantize_u8`'s ``round(x / scale)`` when the two float32 products differ at a boundary. Graphs
+    with no int8 kernel come back as they are."""
     import copy
 
-    if not any(n.op == "call_function" and (n.target in OUT_ARGS or n.target is quantize_u8) for n in gm.graph.nodes):
+    if not rounds(gm):
         return gm
     import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed
 

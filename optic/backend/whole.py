@@ -175,9 +175,10 @@ class CompiledGraph(_FrozenGraph):
         # compiles again); freezing folds and prepacks the weights, which is why staleness is checked
         # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
         # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
-        fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
-        if fresh.graph is not (qdq := int8_for_inductor(self.graph_module)).graph:
-            fresh = qdq  # optic's int8 kernels as Inductor's int8 patterns (a fresh module too)
+        # optic's int8 kernels as Inductor's int8 patterns: a copy, so a fresh module too
+        fresh = int8_for_inductor(self.graph_module)
+        if fresh is self.graph_module:
+            fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
         # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
         # a graph with dynamic dimensions: Dynamo's automatic dynamic shapes compile one program for every size
         # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
@@ -334,16 +335,16 @@ class PackagedGraph(_FrozenGraph):
             # export specializes sizes 0/1 whatever it is told: trace on the example doubled along them
             args = tuple(doubled(a, [d for d in s_ if a.shape[d] < 2]) if isinstance(s_, dict) else a
                          for a, s_ in zip(example, spec, strict=True))
+        graph_module = int8_for_inductor(self.graph_module)
         with torch.no_grad():
             try:
-                ep = torch.export.export(int8_for_inductor(self.graph_module), args, dynamic_shapes=spec,
-                                         strict=False)
+                ep = torch.export.export(graph_module, args, dynamic_shapes=spec, strict=False)
             except Exception as e:  # a pass made a dimension static: the package serves the example's shapes
                 if spec is None:
                     raise
                 log.info("optic: the package keeps the example's shapes (%s)", error_line(e))
                 self.dims = None
-                ep = torch.export.export(int8_for_inductor(self.graph_module), tuple(example), strict=False)
+                ep = torch.export.export(graph_module, tuple(example), strict=False)
             buf = io.BytesIO()
             with inductor_config.patch(freezing=True):
                 torch._inductor.aoti_compile_and_package(ep, package_path=buf)

@@ -118,9 +118,8 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
                    and passes[i + len(stage)].name not in disable):
                 stage.append(passes[i + len(stage)])
             before = program
-            later = any(not getattr(q, "exact", True) and q.name not in disable for q in passes[i + len(stage):])
             rest = [q for q in passes[i + len(stage):] if q.name not in disable]
-            program = _run_stage(program, stage, ctx, report, later, rest)
+            program = _run_stage(program, stage, ctx, report, rest)
             for rec in report.passes[-len(stage):]:
                 for inst in ctx.instruments:
                     inst.after_pass(rec, before, program)
@@ -184,7 +183,7 @@ def _run_deferred(program: Program, deferred: tuple[Pass, Program, PassRecord], 
     return again if not rec.rolled_back else program
 
 
-def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report, later: bool,
+def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Report,
                rest: list[Pass] = ()) -> Program:
     """One budget stage: every pass proposes actions, the allocator chooses across all of them.
 
@@ -204,7 +203,7 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     t0 = time.perf_counter()
     from ..backend import whole
 
-    ctx.compiled_after = bool(ctx.measure) and whole.will_compile(ctx, list(rest))
+    ctx.compiled_after = whole.will_compile(ctx, list(rest))
     actions, by_pass = [], {}
     for p, rec in zip(stage, recs, strict=True):
         ctx.stats, ctx.record = RuleStats(), rec
@@ -222,6 +221,7 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     ctx.record = None
     # the allocator's drops are against the original model, so what earlier stages spent counts in them
     spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
+    later = any(not getattr(q, "exact", True) for q in rest)  # lossy passes follow (early exit)
     allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share")) if later else 1.0)
     compiled = whole.compiled_call if ctx.compiled_after else None
     alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
@@ -286,14 +286,6 @@ class _Nudged(TorchDispatchMode):
         return t + (self.relative * t.abs().mean()) * noise
 
 
-def _rounds(program: Program) -> bool:
-    """Whether the graph rounds float values to integers (an int8 kernel or quantize step)."""
-    from ..backend import int8
-
-    return any(n.op == "call_function" and (n.target in int8.OUT_ARGS or n.target is int8.quantize_u8)
-               for n in program.gm.graph.nodes)
-
-
 def _widen_for_rounding(program: Program, ctx: PassContext, report: Report, draws: int = 3) -> None:
     """After a lossy change that rounds values to integers (int8), an exact rewrite upstream of a
     rounding (reassociated float sums, a fused kernel) can move a value across a rounding boundary: one
@@ -302,7 +294,9 @@ def _widen_for_rounding(program: Program, ctx: PassContext, report: Report, draw
     this reaches models whose inputs are integers, token ids, too), and later exact steps are checked
     against the changed model with that much slack (twice the worst seen) when it exceeds the
     tolerance; the report says so. The budget's final held-out check still guards the whole."""
-    if ctx.tolerance == float("inf") or not ctx.check_inputs or not _rounds(program):
+    from ..backend import int8
+
+    if ctx.tolerance == float("inf") or not ctx.check_inputs or not int8.rounds(program.gm):
         return  # float-only changes (low rank, pruning) keep the tolerance: their exact steps are checked as usual
     worst = 0.0
     for ref, (args, kwargs) in zip(ctx.reference, ctx.check_inputs, strict=True):
