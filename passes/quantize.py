@@ -255,6 +255,15 @@ def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int) -> fx.Node:
     return new
 
 
+def _batch_like(x: torch.Tensor, node: fx.Node) -> torch.Tensor:
+    """``x`` (a calibration batch) cut or repeated to the batch of the example the graph was traced on."""
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    n = int(val.shape[0]) if hasattr(val, "shape") and len(val.shape) and isinstance(val.shape[0], int) else None
+    if n is None or n == x.shape[0] or x.dim() < 2:
+        return x
+    return x[:n] if x.shape[0] >= n else x.repeat(-(-n // x.shape[0]), *([1] * (x.dim() - 1)))[:n]
+
+
 def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     """The layer's int8 kernel on ``x`` (float32 out), outside any graph."""
     qw, ws, b = _weights(layer)
@@ -262,6 +271,40 @@ def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> torch.Tens
     with torch.no_grad():
         xq = int8.quantize_u8(x, scale, zp, layer.op.kind == "conv")
         return target(*_kernel_args(layer, xq, scale, zp, qw, ws, b))
+
+
+def measured_gain_generated(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> float | None:
+    """Seconds the layer saves on ``x`` (the example's batch) run by optic's generated int8 kernels (the
+    quantize step and the kernel, :mod:`optic.backend.int8_amx`) instead of PyTorch's float32 op with its
+    activation, timed here; None where those kernels do not cover the layer."""
+    from optic.backend import int8_amx
+    from optic.pipeline import timing
+
+    attr = layer.post[0]
+    a = layer.op.attrs
+    conv = layer.op.kind == "conv"
+    if attr not in ("none", "relu") or (conv and (int(a["groups"]) != 1 or list(a["dilation"]) != [1, 1]
+                                                  or a["stride"][0] != a["stride"][1])):
+        return None
+    qw, ws, b = _weights(layer)
+    w = layer.op.const("weight").detach().float()
+    bias = layer.op.const("bias")
+    bias = None if bias is None else bias.detach().float()
+    f = torch.nn.functional
+    x = x.float().contiguous(memory_format=torch.channels_last) if conv else x.float()
+    quant = int8_amx.Quantize(scale, zp, conv)
+    kernel = int8_amx.Int8Kernel(qw, ws, b, scale, zp, int(a["stride"][0]) if conv else 1,
+                                 tuple(a["padding"]) if conv else (0, 0), 1.0, 0, False, attr == "relu", False, conv)
+
+    def floating() -> torch.Tensor:
+        y = f.conv2d(x, w, bias, a["stride"], a["padding"], a["dilation"], a["groups"]) if conv else f.linear(x, w, bias)
+        return y.relu() if attr == "relu" else y
+    with torch.no_grad():
+        generated = lambda: kernel(quant(x))  # noqa: E731
+        generated()
+        t = timing.compare({"float": floating, "int8": generated}, rounds=3,
+                           block=timing.calls_per_block(floating, target_s=0.003, cap=50), warmup=1)
+    return t["float"].median - t["int8"].median
 
 
 def run_float(layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -361,24 +404,33 @@ def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-_OVERHEAD: list[float] = []
+_OVERHEAD: dict[bool, float] = {}
 
 
-def call_overhead_s() -> float:
+def call_overhead_s(generated: bool = False) -> float:
     """What an int8 layer costs beyond a float one whatever its size, measured once per process: a
     quantize step and an int8 conv on a tiny input against the float conv (oneDNN's int8 call through
-    PyTorch and the quantize step: about 0.1 ms on the development machine)."""
-    if not _OVERHEAD:
+    PyTorch and the quantize step: about 0.1 ms on the development machine; ``generated``: optic's
+    generated AMX kernels for both, :mod:`optic.backend.int8_amx`)."""
+    if generated not in _OVERHEAD:
         from optic.pipeline import timing
 
         x, w = torch.rand(1, 8, 4, 4), torch.randn(8, 8, 3, 3)
         qw, ws = int8.quantize_weight(w, int8.weight_scales(w)), int8.weight_scales(w)
         args = ([1, 1], [1, 1], [1, 1], 1, 1.0, 0, False, "none", [], "")
-        t = timing.compare({"float": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1),
-                            "int8": lambda: int8.CONV(int8.quantize_u8(x, 0.01, 0, True), 0.01, 0, qw, ws, None, *args)},
+        if generated:
+            from optic.backend import int8_amx
+
+            quant = int8_amx.Quantize(0.01, 0, True)
+            kernel = int8_amx.Int8Kernel(qw, ws, None, 0.01, 0, 1, (1, 1), 1.0, 0, False, False, False, True)
+            run = lambda: kernel(quant(x))  # noqa: E731
+        else:
+            run = lambda: int8.CONV(int8.quantize_u8(x, 0.01, 0, True), 0.01, 0, qw, ws, None, *args)  # noqa: E731
+        run()
+        t = timing.compare({"float": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1), "int8": run},
                            rounds=5, block=20, warmup=5)
-        _OVERHEAD.append(max(0.0, t["int8"].median - t["float"].median))
-    return _OVERHEAD[0]
+        _OVERHEAD[generated] = max(0.0, t["int8"].median - t["float"].median)
+    return _OVERHEAD[generated]
 
 
 # -- the pass -----------------------------------------------------------------------------------------
@@ -416,7 +468,15 @@ class Quantize:
             if cal is None:
                 ctx.stats.decline(RULE, layer.op.node.name, "the int8 kernel failed on the recorded input")
                 continue
-            actions.append(self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after))
+            measured = None
+            if ctx.generated_after:  # the kernels that will run it, timed on the example's batch
+                try:
+                    measured = measured_gain_generated(layer, _batch_like(r.first, layer.op.x), cal.scale,
+                                                       cal.zero_point)
+                except Exception as e:  # noqa: BLE001 - the cost model predicts instead
+                    ctx.note(f"{layer.op.node.name}: generated int8 kernel not timed ({str(e).splitlines()[0][:80]})")
+            actions.append(self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after,
+                                        ctx.generated_after, measured))
         return actions
 
     @staticmethod
@@ -428,17 +488,22 @@ class Quantize:
         why = int8_supported(getattr(ctx.target, "isa", ()))
         return f"no layer was quantized: {why}" if why else None
 
-    def _action(self, layer: Layer, cal: Calibrated, target: Any, min_macs: int, compiled: bool = False) -> Action:
+    def _action(self, layer: Layer, cal: Calibrated, target: Any, min_macs: int, compiled: bool = False,
+                generated: bool = False, measured_gain_s: float | None = None) -> Action:
         w = layer.op.const("weight")
         t_fp32 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 4, 4), target, "float32")
         # the int8 call's fixed cost in the plain graph, measured on this machine: it decides small layers
         # there; compiled, the quantize step fuses into the producer and the call is one of the program's
-        fixed = 0.0 if compiled else call_overhead_s()
+        # (optic's generated kernels, where the CPU step offers them: their own, smaller fixed cost)
+        fixed = 0.0 if compiled else call_overhead_s(generated)
         t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), target, "int8") + fixed
         return Action(
             pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
             describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
-            level=1.0, nodes=frozenset(n.name for n in layer.nodes), predicted_gain_s=max(t_fp32 - t_int8, 0.0),
+            level=1.0, nodes=frozenset(n.name for n in layer.nodes),
+            # timed with the generated kernels where they will run it (measured_gain_generated), else the
+            # cost model's
+            predicted_gain_s=max(t_fp32 - t_int8 if measured_gain_s is None else measured_gain_s, 0.0),
             apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
             # compiled, the kernels fuse their quantize steps, residual adds and neighbours' requantization
             compiled_gain=True,

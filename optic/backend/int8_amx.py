@@ -6,6 +6,10 @@ Why: oneDNN's AMX kernels compute a 3×3 conv 128→128 at 8×8 in 8 µs, but ea
 scales ideep prepares per call. On a small model that fixed cost is the whole latency. The kernels here
 are compiled once per shape; a call is the kernel plus about 1 µs (torch tensors pass to TVM by DLPack).
 
+Buffers are declared with their element's alignment only: PyTorch hands over views that start anywhere
+(the rows early exit keeps, a slice), and a kernel that assumed 64-byte alignment faults on an aligned
+vector load.
+
 What a kernel computes: the integers of :func:`.int8.conv_reference`. A linear is the same kernel as a
 1×1 convolution over ``M`` pixels. The layout is NHWC (PyTorch's channels-last memory, what the int8
 operators already pass each other), uint8 activations and int8 weights:
@@ -146,6 +150,7 @@ def _prim_func(sp: Spec) -> Any:
     XZP, OZP, OSC = sp.x_zp, float(sp.out_zp), float(sp.out_scale)
     ODT = "uint8" if sp.out_u8 else "float32"
     RELU, RES, U8, PAR = sp.relu, sp.residual, sp.out_u8, sp.parallel
+    V = math.gcd(C4, ROW_BYTES)  # bytes of a channel vector in the padding copy
     # NCHW shapes with channels-last strides: PyTorch's channels-last tensors pass as they are
     XST, OST = (H * W * C, 1, W * C, C), (OH * OW * F, 1, OW * F, F)
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
@@ -162,9 +167,9 @@ def _prim_func(sp: Spec) -> Any:
         return y
 
     @T.prim_func(s_tir=True)
-    def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST), Wt: T.Buffer((FP * R * S * C4,), "int8"),
-             consts: T.Buffer((3 * FP,), "int32"), res: T.Buffer(RSH, "float32", strides=RST),
-             out: T.Buffer((N, F, OH, OW), ODT, strides=OST)):
+    def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST, align=1), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
+             consts: T.Buffer((3 * FP,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
+             out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         Xp = T.alloc_buffer((XLEN,), "uint8")
         for row in T.serial(N * Hp):
@@ -173,15 +178,17 @@ def _prim_func(sp: Spec) -> Any:
                 ww = x - PW
                 if hh >= 0 and hh < H and ww >= 0 and ww < W:
                     if C == C4:
-                        for c in T.vectorized(C4):
-                            Xp[(row * Wp + x) * C4 + c] = X[row // Hp, c, hh, ww]
+                        for co in T.serial(C4 // V):
+                            for ci in T.vectorized(V):
+                                Xp[(row * Wp + x) * C4 + co * V + ci] = X[row // Hp, co * V + ci, hh, ww]
                     else:
                         for c in T.serial(C4):
                             Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, X[row // Hp, T.min(c, C - 1), hh, ww],
                                                                          T.uint8(XZP))
                 else:
-                    for c in T.vectorized(C4):
-                        Xp[(row * Wp + x) * C4 + c] = T.uint8(XZP)
+                    for co in T.serial(C4 // V):
+                        for ci in T.vectorized(V):
+                            Xp[(row * Wp + x) * C4 + co * V + ci] = T.uint8(XZP)
         for task in T.parallel(TASKS) if PAR else T.serial(TASKS):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((MT * 16 * NB,), "int32", scope="local")
@@ -271,20 +278,25 @@ def _quantize_func(shape: tuple[int, ...], nchw_in: bool, scale: float, zp: int)
         N, C, H, W = shape
 
         @T.prim_func(s_tir=True)
-        def main(x: T.Buffer((N, C, H, W), "float32"), out: T.Buffer((N, H, W, C), "uint8")):
+        def main(x: T.Buffer((N, C, H, W), "float32", align=4), out: T.Buffer((N, H, W, C), "uint8", align=1)):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
             for n, h, w, c in T.grid(N, H, W, C):
                 out[n, h, w, c] = T.Cast("uint8", T.max(T.min(T.round(x[n, c, h, w] / T.float32(SC)) + T.float32(ZP),
                                                               T.float32(255)), T.float32(0)))
     else:
         L = math.prod(shape)
+        VL = 16  # float32 lanes of a vector; the tail is scalar
 
         @T.prim_func(s_tir=True)
-        def main(x: T.Buffer((L,), "float32"), out: T.Buffer((L,), "uint8")):
+        def main(x: T.Buffer((L,), "float32", align=4), out: T.Buffer((L,), "uint8", align=1)):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            for i in T.vectorized(L):
-                out[i] = T.Cast("uint8", T.max(T.min(T.round(x[i] / T.float32(SC)) + T.float32(ZP), T.float32(255)),
-                                               T.float32(0)))
+            for i in T.serial(L // VL):
+                for j in T.vectorized(VL):
+                    out[i * VL + j] = T.Cast("uint8", T.max(T.min(
+                        T.round(x[i * VL + j] / T.float32(SC)) + T.float32(ZP), T.float32(255)), T.float32(0)))
+            for j in T.serial(L % VL):
+                out[L // VL * VL + j] = T.Cast("uint8", T.max(T.min(
+                    T.round(x[L // VL * VL + j] / T.float32(SC)) + T.float32(ZP), T.float32(255)), T.float32(0)))
     return _compile(main)
 
 
@@ -356,6 +368,11 @@ class Int8Kernel(nn.Module):
                                                   mult.view(torch.int32), b.view(torch.int32)]))
         self._none = torch.zeros(1)
         self._fns: dict[tuple[int, int, int], tuple[Any, int, int]] = {}  # per input shape: kernel, OH, OW
+
+    def __getstate__(self) -> dict:  # compiled kernels are neither copied nor saved: compiled again on use
+        state = self.__dict__.copy()
+        state["_fns"] = {}
+        return state
 
     def _spec(self, n: int, h: int, w: int) -> Spec:
         return Spec(n, h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.x_zp,

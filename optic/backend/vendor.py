@@ -305,6 +305,9 @@ class CpuTactics:
         for name, compiled in self._whole_graph(program, ctx).items():
             variants[name] = compiled
             kernels[name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
+        amx = self._int8_generated(program, ctx)
+        if amx is not None:
+            variants[whole.INT8_GENERATED], kernels[whole.INT8_GENERATED] = amx
         if len(variants) == 1:
             return False
         best = self._fastest(variants, program, ctx)
@@ -361,6 +364,36 @@ class CpuTactics:
             ctx.record.measured[rule + "_build_s"] = round(time.perf_counter() - t0, 2)
             found[name] = candidate
         return found
+
+    @staticmethod
+    def _int8_generated(program, ctx) -> tuple[Any, list[str]] | None:
+        """The graph with its int8 operators run by optic's generated AMX kernels (:mod:`.int8_amx`),
+        checked on the inputs the pass is checked on, and the kernels made; None where there is none."""
+        from . import int8, int8_amx
+
+        if not int8.rounds(program.gm):
+            return None
+        why = int8_amx.unavailable()
+        if why:
+            ctx.stats.decline("int8_generated", MODEL, why)
+            return None
+        candidate = program.clone()
+        t0 = time.perf_counter()
+        try:
+            made = int8_amx.use_kernels(candidate.gm)
+            if not made:
+                ctx.stats.decline("int8_generated", MODEL, "no int8 operator the generated kernels cover")
+                return None
+            with torch.no_grad():
+                for args, kwargs in ctx.check_inputs:
+                    check = compare(program.gm(*args, **kwargs), candidate.gm(*args, **kwargs), ctx.tolerance)
+                    if not check.ok:
+                        raise ValueError(f"it differs ({check})")
+        except Exception as e:  # not built, or not right: the other variants remain
+            ctx.stats.decline("int8_generated", MODEL, whole.error_line(e, 160))
+            return None
+        ctx.record.measured["int8_generated_build_s"] = round(time.perf_counter() - t0, 2)
+        return candidate, ["int8_generated_" + k for k in made]
 
     def _variants(self, program, ctx, prefix: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """Whole-model variants of ``program``: as it is, channels-last, and with the oneDNN kernels

@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor", cat
 
 NAME = "whole graph compiled (Inductor, frozen weights)"
 log = logging.getLogger("optic")
+INT8_GENERATED = "int8 kernels generated (AMX)"
 ENV = "OPTIC_WHOLE_GRAPH"  # "0": the CPU step does not offer the whole-graph implementation
 # freezing: weights are constants (folded, prepacked); cpp_wrapper: the kernels are called from
 # generated C++, no Python per op (measured 2.09x -> 2.45x over eager on mobilenetv2 at batch 1)
@@ -78,15 +79,65 @@ def will_compile(ctx: Any, later: list[Any]) -> bool:
     return bool(choice(ctx))
 
 
+def will_generate(ctx: Any, later: list[Any]) -> bool:
+    """Whether the CPU step (``compiles_whole_graph``: it offers the generated int8 kernels too) is among
+    ``later``, measures here, and optic's generated int8 kernels run on this CPU."""
+    from . import int8_amx
+
+    if not any(getattr(p, "compiles_whole_graph", False) for p in later):
+        return False
+    return bool(ctx.measure) and getattr(ctx.target, "kind", None) == "cpu" and int8_amx.unavailable() is None
+
+
+def generated_call(program: Any) -> Any:
+    """A zero-argument call of ``program`` on its example with its int8 operators run by optic's generated
+    kernels (:func:`.int8_amx.use_kernels`), what the CPU step offers where the whole graph stays open for
+    a later pass; the plain graph where none applies."""
+    from . import int8, int8_amx
+
+    gm = program.gm
+    if int8.rounds(gm):
+        generated = program.clone()
+        try:
+            if int8_amx.use_kernels(generated.gm):
+                gm = generated.gm
+        except Exception as e:  # noqa: BLE001 - the plain graph is timed
+            log.info("generated int8 kernels not built for timing: %s", error_line(e))
+    args, kwargs = program.example_args, program.example_kwargs
+    return lambda: gm(*args, **kwargs)
+
+
 def compiled_call(program: Any) -> Any:
     """A zero-argument call of ``program`` on its example, the whole graph compiled (what the allocator
-    times actions whose gain shows only there)."""
+    times actions whose gain shows only there). A graph with int8 operators, where optic's generated AMX
+    kernels run (:mod:`.int8_amx`), is also built with them, and the faster of the two is the call (the
+    CPU step chooses between them the same way)."""
+    from . import int8, int8_amx
+
     compiled = wrap(program)
     args, kwargs = program.example_args, program.example_kwargs
+    calls = {"compiled": lambda: compiled.gm(*args, **kwargs)}
+    if int8.rounds(program.gm) and int8_amx.unavailable() is None:
+        generated = program.clone()
+        try:
+            if int8_amx.use_kernels(generated.gm):
+                calls[INT8_GENERATED] = lambda: generated.gm(*args, **kwargs)
+                with torch.no_grad():
+                    calls[INT8_GENERATED]()
+        except Exception as e:  # noqa: BLE001 - the compiled graph alone is timed
+            log.info("generated int8 kernels not built for timing: %s", error_line(e))
+            calls.pop(INT8_GENERATED, None)
+    if len(calls) == 1:
+        return calls["compiled"]
+    from optic.pipeline import timing
 
-    def call() -> Any:
-        return compiled.gm(*args, **kwargs)
-    return call
+    with torch.no_grad():
+        t = timing.compare_models(calls, 0.6)
+    return calls[min(t, key=lambda k: t[k].median)]
+
+
+compiled_call.how, compiled_call.short = "with the whole graph compiled", "compiled"
+generated_call.how, generated_call.short = "with optic's generated int8 kernels", "generated kernels"
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:

@@ -108,8 +108,9 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
              compiled: Callable[[Program], Callable[[], Any]] | None = None) -> Allocation:
     """Choose which ``actions`` to apply to ``base`` within ``max_drop`` (see the module docstring).
 
-    ``compiled``: when the backend will compile the whole graph, ``compiled(program)`` is a zero-argument
-    call of ``program`` compiled that way on its example; actions with ``compiled_gain`` are then measured
+    ``compiled``: when the backend will compile the whole graph (or run its own int8 kernels),
+    ``compiled(program)`` is a zero-argument call of ``program`` built that way on its example (its
+    attributes ``how`` and ``short`` name the way in notes and statuses); actions with ``compiled_gain`` are then measured
     together through it (with all of them against none of them) instead of one at a time in the plain
     graph, where their gain does not show."""
     notes: list[str] = []
@@ -251,7 +252,8 @@ def _measured_together(base: Program, others: list[Action], together: list[Actio
     gain = t["without"].median - t["with"].median
     total = sum(a.predicted_gain_s for a in together) or 1.0
     kinds = sorted({a.pass_name for a in together})
-    what = f"{len(together)} {'/'.join(kinds)} actions measured together with the whole graph compiled"
+    how = getattr(compiled, "how", "with the whole graph compiled")
+    what = f"{len(together)} {'/'.join(kinds)} actions measured together {how}"
     for a in together:
         a.measured_gain_s = gain * a.predicted_gain_s / total
     if notes is not None:
@@ -260,7 +262,7 @@ def _measured_together(base: Program, others: list[Action], together: list[Actio
     if gain > 0:
         return together
     for a in together:
-        a.status = "not faster here (measured together, compiled)"
+        a.status = f"not faster here (measured together, {getattr(compiled, 'short', 'compiled')})"
     return []
 
 

@@ -66,6 +66,9 @@ class PassContext:
     # whether the CPU step will compile the whole graph after the current budget stage (int8 kernels then
     # cost no dispatch of their own: their fixed cost is not what it is in the plain graph)
     compiled_after: bool = False
+    # whether the CPU step will offer the graph with optic's generated int8 kernels (AMX) after the current
+    # budget stage: int8 layers are then timed, all together, with those kernels
+    generated_after: bool = False
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -204,6 +207,7 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     from ..backend import whole
 
     ctx.compiled_after = whole.will_compile(ctx, list(rest))
+    ctx.generated_after = not ctx.compiled_after and whole.will_generate(ctx, list(rest))
     actions, by_pass = [], {}
     for p, rec in zip(stage, recs, strict=True):
         ctx.stats, ctx.record = RuleStats(), rec
@@ -223,7 +227,8 @@ def _run_stage(program: Program, stage: list[Pass], ctx: PassContext, report: Re
     spent = max(0.0, ctx.budget.max_drop - ctx.budget_left)
     later = any(not getattr(q, "exact", True) for q in rest)  # lossy passes follow (early exit)
     allowed = spent + ctx.budget_left * (float(ctx.option("budget_stage_share")) if later else 1.0)
-    compiled = whole.compiled_call if ctx.compiled_after else None
+    compiled = (whole.compiled_call if ctx.compiled_after
+                else whole.generated_call if ctx.generated_after else None)
     alloc = allocate(program, actions, ctx.evaluator, allowed, measure=ctx.measure,
                      measure_s=float(ctx.option("budget_measure_s")), progress=ctx.progress, compiled=compiled)
     seconds = (time.perf_counter() - t0) / max(len(stage), 1)

@@ -1,0 +1,231 @@
+"""optic's generated AMX int8 kernels (optic.backend.int8_amx) against the integer reference, and the graph
+that runs them: the same integers as the reference (bit for bit where no float rounding is involved,
+one requantization step at most where it is), the quantize step bit for bit with PyTorch's, the
+original graph left alone, other batch sizes served, copies and pickles computing the same."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
+from hypothesis_profiles import examples
+
+from optic import targets
+from optic.backend import int8, int8_amx, whole
+from optic.budget.allocator import build
+from optic.budget.calibration import Budget, split
+from optic.ir.capture import capture
+from optic.pipeline.registry import get
+from optic.pipeline.runner import PassContext
+
+pytestmark = pytest.mark.skipif(int8_amx.unavailable() is not None, reason=str(int8_amx.unavailable()))
+
+conv_cases = st.fixed_dictionaries({
+    "n": st.integers(1, 3), "c": st.sampled_from([1, 3, 4, 16, 64, 72, 128]), "o": st.sampled_from([4, 16, 24, 48]),
+    "hw": st.integers(3, 10), "k": st.sampled_from([1, 3, 5]), "stride": st.integers(1, 2),
+    "pad": st.integers(0, 2), "zp": st.integers(0, 255), "relu": st.booleans(), "seed": st.integers(0, 2**16)})
+
+
+def _case(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    qx = torch.randint(0, 256, (case["n"], case["c"], case["hw"], case["hw"]), generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (case["o"], case["c"], case["k"], case["k"]), generator=g).to(torch.int8)
+    return g, qx.contiguous(memory_format=torch.channels_last), qw
+
+
+def _reference(qx, x_scale, zp, qw, ws, b, case, out=None):
+    post = ("relu" if case["relu"] else "none", [], "")
+    return int8.conv_reference(qx, x_scale, zp, qw, ws, b, [case["stride"]] * 2, [min(case["pad"], case["k"] // 2 + 1)] * 2,
+                               [1, 1], 1, post=post, out=out)
+
+
+def _kernel(qw, ws, b, x_scale, case, out=None, residual=False):
+    s_out, z_out = out or (1.0, 0)
+    pad = min(case["pad"], case["k"] // 2 + 1)
+    return int8_amx.Int8Kernel(qw, ws, b, x_scale, case["zp"], case["stride"], (pad, pad), s_out, z_out, out is not None,
+                               case["relu"], residual, True)
+
+
+@examples(30, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases)
+def test_the_kernel_accumulates_exactly_what_the_integer_reference_does(case):
+    """Unit scales, no bias, float32 out: the output is the int32 accumulation less the zero point's
+    share, so padding, channel padding, strides, tiles and the compensation show up bit for bit."""
+    if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
+        return
+    _, qx, qw = _case(case)
+    ones = torch.ones(case["o"])
+    got = _kernel(qw, ones, None, 1.0, case)(qx)
+    want = _reference(qx, 1.0, case["zp"], qw, ones, None, case)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.double(), want.double())
+
+
+@examples(20, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases, x_scale=st.floats(1e-3, 0.1))
+def test_the_requantized_output_is_within_one_step_of_the_reference(case, x_scale):
+    if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
+        return
+    g, qx, qw = _case(case)
+    ws, b = torch.rand(case["o"], generator=g) * 0.01 + 1e-4, torch.randn(case["o"], generator=g)
+    y = _reference(qx, x_scale, case["zp"], qw, ws, b, case)
+    out = (max(float(y.abs().max()), 1e-3) / 127, 64)
+    got = _kernel(qw, ws, b, x_scale, case, out)(qx)
+    want = _reference(qx, x_scale, case["zp"], qw, ws, b, case, out)
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_a_residual_add_and_relu_in_the_epilogue_compute_the_float_ops():
+    case = {"n": 2, "c": 32, "o": 48, "hw": 7, "k": 3, "stride": 1, "pad": 1, "zp": 9, "relu": False, "seed": 5}
+    g, qx, qw = _case(case)
+    ws, b = torch.rand(48, generator=g) * 0.01 + 1e-4, torch.randn(48, generator=g)
+    r = torch.randn(2, 48, 7, 7, generator=g)  # NCHW contiguous: the kernel takes it in its layout
+    want = torch.relu(_reference(qx, 0.02, 9, qw, ws, b, case) + r.double())
+    kernel = _kernel(qw, ws, b, 0.02, {**case, "relu": True}, residual=True)
+    got = kernel(qx, r)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="residual"):  # a broadcast residual is not what was fused
+        kernel(qx, r[:, :, :1, :1])
+
+
+@examples(20)
+@given(m=st.integers(1, 40), k=st.sampled_from([4, 16, 64, 96, 256]), n=st.sampled_from([8, 16, 40]),
+       zp=st.integers(0, 255), seed=st.integers(0, 2**16), lead=st.booleans())
+def test_a_linear_is_the_kernel_over_rows_exactly(m, k, n, zp, seed, lead):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, m, k) if lead else (m, k)
+    qx = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    kernel = int8_amx.Int8Kernel(qw, torch.ones(n), None, 1.0, zp, 1, (0, 0), 1.0, 0, False, False, False, False)
+    got = kernel(qx)
+    assert got.shape == (*shape[:-1], n)
+    assert torch.equal(got.double(), int8.linear_reference(qx, 1.0, zp, qw, torch.ones(n), None).double())
+
+
+@examples(20)
+@given(shape=st.sampled_from([(1, 3, 5, 5), (2, 16, 4, 3), (37,), (4, 33)]), layout=st.sampled_from(["nchw", "cl"]),
+       scale=st.floats(1e-3, 1.0), zp=st.integers(0, 255), seed=st.integers(0, 2**16))
+def test_the_quantize_kernel_is_pytorchs_quantize_step_bit_for_bit(shape, layout, scale, zp, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 100 * scale
+    x.view(-1)[::3] = (torch.randint(-300, 300, x.view(-1)[::3].shape, generator=g).float() + 0.5) * scale  # ties
+    cl = len(shape) == 4
+    if cl and layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = int8_amx.Quantize(scale, zp, cl)(x)
+    want = int8.quantize_u8(x, scale, zp, cl)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    if cl:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+class Net(nn.Module):
+    def __init__(self, c: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+        self.c = nn.Conv2d(c, c, 1, stride=2)
+        self.head = nn.Linear(c * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = torch.relu(self.b(y) + y)
+        return self.head(torch.flatten(torch.relu(self.c(z)), 1))
+
+
+def int8_program(model: nn.Module, x: torch.Tensor, method: str = "fx"):
+    prog = capture(model, (x,), method=method)
+    g = torch.Generator().manual_seed(1)
+    cal = split([torch.randn(x.shape, generator=g) for _ in range(4)], Budget(), single_input=True,
+                batch_size=x.shape[0])
+    ctx = PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options={"quantize_min_macs": 0})
+    out = build(prog, get("quantize").candidates(prog, ctx))
+    assert any(n.target in int8.OUT_ARGS for n in out.gm.graph.nodes)
+    return out
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_the_graph_runs_the_generated_kernels_and_computes_what_the_operators_compute(method):
+    x = torch.randn(2, 3, 8, 8)
+    prog = int8_program(Net().eval(), x, method)
+    before = [(n.name, n.target, n.args) for n in prog.gm.graph.nodes]
+    generated = prog.clone()
+    made = int8_amx.use_kernels(generated.gm)
+    assert [(n.name, n.target, n.args) for n in prog.gm.graph.nodes] == before
+    assert any(k.startswith("conv2d+add+relu") for k in made) and any(k.startswith("linear") for k in made)
+    left = [n for n in generated.gm.graph.nodes if n.op == "call_function"
+            and (n.target in int8.OUT_ARGS or n.target is int8.quantize_u8)]
+    assert not left
+    with torch.no_grad():
+        for xs in (x, torch.randn(5, 3, 8, 8)):  # the example's batch and another one
+            want, got = prog.gm(xs), generated.gm(xs)
+            assert float((got - want).norm() / want.norm()) < 2e-3
+        clone = copy.deepcopy(generated.gm)
+        loaded = pickle.loads(pickle.dumps(generated.gm))
+        assert torch.equal(clone(x), generated.gm(x)) and torch.equal(loaded(x), generated.gm(x))
+
+
+def test_the_cpu_step_offers_the_generated_kernels_and_checks_them(monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    prog = int8_program(Net().eval(), x)
+    ctx = PassContext(target=targets.get("cpu"), measure=True, options={"whole_graph": False})
+    ctx.check_inputs = [((x,), {})]
+    ctx.tolerance = 1e-2
+    from optic.ir.rewrite import RuleStats
+    from optic.pipeline.report import PassRecord
+
+    ctx.stats, ctx.record = RuleStats(), PassRecord("cpu_tactics", True)
+    found = get("cpu_tactics")._int8_generated(prog, ctx)
+    assert found is not None and found[1] and all(k.startswith("int8_generated_") for k in found[1])
+    monkeypatch.setenv(int8_amx.ENV, "0")
+    ctx.stats = RuleStats()
+    assert get("cpu_tactics")._int8_generated(prog, ctx) is None
+    assert any(r == "int8_generated" and "switched off" in why for r, _, why in ctx.stats.declined)
+
+
+def test_the_allocator_times_int8_with_the_generated_kernels_where_the_cpu_step_offers_them(monkeypatch):
+    ctx = PassContext(target=targets.get("cpu"), measure=True)
+    step, lossy = get("cpu_tactics"), get("early_exit")
+    assert whole.will_generate(ctx, [step, lossy])
+    assert not whole.will_generate(ctx, [lossy])
+    assert not whole.will_generate(PassContext(target=targets.get("a100"), measure=True), [step])
+    monkeypatch.setenv(int8_amx.ENV, "0")
+    assert not whole.will_generate(ctx, [step])
+
+
+def test_tile_configurations_fit_the_eight_tile_registers():
+    for fp in (16, 32, 48, 64, 128):
+        for mb, nb in int8_amx.configs(fp):
+            assert mb + nb + mb * nb <= int8_amx.TILES and fp % (16 * nb) == 0
+    assert int8_amx.configs(32)[0] == (2, 2)
+
+
+def test_tensors_at_any_address_are_read_and_written_where_they_are():
+    """Views that start mid-allocation (the rows early exit keeps, a slice of a batch) are not 64-byte
+    aligned: a kernel that assumed so would fault on an aligned vector load, or read the wrong bytes."""
+    case = {"n": 3, "c": 64, "o": 32, "hw": 6, "k": 3, "stride": 1, "pad": 1, "zp": 5, "relu": False, "seed": 9}
+    g, qx, qw = _case(case)
+    ws, b = torch.rand(32, generator=g) * 0.01 + 1e-4, torch.randn(32, generator=g)
+    kernel = _kernel(qw, ws, b, 0.02, case, residual=True)
+    big_x = torch.cat([qx[:1], qx]).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4, 32, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    for start in range(1, 4):  # channels-last rows of 64 bytes and float rows: offsets of whole images
+        x_view = big_x.as_strided(qx.shape, qx.stride(), start)
+        r_view = r.as_strided((3, 32, 6, 6), r.stride(), start)
+        assert x_view.data_ptr() % 64 and r_view.data_ptr() % 64
+        want = _reference(x_view.contiguous(), 0.02, 5, qw, ws, b, case) + r_view.double()
+        got = kernel(x_view, r_view)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    x = torch.randn(3000, generator=g)
+    for start in range(1, 17):
+        view = x[start:start + 2048]
+        assert torch.equal(int8_amx.Quantize(0.05, 3, False)(view), int8.quantize_u8(view, 0.05, 3))
