@@ -96,9 +96,9 @@ def configs(fp: int) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class Spec:
     """One kernel: the shapes (NHWC input ``n×h×w×c``, ``f`` outputs, ``kh×kw`` window), the constants of
-    its epilogue and its tiles. A linear over ``M`` rows is ``n=1, h=1, w=M, kh=kw=1``."""
+    its epilogue and its tiles. Every kernel serves any batch ``n``; a linear is ``h=1, w=0, kh=kw=1``: its
+    rows ``M`` are the one image's width, any number of them."""
 
-    n: int
     h: int
     w: int
     c: int
@@ -127,18 +127,17 @@ class Spec:
     def fp(self) -> int:  # output channels padded to whole B tiles
         return -(-self.f // (16 * self.nb)) * 16 * self.nb
 
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return ((self.h + 2 * self.ph - self.kh) // self.stride + 1, (self.w + 2 * self.pw - self.kw) // self.stride + 1)
-
 
 def _prim_func(sp: Spec) -> Any:
+    import tvm
     from tvm.script import tirx as T
 
-    N, H, W, C, F, R, S, st = sp.n, sp.h, sp.w, sp.c, sp.f, sp.kh, sp.kw, sp.stride
+    N = tvm.tirx.Var("n", "int32")  # the batch: one kernel serves every batch size (early exit's subsets)
+    W = sp.w or tvm.tirx.Var("w", "int32")  # a linear's rows
+    H, C, F, R, S, st = sp.h, sp.c, sp.f, sp.kh, sp.kw, sp.stride
     PH, PW, C4, FP, MB, NB = sp.ph, sp.pw, sp.c4, sp.fp, sp.mb, sp.nb
     Hp, Wp = H + 2 * PH, W + 2 * PW
-    OH, OW = sp.out_hw
+    OH, OW = (Hp - R) // st + 1, (Wp - S) // st + 1
     KC = min(ROW_BYTES, C4)  # bytes of an A row: one k block
     KQ, CB = KC // 4, C4 // KC
     G = ((OH - 1) * st + 1) * Wp  # grid rows holding an output
@@ -268,14 +267,16 @@ def pack_weight(qweight: Tensor, c4: int, fp: int) -> Tensor:
 
 
 @functools.cache
-def _quantize_func(shape: tuple[int, ...], nchw_in: bool, scale: float, zp: int) -> Any:
+def _quantize_func(chw: tuple[int, ...] | None, scale: float, zp: int) -> Any:
     """``clamp(round(x / scale) + zp, 0, 255)`` as uint8 (the float32 arithmetic of :func:`.int8.quantize_u8`):
-    ``nchw_in``: x is a contiguous [N, C, H, W] and the result NHWC; else both are flat."""
+    ``chw``: x is a contiguous [N, C, H, W] (any N) and the result NHWC; None: both are flat (any length)."""
+    import tvm
     from tvm.script import tirx as T
 
     SC, ZP = float(scale), float(zp)
-    if nchw_in:
-        N, C, H, W = shape
+    if chw is not None:
+        N = tvm.tirx.Var("n", "int32")
+        C, H, W = chw
 
         @T.prim_func(s_tir=True)
         def main(x: T.Buffer((N, C, H, W), "float32", align=4), out: T.Buffer((N, H, W, C), "uint8", align=1)):
@@ -284,7 +285,7 @@ def _quantize_func(shape: tuple[int, ...], nchw_in: bool, scale: float, zp: int)
                 out[n, h, w, c] = T.Cast("uint8", T.max(T.min(T.round(x[n, c, h, w] / T.float32(SC)) + T.float32(ZP),
                                                               T.float32(255)), T.float32(0)))
     else:
-        L = math.prod(shape)
+        L = tvm.tirx.Var("l", "int32")
         VL = 16  # float32 lanes of a vector; the tail is scalar
 
         @T.prim_func(s_tir=True)
@@ -324,18 +325,17 @@ class Quantize(nn.Module):
             from . import int8
 
             return int8.quantize_u8(x, self.scale, self.zero_point, self.channels_last)
+        flat = _quantize_func(None, self.scale, self.zero_point)
         if self.channels_last and x.dim() == 4:
             n, c, h, w = x.shape
-            if x.is_contiguous(memory_format=torch.channels_last):
-                out = torch.empty((n, h, w, c), dtype=torch.uint8)
-                _quantize_func((x.numel(),), False, self.scale, self.zero_point)(x.permute(0, 2, 3, 1).reshape(-1),
-                                                                                 out.view(-1))
+            out = torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=torch.uint8)
+            if x.is_contiguous(memory_format=torch.channels_last):  # the same dense memory order: flat
+                flat(x.as_strided((x.numel(),), (1,)), out.as_strided((out.numel(),), (1,)))
             else:
-                out = torch.empty((n, h, w, c), dtype=torch.uint8)
-                _quantize_func(tuple(x.shape), True, self.scale, self.zero_point)(x.contiguous(), out)
-            return out.permute(0, 3, 1, 2)
+                _quantize_func((c, h, w), self.scale, self.zero_point)(x.contiguous(), out.permute(0, 2, 3, 1))
+            return out
         out = torch.empty(x.shape, dtype=torch.uint8)
-        _quantize_func((x.numel(),), False, self.scale, self.zero_point)(x.contiguous().view(-1), out.view(-1))
+        flat(x.contiguous().view(-1), out.view(-1))
         return out
 
 
@@ -356,8 +356,8 @@ class Int8Kernel(nn.Module):
         self.x_zp, self.out_scale, self.out_zp = int(x_zp), float(out_scale), int(out_zp)
         self.out_u8, self.relu, self.residual = bool(out_u8), bool(relu), bool(residual)
         self.mb, self.nb = configs(-(-f // 16) * 16)[0] if f % 32 else (2, 2)
-        c4 = self._spec(1, 1, 1).c4
-        fp = self._spec(1, 1, 1).fp
+        c4 = self._spec(1, 1).c4
+        fp = self._spec(1, 1).fp
         sums = qweight.reshape(f, -1).sum(dim=1, dtype=torch.int32)
         pad = torch.zeros(fp - f)
         self.register_buffer("wt", pack_weight(qweight, c4, fp))
@@ -367,46 +367,61 @@ class Int8Kernel(nn.Module):
         self.register_buffer("consts", torch.cat([torch.cat([sums * self.x_zp, pad.int()]).int(),
                                                   mult.view(torch.int32), b.view(torch.int32)]))
         self._none = torch.zeros(1)
-        self._fns: dict[tuple[int, int, int], tuple[Any, int, int]] = {}  # per input shape: kernel, OH, OW
+        self._fns: dict[tuple[int, int], Any] = {}  # per image size (any batch): the kernel
+        self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
 
     def __getstate__(self) -> dict:  # compiled kernels are neither copied nor saved: compiled again on use
         state = self.__dict__.copy()
-        state["_fns"] = {}
+        state["_fns"], state["_plans"] = {}, {}
         return state
 
-    def _spec(self, n: int, h: int, w: int) -> Spec:
-        return Spec(n, h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.x_zp,
+    def _spec(self, h: int, w: int) -> Spec:
+        return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.x_zp,
                     self.out_scale, self.out_zp, self.out_u8, self.relu, self.residual, self.mb, self.nb)
+
+    def _plan(self, n: int, h: int, w: int) -> tuple:
+        """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
+        channels-last strides, the input's strides as TVM checks them (PyTorch may give a dimension of size 1
+        any stride) and the output's dtype."""
+        key = (h, w) if self.conv else (1, 0)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = build(self._spec(*key))
+        if self.conv:
+            oh = (h + 2 * self.padding[0] - self.kh) // self.stride + 1
+            ow = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
+        else:
+            oh, ow = 1, w
+        plan = (fn, (n, self.f, oh, ow), (oh * ow * self.f, 1, ow * self.f, self.f),
+                (h * w * self.c, 1, w * self.c, self.c), torch.uint8 if self.out_u8 else torch.float32)
+        self._plans[n, h, w] = plan
+        return plan
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.conv:
             n, _, h, w = x.shape
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                x = x.contiguous(memory_format=torch.channels_last)
         else:
             lead = x.shape[:-1]
             n, h, w = 1, 1, math.prod(lead)
             x = x.reshape(1, w, 1, self.c).permute(0, 3, 2, 1)  # [1, K, 1, M] with channels-last strides
+        plan = self._plans.get((n, h, w)) or self._plan(n, h, w)
+        fn, shape, out_strides, x_strides, dtype = plan
+        if x.stride() != x_strides:
             if not x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
-        known = self._fns.get((n, h, w))
-        if known is None:
-            sp = self._spec(n, h, w)
-            known = self._fns[n, h, w] = (build(sp), *sp.out_hw)
-        fn, oh, ow = known
-        out = torch.empty((n, self.f, oh, ow), dtype=torch.uint8 if self.out_u8 else torch.float32,
-                          memory_format=torch.channels_last)
+            x = x.as_strided(x.shape, x_strides)
+        out = torch.empty_strided(shape, out_strides, dtype=dtype)  # channels-last, the strides TVM checks
         if self.residual:
-            if tuple(residual.shape) != ((n, self.f, oh, ow) if self.conv else (*lead, self.f)):
+            res = residual if self.conv else residual.reshape(1, w, 1, self.f).permute(0, 3, 2, 1)
+            if res.shape != shape:
                 raise ValueError(f"the residual added in the int8 kernel's epilogue has shape {tuple(residual.shape)}, "
                                  f"not the output's: run the model without the generated int8 kernels "
                                  f"(${ENV}=0)")
-            res = residual if self.conv else residual.reshape(1, w, 1, self.f).permute(0, 3, 2, 1)
             if res.dtype != torch.float32 or not res.is_contiguous(memory_format=torch.channels_last):
                 res = res.float().contiguous(memory_format=torch.channels_last)
+            fn(x, self.wt, self.consts, _cl(res), out)
         else:
-            res = self._none
-        fn(_cl(x), self.wt, self.consts, _cl(res) if self.residual else res, _cl(out))
+            fn(x, self.wt, self.consts, self._none, out)
         return out if self.conv else out.permute(0, 3, 2, 1).reshape(*lead, self.f)
 
 

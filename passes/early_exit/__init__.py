@@ -78,6 +78,11 @@ class EarlyExit:
             ctx.note(f"batching defeats exits for this graph ({why}): at batch > 1 every sample runs until all "
                      "of them have exited; exits pay at batch 1")
         _report(program, ctx, runner, [cuts[k] for k in keep], res, drop, keep, search.head_costs)
+        speedup = ctx.record.measured.get("measured_speedup") if ctx.record is not None else None
+        if speedup is not None and speedup < 1.0:
+            return _decline(ctx, MODEL, f"the exits measured slower at the example's batch of "
+                                        f"{ctx.record.measured['measured_batch']} ({speedup:.2f}× the speed without "
+                                        "them); nothing changed")
         runner.reset_counts()
         program.runner = runner
         return True
@@ -208,9 +213,9 @@ def _report(program: Any, ctx: Any, runner: EarlyExitRunner, kept: list[Cut], fi
         "batch_subset": runner.subset,
     }
     if ctx.measure and holdout:
-        # batch 1 where the graph allows it; an export graph may be specialized to its example batch
-        batch = 1 if not program.static_batch else next(
-            t.shape[0] for t in program.flat_inputs() if isinstance(t, torch.Tensor) and t.dim() > 0)
+        # at the example's batch: what the caller will run (exits pay less as the batch grows: a batch
+        # leaves early only in part, and the split costs its own ops)
+        batch = next((t.shape[0] for t in program.flat_inputs() if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
         samples = ctx.calibration.holdout_like(batch, 16)
         if samples:
             t = compare_models({"original": rotating(program.gm, samples), "early_exit": rotating(runner, samples)},
