@@ -20,7 +20,9 @@ Below the steps:
   :mod:`.cuda_config` (choosing a configuration), :mod:`.cuda_schedules` (TIR schedules) and
   :mod:`.cuda_toolchain` (nvcc and ptxas); :mod:`.tir_expr` holds the expressions both share;
 - :mod:`.artifact`: a GPU target's artifact (CUDA kernels, ptxas-checked, saved with the graph);
-- :mod:`.int8`: optic's int8 operators and their integer reference;
+- :mod:`.int8`: optic's int8 operators and their integer reference; :mod:`.int8_amx`: the same operators
+  as kernels optic generates for AMX (TVM, tile instructions), which the CPU step offers as a variant
+  of the whole model;
 - :mod:`.inspect`: views for the dumps (the lowered module, one scheduled kernel);
 - :mod:`.profiling`: per-kernel profiles.
 
