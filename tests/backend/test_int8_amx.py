@@ -24,6 +24,8 @@ from optic.pipeline.registry import get
 from optic.pipeline.runner import PassContext
 
 pytestmark = pytest.mark.skipif(int8_amx.unavailable() is not None, reason=str(int8_amx.unavailable()))
+# every instruction set this CPU runs (AMX's tiles, AVX-512 VNNI): each kernel family is held to the reference
+ISAS = [isa for isa in int8_amx.ISAS if int8_amx.unavailable(isa) is None] or ["none"]
 
 conv_cases = st.fixed_dictionaries({
     "n": st.integers(1, 3), "c": st.sampled_from([1, 3, 4, 16, 64, 72, 128]), "o": st.sampled_from([4, 16, 24, 48]),
@@ -44,67 +46,72 @@ def _reference(qx, x_scale, zp, qw, ws, b, case, out=None):
                                [1, 1], 1, post=post, out=out)
 
 
-def _kernel(qw, ws, b, x_scale, case, out=None, residual=False):
+def _kernel(qw, ws, b, x_scale, case, out=None, residual=False, isa=None):
     s_out, z_out = out or (1.0, 0)
     pad = min(case["pad"], case["k"] // 2 + 1)
     return int8_amx.Int8Kernel(qw, ws, b, x_scale, case["zp"], case["stride"], (pad, pad), s_out, z_out, out is not None,
-                               case["relu"], residual, True)
+                               case["relu"], residual, True, isa=isa)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @examples(30, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases)
-def test_the_kernel_accumulates_exactly_what_the_integer_reference_does(case):
+def test_the_kernel_accumulates_exactly_what_the_integer_reference_does(case, isa):
     """Unit scales, no bias, float32 out: the output is the int32 accumulation less the zero point's
     share, so padding, channel padding, strides, tiles and the compensation show up bit for bit."""
     if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
         return
     _, qx, qw = _case(case)
     ones = torch.ones(case["o"])
-    got = _kernel(qw, ones, None, 1.0, case)(qx)
+    got = _kernel(qw, ones, None, 1.0, case, isa=isa)(qx)
     want = _reference(qx, 1.0, case["zp"], qw, ones, None, case)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got.double(), want.double())
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @examples(20, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases, x_scale=st.floats(1e-3, 0.1))
-def test_the_requantized_output_is_within_one_step_of_the_reference(case, x_scale):
+def test_the_requantized_output_is_within_one_step_of_the_reference(case, x_scale, isa):
     if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
         return
     g, qx, qw = _case(case)
     ws, b = torch.rand(case["o"], generator=g) * 0.01 + 1e-4, torch.randn(case["o"], generator=g)
     y = _reference(qx, x_scale, case["zp"], qw, ws, b, case)
     out = (max(float(y.abs().max()), 1e-3) / 127, 64)
-    got = _kernel(qw, ws, b, x_scale, case, out)(qx)
+    got = _kernel(qw, ws, b, x_scale, case, out, isa=isa)(qx)
     want = _reference(qx, x_scale, case["zp"], qw, ws, b, case, out)
     assert got.dtype == torch.uint8 and got.shape == want.shape
     diff = (got.int() - want.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
 
 
-def test_a_residual_add_and_relu_in_the_epilogue_compute_the_float_ops():
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_residual_add_and_relu_in_the_epilogue_compute_the_float_ops(isa):
     case = {"n": 2, "c": 32, "o": 48, "hw": 7, "k": 3, "stride": 1, "pad": 1, "zp": 9, "relu": False, "seed": 5}
     g, qx, qw = _case(case)
     ws, b = torch.rand(48, generator=g) * 0.01 + 1e-4, torch.randn(48, generator=g)
     r = torch.randn(2, 48, 7, 7, generator=g)  # NCHW contiguous: the kernel takes it in its layout
     want = torch.relu(_reference(qx, 0.02, 9, qw, ws, b, case) + r.double())
-    kernel = _kernel(qw, ws, b, 0.02, {**case, "relu": True}, residual=True)
+    kernel = _kernel(qw, ws, b, 0.02, {**case, "relu": True}, residual=True, isa=isa)
     got = kernel(qx, r)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     with pytest.raises(ValueError, match="residual"):  # a broadcast residual is not what was fused
         kernel(qx, r[:, :, :1, :1])
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @examples(20)
 @given(m=st.integers(1, 40), k=st.sampled_from([4, 16, 64, 96, 256]), n=st.sampled_from([8, 16, 40]),
        zp=st.integers(0, 255), seed=st.integers(0, 2**16), lead=st.booleans())
-def test_a_linear_is_the_kernel_over_rows_exactly(m, k, n, zp, seed, lead):
+def test_a_linear_is_the_kernel_over_rows_exactly(m, k, n, zp, seed, lead, isa):
     g = torch.Generator().manual_seed(seed)
     shape = (2, m, k) if lead else (m, k)
     qx = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     qw = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
-    kernel = int8_amx.Int8Kernel(qw, torch.ones(n), None, 1.0, zp, 1, (0, 0), 1.0, 0, False, False, False, False)
+    kernel = int8_amx.Int8Kernel(qw, torch.ones(n), None, 1.0, zp, 1, (0, 0), 1.0, 0, False, False, False, False,
+                                 isa=isa)
     got = kernel(qx)
     assert got.shape == (*shape[:-1], n)
     assert torch.equal(got.double(), int8.linear_reference(qx, 1.0, zp, qw, torch.ones(n), None).double())
@@ -202,20 +209,29 @@ def test_the_allocator_times_int8_with_the_generated_kernels_where_the_cpu_step_
     assert not whole.will_generate(ctx, [step])
 
 
-def test_tile_configurations_fit_the_eight_tile_registers():
+def test_register_blocks_fit_the_registers():
     for fp in (16, 32, 48, 64, 128):
-        for mb, nb in int8_amx.configs(fp):
+        for mb, nb in int8_amx.configs(fp, "amx"):
             assert mb + nb + mb * nb <= int8_amx.TILES and fp % (16 * nb) == 0
-    assert int8_amx.configs(32)[0] == (2, 2)
+        for mb, nb in int8_amx.configs(fp, "vnni"):
+            assert mb * nb + nb + 1 <= int8_amx.VECTOR_REGISTERS and mb <= 8 and fp % (16 * nb) == 0
+    assert int8_amx.configs(32, "amx")[0] == (2, 2) and int8_amx.configs(64, "vnni")[0] == (6, 4)
 
 
-def test_tensors_at_any_address_are_read_and_written_where_they_are():
+def test_the_isa_is_chosen_from_the_cpu_and_can_be_forced_to_vnni(monkeypatch):
+    assert int8_amx.pick_isa() in int8_amx.ISAS
+    monkeypatch.setenv(int8_amx.ISA_ENV, "vnni")
+    assert int8_amx.pick_isa() == "vnni"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tensors_at_any_address_are_read_and_written_where_they_are(isa):
     """Views that start mid-allocation (the rows early exit keeps, a slice of a batch) are not 64-byte
     aligned: a kernel that assumed so would fault on an aligned vector load, or read the wrong bytes."""
     case = {"n": 3, "c": 64, "o": 32, "hw": 6, "k": 3, "stride": 1, "pad": 1, "zp": 5, "relu": False, "seed": 9}
     g, qx, qw = _case(case)
     ws, b = torch.rand(32, generator=g) * 0.01 + 1e-4, torch.randn(32, generator=g)
-    kernel = _kernel(qw, ws, b, 0.02, case, residual=True)
+    kernel = _kernel(qw, ws, b, 0.02, case, residual=True, isa=isa)
     big_x = torch.cat([qx[:1], qx]).contiguous(memory_format=torch.channels_last)
     r = torch.randn(4, 32, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
     for start in range(1, 4):  # channels-last rows of 64 bytes and float rows: offsets of whole images
