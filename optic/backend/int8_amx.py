@@ -300,10 +300,12 @@ def build(sp: Spec) -> Any:
     """The compiled kernel of ``sp`` (a TVM function over torch tensors), compiled once per process."""
     fn = _BUILT.get(sp)
     if fn is None:
-        if sp.isa == "amx":
-            why = _permission()  # without the tile state, the first tile instruction kills the process
-            if why:
-                raise RuntimeError(why)
+        # a kernel chosen on another machine (a saved model loaded here) must not run instructions this
+        # CPU lacks: that kills the process; without the tile state, so does the first tile instruction
+        why = unavailable(sp.isa)
+        if why:
+            raise RuntimeError(f"optic's generated int8 kernel for {sp.isa.upper()} cannot run here: {why}. "
+                               f"Optimize the model again on this machine (optic.optimize).")
         fn = _BUILT[sp] = _compile(_prim_func(sp), isa=sp.isa)
     return fn
 

@@ -245,3 +245,14 @@ def test_tensors_at_any_address_are_read_and_written_where_they_are(isa):
     for start in range(1, 17):
         view = x[start:start + 2048]
         assert torch.equal(int8_amx.Quantize(0.05, 3, False)(view), int8.quantize_u8(view, 0.05, 3))
+
+
+def test_a_kernel_for_instructions_this_cpu_lacks_is_refused_with_what_to_do(monkeypatch):
+    """A saved model carries its kernels' instruction set; loaded on a CPU without it, building the kernel
+    must raise (running it would kill the process)."""
+    qw = torch.randint(-127, 128, (16, 8, 3, 3)).to(torch.int8)
+    kernel = int8_amx.Int8Kernel(qw, torch.ones(16), None, 1.0, 0, 1, (1, 1), 1.0, 0, False, False, False, True,
+                                 isa=ISAS[0])
+    monkeypatch.setattr(int8_amx, "unavailable", lambda isa=None: "this CPU has no such instructions")
+    with pytest.raises(RuntimeError, match="Optimize the model again"):
+        kernel(torch.randint(0, 256, (1, 8, 5, 7), dtype=torch.uint8))  # a size not built before
