@@ -141,9 +141,6 @@ class Spec:
     stride: int
     ph: int
     pw: int
-    x_zp: int
-    out_scale: float
-    out_zp: int
     out_u8: bool
     relu: bool
     residual: bool
@@ -181,7 +178,8 @@ def _prim_func(sp: Spec) -> Any:
     FT = FP // (16 * NB)
     TASKS = N * MBLK * FT
     XLEN = (N * Hp * Wp + MBLK * MT + (R - 1) * Wp + S) * C4  # tiles overhang the last image: readable slack
-    XZP, OZP, OSC = sp.x_zp, float(sp.out_zp), float(sp.out_scale)
+    # the layer's numbers are arguments (``consts``), not code: layers of one shape share a kernel
+    Q = 3 * FP  # consts: z_x·ΣW[f] (FP), s_x·s_w[f] (FP), b[f] (FP), then z_x, s_out, z_out
     ODT = "uint8" if sp.out_u8 else "float32"
     RELU, RES, U8, PAR = sp.relu, sp.residual, sp.out_u8, sp.parallel
     V = math.gcd(C4, ROW_BYTES)  # bytes of a channel vector in the padding copy
@@ -189,20 +187,22 @@ def _prim_func(sp: Spec) -> Any:
     XST, OST = (H * W * C, 1, W * C, C), (OH * OW * F, 1, OW * F, F)
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
 
-    def value(acc, comp, mult, bias, res, n, oh, ow, f):
-        y = T.Cast("float32", acc - comp) * mult + bias
+    def value(acc, consts, res, n, oh, ow, f):
+        y = (T.Cast("float32", acc - consts[f]) * T.reinterpret(consts[FP + f], dtype="float32")
+             + T.reinterpret(consts[2 * FP + f], dtype="float32"))
         if RES:
             y = y + res[n, f, oh, ow]
         if RELU:
             y = T.max(y, T.float32(0))
         if U8:
-            return T.Cast("uint8", T.max(T.min(T.round(y / T.float32(OSC)) + T.float32(OZP), T.float32(255)),
+            return T.Cast("uint8", T.max(T.min(T.round(y / T.reinterpret(consts[Q + 1], dtype="float32"))
+                                               + T.reinterpret(consts[Q + 2], dtype="float32"), T.float32(255)),
                                          T.float32(0)))
         return y
 
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST, align=1), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
-             consts: T.Buffer((3 * FP,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
+             consts: T.Buffer((Q + 4,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
              out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         Xp = T.alloc_buffer((XLEN,), "uint8")
@@ -218,11 +218,11 @@ def _prim_func(sp: Spec) -> Any:
                     else:
                         for c in T.serial(C4):
                             Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, X[row // Hp, T.min(c, C - 1), hh, ww],
-                                                                         T.uint8(XZP))
+                                                                         T.Cast("uint8", consts[Q]))
                 else:
                     for co in T.serial(C4 // V):
                         for ci in T.vectorized(V):
-                            Xp[(row * Wp + x) * C4 + co * V + ci] = T.uint8(XZP)
+                            Xp[(row * Wp + x) * C4 + co * V + ci] = T.Cast("uint8", consts[Q])
         for task in T.parallel(TASKS) if PAR else T.serial(TASKS):
             acc = T.alloc_buffer((MT * 16 * NB,), "int32", scope="local")
             n = task // (MBLK * FT)
@@ -286,10 +286,7 @@ def _prim_func(sp: Spec) -> Any:
                     for f in T.vectorized(16 * NB):
                         if ft * 16 * NB + f < F:
                             out[n, ft * 16 * NB + f, g // Wp // st, g % Wp // st] = value(
-                                acc[p * 16 * NB + f], consts[ft * 16 * NB + f],
-                                T.reinterpret(consts[FP + ft * 16 * NB + f], dtype="float32"),
-                                T.reinterpret(consts[2 * FP + ft * 16 * NB + f], dtype="float32"),
-                                res, n, g // Wp // st, g % Wp // st, ft * 16 * NB + f)
+                                acc[p * 16 * NB + f], consts, res, n, g // Wp // st, g % Wp // st, ft * 16 * NB + f)
     return main
 
 
@@ -421,9 +418,11 @@ class Int8Kernel(nn.Module):
         self.register_buffer("wt", pack_weight(qweight, c4, fp))
         mult = torch.cat([(float(x_scale) * w_scales.double()).float(), pad])
         b = torch.cat([torch.zeros(f) if bias is None else bias.detach().float(), pad])
-        # z_x·ΣW[f] (int32), s_x·s_w[f] and b[f] (float32 bits): one argument
+        # z_x·ΣW[f] (int32), s_x·s_w[f] and b[f] (float32 bits), then z_x, s_out and z_out: one argument
+        tail = torch.tensor([float(self.out_scale), float(self.out_zp), 0.0]).view(torch.int32)
         self.register_buffer("consts", torch.cat([torch.cat([sums * self.x_zp, pad.int()]).int(),
-                                                  mult.view(torch.int32), b.view(torch.int32)]))
+                                                  mult.view(torch.int32), b.view(torch.int32),
+                                                  torch.tensor([self.x_zp], dtype=torch.int32), tail]))
         self._none = torch.zeros(1)
         self._fns: dict[tuple[int, int], Any] = {}  # per image size (any batch): the kernel
         self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
@@ -434,8 +433,8 @@ class Int8Kernel(nn.Module):
         return state
 
     def _spec(self, h: int, w: int) -> Spec:
-        return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.x_zp,
-                    self.out_scale, self.out_zp, self.out_u8, self.relu, self.residual, self.mb, self.nb, self.isa)
+        return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
+                    self.residual, self.mb, self.nb, self.isa)
 
     def _plan(self, n: int, h: int, w: int) -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
