@@ -283,8 +283,8 @@ def measured_gain_generated(layer: Layer, x: torch.Tensor, scale: float, zp: int
     attr = layer.post[0]
     a = layer.op.attrs
     conv = layer.op.kind == "conv"
-    if attr not in ("none", "relu") or (conv and (int(a["groups"]) != 1 or list(a["dilation"]) != [1, 1]
-                                                  or a["stride"][0] != a["stride"][1])):
+    if not (int8_amx.covers(attr, a["stride"], a["dilation"], a["groups"]) if conv
+            else int8_amx.covers(attr, [1, 1], [1, 1], 1)):
         return None
     qw, ws, b = _weights(layer)
     w = layer.op.const("weight").detach().float()

@@ -28,3 +28,24 @@ def run_exact(model, inputs, capture="fx", passes=("cleanup", "fold_norm", "fuse
         c = compare(model(*inputs), opt(*inputs), 1e-4)
     assert c.ok, str(c)
     return opt
+
+
+def int8_program(model, x, method="fx"):
+    """``model`` captured (``method``) with every layer the quantize pass proposes applied in int8 (no
+    budget: all of them), calibrated on four seeded random batches shaped like ``x``."""
+    from optic import targets
+    from optic.backend import int8
+    from optic.budget.allocator import build
+    from optic.budget.calibration import Budget, split
+    from optic.ir.capture import capture
+    from optic.pipeline.registry import get
+    from optic.pipeline.runner import PassContext
+
+    prog = capture(model, (x,), method=method)
+    g = torch.Generator().manual_seed(1)
+    cal = split([torch.randn(x.shape, generator=g) for _ in range(4)], Budget(), single_input=True,
+                batch_size=x.shape[0])
+    ctx = PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options={"quantize_min_macs": 0})
+    out = build(prog, get("quantize").candidates(prog, ctx))
+    assert any(n.target in int8.OUT_ARGS for n in out.gm.graph.nodes)
+    return out

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optic.ir import fetch_attr
+
 WEIGHT_MAX = 127
 _CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -197,7 +199,7 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     attrs: dict[str, Any] = {}
     for n in graph.nodes:
         if n.op in ("get_attr", "call_module"):
-            attrs[n.target] = _attr(gm, n.target)
+            attrs[n.target] = fetch_attr(gm, n.target)
     zeros: dict[int, str] = {}
 
     def zero_points(c: int) -> torch.fx.Node:
@@ -217,7 +219,7 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             conv = node.target is CONV
             xq, x_scale, x_zp, qweight, w_scales, bias = node.args[:6]
             out_scale, out_zp, out_u8, attr, scalars, algo = node.args[10:] if conv else node.args[6:]
-            c = _attr(gm, qweight.target).shape[0] if qweight.op == "get_attr" else None
+            c = fetch_attr(gm, qweight.target).shape[0] if qweight.op == "get_attr" else None
             if c is None:
                 continue  # a computed weight: the operator stays as it is
             with graph.inserting_before(node):
@@ -246,7 +248,3 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(attrs, graph)
 
 
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module

@@ -495,6 +495,12 @@ _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 _RELUS = {torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default}
 
 
+def covers(attr: str, stride: Any, dilation: Any, groups: int) -> bool:
+    """Whether the generated kernels compute an int8 layer with this post-op and window: no post-op or
+    ReLU, ungrouped, undilated, the same stride along both axes (a linear: stride 1, dilation 1)."""
+    return attr in ("none", "relu") and int(groups) == 1 and list(dilation) == [1, 1] and stride[0] == stride[1]
+
+
 def _is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
             and node.kwargs.get("alpha", 1) == 1)
@@ -520,6 +526,8 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
     quantize with the same scale and zero point (the same float32 arithmetic, in the kernel); the other
     quantize steps become :class:`Quantize` kernels. The kinds of kernel made, one entry per node
     (empty: no int8 operator could be made one)."""
+    from optic.ir import fetch_attr, free_name
+
     from . import int8
 
     made: list[str] = []
@@ -530,14 +538,11 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
         xq, x_scale, x_zp, qweight, w_scales, bias = node.args[:6]
         out_scale, out_zp, out_u8, attr, _, _ = node.args[10:] if conv else node.args[6:]
         if (qweight.op != "get_attr" or not isinstance(w_scales, fx.Node) or w_scales.op != "get_attr"
-                or attr not in ("none", "relu") or (bias is not None and bias.op != "get_attr")):
+                or (bias is not None and bias.op != "get_attr")):
             continue
-        if conv:
-            stride, padding, dilation, groups = node.args[6:10]
-            if groups != 1 or list(dilation) != [1, 1] or stride[0] != stride[1]:
-                continue
-        else:
-            stride, padding = [1, 1], [0, 0]
+        stride, padding, dilation, groups = node.args[6:10] if conv else ([1, 1], [0, 0], [1, 1], 1)
+        if not covers(attr, stride, dilation, groups):
+            continue
         relu, residual, last = attr == "relu", None, node
         if not out_u8 and not relu:  # a residual add, then maybe a ReLU, fused into the epilogue
             users = list(node.users)
@@ -556,11 +561,11 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
             out_scale, out_zp, out_u8 = float(quantizers[0].args[1]), int(quantizers[0].args[2]), True
         else:
             quantizers = []
-        kernel = Int8Kernel(_attr(gm, qweight.target), _attr(gm, w_scales.target),
-                            None if bias is None else _attr(gm, bias.target), float(x_scale), int(x_zp),
+        kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
+                            None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
                             residual is not None, conv)
-        name = _free_name(gm, f"int8_amx_{node.name}")
+        name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
         with gm.graph.inserting_after(last):
             new = gm.graph.call_module(name, (xq,) if residual is None else (xq, residual))
@@ -573,7 +578,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
         gm.graph.eliminate_dead_code()
         for node in list(gm.graph.nodes):  # the quantize steps left: one generated kernel each
             if node.op == "call_function" and node.target is int8.quantize_u8 and len(node.args) >= 3:
-                name = _free_name(gm, f"int8_amx_{node.name}")
+                name = free_name(gm, f"int8_amx_{node.name}")
                 gm.add_submodule(name, Quantize(float(node.args[1]), int(node.args[2]),
                                                 bool(node.args[3]) if len(node.args) > 3 else False))
                 with gm.graph.inserting_after(node):
@@ -585,17 +590,3 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
         gm.graph.lint()
         gm.recompile()
     return made
-
-
-def _attr(module: nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _free_name(gm: fx.GraphModule, hint: str) -> str:
-    name, i = hint, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{hint}_{i}"
-    return name

@@ -215,7 +215,7 @@ def _emit(c: Candidate, gm: fx.GraphModule, x: fx.Node) -> fx.Node:
         bn = ir.const_node(graph, gm, b, "bias") if b is not None else None
         if c.op.kind == "conv":
             a = c.op.attrs
-            name = _free_name(gm, "onednn_weight")
+            name = ir.free_name(gm, "onednn_weight")
             gm.add_submodule(name, PackedConvWeight(c.op.const("weight"), a["padding"], a["stride"], a["dilation"],
                                                     a["groups"], ir.shape(c.op.x)))
             new = graph.call_function(mkldnn._convolution_pointwise.default, (
@@ -231,11 +231,14 @@ def _emit(c: Candidate, gm: fx.GraphModule, x: fx.Node) -> fx.Node:
     return new
 
 
-def _free_name(gm: fx.GraphModule, hint: str) -> str:
-    i = 0
-    while hasattr(gm, f"{hint}_{i}"):
-        i += 1
-    return f"{hint}_{i}"
+def _check_variant(program, candidate, ctx) -> None:
+    """Raise when a whole-model variant differs from ``program`` beyond the tolerance on the inputs the
+    pass is checked on."""
+    with torch.no_grad():
+        for args, kwargs in ctx.check_inputs:
+            check = compare(program.gm(*args, **kwargs), candidate.gm(*args, **kwargs), ctx.tolerance)
+            if not check.ok:
+                raise ValueError(f"it differs ({check})")
 
 
 def to_channels_last(gm: fx.GraphModule) -> int:
@@ -351,11 +354,7 @@ class CpuTactics:
             t0 = time.perf_counter()
             try:
                 candidate = whole.wrap(program, packaged=packaged)
-                with torch.no_grad():
-                    for args, kwargs in ctx.check_inputs:
-                        check = compare(program.gm(*args, **kwargs), candidate.gm(*args, **kwargs), ctx.tolerance)
-                        if not check.ok:
-                            raise ValueError(f"it differs ({check})")
+                _check_variant(program, candidate, ctx)
                 if candidate.gm.compiled.failed:
                     raise RuntimeError(candidate.gm.compiled.failed)
             except Exception as e:  # it could not be built: PyTorch's ops and the tactics remain
@@ -384,11 +383,7 @@ class CpuTactics:
             if not made:
                 ctx.stats.decline("int8_generated", MODEL, "no int8 operator the generated kernels cover")
                 return None
-            with torch.no_grad():
-                for args, kwargs in ctx.check_inputs:
-                    check = compare(program.gm(*args, **kwargs), candidate.gm(*args, **kwargs), ctx.tolerance)
-                    if not check.ok:
-                        raise ValueError(f"it differs ({check})")
+            _check_variant(program, candidate, ctx)
         except Exception as e:  # not built, or not right: the other variants remain
             ctx.stats.decline("int8_generated", MODEL, whole.error_line(e, 160))
             return None

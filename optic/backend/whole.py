@@ -72,7 +72,7 @@ def will_compile(ctx: Any, later: list[Any]) -> bool:
     (``compiles_whole_graph``) is among ``later`` (the passes still to run), no lossy pass follows that
     step (it would need the graph), it is switched on, and it can be built here."""
     steps = [i for i, p in enumerate(later) if getattr(p, "compiles_whole_graph", False)]
-    if not steps or not ctx.measure or getattr(ctx.target, "kind", None) != "cpu" or unavailable() is not None:
+    if not _cpu_step_follows(ctx, later) or unavailable() is not None:
         return False
     if any(not getattr(p, "exact", True) for p in later[steps[0] + 1:]):
         return False
@@ -84,25 +84,40 @@ def will_generate(ctx: Any, later: list[Any]) -> bool:
     ``later``, measures here, and optic's generated int8 kernels run on this CPU."""
     from . import int8_amx
 
-    if not any(getattr(p, "compiles_whole_graph", False) for p in later):
-        return False
-    return bool(ctx.measure) and getattr(ctx.target, "kind", None) == "cpu" and int8_amx.unavailable() is None
+    return _cpu_step_follows(ctx, later) and int8_amx.unavailable() is None
+
+
+def _cpu_step_follows(ctx: Any, later: list[Any]) -> bool:
+    """The CPU step (``compiles_whole_graph``) is among ``later`` and measures here: a CPU target, measuring."""
+    return (any(getattr(p, "compiles_whole_graph", False) for p in later) and bool(ctx.measure)
+            and getattr(ctx.target, "kind", None) == "cpu")
+
+
+def _generated_graph(program: Any) -> fx.GraphModule | None:
+    """A copy of ``program``'s graph with its int8 operators run by optic's generated kernels
+    (:func:`.int8_amx.use_kernels`), for the allocator to time; None where there are none, or where they
+    cannot run or be built here (logged)."""
+    from . import int8, int8_amx
+
+    if not int8.rounds(program.gm) or int8_amx.unavailable() is not None:
+        return None
+    generated = program.clone()
+    try:
+        if int8_amx.use_kernels(generated.gm):
+            args, kwargs = program.example_args, program.example_kwargs
+            with torch.no_grad():
+                generated.gm(*args, **kwargs)  # built (compiled) before any clock starts
+            return generated.gm
+    except Exception as e:  # noqa: BLE001 - the caller times without them
+        log.info("generated int8 kernels not built for timing: %s", error_line(e))
+    return None
 
 
 def generated_call(program: Any) -> Any:
     """A zero-argument call of ``program`` on its example with its int8 operators run by optic's generated
-    kernels (:func:`.int8_amx.use_kernels`), what the CPU step offers where the whole graph stays open for
-    a later pass; the plain graph where none applies."""
-    from . import int8, int8_amx
-
-    gm = program.gm
-    if int8.rounds(gm):
-        generated = program.clone()
-        try:
-            if int8_amx.use_kernels(generated.gm):
-                gm = generated.gm
-        except Exception as e:  # noqa: BLE001 - the plain graph is timed
-            log.info("generated int8 kernels not built for timing: %s", error_line(e))
+    kernels, what the CPU step offers where the whole graph stays open for a later pass; the plain graph
+    where none applies."""
+    gm = _generated_graph(program) or program.gm
     args, kwargs = program.example_args, program.example_kwargs
     return lambda: gm(*args, **kwargs)
 
@@ -112,23 +127,13 @@ def compiled_call(program: Any) -> Any:
     times actions whose gain shows only there). A graph with int8 operators, where optic's generated AMX
     kernels run (:mod:`.int8_amx`), is also built with them, and the faster of the two is the call (the
     CPU step chooses between them the same way)."""
-    from . import int8, int8_amx
-
     compiled = wrap(program)
     args, kwargs = program.example_args, program.example_kwargs
     calls = {"compiled": lambda: compiled.gm(*args, **kwargs)}
-    if int8.rounds(program.gm) and int8_amx.unavailable() is None:
-        generated = program.clone()
-        try:
-            if int8_amx.use_kernels(generated.gm):
-                calls[INT8_GENERATED] = lambda: generated.gm(*args, **kwargs)
-                with torch.no_grad():
-                    calls[INT8_GENERATED]()
-        except Exception as e:  # noqa: BLE001 - the compiled graph alone is timed
-            log.info("generated int8 kernels not built for timing: %s", error_line(e))
-            calls.pop(INT8_GENERATED, None)
-    if len(calls) == 1:
+    generated = _generated_graph(program)
+    if generated is None:
         return calls["compiled"]
+    calls[INT8_GENERATED] = lambda: generated(*args, **kwargs)
     from optic.pipeline import timing
 
     with torch.no_grad():

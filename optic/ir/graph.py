@@ -25,6 +25,14 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def free_name(gm: fx.GraphModule, hint: str) -> str:
+    """``hint_0``, ``hint_1``, ...: the first attribute name ``gm`` does not have yet."""
+    i = 0
+    while hasattr(gm, f"{hint}_{i}"):
+        i += 1
+    return f"{hint}_{i}"
+
+
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str = "w") -> str:
     """Register a new constant tensor on ``gm`` (never on a shared submodule); return its target."""
     hint = "".join(c if c.isalnum() else "_" for c in hint)[:40]

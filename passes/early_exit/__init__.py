@@ -77,12 +77,11 @@ class EarlyExit:
         if why is not None:
             ctx.note(f"batching defeats exits for this graph ({why}): at batch > 1 every sample runs until all "
                      "of them have exited; exits pay at batch 1")
-        _report(program, ctx, runner, [cuts[k] for k in keep], res, drop, keep, search.head_costs)
-        speedup = ctx.record.measured.get("measured_speedup") if ctx.record is not None else None
-        if speedup is not None and speedup < 1.0:
+        measured = _report(program, ctx, runner, [cuts[k] for k in keep], res, drop, keep, search.head_costs)
+        if measured.get("measured_speedup", 1.0) < 1.0:
             return _decline(ctx, MODEL, f"the exits measured slower at the example's batch of "
-                                        f"{ctx.record.measured['measured_batch']} ({speedup:.2f}× the speed without "
-                                        "them); nothing changed")
+                                        f"{measured['measured_batch']} ({measured['measured_speedup']:.2f}× the "
+                                        "speed without them); nothing changed")
         runner.reset_counts()
         program.runner = runner
         return True
@@ -189,8 +188,9 @@ def _probe_subbatch(program: Any, runner: EarlyExitRunner, ctx: Any) -> str | No
 
 
 def _report(program: Any, ctx: Any, runner: EarlyExitRunner, kept: list[Cut], fit_res: Outcome, fit_drop: float,
-            keep: list[int], head_costs: list[float]) -> None:
-    """Exit rates on the held-out split, the predicted (and, with ``ctx.measure``, measured) speedup."""
+            keep: list[int], head_costs: list[float]) -> dict[str, Any]:
+    """Exit rates on the held-out split, the predicted (and, with ``ctx.measure``, measured) speedup:
+    recorded in the report, and returned."""
     holdout = ctx.calibration.holdout
     runner.reset_counts()
     with torch.no_grad():
@@ -224,3 +224,4 @@ def _report(program: Any, ctx: Any, runner: EarlyExitRunner, kept: list[Cut], fi
             measured["measured_speedup"] = t["original"].median / t["early_exit"].median
     if ctx.record is not None:
         ctx.record.measured.update(measured)
+    return measured

@@ -11,15 +11,13 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from helpers import int8_program
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
 
 from optic import targets
 from optic.backend import int8, int8_amx, whole
-from optic.budget.allocator import build
-from optic.budget.calibration import Budget, split
-from optic.ir.capture import capture
 from optic.pipeline.registry import get
 from optic.pipeline.runner import PassContext
 
@@ -147,17 +145,6 @@ class Net(nn.Module):
         y = torch.relu(self.a(x))
         z = torch.relu(self.b(y) + y)
         return self.head(torch.flatten(torch.relu(self.c(z)), 1))
-
-
-def int8_program(model: nn.Module, x: torch.Tensor, method: str = "fx"):
-    prog = capture(model, (x,), method=method)
-    g = torch.Generator().manual_seed(1)
-    cal = split([torch.randn(x.shape, generator=g) for _ in range(4)], Budget(), single_input=True,
-                batch_size=x.shape[0])
-    ctx = PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options={"quantize_min_macs": 0})
-    out = build(prog, get("quantize").candidates(prog, ctx))
-    assert any(n.target in int8.OUT_ARGS for n in out.gm.graph.nodes)
-    return out
 
 
 @pytest.mark.parametrize("method", ["fx", "export"])
