@@ -145,6 +145,39 @@ def _check_tvm_backend(tgt: Any, tune: str | int) -> None:
     trials_for(tune)  # a bad effort level is an error before any work
 
 
+def _device_checked(model: nn.Module, example_inputs: Any, example_kwargs: dict | None,
+                    tgt: Any) -> tuple[torch.device, list[str]]:
+    """The device the model and its examples are on, and notes on it for the report; an :class:`OpticError`
+    when they are on two devices, on one optic cannot run, or on a GPU while the target is a CPU."""
+    from . import device
+    from . import targets as _targets
+
+    on = device.of((example_inputs, example_kwargs))
+    if on.type not in ("cpu", "cuda"):
+        raise OpticError(f"the example inputs are on {on}; optic optimizes models on the CPU or on a CUDA GPU (it runs "
+                         "them to check every pass): move the model and its inputs to one of those")
+    weights = device.of_module(model)
+    if next(iter((*model.parameters(), *model.buffers())), None) is not None and \
+            (weights.type, weights.index or 0) != (on.type, on.index or 0):
+        raise OpticError(f"the model's weights are on {weights} and its example inputs on {on}: move both to one "
+                         f"device (e.g. model.to(x.device))")
+    if on.type == "cpu":
+        notes = [f"the model is on the CPU: target '{tgt.name}' is planned (cost model, generated code), not "
+                 "measured; move the model and its inputs to cuda to measure on this GPU"] \
+            if tgt.kind == "gpu" and torch.cuda.is_available() else []
+        return on, notes
+    if tgt.kind != "gpu":
+        raise OpticError(f"the model and its example inputs are on {on}, and target '{tgt.name}' is a CPU: use "
+                         "target='cuda' (this GPU) or a GPU's name, or move the model and inputs to the CPU")
+    props = torch.cuda.get_device_properties(on)
+    notes = [f"runs on {on} ({props.name}, compute capability {props.major}.{props.minor}, "
+             f"{props.multi_processor_count} SMs)"]
+    if tgt.name != "cuda" and not _targets.cuda.same_board(tgt, props, _targets.table_for):
+        notes.append(f"target '{tgt.name}' is not this GPU ({props.name}): the plan uses the {tgt.name}'s figures, "
+                     f"and what is measured is measured on the {props.name}; target='cuda' plans for this GPU")
+    return on, notes
+
+
 def _check_tolerance(tolerance: Any) -> None:
     ok = tolerance is None or (isinstance(tolerance, int | float) and not isinstance(tolerance, bool)
                                and math.isfinite(tolerance) and tolerance >= 0)
@@ -179,12 +212,12 @@ def _start_report(model: nn.Module, tgt: Any, program: Program, checks: list, re
 
 def _context(program: Program, original: Program, tgt: Any, checks: list, tol: float, report: Report, *,
              verify: bool, options: dict, measure: bool | None, on_pass: Callable | None, instruments: list | None,
-             progress: Any, budget: Budget | None, calibration: Any) -> pipeline.PassContext:
+             progress: Any, budget: Budget | None, calibration: Any, on: torch.device) -> pipeline.PassContext:
     """The pass context: target, tolerance, checked inputs, options, instruments and, with a budget, the
     calibration split and the evaluator that scores candidates against ``original``."""
     ctx = pipeline.PassContext(
         target=tgt, tolerance=tol if verify else float("inf"), check_inputs=checks, options=options,
-        measure=(tgt.kind == "cpu" and tgt.name == "cpu") if measure is None else measure, on_pass=on_pass,
+        measure=_measurable(tgt, on) if measure is None else measure, on_pass=on_pass,
         instruments=list(instruments or []))
     ctx.progress = progress_callback(progress)
     if budget is not None:
@@ -198,6 +231,12 @@ def _context(program: Program, original: Program, tgt: Any, checks: list, tol: f
         report.notes.append("calibration= was given without budget=: no lossy pass ran (pass optic.Budget(...) "
                             "to allow them)")
     return ctx
+
+
+def _measurable(tgt: Any, on: torch.device) -> bool:
+    """Whether the target's hardware is where the model runs: this CPU with the model on it, or a GPU target
+    with the model on a CUDA device (then timing is on the device)."""
+    return (tgt.kind == "cpu" and tgt.name == "cpu" and on.type == "cpu") or (tgt.kind == "gpu" and on.type == "cuda")
 
 
 def _finish_report(report: Report, original: Program, result: Program, tgt: Any) -> None:
@@ -234,7 +273,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     Args:
         model: the model; never modified (optic works on a deep copy).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        target: a target name (``optic.targets.names()``) or a ``Target``.
+        target: a target name (``optic.targets.names()``), ``"cuda"`` (the GPU this process sees, detected), or a
+            ``Target``. A model and inputs on a CUDA device stay there: every pass, check and timing runs on it.
         passes: a preset (``"exact"``), a pass name, or a list of pass names / pass objects.
         tolerance: max error relative to the output scale (default by dtype: 1e-4 for fp32).
         verify: check every pass numerically and roll back the ones that break the tolerance.
@@ -243,7 +283,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
         capture: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
         check_inputs: generated input sets checked besides the examples.
         options: pass options (e.g. ``{"tactics_budget_s": 5}``).
-        measure: let passes time candidates here (default: when the target is this machine's CPU).
+        measure: let passes time candidates here (default: when the target's hardware is where the model is:
+            this machine's CPU, or a GPU target with the model and inputs on a CUDA device).
         on_pass: called with each PassRecord as the pipeline goes (progress).
         instruments: objects with ``after_pass(record, before, after)`` (Programs), e.g. dumps.
         budget: ``optic.Budget(max_drop=0.01, metric="top1")``: lets the lossy passes of the preset
@@ -280,14 +321,16 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
     t_start = time.perf_counter()
     tgt, pass_list, options, disabled = _checked_arguments(target, passes, tolerance, options, disable, backend,
                                                            tune, tuning_db)
+    on, device_notes = _device_checked(model, example_inputs, example_kwargs, tgt)
     program = capture_program(model, example_inputs, example_kwargs, method=capture, inference=inference,
                               dynamic=dynamic)
     original = program.clone()
     checks, reference, tol = _checks_and_reference(program, verify, check_inputs, tolerance)
     report = _start_report(model, tgt, program, checks, reference, tol)
+    report.notes += device_notes
     ctx = _context(program, original, tgt, checks, tol, report, verify=verify, options=options, measure=measure,
                    on_pass=on_pass, instruments=instruments, progress=progress, budget=budget,
-                   calibration=calibration)
+                   calibration=calibration, on=on)
     result = pipeline.run(program, pass_list, ctx, report, disabled, reference)
     result = check_result(original, result, ctx, report, checks=checks, reference=reference, tolerance=tol,
                           verify=verify)

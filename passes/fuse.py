@@ -123,7 +123,7 @@ class HorizontalLinear(Rule):
         w = torch.cat(ws, 0)
         b = None
         if any(x is not None for x in bs):
-            b = torch.cat([x if x is not None else torch.zeros(wt.shape[0], dtype=wt.dtype) for x, wt in zip(bs, ws, strict=True)])
+            b = torch.cat([x if x is not None else torch.zeros(wt.shape[0], dtype=wt.dtype, device=wt.device) for x, wt in zip(bs, ws, strict=True)])
         with graph.inserting_before(m.linears[0].node):
             fused = emit.linear(graph, m.x, emit.constant(graph, gm, w, "qkv_weight"), emit.constant(graph, gm, b, "qkv_bias"))
             ir.stamp(fused, [lin.node for lin in m.linears], "fuse")

@@ -89,7 +89,7 @@ def activation_basis(w: torch.Tensor, gram: torch.Tensor, damp: float = DAMP) ->
     mean = float(torch.trace(g)) / k
     if not math.isfinite(mean) or mean <= 0:  # inputs all zero: any factor is exact on them
         return svd_basis(w)
-    g = g + damp * mean * torch.eye(k, dtype=torch.float64)
+    g = g + damp * mean * torch.eye(k, dtype=torch.float64, device=g.device)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:  # not positive definite after rounding: clamp the spectrum instead
         vals, vecs = torch.linalg.eigh(g)
@@ -144,7 +144,7 @@ def conv_gram(xs: list[torch.Tensor], kernel: list[int], stride: list[int], padd
 def _gram(rows: list[torch.Tensor], samples: int) -> torch.Tensor:
     total = sum(r.shape[0] for r in rows)
     step = max(1, total // max(samples, 1))
-    g = torch.zeros(rows[0].shape[1], rows[0].shape[1], dtype=torch.float64)
+    g = torch.zeros(rows[0].shape[1], rows[0].shape[1], dtype=torch.float64, device=rows[0].device)
     for r in rows:
         r = r[::step].double()
         g += r.T @ r

@@ -57,7 +57,7 @@ def mask_2_4(weight: torch.Tensor, importance: torch.Tensor | None = None) -> to
 
 def wanda_importance(weight: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
     """|W[o, j]| · ‖X[:, j]‖₂ over the calibration inputs of the layer (Sun et al., 2023)."""
-    sq = torch.zeros(weight.shape[-1], dtype=torch.float64)
+    sq = torch.zeros(weight.shape[-1], dtype=torch.float64, device=weight.device)
     for x in inputs:
         sq += x.detach().double().reshape(-1, x.shape[-1]).pow(2).sum(0)
     return weight.abs().double() * sq.sqrt()

@@ -4,17 +4,23 @@
 166912
 >>> get("NVIDIA GeForce RTX 4090") is get("rtx4090")
 True
+
+``"cuda"`` (or ``"cuda:N"``, ``"gpu"``) is the GPU this process sees, detected (:mod:`.cuda`); on a
+machine without one it is an error that names the GPUs to plan for instead.
 """
 
 from __future__ import annotations
 
-from optic.errors import UnknownTargetError
+import re
 
+from optic.errors import OpticError, UnknownTargetError
+
+from . import cuda
 from .cpu import host
 from .gpus import GPUS
 from .target import Target
 
-__all__ = ["Target", "get", "host", "names"]
+__all__ = ["Target", "get", "host", "local_gpu", "names", "table_for"]
 
 _TABLES: dict[str, Target] = {t.name: t for t in GPUS}
 
@@ -54,6 +60,25 @@ def _normalise(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def table_for(name: str) -> Target | None:
+    """The table row of a GPU called ``name`` (as CUDA reports it, or an alias), or None."""
+    return _TABLES.get(_normalise(name))
+
+
+_LOCAL_GPU = re.compile(r"^(?:cuda|gpu)(?::(\d+))?$")
+
+
+def local_gpu(index: int = 0) -> Target:
+    """The GPU this process sees (``target="cuda"``); an :class:`OpticError` naming the GPU tables when
+    PyTorch sees none."""
+    try:
+        return cuda.detect(index, table_for)
+    except cuda.NoGPUError as e:
+        raise OpticError(f"target 'cuda' means this machine's GPU, and {e}. To plan for a GPU that is not here, "
+                         f"name it: one of {', '.join(sorted(_TABLES))} (`optic targets` lists their figures); "
+                         "for this CPU use target='cpu'") from None
+
+
 def get(target: str | Target) -> Target:
     """The Target called ``target`` (case-insensitive, aliases allowed); a Target is returned as is.
 
@@ -64,6 +89,9 @@ def get(target: str | Target) -> Target:
     if not isinstance(target, str):
         raise TypeError(f"a target is a name or a Target, not {type(target).__name__}")
     key = _normalise(target)
+    local = _LOCAL_GPU.match(key)
+    if local:
+        return local_gpu(int(local.group(1) or 0))
     if key == "cpu":
         return host()
     if key in _TABLES:

@@ -29,6 +29,7 @@ _CC_LIMITS: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (7, 0): ( 96 * KiB,  96 * KiB, 2048, 32),
     (7, 5): ( 64 * KiB,  64 * KiB, 1024, 16),
     (8, 0): (163 * KiB, 164 * KiB, 2048, 32),
+    (8, 6): ( 99 * KiB, 100 * KiB, 1536, 16),
     (8, 9): ( 99 * KiB, 100 * KiB, 1536, 24),
     (9, 0): (227 * KiB, 228 * KiB, 2048, 32),
 }  # fmt: skip

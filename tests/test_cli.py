@@ -125,8 +125,9 @@ def test_targets_and_passes_listings(capsys):
     assert cli.main(["passes", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "fold_norm" in {p["name"] for p in data["passes"]}
-    assert data["backend_steps"] == {"torch": [], "tvm": [{"name": "tvm_kernels", "before": ["cpu_tactics", "early_exit"],
-                                                           "kinds": ["cpu"]}]}
+    gpu = {"name": "gpu_tactics", "before": ["early_exit"], "kinds": ["gpu"]}
+    assert data["backend_steps"] == {"torch": [gpu], "tvm": [{"name": "tvm_kernels", "before": ["cpu_tactics", "early_exit"],
+                                                              "kinds": ["cpu"]}, gpu]}
 
 
 def test_dump_after_a_pass_diffs_against_the_step_before(capsys):
@@ -235,11 +236,19 @@ def test_calibration_that_is_not_an_iterable_is_refused_before_optimizing(value,
 
 
 def test_generic_gpu_names_list_the_gpu_targets(capsys):
-    for name in ("cuda", "gpu", "NVIDIA", "cuda:0"):
+    assert cli.main(["optimize", MLP, "--target", "NVIDIA"]) == 2
+    err = _one_line_error(capsys)
+    assert "unknown target 'NVIDIA'" in err and "a100, h100, h200, l4, rtx4090, t4, v100" in err
+    assert "Did you mean 'cpu'" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: 'cuda' resolves to it")
+def test_cuda_without_a_gpu_names_the_gpus_to_plan_for(capsys):
+    for name in ("cuda", "gpu", "cuda:0"):
         assert cli.main(["optimize", MLP, "--target", name]) == 2
         err = _one_line_error(capsys)
-        assert f"unknown target '{name}'" in err and "a100, h100, h200, l4, rtx4090, t4, v100" in err
-        assert "Did you mean 'cpu'" not in err
+        assert "target 'cuda' means this machine's GPU" in err and "sees no CUDA GPU" in err
+        assert "a100, h100, h200, l4, rtx4090, t4, v100" in err
 
 
 # -- the model loader ---------------------------------------------------------------------------------------

@@ -377,7 +377,7 @@ class TVMKernel(nn.Module):
         if self._fn is None:
             self._fn, self._lib = self._load()
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
-        out = torch.empty(self.out_shape, dtype=torch.float32)
+        out = torch.empty(self.out_shape, dtype=torch.float32, device=x.device)
         args = [x.detach().reshape(self.in_shape).contiguous(), self.weight]
         args += [] if self.bias is None else [self.bias]
         args += [r.detach().reshape(self.out_shape).contiguous() for r in residual]

@@ -103,7 +103,7 @@ def _packed(qweight: Tensor, key: tuple, pack) -> tuple[Tensor, Tensor]:
     full = (qweight.data_ptr(), qweight._version, tuple(qweight.shape)) + key
     hit = _CACHE.get(full)
     if hit is None:
-        hit = (pack(), torch.zeros(qweight.shape[0], dtype=torch.int64))
+        hit = (pack(), torch.zeros(qweight.shape[0], dtype=torch.int64, device="cpu"))
         _CACHE[full] = hit
         weakref.finalize(qweight, _CACHE.pop, full, None)  # the weight's memory may be reused by another
     return hit
@@ -205,7 +205,7 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     def zero_points(c: int) -> torch.fx.Node:
         if c not in zeros:
             zeros[c] = f"_int8_w_zero_points_{c}"
-            attrs[zeros[c]] = torch.zeros(c, dtype=torch.int64)
+            attrs[zeros[c]] = torch.zeros(c, dtype=torch.int64, device="cpu")
         return graph.get_attr(zeros[c])
 
     for node in list(graph.nodes):

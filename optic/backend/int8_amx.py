@@ -312,7 +312,7 @@ def pack_weight(qweight: Tensor, c4: int, fp: int) -> Tensor:
     zero where channels were padded."""
     w = qweight if qweight.dim() == 4 else qweight[:, :, None, None]
     f, c, kh, kw = w.shape
-    full = torch.zeros(fp, c4, kh, kw, dtype=torch.int8)
+    full = torch.zeros(fp, c4, kh, kw, dtype=torch.int8, device="cpu")
     full[:f, :c] = w
     return full.reshape(fp // 16, 16, c4 // 4, 4, kh, kw).permute(0, 4, 5, 2, 1, 3).contiguous().reshape(-1)
 
@@ -382,13 +382,13 @@ class Quantize(nn.Module):
         flat = _quantize_func(None, self.scale, self.zero_point)
         if self.channels_last and x.dim() == 4:
             n, c, h, w = x.shape
-            out = torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=torch.uint8)
+            out = torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=torch.uint8, device=x.device)
             if x.is_contiguous(memory_format=torch.channels_last):  # the same dense memory order: flat
                 flat(x.as_strided((x.numel(),), (1,)), out.as_strided((out.numel(),), (1,)))
             else:
                 _quantize_func((c, h, w), self.scale, self.zero_point)(x.contiguous(), out.permute(0, 2, 3, 1))
             return out
-        out = torch.empty(x.shape, dtype=torch.uint8)
+        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         flat(x.contiguous().view(-1), out.view(-1))
         return out
 
@@ -414,16 +414,16 @@ class Int8Kernel(nn.Module):
         c4 = self._spec(1, 1).c4
         fp = self._spec(1, 1).fp
         sums = qweight.reshape(f, -1).sum(dim=1, dtype=torch.int32)
-        pad = torch.zeros(fp - f)
+        pad = torch.zeros(fp - f, device="cpu")
         self.register_buffer("wt", pack_weight(qweight, c4, fp))
         mult = torch.cat([(float(x_scale) * w_scales.double()).float(), pad])
-        b = torch.cat([torch.zeros(f) if bias is None else bias.detach().float(), pad])
+        b = torch.cat([torch.zeros(f, device="cpu") if bias is None else bias.detach().float(), pad])
         # z_x·ΣW[f] (int32), s_x·s_w[f] and b[f] (float32 bits), then z_x, s_out and z_out: one argument
-        tail = torch.tensor([float(self.out_scale), float(self.out_zp), 0.0]).view(torch.int32)
+        tail = torch.tensor([float(self.out_scale), float(self.out_zp), 0.0], device="cpu").view(torch.int32)
         self.register_buffer("consts", torch.cat([torch.cat([sums * self.x_zp, pad.int()]).int(),
                                                   mult.view(torch.int32), b.view(torch.int32),
-                                                  torch.tensor([self.x_zp], dtype=torch.int32), tail]))
-        self._none = torch.zeros(1)
+                                                  torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]))
+        self._none = torch.zeros(1, device="cpu")
         self._fns: dict[tuple[int, int], Any] = {}  # per image size (any batch): the kernel
         self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
 
@@ -467,7 +467,7 @@ class Int8Kernel(nn.Module):
             if not x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
             x = x.as_strided(x.shape, x_strides)
-        out = torch.empty_strided(shape, out_strides, dtype=dtype)  # channels-last, the strides TVM checks
+        out = torch.empty_strided(shape, out_strides, dtype=dtype, device=x.device)  # channels-last, the strides TVM checks
         if self.residual:
             res = residual if self.conv else residual.reshape(1, w, 1, self.f).permute(0, 3, 2, 1)
             if res.shape != shape:

@@ -115,7 +115,7 @@ class Calibration:
         out = []
         for b in self.holdout:
             for s in range(0, b.size - batch + 1, batch):
-                idx = torch.arange(s, s + batch)
+                idx = torch.arange(s, s + batch, device="cpu")
                 args, kwargs = _take((b.args, b.kwargs), idx)
                 out.append((tuple(args), dict(kwargs)))
                 if len(out) >= n:
@@ -271,7 +271,7 @@ def check(calibration: Calibration, model: Callable, metric: str | Callable) -> 
         return
     args, kwargs = first.args, first.kwargs
     if calibration.batch_size and first.size != calibration.batch_size:  # a graph specialized to the example batch
-        args, kwargs = _take((args, kwargs), torch.arange(calibration.batch_size) % first.size)
+        args, kwargs = _take((args, kwargs), torch.arange(calibration.batch_size, device="cpu") % first.size)
     try:
         out = run_seeded(model, tuple(args), dict(kwargs))
     except Exception as e:  # whatever torch raises deep inside the model, named at the batch

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import device
 from ..errors import OpticError
 from ..pipeline.verify import memory_format_of
 
@@ -316,7 +317,7 @@ def resize_inputs(args: tuple, kwargs: dict, sizes: dict[int, dict[int, int]], s
             if t.is_floating_point():
                 scale = t.float().std().item() if t.numel() > 1 else 1.0
                 scale = scale if scale == scale and scale > 0 else 1.0
-                t = (t + 0.1 * scale * torch.randn(t.shape, generator=gen).to(t.dtype)).contiguous(
+                t = (t + 0.1 * scale * device.randn(t.shape, gen, like=t)).contiguous(
                     memory_format=memory_format_of(t))
             else:
                 t = t.contiguous()

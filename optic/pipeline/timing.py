@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import device
+
 # Half the interquartile range beyond this fraction of the median (printed "±25%"): the machine was
 # busy while it was measured, and the median is not a figure to rely on.
 NOISY = 0.25
@@ -98,10 +100,7 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int, block: int, budg
         if r % 2:
             order.reverse()  # no candidate always runs right after the same one
         for name, fn in order:
-            t0 = time.perf_counter()
-            for _ in range(block):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / block)
+            samples[name].append(_block_seconds(fn, block))
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     out = {}
@@ -109,6 +108,23 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int, block: int, budg
         q1, med, q3 = _quartiles(xs)
         out[name] = Timing(med, q1, q3, len(xs))
     return out
+
+
+def _block_seconds(fn: Callable[[], object], block: int) -> float:
+    """Seconds per call of ``block`` calls of ``fn`` back to back (device time where CUDA is in use)."""
+    if device.cuda_in_use():
+        device.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(block):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / block
+    t0 = time.perf_counter()
+    for _ in range(block):
+        fn()
+    return (time.perf_counter() - t0) / block
 
 
 def _widest(times: dict[str, Timing]) -> float:
@@ -119,9 +135,7 @@ def calls_per_block(fn: Callable[[], object], target_s: float = 0.02, cap: int =
     """How many calls make a block of about ``target_s`` seconds (at least 1)."""
     with torch.no_grad():
         fn()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
+        dt = _block_seconds(fn, 1)
     return max(1, min(cap, int(target_s / max(dt, 1e-7))))
 
 

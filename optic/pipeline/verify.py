@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import device
 from ..ir.contract import equal_values, flatten
 
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -107,12 +108,12 @@ def _like(t: Any, gen: torch.Generator) -> Any:
     if t.is_floating_point():
         std = t.float().std().item() if t.numel() > 1 else 1.0
         std = std if std > 0 and std == std else 1.0
-        x = torch.randn(t.shape, generator=gen) * std + t.float().mean().item()
+        x = device.randn(t.shape, gen, like=t.float()) * std + t.float().mean().item()
         return x.to(t.dtype).contiguous(memory_format=memory_format_of(t))
     if t.dtype == torch.bool:
         return t.clone()
     lo, hi = int(t.min()), int(t.max())
-    return torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=t.dtype)
+    return device.randint(lo, hi + 1, t.shape, gen, t.device, t.dtype)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:

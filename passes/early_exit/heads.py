@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from optic import device
 from optic.budget.calibration import iter_values
 from optic.ir.graph import shape as shape_of
 from optic.pipeline import cost
@@ -38,8 +39,9 @@ class ExitHead(nn.Module):
     def __init__(self, rank: int, width: int, classes: int):
         super().__init__()
         self.rank = rank
-        self.norm = nn.LayerNorm(width) if rank == 3 else None
-        self.fc = nn.Linear(width, classes)
+        # made on the CPU (the same initial weights whatever the device), then moved to the features' device
+        self.norm = nn.LayerNorm(width, device="cpu") if rank == 3 else None
+        self.fc = nn.Linear(width, classes, device="cpu")
 
     def pool(self, feature: torch.Tensor) -> torch.Tensor:
         x = feature.float()
@@ -123,7 +125,7 @@ def _distill(heads: list[ExitHead], xs: list[torch.Tensor], teacher: torch.Tenso
     every = max(1, steps // 20)
     with torch.enable_grad():
         for step in range(steps):
-            idx = torch.randint(n, (min(batch, n),), generator=gen).to(teacher.device)
+            idx = device.randint(0, n, (min(batch, n),), gen, teacher.device)
             loss = sum(distill_loss(h.classify(x[idx]), teacher[idx], None if labels is None else labels[idx],
                                     temperature) for h, x in zip(heads, xs, strict=True))
             opt.zero_grad()
@@ -176,10 +178,10 @@ def fit_heads(program: Any, cuts: list[fx.Node], logits: fx.Node, batches: list[
     classes = shape_of(logits)[1]
     heads = new_heads(cuts, classes)
     pooled, final = record_features(program, heads, cuts, logits, batches)
-    device = final[0].device
-    heads = [h.to(device) for h in heads]
+    on = final[0].device
+    heads = [h.to(on) for h in heads]
     labels = labels_of(batches, classes)
-    labels = None if labels is None else labels.to(device)
+    labels = None if labels is None else labels.to(on)
     features, teacher = [torch.cat(p) for p in pooled], torch.cat(final)
     train = {"steps": steps, "temperature": temperature, "seed": seed, "progress": progress}
     oof = (out_of_fold_logits(heads, features, teacher, labels, CROSS_FIT_FOLDS, **train)

@@ -43,7 +43,7 @@ def executed_fraction(rates: list[float], costs: list[float], head_costs: list[f
 
 def threshold_levels(conf: torch.Tensor) -> list[float]:
     """One head's threshold grid from its confidences on the fit split, strictest first."""
-    qs = torch.tensor([1.0 - r for r in _EXIT_RATES], dtype=torch.float64)
+    qs = torch.tensor([1.0 - r for r in _EXIT_RATES], dtype=torch.float64, device="cpu")
     values = torch.quantile(conf.double().cpu(), qs, interpolation="lower").tolist()
     return sorted(set(values), reverse=True)
 

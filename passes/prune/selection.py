@@ -48,7 +48,7 @@ def select_channels(importance: torch.Tensor, keep_units: int, unit: int = 1) ->
     consecutive channels."""
     per_unit = importance.double().reshape(-1, unit).sum(1)
     order = torch.sort(per_unit, descending=True, stable=True).indices[:keep_units].sort().values
-    return (order[:, None] * unit + torch.arange(unit)).reshape(-1)
+    return (order[:, None] * unit + torch.arange(unit, device=order.device)).reshape(-1)
 
 
 def importance(program: Any, analysis: Analysis, groups: list[int], kind: str, calibration: Any = None
@@ -70,26 +70,26 @@ def importance(program: Any, analysis: Analysis, groups: list[int], kind: str, c
 
 def magnitude_importance(gm: fx.GraphModule, group: Group) -> torch.Tensor:
     """L2 norm of each channel's producer rows, summed over the group's producers."""
-    total = torch.zeros(group.n, dtype=torch.float64)
+    total = torch.zeros(group.n, dtype=torch.float64, device="cpu")  # scores are small: on the CPU
     for e in group.edits:
         if e.role == "producer":
             t = e.tensor(gm)
             if t.dim() >= 2:
                 rows = t.detach().double().narrow(e.dim, e.offset, group.n).movedim(e.dim, 0)
-                total += rows.reshape(group.n, -1).norm(dim=1)
+                total += rows.reshape(group.n, -1).norm(dim=1).cpu()
     return total
 
 
 def activation_importance(gm: fx.GraphModule, group: Group, consumers: list[tuple[fx.Node, Edit, int]],
                           mean_abs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ over consumers of mean|x_c| · ‖W[:, c]‖₂ (``mean_abs``: per index of the consumer's input axis)."""
-    total = torch.zeros(group.n, dtype=torch.float64)
+    total = torch.zeros(group.n, dtype=torch.float64, device="cpu")
     for x, e, _ in consumers:
         s = int(e.scale)
         w = e.tensor(gm).detach().double().movedim(e.dim, 0)
         cols = w.reshape(w.shape[0], -1).norm(dim=1)[e.offset:e.offset + group.n * s].reshape(group.n, s)
         act = mean_abs[x.name][e.offset:e.offset + group.n * s].reshape(group.n, s)
-        total += (act * cols).sum(1)
+        total += (act.cpu() * cols.cpu()).sum(1)
     return total
 
 

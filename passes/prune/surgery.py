@@ -29,7 +29,7 @@ def removed_positions(removed: torch.Tensor, offset: int, scale: Fraction) -> to
     ``offset`` (s = ``scale``); with s < 1 one index covers 1/s channels (a head)."""
     if scale >= 1:
         s = int(scale)
-        return (removed[:, None] * s + torch.arange(s)).reshape(-1) + offset
+        return (removed[:, None] * s + torch.arange(s, device=removed.device)).reshape(-1) + offset
     return torch.unique(removed // int(1 / scale)) + offset
 
 
@@ -38,7 +38,7 @@ def drop(t: torch.Tensor, dims: dict[int, set[int]]) -> torch.Tensor:
     out = t.detach()
     for d, gone in dims.items():
         keep = [i for i in range(out.shape[d]) if i not in gone]
-        out = out.index_select(d, torch.tensor(keep, dtype=torch.long))
+        out = out.index_select(d, torch.tensor(keep, dtype=torch.long, device=out.device))
     return out.clone()
 
 
@@ -68,7 +68,7 @@ def prune_group(program: Any, key: tuple[str, ...], n: int, keep: torch.Tensor, 
 
 def slice_group(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
     """Keep channels ``keep`` of ``group`` in ``gm``: every tensor and size the group's edits name."""
-    removed = torch.tensor(sorted(set(range(group.n)) - set(keep.tolist())), dtype=torch.long)
+    removed = torch.tensor(sorted(set(range(group.n)) - set(keep.tolist())), dtype=torch.long, device="cpu")
     if len(removed) == 0:
         return
     tensors, literals = _cuts(group, removed)

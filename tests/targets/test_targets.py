@@ -356,3 +356,49 @@ def test_unknown_platform_falls_back_without_raising():
 def test_bare_arm_without_cpuinfo_assumes_neon():
     t = target_from_facts(HostFacts(machine="arm64"))
     assert "neon" in t.isa and t.vector_bits == 128
+
+
+# --- target="cuda": the GPU this process sees ----------------------------------
+
+
+def _props(name, cc, sms, gib=80, **more):
+    return dataclasses.make_dataclass("Props", ["name", "major", "minor", "multi_processor_count", "total_memory",
+                                                *more])(name, cc[0], cc[1], sms, gib * 2**30, *more.values())
+
+
+def test_a_detected_board_with_a_table_keeps_its_data_sheet_rates():
+    from optic.targets import cuda, table_for
+
+    t = cuda.from_properties(_props("NVIDIA H100 80GB HBM3", (9, 0), 132), table_for)
+    h100 = get("h100")
+    assert (t.name, t.arch, t.sm_count) == ("cuda", "sm_90", 132)
+    assert t.peak_bf16_flops == h100.peak_bf16_flops and t.smem_per_block == h100.smem_per_block
+    assert "H100" in t.description and "h100" in t.description
+
+
+def test_a_partitioned_board_scales_its_rates_by_its_sms():
+    from optic.targets import cuda, table_for
+
+    t = cuda.from_properties(_props("NVIDIA A100-SXM4-80GB", (8, 0), 54, gib=40), table_for)
+    assert t.sm_count == 54 and t.peak_bf16_flops == pytest.approx(get("a100").peak_bf16_flops / 2)
+    assert t.mem_bandwidth == get("a100").mem_bandwidth and "54/108" in t.description
+
+
+def test_a_board_without_a_table_gets_its_limits_and_no_invented_tensor_rates():
+    from optic.targets import cuda, table_for
+
+    t = cuda.from_properties(_props("NVIDIA RTX A6000", (8, 6), 84, gib=48, clock_rate=1_800_000,
+                                    L2_cache_size=6 * 2**20), table_for)
+    assert (t.arch, t.compute_capability) == ("sm_86", (8, 6))
+    assert t.smem_per_block == 99 * 1024 and t.max_threads_per_sm == 1536  # 8.6's limits, not 8.0's
+    assert t.peak_fp32_flops == pytest.approx(84 * 128 * 2 * 1.8e9) and t.peak_bf16_flops is None
+    assert t.l2_bytes == 6 * 2**20 and "tensor-core rates unknown" in t.description
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_an_error_naming_the_gpu_tables():
+    from optic.errors import OpticError
+
+    for name in ("cuda", "CUDA:0", "gpu"):
+        with pytest.raises(OpticError, match="this machine's GPU.*a100, h100, h200, l4, rtx4090, t4, v100"):
+            get(name)
