@@ -1,3 +1,3 @@
 """optic's rewrite passes, one module per family. Importing this package registers them all."""
 
-from . import cleanup, early_exit, fold_norm, fuse, lowrank, prune, quantize, sparsity  # noqa: F401  (registration)
+from . import cleanup, early_exit, fold_norm, fuse, lowrank, precision, prune, quantize, sparsity  # noqa: F401  (registration)

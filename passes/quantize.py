@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optic import ir
+from optic import device, ir
 from optic.backend import int8
 from optic.budget.allocator import Action
 from optic.budget.calibration import iter_values
@@ -196,19 +196,19 @@ def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]]
                 r.first = v.detach()[:ERROR_SAMPLES].clone()
             flat = v.detach().float().reshape(-1)
             r.lo, r.hi = min(r.lo, float(flat.min())), max(r.hi, float(flat.max()))
-            idx = torch.randint(0, flat.numel(), (min(per_batch, flat.numel()),), generator=gen)
+            idx = device.randint(0, flat.numel(), (min(per_batch, flat.numel()),), gen, flat.device)
             r.samples.append(flat[idx].clone())
     return ranges
 
 
 def candidate_ranges(r: _Range) -> dict[str, tuple[float, int]]:
     """(scale, zero point) of each calibration method for one recorded range."""
-    sample = torch.cat(r.samples).double() if r.samples else torch.zeros(1, dtype=torch.float64)
+    sample = torch.cat(r.samples).double().cpu() if r.samples else torch.zeros(1, dtype=torch.float64, device="cpu")
     out = {"minmax": activation_params(r.lo, r.hi)}
-    q = torch.quantile(sample, torch.tensor([PERCENTILE, 1 - PERCENTILE], dtype=torch.float64))
+    q = torch.quantile(sample, torch.tensor([PERCENTILE, 1 - PERCENTILE], dtype=torch.float64, device="cpu"))
     out["percentile"] = activation_params(float(q[0]), float(q[1]))
     best, best_err = out["minmax"], math.inf
-    for ratio in torch.logspace(-2.5, 0, 61).tolist():  # clipping ratios of the min-max range
+    for ratio in torch.logspace(-2.5, 0, 61, device="cpu").tolist():  # clipping ratios of the min-max range
         s, z = activation_params(r.lo * ratio, r.hi * ratio)
         err = float((int8.fake_quantize(sample, s, z) - sample).pow(2).mean())
         if err < best_err:
@@ -415,7 +415,7 @@ def call_overhead_s(generated: bool = False) -> float:
     if generated not in _OVERHEAD:
         from optic.pipeline import timing
 
-        x, w = torch.rand(1, 8, 4, 4), torch.randn(8, 8, 3, 3)
+        x, w = torch.rand(1, 8, 4, 4, device="cpu"), torch.randn(8, 8, 3, 3, device="cpu")  # CPU kernels
         qw, ws = int8.quantize_weight(w, int8.weight_scales(w)), int8.weight_scales(w)
         args = ([1, 1], [1, 1], [1, 1], 1, 1.0, 0, False, "none", [], "")
         if generated:
@@ -482,6 +482,9 @@ class Quantize:
     @staticmethod
     def _why_not_here(ctx: Any) -> str | None:
         """Why no layer can be quantized for this target (a note for the whole model), or None."""
+        if ctx.target.kind != "cpu":
+            return (f"int8 kernels exist for CPUs only (oneDNN's, optic's AMX/VNNI ones); target '{ctx.target.name}' "
+                    "is a GPU, so no layer was quantized (pass precision chooses bf16/fp16 layers there)")
         if not ctx.measure:
             return (f"int8 runs through this CPU's oneDNN kernels; target '{ctx.target.name}' is not this "
                     "machine, so no layer was quantized")

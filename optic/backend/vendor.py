@@ -460,13 +460,18 @@ class CpuTactics:
 
     @staticmethod
     def _fastest(variants: dict[str, Any], program, ctx) -> str:
-        """Time the whole model in every variant, alternated in blocks; the fastest one's name."""
-        args, kwargs = program.example_args, program.example_kwargs
-        fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}  # "torch ops" first
-        t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s")))
-        best = min(t, key=lambda k: t[k].median)
-        before = t["torch ops"]
-        ctx.record.measured["latency_s"] = (before.median, t[best].median)
-        ctx.record.measured["variants_ms"] = {k: round(v.median * 1e3, 4) for k, v in t.items()}
-        ctx.note("measured here: " + ", ".join(f"{k} {v}" for k, v in t.items()) + f" → kept {best}")
-        return best
+        return fastest(variants, program, ctx)
+
+
+def fastest(variants: dict[str, Any], program, ctx) -> str:
+    """Time the whole model in every variant (the first, "torch ops", the baseline), alternated in
+    blocks; the fastest one's name, with the figures in the pass's record and a note."""
+    args, kwargs = program.example_args, program.example_kwargs
+    fns = {name: (lambda g=v.gm: g(*args, **kwargs)) for name, v in variants.items()}  # "torch ops" first
+    t = timing.compare_models(fns, float(ctx.option("tactics_confirm_s")))
+    best = min(t, key=lambda k: t[k].median)
+    before = t["torch ops"]
+    ctx.record.measured["latency_s"] = (before.median, t[best].median)
+    ctx.record.measured["variants_ms"] = {k: round(v.median * 1e3, 4) for k, v in t.items()}
+    ctx.note("measured here: " + ", ".join(f"{k} {v}" for k, v in t.items()) + f" → kept {best}")
+    return best

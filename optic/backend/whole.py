@@ -293,9 +293,10 @@ def writes_state(program: Any) -> bool:
     return any(t._version != v for t, v in zip(tensors, before, strict=True))
 
 
-def wrap(program: Any, packaged: bool = False) -> Any:
+def wrap(program: Any, packaged: bool = False, module: Any = None) -> Any:
     """A clone of ``program`` whose graph calls one :class:`CompiledGraph` over its own graph (with
-    ``packaged``: one :class:`PackagedGraph`, built now on the program's example inputs).
+    ``packaged``: one :class:`PackagedGraph`, built now on the program's example inputs; with ``module``:
+    ``module(graph_module)``, any module that runs the flat graph another way, e.g. a CUDA graph).
 
     The compiled graph takes the placeholders flat and returns the output's tensors flat; the outer
     graph keeps the original's placeholders, calling convention (fx's or export's pytree codegen) and
@@ -330,7 +331,10 @@ def wrap(program: Any, packaged: bool = False) -> Any:
     inner.gm.graph._codegen = CodeGen()
     inner.gm.recompile()
     root = nn.Module()
-    root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm, dynamic=bool(program.dims))
+    if module is not None:
+        root.compiled = module(inner.gm)
+    else:
+        root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm, dynamic=bool(program.dims))
     out.gm = fx.GraphModule(root, graph)
     if packaged:  # the flat inputs the inner graph sees on the example: what the package is built for
         seen: list[tuple] = []
@@ -422,7 +426,7 @@ class PackagedGraph(_FrozenGraph):
             # built on another CPU or torch: its code may not run here (other vector extensions)
             log.warning("optic: the whole-graph package was built on another machine (%s); building it again "
                         "for this one", self.machine)
-            example = [torch.zeros(s[0], dtype=s[1]) if isinstance(s, tuple) else s for s in self.signature]
+            example = [torch.zeros(s[0], dtype=s[1], device="cpu") if isinstance(s, tuple) else s for s in self.signature]
             self.build(example, self.dims)
         if self._runner is None:
             self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))

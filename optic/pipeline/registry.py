@@ -92,10 +92,11 @@ PRESETS: dict[str, list[str]] = {
     "exact": ["cleanup", "fold_norm", "fuse", "cleanup", "cpu_tactics"],
     # lossy passes run only with budget= (otherwise they are skipped and "default" is "exact");
     # they see the graph before the CPU tactics rewrite ops into oneDNN kernels, and early exit,
-    # which splits the graph into segments, comes last. quantize is a budget stage of its own after the
-    # structural ones, so that a layer they factored or pruned can also run in int8
+    # which splits the graph into segments, comes last. quantize (int8 on CPUs) and precision (bf16/fp16 on
+    # GPUs) are a budget stage of their own after the structural ones, so that a layer they factored or
+    # pruned can also run in lower precision
     "default": ["cleanup", "fold_norm", "fuse", "cleanup", "lowrank", "prune", "sparse24", "cleanup",
-                "quantize", "cpu_tactics", "early_exit"],
+                "quantize", "precision", "cpu_tactics", "early_exit"],
     "none": [],
 }
 
@@ -113,11 +114,14 @@ class BackendStep:
 
 # What each backend adds to the pass list, and where (the presets above are the torch backend's lists).
 BACKEND_STEPS: dict[str, tuple[BackendStep, ...]] = {
-    "torch": (),
+    # on a GPU target: how the whole graph the passes leave runs on the device (measured there), before early
+    # exit, which splits the graph (and again after it when it changed nothing, as cpu_tactics)
+    "torch": (BackendStep("gpu_tactics", before=("early_exit",), kinds=("gpu",)),),
     # generated kernels go before the oneDNN tactics, which take the layers they leave, else before early
     # exit, which splits the graph; on a GPU target the kernels are generated after the passes, into an
     # artifact (optic.backend.artifact), so no step joins the list there
-    "tvm": (BackendStep("tvm_kernels", before=("cpu_tactics", "early_exit"), kinds=("cpu",)),),
+    "tvm": (BackendStep("tvm_kernels", before=("cpu_tactics", "early_exit"), kinds=("cpu",)),
+            BackendStep("gpu_tactics", before=("early_exit",), kinds=("gpu",))),
 }
 
 

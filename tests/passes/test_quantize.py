@@ -242,6 +242,9 @@ def test_no_int8_instructions_or_another_target_declines_with_a_note():
     from optic.pipeline.report import PassRecord
     ctx.record = PassRecord("quantize", False)
     assert get("quantize").candidates(prog, ctx) == []
+    assert "CPUs only" in ctx.record.notes[0] and "'a100' is a GPU" in ctx.record.notes[0]
+    ctx.target, ctx.record = targets.get("cpu"), PassRecord("quantize", False)  # a CPU, but not measured here
+    assert get("quantize").candidates(prog, ctx) == []
     assert "not this machine" in ctx.record.notes[0]
 
 

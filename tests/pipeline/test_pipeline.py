@@ -128,14 +128,16 @@ def test_backend_steps_join_any_pass_list_where_the_table_says():
         return [p.name for p in registry.with_backend(registry.resolve(passes), backend, kind)]
 
     assert names("exact") == ["cleanup", "fold_norm", "fuse", "cleanup", "tvm_kernels", "cpu_tactics"]
-    assert names("default")[-4:] == ["quantize", "tvm_kernels", "cpu_tactics", "early_exit"]
+    assert names("default")[-5:] == ["quantize", "precision", "tvm_kernels", "cpu_tactics", "early_exit"]
     # before cpu_tactics wherever early_exit is: the table's order of preference, not the list's
     assert names(["early_exit", "cpu_tactics"]) == ["early_exit", "tvm_kernels", "cpu_tactics"]
     assert names(["fold_norm", "early_exit", "cleanup"]) == ["fold_norm", "tvm_kernels", "early_exit", "cleanup"]
     assert names(["fold_norm"]) == ["fold_norm", "tvm_kernels"]
     assert names(["tvm_kernels", "fold_norm"]) == ["tvm_kernels", "fold_norm"]  # never twice
-    assert names("exact", kind="gpu") == registry.PRESETS["exact"]  # a GPU's kernels go into an artifact
+    # a GPU's generated kernels go into an artifact; how the whole graph runs there is measured last
+    assert names("exact", kind="gpu") == [*registry.PRESETS["exact"], "gpu_tactics"]
     assert names("exact", backend="torch") == registry.PRESETS["exact"]
+    assert names("default", backend="torch", kind="gpu")[-3:] == ["cpu_tactics", "gpu_tactics", "early_exit"]
     with pytest.raises(optic.OpticError, match="unknown backend 'onnx'.*'torch'.*'tvm'"):
         optic.optimize(_model(), (torch.randn(1, 4),), backend="onnx")
 
