@@ -304,7 +304,8 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
             tuned tile sizes, which replaces PyTorch's only where it is measured faster here
             (pass ``tvm_kernels``; this machine's CPU). For a GPU target, the CUDA kernels are generated
             (cost model's configuration, ptxas-checked) into ``result.artifact`` (``.save(path)``;
-            ``optic.load_artifact``), and ``result`` itself runs the optimized graph in PyTorch.
+            ``optic.load_artifact``), and ``result`` runs them on CUDA tensors (PyTorch's ops on CPU ones,
+            and where a kernel cannot run, with a note).
         tune: tuning effort with ``backend="tvm"``: ``"none"`` (no measurement: the tuning
             database's best, else the cost model's choice), ``"fast"`` (the cost model's 4 best per
             kernel, at most a minute of tuning), ``"full"`` (32), or a number of measurements per kernel.
@@ -336,6 +337,9 @@ def optimize(model: nn.Module, example_inputs: Any, target: Any = "cpu", passes:
                           verify=verify)
     _finish_report(report, original, result, tgt)
     artifact = _gpu_artifact(result, tgt, tol, ctx, report) if backend == "tvm" and tgt.kind == "gpu" else None
+    if artifact is not None and result.runner is None:
+        # the generated kernels run inside the returned module (PyTorch's ops on CPU tensors, checked above)
+        result = artifact.program
     report.seconds = time.perf_counter() - t_start
     out = OptimizedModule(result, report)
     out.artifact = artifact

@@ -13,20 +13,25 @@ allowed (a kernel over them is left out). The kernels are built into one library
                          ptxas registers / shared memory / threads and the limits)
         kernels.so       TVM library: one function per kernel (k0, k1, ...)
         model.pt         the optimized graph (torch.save of the GraphModule); each kernel is a
-                         GPUKernel module holding its weights and PyTorch's own ops for the layer
+                         GPUKernel module holding its weights, nvcc's cubin with its launch (grid,
+                         block, shared memory, parameters) and PyTorch's own ops for the layer
         cuda/*.cu        the CUDA sources
 
-``optic.load_artifact(path)`` returns the module. On CUDA tensors each GPUKernel times, on its first
-call, the generated kernel against PyTorch's ops for the layer (cuBLAS) and keeps the faster (tactics
-where both can be measured: never slower because of a kernel it could have avoided); this needs a
-TVM runtime built with CUDA. On CPU tensors it runs PyTorch's ops, so the artifact's graph can be
-checked on any machine (``optimize`` does so before returning it). Loading unpickles ``model.pt``:
-load only artifacts you trust, as with any pickle.
+The optimized module ``optimize`` returns runs this graph (the kernels run inside it, no save/load
+round-trip needed); ``optic.load_artifact(path)`` returns it from disk. On CUDA tensors each GPUKernel
+loads its cubin through the CUDA driver (:mod:`.cuda_driver`: no CUDA build of TVM needed; the TVM
+library is the second way), checks it against PyTorch's ops for the layer on the first call, times both
+and keeps the faster (never slower because of a kernel it could have avoided). A kernel that cannot run
+(no GPU, a cubin for another architecture, no driver) runs PyTorch's ops with a note, never an error at
+call time. On CPU tensors it runs PyTorch's ops, so the artifact's graph can be checked on any machine
+(``optimize`` does so before returning it). Loading unpickles ``model.pt``: load only artifacts you
+trust, as with any pickle.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -42,6 +47,8 @@ from .. import ir
 from ..errors import OpticError
 from ..pipeline.verify import compare
 
+log = logging.getLogger("optic.backend")
+
 __all__ = ["GPUArtifact", "GPUKernel", "build_gpu_artifact", "load_artifact"]
 
 MANIFEST, LIBRARY, GRAPH = "manifest.json", "kernels.so", "model.pt"
@@ -49,17 +56,25 @@ _TACTIC_CALLS = 20
 
 
 class GPUKernel(nn.Module):
-    """One generated CUDA kernel in the graph, with PyTorch's ops for the same layer beside it."""
+    """One generated CUDA kernel in the graph, with PyTorch's ops for the same layer beside it.
+
+    On CUDA tensors the kernel runs from its cubin through the CUDA driver (:mod:`.cuda_driver`; no CUDA
+    build of TVM needed), or from the artifact's TVM library; where neither can run (no GPU, a GPU of
+    another architecture, no driver) the layer runs PyTorch's ops and :attr:`note` says why, never an
+    exception at call time. Calls that need gradients run PyTorch's ops too (the kernel has no backward)."""
 
     def __init__(self, symbol: str, fallback: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
-                 in_shape: tuple, out_shape: tuple, result_shape: tuple, description: str):
+                 in_shape: tuple, out_shape: tuple, result_shape: tuple, description: str,
+                 cubin: bytes | None = None, launch: Any = None, arch: str | None = None):
         super().__init__()
         self.symbol, self.fallback = symbol, fallback
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
         self.description = description
+        self.cubin, self.launch, self.arch = cubin, launch, arch  # nvcc's cubin and how to launch it
         self.choice: str | None = None  # "generated" or "torch", decided on the first CUDA call
+        self.note: str | None = None  # why the generated kernel does not run here, once a CUDA call found out
         self.timings_ms: dict[str, float] = {}
         self.library: str | None = None  # set by load_artifact
         self._fn: Any = None
@@ -69,32 +84,57 @@ class GPUKernel(nn.Module):
         state["_fn"] = None  # the loaded function is not picklable; it is loaded again on use
         return state
 
-    def _function(self) -> Any:
-        if self._fn is None:
-            if self.library is None:
-                raise OpticError("this GPU kernel has no library: load the artifact with optic.load_artifact(path)")
+    def _runner(self) -> Any:
+        """``run(A=, B=, bias=, residual=, C=)``: the generated kernel, from the cubin or the TVM library;
+        an :class:`OpticError` saying why neither can run here."""
+        if self._fn is not None:
+            return self._fn
+        reasons = []
+        if self.cubin is not None and self.launch is not None:
+            from . import cuda_driver
+
+            why = cuda_driver.unavailable()
+            if why is None:
+                try:
+                    kernel = cuda_driver.Kernel(self.cubin, self.launch)
+                    self._fn = kernel
+                    return kernel
+                except cuda_driver.DriverError as e:
+                    why = f"{e} (cubin for {self.arch})"
+            reasons.append(why)
+        if self.library is not None:
             from ..tvm_compat import require_tvm
 
-            tvm = require_tvm()
             try:
-                self._fn = _load_library(tvm, self.library)[self.symbol]
-            except Exception as e:
-                raise OpticError(f"cannot load the artifact's CUDA kernels ({self.library}): {str(e).splitlines()[0]}. "
-                                 "Running them needs a TVM runtime built with CUDA (the PyPI wheel has none); "
-                                 "on CPU tensors the artifact runs PyTorch's ops instead.") from None
-        return self._fn
+                fn = _load_library(require_tvm(), self.library)[self.symbol]
+                order = ["A", "B"] + ([] if self.bias is None else ["bias"])
+
+                def run(**a: Any) -> None:
+                    fn(*[a[n] for n in order], *[v for k, v in a.items() if k.startswith("residual")], a["C"])
+                self._fn = run
+                return run
+            except Exception as e:  # noqa: BLE001 - a runtime without CUDA: the reason, then PyTorch's ops
+                reasons.append(f"the TVM library ({self.library}) cannot run it: {str(e).splitlines()[0][:120]}; "
+                               "that needs a TVM runtime built with CUDA (the PyPI wheel has none)")
+        raise OpticError("the generated CUDA kernel cannot run here: " + ("; ".join(reasons) or "it has no cubin and no "
+                         "library (load the artifact with optic.load_artifact(path))"))
 
     def _generated(self, x: torch.Tensor, residual: tuple) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
-        args = [x.reshape(self.in_shape).contiguous(), self.weight]
-        args += [] if self.bias is None else [self.bias]
-        args += [r.reshape(self.out_shape).contiguous() for r in residual]
-        self._function()(*args, out)
+        args = {"A": x.reshape(self.in_shape).contiguous(), "B": self.weight, "C": out}
+        if self.bias is not None:
+            args["bias"] = self.bias
+        for i, r in enumerate(residual):
+            args["residual" if i == 0 else f"residual_{i}"] = r.reshape(self.out_shape).contiguous()
+        self._runner()(**args)
         return out.view(self.result_shape)
 
     def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or any(r.requires_grad for r in residual))):
             return self.fallback(x, *residual)
+        return self._on_device(x, residual)
+
+    def _on_device(self, x: torch.Tensor, residual: tuple) -> torch.Tensor:
         if self.choice is None:
             self._decide(x, residual)
         if self.choice == "torch":
@@ -104,17 +144,25 @@ class GPUKernel(nn.Module):
     @torch.no_grad()
     def _decide(self, x: torch.Tensor, residual: tuple) -> None:
         """Check the generated kernel against PyTorch's ops on this call's values, then time both (CUDA events,
-        alternated); keep the faster. A kernel that fails or disagrees is never used."""
+        alternated); keep the faster. A kernel that cannot run, fails or disagrees is never used: its note
+        says why."""
+        try:
+            self._runner()
+        except OpticError as e:
+            self.choice, self.note = "torch", str(e)
+            if not _WARNED.get(self.note):
+                _WARNED[self.note] = True
+                log.warning("%s: PyTorch's ops run the layer instead", self.note)
+            return
         expected = self.fallback(x, *residual)
         try:
             got = self._generated(x, residual)
-        except OpticError:
-            raise
-        except Exception as e:
-            self.choice, self.timings_ms = "torch", {"error": str(e).splitlines()[0]}
+        except Exception as e:  # noqa: BLE001 - a launch that fails: PyTorch's ops, with the reason
+            self.choice, self.note = "torch", f"the generated kernel failed: {str(e).splitlines()[0]}"
             return
-        if not compare(expected.float().cpu(), got.float().cpu(), 1e-3 if x.dtype == torch.float32 else 1e-2).ok:
-            self.choice = "torch"
+        check = compare(expected.float().cpu(), got.float().cpu(), 1e-3 if x.dtype == torch.float32 else 1e-2)
+        if not check.ok:
+            self.choice, self.note = "torch", f"the generated kernel disagrees with PyTorch's ops ({check})"
             return
         fns = {"generated": lambda: self._generated(x, residual), "torch": lambda: self.fallback(x, *residual)}
         totals = dict.fromkeys(fns, 0.0)
@@ -131,9 +179,10 @@ class GPUKernel(nn.Module):
         self.choice = "generated" if totals["generated"] < 0.97 * totals["torch"] else "torch"
 
     def extra_repr(self) -> str:
-        return f"{self.symbol}: {self.description}"
+        return f"{self.symbol}: {self.description}" + (f" (runs PyTorch's ops: {self.note})" if self.note else "")
 
 
+_WARNED: dict[str, bool] = {}  # one warning per reason a kernel cannot run, not one per layer
 _LIBRARIES: dict[str, Any] = {}
 
 
@@ -250,6 +299,19 @@ def load_artifact(path: str | Path, map_location: Any = None) -> nn.Module:
     return gm
 
 
+def _cubin_and_launch(compiled: Any) -> tuple[bytes | None, Any]:
+    """nvcc's cubin of a compiled kernel and how to launch it (:mod:`.cuda_driver`); ``(None, None)`` when nvcc
+    did not compile it (the TVM library remains, where a CUDA build of TVM runs it)."""
+    from . import cuda_driver
+
+    if not compiled.compiled or compiled.cu_path is None:
+        return None, None
+    cubin = Path(compiled.cu_path).with_suffix(".cubin")
+    if not cubin.is_file():
+        return None, None
+    return cubin.read_bytes(), cuda_driver.launch_of(compiled.source, compiled.module.script(), compiled.dynamic_smem)
+
+
 def build_gpu_artifact(program: Any, target: Any, tolerance: float,
                        progress: Any = None) -> tuple[GPUArtifact | None, list[str]]:
     """Generate, compile and check the GPU kernels of ``program`` for ``target`` (see the module docstring).
@@ -272,7 +334,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     groups: dict[str, list[Any]] = {}
     for s in sites:
         groups.setdefault(s.operator.key, []).append(s)
-    funcs, kernels, sources, chosen = {}, [], {}, []
+    funcs, kernels, sources, chosen, runnable = {}, [], {}, [], {}
     with tempfile.TemporaryDirectory(prefix="optic-cuda-") as work:
         for i, group in enumerate(groups.values()):
             site = group[0]
@@ -291,6 +353,7 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
             symbol = f"k{len(kernels)}"
             funcs[symbol] = compiled.module["main"].with_attr("global_symbol", symbol)  # the TIR nvcc compiled
             sources[f"{symbol}.cu"] = compiled.source
+            runnable[symbol] = _cubin_and_launch(compiled)
             kernels.append(ArtifactKernel(symbol, str(site.operator), names, config, compiled.as_dict()))
             chosen += [(s, symbol) for s in group]
     if not kernels:
@@ -303,7 +366,8 @@ def build_gpu_artifact(program: Any, target: Any, tolerance: float,
     regions = [ir.subgraph_callable(gm, site.nodes, site.inputs)  # before any replacement renames their inputs
                for site, _ in chosen]
     replace_sites(gm, [(site, GPUKernel(symbol, region, site.op.const("weight"), site.op.const("bias"), site.in_shape,
-                                        site.out_shape, ir.shape(site.last), str(site.operator)),
+                                        site.out_shape, ir.shape(site.last), str(site.operator), *runnable[symbol],
+                                        arch=target.arch),
                         f"gpu_{symbol}_{site.op.node.name}") for (site, symbol), region in zip(chosen, regions, strict=True)],
                   "tvm_gpu")
     # the artifact's graph, checked here on CPU (each kernel runs PyTorch's ops for its layer on CPU tensors)

@@ -74,10 +74,53 @@ def test_saved_artifact_computes_the_same_on_cpu(built, tmp_path):
     with torch.no_grad():
         x2 = torch.randn(32, 64)
         torch.testing.assert_close(loaded(x2), model(x2), rtol=1e-4, atol=1e-4)
-    # the CUDA kernels need a CUDA runtime: a clear error here, not a crash deep inside TVM
+    # the CUDA kernels need a GPU (or a CUDA runtime in TVM): a clear reason here, not a crash deep inside TVM
     if not torch.cuda.is_available():
-        with pytest.raises(OpticError, match="CUDA"):
-            kernels[0]._function()
+        with pytest.raises(OpticError, match="cannot run here: PyTorch sees no CUDA GPU.*TVM runtime built with CUDA"):
+            kernels[0]._runner()
+
+
+def test_the_kernels_run_inside_the_returned_module_with_their_cubins(built):
+    model, x, out = built
+    kernels = [m for m in out.modules() if isinstance(m, GPUKernel)]
+    assert len(kernels) == 3  # no save/load round-trip needed
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: no cubins")
+    from optic.backend import cuda_driver
+
+    by_symbol = {a.symbol: a for a in out.artifact.kernels}
+    for k in kernels:
+        assert k.cubin and k.cubin[:4] == b"\x7fELF" and k.arch == "sm_80"  # nvcc's cubin is an ELF image
+        launch, built_with = k.launch, by_symbol[k.symbol]
+        assert {n for n, _ in launch.params} == {"A", "B", "C"} | ({"bias"} if k.bias is not None else set()) | (
+            {"residual"} if "residual" in k.description else set())
+        assert all(pointer for _, pointer in launch.params)
+        # one block per BM x BN tile of C, as many threads as TVM's launch and ptxas's report say
+        (m, _), n, cfg = k.in_shape, k.out_shape[-1], built_with.config
+        assert launch.grid == (-(-m // cfg["BM"]) * -(-n // cfg["BN"]), 1, 1)
+        assert launch.block == (built_with.compiled["threads"], 1, 1)
+        assert launch.dynamic_smem == built_with.compiled["dynamic_smem"]
+    source = out.artifact.sources["k0.cu"]
+    assert cuda_driver.kernel_entries(source)[0][0] == kernels[0].launch.kernel
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the kernels run")
+def test_a_kernel_that_cannot_run_falls_back_to_pytorch_with_a_note(built):
+    model, x, out = built
+    k = copy_of_first_kernel(out)
+    with torch.no_grad():
+        ref = k.fallback(x)
+        got = k._on_device(x, ())  # what a CUDA call does, on a machine where the kernel cannot run
+        again = k._on_device(x, ())
+    assert torch.equal(got, ref) and torch.equal(again, ref)
+    assert k.choice == "torch" and "PyTorch sees no CUDA GPU" in k.note
+    assert "runs PyTorch's ops" in repr(k)
+
+
+def copy_of_first_kernel(out):
+    import copy
+
+    return copy.deepcopy(next(m for m in out.modules() if isinstance(m, GPUKernel)))
 
 
 def test_what_has_no_cuda_kernel_stays_and_is_listed():
