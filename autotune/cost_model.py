@@ -33,6 +33,15 @@ SM from shared memory, registers, threads and the block limit), wave quantisatio
 by resident warps and the thread tile's FMA-to-load ratio, and global traffic from the block tiles'
 reuse (A re-read once per column of blocks, B once per row), the re-reads served by L2.
 
+GPU tensor-core GEMM (``matmul_tensorcore_gpu``; ``optic.backend.cuda_tensorcore``): roofline on the
+target's tensor-core peak for the dtype (``Target.peak_flops``; an mma.sync kernel on sm_90 reaches
+only ``MMA_SYNC_SHARE_SM90`` of it, wgmma's figure), with occupancy (shared memory is the larger of
+the tile ring and the staged C tile), waves, latency hiding by resident warps, shared-memory
+bandwidth (ldmatrix reads ``(WM+WN)*MMA_K`` elements per warp per MMA step, the copies write the
+block's tiles), and global traffic as for the SIMT GEMM; the pipeline hides DRAM latency with the
+``STAGES-1`` tiles in flight per block (Little's law against ``DRAM_LATENCY_S``), a single stage
+serialises loads and math.
+
 Memory-bound kernels (``elementwise_*``, ``reduction_*``): bytes over bandwidth (the cache's when
 the data fits, as it does when the same call is timed repeatedly), vector utilisation, per-task and
 parallel overheads, occupancy and waves on a GPU.
@@ -73,6 +82,9 @@ L2_OVER_DRAM = 3.0  # L2 bandwidth / DRAM bandwidth
 WARPS_TO_HIDE_LATENCY = 8  # resident warps per SM that keep the pipes busy
 LAUNCH_S = 3e-6
 SMEM_BYTES_PER_CYCLE = 128  # shared memory per SM (Volta to Hopper)
+WARPS_TO_FEED_TENSOR_CORES = 4  # one warp per SM sub-partition keeps its tensor core issuing
+MMA_SYNC_SHARE_SM90 = 0.6  # of an H100's (wgmma) tensor-core peak that mma.sync kernels reach
+DRAM_LATENCY_S = 600e-9  # a global load's latency under load (A100/H100)
 
 
 @dataclass(frozen=True)
@@ -339,6 +351,44 @@ def _conv2d_gpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
     return _gpu_gemm(space, t, c, Mp, Np, Kp, M, N, K, blocks)
 
 
+def _matmul_tensorcore_gpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]:
+    p = _params(space)
+    M, N, K, nbytes = p["M"], p["N"], p["K"], p["BYTES"]
+    BM, BN, BK, WM, WN, STAGES, VEC = (np.asarray(c[v], dtype=float)
+                                       for v in ("BM", "BN", "BK", "WM", "WN", "STAGES", "VEC"))
+    threads = np.asarray(space_eval(space, "threads", c), dtype=float)
+    smem = np.maximum(*(np.asarray(space_eval(space, k, c), dtype=float) for k in ("smem_tiles", "smem_c")))
+    regs = np.asarray(space_eval(space, "regs_per_thread", c), dtype=float)
+    per_sm, warps = _occupancy(t, threads, smem, regs)
+    sms = float(t.sm_count or 1)
+    blocks = (M / BM) * (N / BN)
+    waves = np.ceil(blocks / (sms * per_sm))
+    wave_eff = blocks / (waves * sms * per_sm)
+    latency_eff = np.minimum(1.0, warps / WARPS_TO_FEED_TENSOR_CORES)
+    peak = t.peak_flops(space.meta["dtype"]) or _simt_peak(t, nbytes)
+    if (t.compute_capability or (0, 0)) >= (9, 0):
+        peak *= MMA_SYNC_SHARE_SM90
+    clock = t.clock_hz or 1.5e9
+    flops_per_cycle = peak / sms / clock
+    # Shared-memory bytes per FLOP: ldmatrix of a warp's fragments, plus the copies' writes of the tiles.
+    per_flop = (WM + WN) * nbytes / (2 * WM * WN) + (BM + BN) * nbytes / (2 * BM * BN)
+    smem_eff = np.minimum(1.0, SMEM_BYTES_PER_CYCLE / (flops_per_cycle * per_flop))
+    compute = 2 * M * N * K / (peak * wave_eff * latency_eff * smem_eff)
+    bw = t.mem_bandwidth or 1e12
+    out_bytes = 4.0 if space.meta.get("accumulator") == "int32" else nbytes
+    compulsory = nbytes * (M * K + K * N) + out_bytes * M * N
+    rereads = nbytes * (M * K * (N / BN - 1) + K * N * (M / BM - 1))
+    memory = compulsory / bw + rereads / (L2_OVER_DRAM * bw)
+    # Little's law: the bytes a SM has in flight (STAGES-1 tiles per resident block) against what its
+    # share of the bandwidth needs to cover the latency; narrow copies cost instructions.
+    in_flight = per_sm * np.maximum(STAGES - 1, 1) * (BM + BN) * BK * nbytes
+    memory = memory / np.minimum(1.0, in_flight / (bw / sms * DRAM_LATENCY_S))
+    memory = memory / np.minimum(1.0, 0.6 + 0.4 * VEC * nbytes / p["LOAD_BYTES"])
+    seconds = np.where(STAGES > 1, _overlap(compute, memory), compute + memory) + LAUNCH_S
+    return {"seconds": seconds, "compute": compute, "memory": memory, "occupancy_warps": warps,
+            "smem_eff": smem_eff, "waves": waves, "wave_efficiency": wave_eff}
+
+
 def _gpu_memory_bound(t: Target, data_bytes: float, threads: Any, blocks: Any, regs: Any, smem: Any,
                       vec_eff: Any) -> dict[str, Any]:
     per_sm, warps = _occupancy(t, threads, smem, regs)
@@ -377,7 +427,7 @@ def _reduction_gpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, A
 MODELS: dict[str, Callable[[Space, Target, Mapping[str, Any]], dict[str, Any]]] = {
     "matmul_cpu": _matmul_cpu, "conv2d_cpu": _conv2d_cpu,
     "elementwise_cpu": _elementwise_cpu, "reduction_cpu": _reduction_cpu,
-    "matmul_gpu": _matmul_gpu, "conv2d_gpu": _conv2d_gpu,
+    "matmul_gpu": _matmul_gpu, "conv2d_gpu": _conv2d_gpu, "matmul_tensorcore_gpu": _matmul_tensorcore_gpu,
     "elementwise_gpu": _elementwise_gpu, "reduction_gpu": _reduction_gpu,
 }  # fmt: skip
 

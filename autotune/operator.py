@@ -10,6 +10,7 @@ the vendor-library baseline, and it counts FLOPs and the bytes that must cross m
 Shapes on the command line (``parse``)::
 
     matmul       MxNxK[,b_layout=nk][,epilogue=bias+relu]      C[M,N] = A[M,K] @ B[K,N] (B[N,K] with nk)
+                 [,cores=tensor][,dtype=float16|int8]          on tensor cores (a GPU's code generator only)
     conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC]
     elementwise  NUMEL or AxBx...[,inputs=2][,fn=add]
     reduction    ROWSxCOLS[,kind=softmax|layernorm]
@@ -31,7 +32,7 @@ from optic import targets
 from optic.targets import Target
 
 from .space import Space, SpaceError
-from .templates import EPILOGUES, TEMPLATES
+from .templates import EPILOGUES, TEMPLATES, tensor_core_dtype
 
 __all__ = ["ELEMENTWISE_FNS", "Operator"]
 
@@ -42,7 +43,9 @@ ELEMENTWISE_FNS = {
     "tanh": (1, torch.tanh), "exp": (1, torch.exp), "neg": (1, torch.neg),
 }  # fmt: skip
 _ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-_CODEGEN_OPTIONS = {"matmul": {"b_layout": "kn"}, "conv2d": {}, "elementwise": {"fn": None}, "reduction": {}}
+# ``cores`` of a matmul: "simt" (CUDA cores, the default) or "tensor" (``matmul_tensorcore_gpu`` on a GPU).
+_CODEGEN_OPTIONS = {"matmul": {"b_layout": "kn", "cores": None}, "conv2d": {}, "elementwise": {"fn": None},
+                    "reduction": {}}
 _ALIASES = {"pad": "padding", "dilate": "dilation", "act": "epilogue"}
 LAYERNORM_EPS = 1e-5
 
@@ -86,8 +89,15 @@ class Operator:
         if op == "matmul" and merged["b_layout"] not in ("kn", "nk"):
             raise SpaceError(f"matmul b_layout is 'kn' (B[K,N]) or 'nk' (B[N,K], nn.Linear's weight), "
                              f"not {merged['b_layout']!r}")
-        if str(merged.get("dtype", "float32")) != "float32":
-            raise SpaceError(f"only float32 operators can be tuned here yet, not {merged['dtype']}")
+        cores = merged.pop("cores", None) or "simt"  # SIMT, the default, stays out of the key (keys predate it)
+        if cores not in ("simt", "tensor"):
+            raise SpaceError(f"cores is 'simt' or 'tensor' (a matmul's tensor-core template), not {cores!r}")
+        if cores == "tensor":
+            # A tensor-core GEMM is generated for a GPU, never tuned on this machine: its dtype is the GPU's.
+            merged["cores"], merged["dtype"] = cores, tensor_core_dtype(options.get("dtype") or "float16")
+        elif str(merged.get("dtype", "float32")) != "float32":
+            raise SpaceError(f"only float32 operators can be tuned here yet, not {merged['dtype']} "
+                             "(a matmul with cores='tensor' takes float16 or int8)")
         args = tuple(int(a) for a in args)
         if any(a < 1 for a in args):
             raise SpaceError(f"{op} sizes must be positive: {args}")
@@ -107,6 +117,12 @@ class Operator:
     def space(self, target: str | Target = "cpu") -> Space:
         """The template's search space for this operator on ``target``."""
         t = targets.get(target)
+        if self.opts.get("cores") == "tensor":
+            if t.kind != "gpu":
+                raise SpaceError(f"a tensor-core matmul has no {t.kind} template")
+            return TEMPLATES["matmul_tensorcore", "gpu"](
+                *self.args, target=t, b_contiguous="n" if self.opts["b_layout"] == "kn" else "k",
+                **self.template_kwargs())
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
         return TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
@@ -129,6 +145,7 @@ class Operator:
         o = self.opts
         if self.op == "matmul":
             text = "matmul {}x{}x{}".format(*self.args) + (" (B[N,K])" if o["b_layout"] == "nk" else "")
+            text += " on tensor cores" if o.get("cores") == "tensor" else ""
         elif self.op == "conv2d":
             n, c, h, w, f, r, s = self.args
             text = (f"conv2d {n}x{c}x{h}x{w},{f}x{c}x{r}x{s} stride {o['stride']} pad {o['padding']}"

@@ -21,6 +21,11 @@ GPU matmul is the SIMT tiling (CUTLASS's and Triton's hierarchy): a block
 computes BM x BN of C, looping over K in BK steps staged through shared memory
 in a STAGES-deep pipeline; it is split into warps of WM x WN and each thread
 owns a TM x TN accumulator tile. A and B are read with VEC-element vector loads.
+
+GPU tensor-core matmul (``matmul_tensorcore_gpu``) keeps the block tile and the
+pipeline, but a warp's WM x WN tile is whole MMA tiles (``TENSOR_CORE_MMA``) that
+the warp computes together with ``mma.sync``: no thread tile, and the fragments
+come from shared memory through ``ldmatrix``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sympy
-from sympy import And, Eq, Ge, Le, Lt, Mod, Or, ceiling
+from sympy import And, Eq, Ge, Le, Lt, Max, Mod, Or, ceiling
 
 from optic import targets
 from optic.targets import Target
@@ -37,16 +42,20 @@ from optic.targets import Target
 from .space import Constraint, Space, SpaceError, Var, powers_of_two, range_, symbols
 
 __all__ = [
+    "SMEM_ROW_PAD_BYTES",
     "TEMPLATES",
+    "TENSOR_CORE_MMA",
     "conv2d_cpu",
     "conv2d_gpu",
     "elementwise_cpu",
     "elementwise_gpu",
     "matmul_cpu",
     "matmul_gpu",
+    "matmul_tensorcore_gpu",
     "reduction_cpu",
     "reduction_gpu",
     "template",
+    "tensor_core_dtype",
 ]
 
 _BYTES = {"float32": 4, "float": 4, "fp32": 4, "float16": 2, "half": 2, "fp16": 2,
@@ -183,6 +192,105 @@ def matmul_gpu(M: int, N: int, K: int, target: str | Target, dtype: Any = "float
     return Space(f"matmul_gpu[{t.name}]", variables, constraints, {"M": M, "N": N, "K": K, **_gpu_params(t, dtype)},
                  derived, {"op": "matmul", "target": t.name, "dtype": str(dtype), "epilogue": epilogue,
                            "b_contiguous": b_contiguous})
+
+
+# The tensor-core tile of each input dtype: (M, N, K) of the tile one warp's instruction pair computes
+# (TVM's intrinsics issue two ``mma.sync.m16n8kK`` per 16 x 16 tile of C), and the accumulator's dtype.
+# bfloat16 is absent: TVM 0.27 registers no bf16 ldmatrix or mma intrinsic (``tensor_intrin/cuda.py``).
+TENSOR_CORE_MMA: dict[str, tuple[tuple[int, int, int], str]] = {
+    "float16": ((16, 16, 16), "float32"), "int8": ((16, 16, 32), "int32"),
+}  # fmt: skip
+SMEM_ROW_PAD_BYTES = 16  # each shared-memory row of A and B is padded by 16 bytes: ldmatrix's 8 rows hit 8 bank groups
+
+
+def tensor_core_dtype(dtype: Any) -> str:
+    """``dtype``'s canonical name when tensor cores take it (``TENSOR_CORE_MMA``); ``SpaceError`` otherwise."""
+    key = str(dtype).removeprefix("torch.").lower()
+    key = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(key, key)
+    if key not in TENSOR_CORE_MMA:
+        why = (" (TVM 0.27 has no bf16 ldmatrix/mma intrinsic)" if key == "bfloat16" else "")
+        raise SpaceError(f"tensor-core GEMMs take {' or '.join(TENSOR_CORE_MMA)}, not {dtype}{why}")
+    return key
+
+
+def matmul_tensorcore_gpu(M: int, N: int, K: int, target: str | Target, dtype: Any = "float16",
+                          epilogue: Sequence[str] = (), b_contiguous: str = "k") -> Space:
+    """Tensor-core GEMM ``C[M, N] = epilogue(A[M, K] @ B)`` on a GPU (``mma.sync``, sm_80 and later).
+
+    A block computes BM x BN of C in warps of WM x WN, each warp whole MMA tiles (MMA_M x MMA_N,
+    MMA_K deep, fixed by ``dtype``: ``TENSOR_CORE_MMA``); K is walked in BK steps through a
+    STAGES-deep ring of shared-memory tiles filled by VEC-element (``cp.async``) copies, each row
+    padded by ``SMEM_ROW_PAD_BYTES``. The accumulators are fp32 (int32 for int8); the epilogue
+    stages them through shared memory (the C tile reuses the ring's memory) and writes C in the
+    element type (int8: the int32 accumulator, no epilogue: requantization is the int8 kernels').
+
+    Extents must be multiples of the tiles (no masked edges: an operator pads M, N and K to a
+    multiple of 16, or 32 for int8's K, before it can use this template); ``b_contiguous="k"``
+    is an nn.Linear weight (B[N, K]), ``"n"`` a K x N matrix."""
+    t = _target(target, "gpu", _GPU_FIELDS)
+    d = tensor_core_dtype(dtype)
+    epilogue = _epilogue(epilogue)
+    if d == "int8" and epilogue:
+        raise SpaceError("an int8 tensor-core GEMM returns the int32 accumulator; it fuses no epilogue")
+    if t.compute_capability is None or t.compute_capability < (8, 0):
+        raise SpaceError(f"{t.name} has no mma.sync tensor cores for this template (it needs sm_80 or later)")
+    (mma_m, mma_n, mma_k), _ = TENSOR_CORE_MMA[d]
+    Ms, Ns, Ks = symbols("M N K")
+    BM, BN, BK, WM, WN, STAGES, VEC = symbols("BM BN BK WM WN STAGES VEC")
+    MMA_M, MMA_N, MMA_K, PAD = symbols("MMA_M MMA_N MMA_K PAD")
+    variables = [
+        Var("BM", powers_of_two(16, 256)), Var("BN", powers_of_two(16, 256)), Var("BK", powers_of_two(16, 128)),
+        Var("WM", powers_of_two(16, 256)), Var("WN", powers_of_two(16, 256)),
+        Var("STAGES", range_(1, 6)), Var("VEC", powers_of_two(1, 16)),
+    ]
+    warps = (BM / WM) * (BN / WN)
+    threads = warps * WARP
+    if b_contiguous == "k":
+        smem_tiles = STAGES * (BM + BN) * (BK + PAD) * BYTES  # A[BM, BK] and B[BN, BK], rows padded
+        b_row = BK
+    elif b_contiguous == "n":
+        smem_tiles = STAGES * (BM * (BK + PAD) + BK * (BN + PAD)) * BYTES  # B[BK, BN]
+        b_row = BN
+    else:
+        raise SpaceError(f"b_contiguous is 'k' or 'n', not {b_contiguous!r}")
+    smem_c = BM * BN * ACC  # the accumulator tile staged for the epilogue (reuses the tiles' memory)
+    # Registers per thread: a warp's accumulators spread over its 32 threads, the A and B fragments of
+    # an MMA_K step double-buffered (ptxas loads the next step's under this one's MMAs; packed 32-bit
+    # registers), an address for each vector copy the thread issues per K tile, and REG_BASE; the
+    # epilogue's values are transient. (Without the copies' term, WM=128, WN=32 with 2-element
+    # copies passed at 240 and ptxas needed more than 255.)
+    regs = (WM * WN * ACC / (4 * WARP) + 2 * (WM + WN) * MMA_K * BYTES / (4 * WARP)
+            + (BM + BN) * BK / (threads * VEC) + RBASE)
+    constraints = [
+        c(Eq(Mod(Ms, BM), 0), "BM divides M: no masked edges"),
+        c(Eq(Mod(Ns, BN), 0), "BN divides N: no masked edges"),
+        c(Eq(Mod(Ks, BK), 0), "BK divides K: no masked edges"),
+        c(Eq(Mod(BM, WM), 0), "warp tiles partition the block tile along M"),
+        c(Eq(Mod(BN, WN), 0), "warp tiles partition the block tile along N"),
+        c(Eq(Mod(WM, MMA_M), 0), "a warp tile is whole MMA tiles along M"),
+        c(Eq(Mod(WN, MMA_N), 0), "a warp tile is whole MMA tiles along N"),
+        c(Eq(Mod(BK, MMA_K), 0), "the K tile is whole MMA steps"),
+        c(Le(threads, MAX_THREADS), "threads per block"),
+        c(Le(smem_tiles, SMEM), "shared memory per block: STAGES copies of the A and B tiles"),
+        c(Le(smem_c, SMEM), "shared memory per block: the C tile staged for the epilogue"),
+        c(Le(regs, REGS), "registers per thread"),
+        c(Le(threads * regs, REGS_SM), "registers per SM: one block must fit"),
+        c(Le(VEC * BYTES, LOAD), "widest vector load"),
+        c(Ge(VEC * BYTES, 4), "cp.async copies 4, 8 or 16 bytes"),
+        c(Eq(Mod(BK, VEC), 0), "vector copies of A stay inside the K tile"),
+        c(Eq(Mod(b_row, VEC), 0), "vector copies of B stay inside its contiguous tile row"),
+        c(Eq(Mod(BM * BK, threads * VEC), 0), "the A tile splits into equal per-thread vector copies"),
+        c(Eq(Mod(BK * BN, threads * VEC), 0), "the B tile splits into equal per-thread vector copies"),
+        c(Le(STAGES, Ks / BK), "pipeline no deeper than the K loop"),
+    ]
+    derived = {"threads": threads, "warps": warps, "smem_tiles": smem_tiles, "smem_c": smem_c,
+               "smem_bytes": Max(smem_tiles, smem_c), "regs_per_thread": regs,
+               "blocks": (Ms / BM) * (Ns / BN)}
+    params = {"M": M, "N": N, "K": K, "MMA_M": mma_m, "MMA_N": mma_n, "MMA_K": mma_k,
+              "PAD": SMEM_ROW_PAD_BYTES // _bytes(d), **_gpu_params(t, d)}
+    return Space(f"matmul_tensorcore_gpu[{t.name}]", variables, constraints, params, derived,
+                 {"op": "matmul", "target": t.name, "dtype": d, "epilogue": epilogue,
+                  "b_contiguous": b_contiguous, "accumulator": TENSOR_CORE_MMA[d][1]})
 
 
 def conv2d_gpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: str | Target, *,
@@ -432,6 +540,7 @@ def reduction_cpu(rows: int, cols: int, target: str | Target = "cpu", *, kind: s
 
 TEMPLATES: dict[tuple[str, str], Callable[..., Space]] = {
     ("matmul", "gpu"): matmul_gpu, ("matmul", "cpu"): matmul_cpu,
+    ("matmul_tensorcore", "gpu"): matmul_tensorcore_gpu,
     ("conv2d", "gpu"): conv2d_gpu, ("conv2d", "cpu"): conv2d_cpu,
     ("elementwise", "gpu"): elementwise_gpu, ("elementwise", "cpu"): elementwise_cpu,
     ("reduction", "gpu"): reduction_gpu, ("reduction", "cpu"): reduction_cpu,
@@ -439,7 +548,8 @@ TEMPLATES: dict[tuple[str, str], Callable[..., Space]] = {
 
 
 def template(op: str, *args: Any, target: str | Target, **kwargs: Any) -> Space:
-    """The template for ``op`` ("matmul", "conv2d", "elementwise", "reduction") on ``target``'s kind."""
+    """The template for ``op`` ("matmul", "matmul_tensorcore", "conv2d", "elementwise", "reduction") on
+    ``target``'s kind."""
     t = targets.get(target)
     if (op, t.kind) not in TEMPLATES:
         raise SpaceError(f"no {t.kind} template for {op!r}; known: {sorted({o for o, _ in TEMPLATES})}")

@@ -2,7 +2,8 @@
 
 ``build(operator, config)`` returns a ``tvm.IRModule`` with one PrimFunc, ``main`` (parameters: the
 operator's inputs in ``Operator.input_shapes()`` order, then the output), scheduled with exactly the
-template's variables (``autotune.templates``: ``matmul_gpu``, ``elementwise_gpu``, ``reduction_gpu``).
+template's variables (``autotune.templates``: ``matmul_gpu``, ``matmul_tensorcore_gpu`` for a matmul
+with ``cores="tensor"``, ``elementwise_gpu``, ``reduction_gpu``).
 ``compile_cuda(operator, config, target)`` turns it into CUDA source for the target's ``sm_XX``,
 compiles that with ``nvcc -cubin -Xptxas -v`` and reads back what ptxas allocated per kernel
 (registers, spills, static shared memory) plus the dynamic shared memory TVM declared, next to the
@@ -12,7 +13,8 @@ that a configuration the solver called valid really fits the hardware.
 This module is the road and the verdict; the parts along it live by concern:
 
 - :mod:`.cuda_config`: the template's space for an operator on a GPU, and the cost model's choice in it;
-- :mod:`.cuda_schedules`: the TIR schedules (what each template's variables mean in the kernel);
+- :mod:`.cuda_schedules`: the TIR schedules (what each template's variables mean in the kernel), and
+  :mod:`.cuda_tensorcore` the tensor-core GEMM's (ldmatrix, mma.sync, cp.async);
 - :mod:`.cuda_toolchain`: nvcc and ptxas (compiling a source, reading what ptxas allocated).
 
 Their public names are importable from here too.
@@ -23,9 +25,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from optic import targets
@@ -37,11 +43,12 @@ from optic.tvm_compat import require_tvm
 
 from .cuda_config import element_type, gpu_space, gpu_target, model_config
 from .cuda_schedules import BUILDERS, default_schedule, notes, schedule_injective
+from .cuda_tensorcore import LOWER_ASYNC_COPY, LOWER_EXPLICIT_UNROLL
 from .cuda_toolchain import NVCC_TIMEOUT_S, PtxasKernel, compile_cubin, nvcc_version, parse_ptxas
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "NVCC_TIMEOUT_S", "CompiledKernel", "PtxasKernel", "build", "compile_cuda",
            "compile_module", "default_schedule", "gpu_space", "model_config", "notes", "nvcc_version",
-           "parse_ptxas", "schedule_injective", "target_limits"]
+           "parse_ptxas", "ptx", "schedule_injective", "target_limits"]
 
 CODEGEN_VERSION = 1
 
@@ -49,10 +56,11 @@ CODEGEN_VERSION = 1
 def build(operator: Operator, config: Mapping[str, int], dtype: str | None = None) -> Any:
     """The scheduled TIR module (``main``) of ``operator`` with the GPU template ``config``.
 
-    ``dtype``: the element type (float32 or float16), by default the operator's. The configuration
-    must name every variable of the template's space (a missing one raises ``SpaceError``); whether
-    it satisfies the constraints with a given GPU's limits is :func:`compile_cuda`'s check, since the
-    schedule itself reads only the variables and one configuration may fit one GPU and not another."""
+    ``dtype``: the element type (float32 or float16; a tensor-core matmul's float16 or int8), by
+    default the operator's. The configuration must name every variable of the template's space (a
+    missing one raises ``SpaceError``); whether it satisfies the constraints with a given GPU's limits
+    is :func:`compile_cuda`'s check, since the schedule itself reads only the variables and one
+    configuration may fit one GPU and not another."""
     if operator.op not in BUILDERS:
         raise SpaceError(f"no CUDA code generator for {operator.op}; known: {sorted(BUILDERS)}")
     cfg = dict(config)
@@ -185,6 +193,26 @@ def compile_module(mod: Any, target: str | Target, *, name: str = "main", config
     return result
 
 
+def ptx(kernel: CompiledKernel) -> str:
+    """The PTX of a compiled kernel's source (``nvcc -ptx`` for its arch): what to read to see which
+    instructions the schedule produced (``mma.sync``, ``ldmatrix``, ``cp.async``). An ``OpticError``
+    without nvcc, or when nvcc fails."""
+    if shutil.which("nvcc") is None:
+        raise OpticError("nvcc is not on PATH: no PTX (the CUDA source is the kernel's .source)")
+    with tempfile.TemporaryDirectory(prefix="optic-ptx-") as d:
+        cu, out = Path(d) / "kernel.cu", Path(d) / "kernel.ptx"
+        cu.write_text(kernel.source)
+        try:
+            proc = subprocess.run(["nvcc", "-ptx", f"-arch={kernel.arch}", "-o", str(out), str(cu)],
+                                  capture_output=True, text=True, timeout=NVCC_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise OpticError(f"nvcc -ptx took over {NVCC_TIMEOUT_S} s for {kernel.name}") from None
+        if proc.returncode != 0:
+            raise OpticError(f"nvcc -ptx failed for {kernel.name} ({kernel.arch}): "
+                             f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+        return out.read_text()
+
+
 def _violations(r: CompiledKernel) -> list[str]:
     lim, out = r.limits, []
     for k in r.kernels:
@@ -214,8 +242,16 @@ def _cuda_source(tvm: Any, mod: Any, t: Target) -> tuple[str, list[int], list[in
     mod = tvm.tirx.transform.BindTarget(target)(mod)
     pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
     # Loops marked unrolled reach nvcc as ``#pragma unroll`` loops, not as unrolled TIR: a 4 x 16
-    # thread tile over a 32-deep K tile is otherwise megabytes of source and minutes of nvcc.
-    with target, tvm.transform.PassContext(config={"tirx.UnrollLoop": {"explicit_unroll": False}}):
+    # thread tile over a 32-deep K tile is otherwise megabytes of source and minutes of nvcc. A
+    # schedule that needs them unrolled in TIR (cp.async's wait counts must be constants) says so
+    # with the function attribute LOWER_EXPLICIT_UNROLL, and LOWER_ASYNC_COPY turns its pipeline's
+    # asynchronous stages into cp.async.
+    wants = {key: any(bool(f.attrs.get(key, False)) for _, f in mod.functions_items() if f.attrs is not None)
+             for key in (LOWER_EXPLICIT_UNROLL, LOWER_ASYNC_COPY)}
+    config: dict[str, Any] = {"tirx.UnrollLoop": {"explicit_unroll": wants[LOWER_EXPLICIT_UNROLL]}}
+    if wants[LOWER_ASYNC_COPY]:
+        config["tirx.use_async_copy"] = True
+    with target, tvm.transform.PassContext(config=config):
         mod = pipeline(mod)
         _, devices = split_host_device_mods(mod)
         device = [finalize_device()(m) for m in devices.values()]

@@ -1,6 +1,7 @@
 """Choosing a CUDA kernel's configuration: the GPU template's space for an operator on a GPU target
-(``autotune.templates``: ``matmul_gpu``, ``elementwise_gpu``, ``reduction_gpu``), and the cost model's
-best configuration in it (nothing can be measured on a GPU here, so the model decides).
+(``autotune.templates``: ``matmul_gpu``, or ``matmul_tensorcore_gpu`` for a matmul with
+``cores="tensor"``, ``elementwise_gpu``, ``reduction_gpu``), and the cost model's best configuration
+in it (nothing can be measured on a GPU here, so the model decides).
 """
 
 from __future__ import annotations
@@ -10,17 +11,31 @@ from collections.abc import Callable
 from optic import targets
 from optic.autotune.operator import Operator
 from optic.autotune.space import Space, SpaceError
-from optic.autotune.templates import elementwise_gpu, matmul_gpu, reduction_gpu
+from optic.autotune.templates import (
+    elementwise_gpu,
+    matmul_gpu,
+    matmul_tensorcore_gpu,
+    reduction_gpu,
+    tensor_core_dtype,
+)
 from optic.errors import OpticError
 from optic.targets import Target
 
-__all__ = ["F32", "SPACES", "element_type", "gpu_space", "gpu_target", "model_config"]
+__all__ = ["F32", "SPACES", "element_type", "gpu_space", "gpu_target", "model_config", "tensor_cores"]
 
 F32 = "float32"
 
 
+def tensor_cores(operator: Operator) -> bool:
+    """Whether ``operator`` is a matmul for tensor cores (``cores="tensor"``: ``matmul_tensorcore_gpu``)."""
+    return operator.op == "matmul" and operator.opts.get("cores") == "tensor"
+
+
 def element_type(operator: Operator, dtype: str | None) -> str:
-    """The element type: ``dtype`` when given (the Operator accepts only float32 so far), else the operator's."""
+    """The element type: ``dtype`` when given, else the operator's (float32, or a tensor-core matmul's
+    float16 or int8)."""
+    if tensor_cores(operator):
+        return tensor_core_dtype(dtype or operator.opts["dtype"])
     d = str(dtype or operator.opts.get("dtype", F32)).removeprefix("torch.")
     d = {"fp16": "float16", "half": "float16", "fp32": F32, "float": F32}.get(d, d)
     if d not in (F32, "float16"):
@@ -40,8 +55,9 @@ def gpu_target(target: str | Target) -> Target:
 def _matmul(operator: Operator, t: Target, dtype: str) -> Space:
     M, N, K = operator.args
     o = operator.opts
-    return matmul_gpu(M, N, K, t, dtype=dtype, epilogue=tuple(o.get("epilogue", ())),
-                      b_contiguous="n" if o["b_layout"] == "kn" else "k")
+    template = matmul_tensorcore_gpu if tensor_cores(operator) else matmul_gpu
+    return template(M, N, K, t, dtype=dtype, epilogue=tuple(o.get("epilogue", ())),
+                    b_contiguous="n" if o["b_layout"] == "kn" else "k")
 
 
 def _elementwise(operator: Operator, t: Target, dtype: str) -> Space:

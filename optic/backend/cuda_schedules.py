@@ -6,7 +6,8 @@ Each builder in :data:`BUILDERS` takes an operator, a configuration of its GPU t
 ``Operator.input_shapes()`` order, then the output), scheduled with exactly the template's variables.
 :func:`default_schedule` schedules a kernel no template covers with TVM's generic rules.
 
-GEMM (the SIMT hierarchy the template describes)::
+GEMM (the SIMT hierarchy the template describes; a matmul with ``cores="tensor"`` is
+:mod:`.cuda_tensorcore`'s)::
 
     blockIdx.x  over (Mp/BM) x (Np/BN)                  a BM x BN block tile of C
     threadIdx.x over (BM/WM, BN/WN, WM/TM, WN/TN)        warps, then the 32 threads of a warp's WM x WN tile
@@ -63,7 +64,8 @@ from optic.errors import OpticError
 from optic.targets import Target
 from optic.tvm_compat import require_tvm
 
-from .cuda_config import F32, gpu_target
+from .cuda_config import F32, gpu_target, tensor_cores
+from .cuda_tensorcore import matmul_tensorcore
 from .tir_expr import elementwise_value, epilogue, padded  # the same fp32 expressions on both targets
 
 __all__ = ["BUILDERS", "default_schedule", "notes", "schedule_injective"]
@@ -78,7 +80,7 @@ def _cdiv(a: int, b: int) -> int:
 def notes(operator: Operator, config: Mapping[str, int]) -> list[str]:
     """Where the schedule of ``config`` departs from the template's letter (scalar copies at a masked edge)."""
     out = []
-    if operator.op == "matmul":
+    if operator.op == "matmul" and not tensor_cores(operator):  # the tensor-core template has no masked edges
         M, N, K = operator.args
         vec = config["VEC"]
         if K % vec:
@@ -383,6 +385,11 @@ def default_schedule(func: Any, target: str | Target) -> tuple[Any, str]:
     raise OpticError("no dlight rule could schedule this kernel for CUDA")
 
 
+def _matmul(operator: Operator, cfg: dict[str, int], dtype: str) -> Any:
+    """A matmul's schedule: the tensor-core template's (``cuda_tensorcore``) for ``cores="tensor"``, else SIMT."""
+    return (matmul_tensorcore if tensor_cores(operator) else matmul)(operator, cfg, dtype)
+
+
 BUILDERS: dict[str, Callable[[Operator, dict[str, int], str], Any]] = {
-    "matmul": matmul, "elementwise": elementwise, "reduction": reduction,
+    "matmul": _matmul, "elementwise": elementwise, "reduction": reduction,
 }
