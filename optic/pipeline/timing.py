@@ -100,7 +100,7 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int, block: int, budg
         if r % 2:
             order.reverse()  # no candidate always runs right after the same one
         for name, fn in order:
-            samples[name].append(_block_seconds(fn, block))
+            samples[name].append(seconds_per_call(fn, block))
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     out = {}
@@ -110,7 +110,7 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int, block: int, budg
     return out
 
 
-def _block_seconds(fn: Callable[[], object], block: int) -> float:
+def seconds_per_call(fn: Callable[[], object], block: int) -> float:
     """Seconds per call of ``block`` calls of ``fn`` back to back (device time where CUDA is in use)."""
     if device.cuda_in_use():
         device.synchronize()
@@ -135,7 +135,7 @@ def calls_per_block(fn: Callable[[], object], target_s: float = 0.02, cap: int =
     """How many calls make a block of about ``target_s`` seconds (at least 1)."""
     with torch.no_grad():
         fn()
-        dt = _block_seconds(fn, 1)
+        dt = seconds_per_call(fn, 1)
     return max(1, min(cap, int(target_s / max(dt, 1e-7))))
 
 
