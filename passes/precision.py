@@ -19,6 +19,11 @@ the casts' memory traffic and launches included; with the model on the GPU the a
 there and undoes a layer that is not faster. A layer the roofline predicts no gain for is declined with
 that reason. The report's per-layer table lists the precision each layer got.
 
+The pass also reports the whole precision plan from the target's data-sheet rates: every layer's roofline
+time in fp32, bf16, fp16, fp8 and int8 where the target has the rate (``measured["precision_plan"]`` and a
+note with the totals). bf16/fp16 are what it applies; int8 and fp8 need GPU kernels optic does not build yet
+(the tensor-core template has int8; nothing wires it to a model), so for them the plan is what a user reads.
+
 Never exact: a bf16 product keeps 8 bits of mantissa. On CPU targets the pass declines (int8 is
 ``quantize``'s there).
 """
@@ -85,20 +90,39 @@ class HalfPrecisionLayer(Site):
 SITE = HalfPrecisionLayer(RULE, kinds=KINDS)
 
 
-def predicted_seconds(node: fx.Node, gm: fx.GraphModule, kind: str, target: Any, half: str) -> tuple[float, float]:
-    """The layer's fp32 and half-precision seconds on ``target`` (roofline; see the module docstring)."""
+# The precisions a GPU plan weighs: (name in the report, the target's peak field, bytes per element).
+PLAN = (("fp32", "float32", 4), ("bf16", "bfloat16", 2), ("fp16", "float16", 2), ("fp8", "float8", 1),
+        ("int8", "int8", 1))
+
+
+def plan_seconds(node: fx.Node, gm: fx.GraphModule, kind: str, target: Any) -> dict[str, float]:
+    """The layer's roofline seconds on ``target`` in every precision the target has a tensor-core rate for
+    (fp32: CUDA cores for GEMMs, TF32 for convolutions, as cuDNN runs them by default). Below fp32 the
+    weights are stored in that precision and the activations are cast in and the result out, one pass over
+    each (read fp32, write the narrow type; and back), each cast a kernel of its own."""
     c = cost.node_cost(node, gm)
     flops, nbytes = float(c.flops), float(c.bytes)
-    fp32_peak = target.peak_flops("float32")
-    if kind == "conv" and target.kind == "gpu":  # cuDNN runs fp32 convolutions in TF32 by default
-        fp32_peak = target.peak_flops("tf32") or fp32_peak
     launch = cost.kernel_seconds(0, 0, target)
-    t32 = max(flops / fp32_peak, nbytes / target.mem_bandwidth) + launch
-    t16 = cost.kernel_seconds(flops, nbytes / 2, target, half)
-    for a in [*_float_inputs(node), node]:  # cast in (read fp32, write half) and out (read half, write fp32)
-        n = math.prod(ir.shape(a) or ())
-        t16 += cost.kernel_seconds(_CAST_FLOPS_PER_ELEMENT * n, 6 * n, target)
-    return t32, t16
+    casts = [math.prod(ir.shape(a) or ()) for a in [*_float_inputs(node), node]]
+    out = {}
+    for name, field, size in PLAN:
+        peak = target.peak_flops(field)
+        if name == "fp32" and kind == "conv" and target.kind == "gpu":  # cuDNN: TF32 by default
+            peak = target.peak_flops("tf32") or peak
+        if not peak:
+            continue
+        t = max(flops / peak, nbytes * size / 4 / target.mem_bandwidth) + launch
+        if name != "fp32":
+            t += sum(max(_CAST_FLOPS_PER_ELEMENT * n / target.peak_flops("float32"),
+                         (4 + size) * n / target.mem_bandwidth) + launch for n in casts)
+        out[name] = t
+    return out
+
+
+def predicted_seconds(node: fx.Node, gm: fx.GraphModule, kind: str, target: Any, half: str) -> tuple[float, float]:
+    """The layer's fp32 and half-precision seconds on ``target`` (roofline; see :func:`plan_seconds`)."""
+    plan = plan_seconds(node, gm, kind, target)
+    return plan["fp32"], plan[{"bfloat16": "bf16", "float16": "fp16"}[half]]
 
 
 def run_in(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> fx.Node:
@@ -135,6 +159,13 @@ def run_in(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     return back
 
 
+def _counts(names: list[str]) -> list[tuple[str, int]]:
+    out: dict[str, int] = {}
+    for n in names:
+        out[n] = out.get(n, 0) + 1
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 @register
 class Precision:
     name = "precision"
@@ -157,15 +188,34 @@ class Precision:
                      "every layer stays fp32")
             return []
         gm = program.gm
-        actions = []
+        actions, plan = [], []
         for op in find_sites(gm, SITE, ctx, ctx.stats):
-            t32, t16 = predicted_seconds(op.node, gm, op.kind, tgt, half)
+            seconds = plan_seconds(op.node, gm, op.kind, tgt)
+            plan.append({"layer": ir.layer_name(op.node), "kind": op.kind, "seconds": seconds,
+                         "fastest": min(seconds, key=seconds.get)})
+            t32, t16 = seconds["fp32"], seconds[{"bfloat16": "bf16", "float16": "fp16"}[half]]
             if t16 >= t32:
                 ctx.stats.decline(RULE, op.node.name, f"no predicted gain in {half} on {tgt.name} "
                                   f"({t32 * 1e6:.1f} µs fp32, {t16 * 1e6:.1f} µs with the casts): memory-bound or small")
                 continue
             actions.append(self._action(op, half, t32, t16, ctx.measure))
+        self._report_plan(plan, tgt, ctx)
         return actions
+
+    @staticmethod
+    def _report_plan(plan: list[dict], tgt: Any, ctx: Any) -> None:
+        """The whole precision plan on the target, from its data-sheet rates: every layer's roofline time in
+        each precision it has, in the record (``measured["precision_plan"]``) and summed in a note."""
+        if not plan:
+            return
+        totals = {p: sum(row["seconds"].get(p, 0.0) for row in plan) for p, _, _ in PLAN if p in plan[0]["seconds"]}
+        ctx.record.measured["precision_plan"] = {"target": tgt.name, "layers": plan, "totals_s": totals}
+        narrow = [p for p in ("fp8", "int8") if p in totals]
+        ctx.note(f"precision plan on {tgt.name} (roofline, data-sheet rates), {len(plan)} GEMM/conv/attention layers: "
+                 + ", ".join(f"{p} {t * 1e6:.1f} µs" for p, t in totals.items())
+                 + "; fastest per layer: " + ", ".join(f"{p} ×{n}" for p, n in _counts([r["fastest"] for r in plan]))
+                 + (f". bf16/fp16 are applied under the budget; {'/'.join(narrow)} would need GPU kernels optic "
+                    "does not build yet" if narrow else ""))
 
     def _action(self, op: Op, half: str, t32: float, t16: float, measured_here: bool) -> Action:
         name = op.node.name

@@ -58,7 +58,7 @@ def from_properties(props: DeviceProperties, table_for: Any) -> Target:
         if sms != table.sm_count:  # a partition (MIG) or a cut-down board: rates scale with the SMs
             scale = sms / table.sm_count
             rates = {f: getattr(table, f) * scale for f in ("peak_fp32_flops", "peak_fp16_flops", "peak_bf16_flops",
-                                                             "peak_tf32_flops", "peak_int8_ops")
+                                                             "peak_tf32_flops", "peak_int8_ops", "peak_fp8_flops")
                      if getattr(table, f) is not None}
             note += f", scaled by {sms}/{table.sm_count} SMs"
         else:

@@ -28,6 +28,10 @@ _PEAK_FIELD = {
     "tfloat32": "peak_tf32_flops",
     "tf32": "peak_tf32_flops",
     "int8": "peak_int8_ops",
+    "float8": "peak_fp8_flops",
+    "fp8": "peak_fp8_flops",
+    "float8_e4m3fn": "peak_fp8_flops",
+    "float8_e5m2": "peak_fp8_flops",
 }
 
 
@@ -47,6 +51,7 @@ class Target:
     peak_bf16_flops: float | None = None  # GPU: dense tensor core, fp32 accumulate
     peak_tf32_flops: float | None = None  # GPU: dense tensor core
     peak_int8_ops: float | None = None  # GPU: dense tensor core, int32 accumulate
+    peak_fp8_flops: float | None = None  # GPU: dense tensor core (e4m3/e5m2), fp32 accumulate; Hopper, Ada
     mem_bandwidth: float | None = None  # bytes/s, DRAM
     l2_bytes: int | None = None  # GPU: whole chip; CPU: per core
     clock_hz: float | None = None  # GPU: boost clock; CPU: max (or reported) clock
@@ -81,7 +86,7 @@ class Target:
 
     def peak_flops(self, dtype: object) -> float | None:
         """Peak throughput for ``dtype`` ("float32", "float16", "bfloat16", "tfloat32",
-        "int8", short forms such as "bf16", or a ``torch.dtype``).
+        "int8", "float8", short forms such as "bf16", or a ``torch.dtype``).
 
         On a GPU float32 is the CUDA-core figure and float16/bfloat16 the dense
         tensor-core figure. None when the hardware has no figure for that dtype.

@@ -100,6 +100,25 @@ def test_a_module_called_twice_stays_fp32_where_the_other_call_was_not_chosen():
     assert m.fc.weight.dtype == torch.float32  # the user's module is untouched
 
 
+def test_the_plan_weighs_every_precision_the_target_has_rates_for():
+    m, x = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 16)).eval(), torch.randn(2048, 4096)
+    for name, expected in (("h100", {"fp32", "bf16", "fp16", "fp8", "int8"}), ("a100", {"fp32", "bf16", "fp16", "int8"}),
+                           ("v100", {"fp32", "fp16"})):
+        prog = capture(m, (x,), method="fx")
+        ctx = _ctx(name)
+        precision.candidates(prog, ctx)
+        plan = ctx.record.measured["precision_plan"]
+        big, small = plan["layers"]
+        assert set(big["seconds"]) == expected == set(plan["totals_s"])
+        t = big["seconds"]  # compute-bound: the narrower, the faster, as the data sheet's rates say
+        assert t["fp32"] > t["fp16"] and ("int8" not in t or t["int8"] < t["fp16"])
+        assert t[big["fastest"]] == min(t.values())
+        assert big["fastest"] in ({"int8", "fp8"} if "int8" in t else {"fp16"})  # fp8 ties int8 on Hopper
+        assert small["fastest"] == "fp32"  # 16 outputs: the casts cost more than the narrower GEMM saves
+        note = next(n for n in ctx.record.notes if n.startswith(f"precision plan on {name}"))
+        assert ("would need GPU kernels" in note) == ("int8" in expected)
+
+
 def test_small_layers_are_declined_with_the_roofline_reason():
     m, x = nn.Sequential(nn.Linear(8, 8)).eval(), torch.randn(1, 8)
     prog = capture(m, (x,), method="fx")

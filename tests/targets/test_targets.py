@@ -402,3 +402,12 @@ def test_cuda_without_a_gpu_is_an_error_naming_the_gpu_tables():
     for name in ("cuda", "CUDA:0", "gpu"):
         with pytest.raises(OpticError, match="this machine's GPU.*a100, h100, h200, l4, rtx4090, t4, v100"):
             get(name)
+
+
+def test_fp8_rates_exist_only_where_the_tensor_cores_have_fp8():
+    for name in ("h100", "h200", "l4", "rtx4090"):
+        t = get(name)
+        assert t.peak_flops("fp8") == t.peak_flops("float8_e4m3fn") == t.peak_fp8_flops
+        assert t.peak_bf16_flops < t.peak_fp8_flops <= t.peak_int8_ops
+    for name in ("a100", "v100", "t4"):  # Ampere, Volta, Turing: no fp8 tensor cores
+        assert get(name).peak_flops("float8") is None
