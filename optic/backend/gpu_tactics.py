@@ -159,6 +159,32 @@ class CudaGraphed(nn.Module):
         return graph, inputs, outputs
 
 
+class InductorGraph(nn.Module):
+    """The flat graph compiled by Inductor for the GPU (``torch.compile``, compiled on the first CUDA call).
+
+    Weights are read as they are at each call (not frozen), so editing them stays right. Calls on other
+    devices, needing gradients, or while tracing run the graph as it is."""
+
+    def __init__(self, graph_module: fx.GraphModule, mode: str | None = None):
+        super().__init__()
+        self.graph, self.mode = graph_module, mode
+        self._compiled: Any = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_compiled"] = None  # compiled again on use
+        return state
+
+    def forward(self, *args: Any) -> Any:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if (torch.compiler.is_compiling() or not tensors or not all(t.is_cuda for t in tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return self.graph(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.graph, mode=self.mode)
+        return self._compiled(*args)
+
+
 def has_sdpa(gm: fx.GraphModule) -> bool:
     """Whether the graph calls ``scaled_dot_product_attention`` (then its backend is worth choosing)."""
     return any(getattr(opview.view(n, gm), "kind", None) == "sdpa" for n in gm.graph.nodes)
@@ -232,8 +258,9 @@ class GpuTactics:
         if bool(ctx.option("cuda_graphs")):
             self._offer(variants, rules, "CUDA graph", "cuda_graph", program,
                         lambda: whole.wrap(base, module=lambda g: DeviceSettings(CudaGraphed(g), **flags)), ctx)
-        if bool(ctx.option("gpu_compile")) and not whole.unavailable():
-            self._offer(variants, rules, whole.NAME, "whole_graph_compiled", program, lambda: whole.wrap(base), ctx)
+        if bool(ctx.option("gpu_compile")):
+            self._offer(variants, rules, "whole graph compiled (Inductor)", "whole_graph_compiled", program,
+                        lambda: whole.wrap(base, module=lambda g: DeviceSettings(InductorGraph(g), **flags)), ctx)
         return variants, rules
 
     @staticmethod

@@ -138,3 +138,15 @@ def test_gpu_tactics_decline_saying_why_when_the_model_is_not_on_the_gpu():
     assert not rec.changed and "not on a CUDA device" in rec.declined[0]["reason"]
     r = optic.optimize(_cnn(), torch.randn(1, 3, 8, 8))
     assert "gpu_tactics" not in [p.name for p in r.report.passes]  # a CPU target never runs it
+
+
+def test_the_inductor_variant_leaves_cpu_calls_to_the_graph_and_pickles_without_its_compile():
+    import pickle
+
+    m, x = Attn().eval(), torch.randn(2, 5, 32)
+    gm = optic.capture(m, (x,), method="fx").gm
+    compiled = gpu_tactics.InductorGraph(gm)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), gm(x)) and compiled._compiled is None  # CPU tensors: not compiled
+    compiled._compiled = object()
+    assert pickle.loads(pickle.dumps(compiled))._compiled is None
