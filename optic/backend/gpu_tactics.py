@@ -44,6 +44,7 @@ _WARMUP_CALLS = 3  # calls on a side stream before a capture (cuDNN and cuBLAS p
 
 # SDPA backends by the name PyTorch's ``torch.nn.attention.SDPBackend`` gives them.
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+HALF_AND_FULL = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 @contextlib.contextmanager
@@ -241,7 +242,7 @@ class GpuTactics:
         rules: dict[str, str] = {}
         base = program
         cl = program.clone()
-        if to_channels_last(cl.gm):
+        if to_channels_last(cl.gm, HALF_AND_FULL):  # cuDNN's NHWC kernels take fp32, fp16 and bf16 alike
             cl.annotate_shapes()
             self._offer(variants, rules, "channels-last", "channels_last", program, lambda: cl, ctx)
             base = cl

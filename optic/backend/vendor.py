@@ -89,13 +89,15 @@ def _fusable_act(op: Op, gm: fx.GraphModule) -> Op | None:
 _CONV_ONLY = "only 2-D, non-transposed, zero-padded convolutions have a oneDNN pointwise kernel"
 
 
-def why_not_dense_fp32(op: Op) -> str | None:
-    """Why a conv/linear is not a float32 op on constant, dense weights (what every tactic needs)."""
+def why_not_dense_fp32(op: Op, dtypes: frozenset = frozenset({torch.float32})) -> str | None:
+    """Why a conv/linear is not a float32 op (or one of ``dtypes``) on constant, dense weights (what every
+    tactic needs)."""
     w = op.const("weight")
     if w is None or "bias" not in op.consts:
         return "weight or bias is computed, not a constant"
-    if w.dtype != torch.float32 or ir.dtype(op.x) != torch.float32 or getattr(w, "is_mkldnn", False):
-        return "not a float32 op on dense weights"
+    if w.dtype not in dtypes or ir.dtype(op.x) != w.dtype or getattr(w, "is_mkldnn", False):
+        return "not a float32 op on dense weights" if dtypes == {torch.float32} else \
+            f"not a {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} op on dense weights"
     if op.kind == "conv" and (op.attrs.get("nd") != 2 or op.attrs.get("padding") is None):
         return _CONV_ONLY
     return None
@@ -103,13 +105,16 @@ def why_not_dense_fp32(op: Op) -> str | None:
 
 @dataclass
 class DenseSite(Site):
-    """An op of ``kinds`` (conv, linear) that reads a node and is float32 on dense constant weights."""
+    """An op of ``kinds`` (conv, linear) that reads a node and is float32 (or one of ``dtypes``) on dense
+    constant weights."""
+
+    dtypes: frozenset = frozenset({torch.float32})
 
     def match(self, op: Op, ctx: Any) -> Op | None:
         return op if op.kind in self.kinds and isinstance(op.x, fx.Node) else None
 
     def guard(self, op: Op, ctx: Any) -> str | None:
-        return why_not_dense_fp32(op)
+        return why_not_dense_fp32(op, self.dtypes)
 
 
 @dataclass
@@ -241,15 +246,15 @@ def _check_variant(program, candidate, ctx) -> None:
                 raise ValueError(f"it differs ({check})")
 
 
-def to_channels_last(gm: fx.GraphModule) -> int:
-    """Feed every float32 2-D conv a channels-last input and weight; keep 4-D outputs contiguous.
-    Returns how many convs changed. Exact: only memory layout changes."""
+def to_channels_last(gm: fx.GraphModule, dtypes: frozenset = frozenset({torch.float32})) -> int:
+    """Feed every float32 (or ``dtypes``) 2-D conv a channels-last input and weight; keep 4-D outputs
+    contiguous. Returns how many convs changed. Exact: only memory layout changes."""
     changed = 0
     graph = gm.graph
     cl = torch.channels_last
     # A conv left out here is declined by the rule onednn_conv for the same reason, and cpu_tactics records
     # that one: these declines are not recorded twice.
-    for site in find_sites(gm, DenseSite("channels_last", kinds=frozenset({"conv"})), None, RuleStats()):
+    for site in find_sites(gm, DenseSite("channels_last", kinds=frozenset({"conv"}), dtypes=dtypes), None, RuleStats()):
         node = site.node
         op = view(node, gm)  # again: a conv before it, rewritten meanwhile, may be its input
         with graph.inserting_before(node):

@@ -150,3 +150,16 @@ def test_the_inductor_variant_leaves_cpu_calls_to_the_graph_and_pickles_without_
         assert torch.equal(compiled(x), gm(x)) and compiled._compiled is None  # CPU tensors: not compiled
     compiled._compiled = object()
     assert pickle.loads(pickle.dumps(compiled))._compiled is None
+
+
+def test_channels_last_on_the_gpu_takes_half_precision_convolutions_too():
+    from optic.backend.vendor import to_channels_last
+
+    m = _cnn().to(torch.bfloat16)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    prog = optic.capture(m, (x,), method="fx")
+    assert to_channels_last(prog.clone().gm) == 0  # the CPU step: float32 only
+    gm = prog.clone().gm
+    assert to_channels_last(gm, gpu_tactics.HALF_AND_FULL) == 2
+    with torch.no_grad():
+        assert torch.equal(gm(x), m(x))
