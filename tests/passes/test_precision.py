@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis_profiles import examples
 from strategies import any_model
 
 import optic
@@ -175,7 +176,7 @@ def test_a_budget_too_small_for_bf16_keeps_every_layer_fp32():
     assert rows and all(row["status"] != "kept" for row in rows)
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(case=any_model())
 def test_any_generated_model_in_half_precision_stays_within_bf16_rounding(case):
     """Every eligible layer of a generated model in bf16: the graph lints, its outputs stay float32 and within
