@@ -17,7 +17,9 @@ The allocator, greedy by marginal gain per unit of metric lost:
 3. on this machine (``ctx.measure``) times the model with and without each chosen action and
    drops the actions that are not faster here (a change that saves FLOPs but not time is undone);
    actions whose gain shows only where the backend compiles the whole graph (``compiled_gain``: int8
-   layers) are timed all together through the compiled program instead, and kept or undone as one;
+   layers) are timed all together through the compiled program instead, and kept or undone as one, and
+   so are actions each too small for the model's timing noise (``measured_together``: bf16 layers on a
+   CPU), in the plain graph where nothing compiles;
 4. checks the held-out split and, while it is over budget, drops the chosen action with the worst
    gain per drop.
 
@@ -55,6 +57,9 @@ class Action:
     # the gain shows where the backend compiles the whole graph (int8 kernels fuse with their neighbours
     # there, and pay a dispatch each in the plain graph): such actions are measured together, compiled
     compiled_gain: bool = False
+    # many layers each saving less than the timing noise of the whole model (bf16 on a CPU): timed all together
+    # (with all of them against none of them, compiled where the backend compiles) and kept or undone as one
+    measured_together: bool = False
     # nodes the action changes without owning them (pruning slices its consumers' inputs); they
     # conflict only with other passes' actions: a pass composes its own actions
     touches: frozenset[str] = frozenset()
@@ -213,7 +218,7 @@ def _measured(base: Program, kept: list[Action], budget_s: float,
               compiled: Callable[[Program], Callable[[], Any]] | None = None,
               notes: list[str] | None = None) -> list[Action]:
     args, kwargs = base.example_args, base.example_kwargs
-    together = [a for a in kept if a.compiled_gain and not a.predicted_only] if compiled is not None else []
+    together = [a for a in kept if not a.predicted_only and (a.measured_together or (a.compiled_gain and compiled))]
     out = [a for a in kept if a not in together]
     with_ = build(base, out)  # rebuilt only when an action is undone
     for i, a in enumerate(list(out)):
@@ -229,9 +234,22 @@ def _measured(base: Program, kept: list[Action], budget_s: float,
             a.status = "not faster here"
             out = [b for b in out if b is not a]
             with_ = without
-    if together:
-        out += _measured_together(base, out, together, budget_s, progress, compiled, notes)
+    if together:  # through the compiled program where an action's gain shows only there, else the plain graph
+        via = compiled if compiled is not None and any(a.compiled_gain for a in together) else _plain_call
+        out += _measured_together(base, out, together, budget_s, progress, via, notes)
     return out
+
+
+def _plain_call(program: Program) -> Callable[[], Any]:
+    """A zero-argument call of ``program`` on its example, as it runs without the backend's compile."""
+    args, kwargs = program.example_args, program.example_kwargs
+
+    def call() -> Any:
+        return program.gm(*args, **kwargs)
+    return call
+
+
+_plain_call.how, _plain_call.short = "in the plain graph", "plain graph"  # type: ignore[attr-defined]
 
 
 def _measured_together(base: Program, others: list[Action], together: list[Action], budget_s: float,

@@ -364,3 +364,47 @@ def test_greedy_allocation_against_the_exact_optimum_on_a_small_case():
     print(f"greedy gain {greedy} vs exact optimum {best} ({greedy / best:.0%})")
     assert greedy >= 0.75 * best
     assert alloc.holdout_drop <= 0.1
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_actions_too_small_to_time_alone_are_measured_together_in_the_plain_graph(faster, monkeypatch):
+    """bf16 layers on a CPU each save less than the model's timing noise: timed all at once (with all of them
+    against none), in the plain graph even where the backend compiles (their gain needs no compile)."""
+    from optic.budget import allocator
+
+    prog, ev = _setup(0.5)
+    acts = [_action("a", "_0", 0.999, gain=3.0), _action("b", "_2", 0.999, gain=1.0)]
+    for a in acts:
+        a.measured_together = True
+    timed = []
+
+    def fake_compare(fns, budget_s, settle_s=None):
+        from optic.pipeline.timing import Timing
+
+        timed.append(sorted(fns))
+
+        with_ = 0.001 if faster else 0.003
+        return {"without": Timing(0.002, 0.002, 0.002, 5), "with": Timing(with_, with_, with_, 5)}
+
+    monkeypatch.setattr(allocator, "compare_models", fake_compare)
+    never = lambda program: pytest.fail("the compiled call is for actions whose gain shows compiled")  # noqa: E731
+    alloc = allocate(prog, acts, ev, 0.5, measure=True, measure_s=0.1, compiled=never)
+    assert timed == [["with", "without"]], "one measurement for all of them, none alone"
+    if faster:
+        assert alloc.kept == acts and acts[0].measured_gain_s == pytest.approx(3 * acts[1].measured_gain_s)
+    else:
+        assert alloc.kept == [] and all(a.status == "not faster here (measured together, plain graph)" for a in acts)
+    assert any("2 test actions measured together in the plain graph" in n for n in alloc.notes)
+
+
+def test_a_layers_bf16_and_int8_actions_are_alternatives_bf16_the_milder():
+    """precision and quantize share the layer's group: at most one applies, the stronger where the budget allows."""
+    prog, ev = _setup(0.5)
+    bf16 = _action("_2", "_2", 0.999, gain=1.0, level=0.5)
+    bf16.pass_name = "precision"
+    int8 = _action("_2", "_2", 0.99, gain=2.0, level=1.0)
+    int8.pass_name = "quantize"
+    alloc = allocate(prog, [int8, bf16], ev, 0.5)
+    assert alloc.kept == [int8] and bf16.status == "superseded"
+    alloc = allocate(prog, [int8, bf16], ev, 0.005)  # int8's drop (0.01) is over this budget, bf16's is not
+    assert alloc.kept == [bf16] and int8.status.startswith("over budget")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,12 +130,45 @@ def test_small_layers_are_declined_with_the_roofline_reason():
     assert rule == "precision" and "no predicted gain in bfloat16 on a100" in why and "µs" in why
 
 
-def test_a_cpu_target_is_a_note_not_a_change():
+def test_a_cpu_that_is_not_measured_is_a_note_not_a_change():
     m, x = nn.Sequential(nn.Linear(512, 512)).eval(), torch.randn(256, 512)
     prog = capture(m, (x,), method="fx")
-    ctx = _ctx("cpu")
+    ctx = _ctx("cpu")  # measure=False
     assert precision.candidates(prog, ctx) == [] and not ctx.stats.declined
-    assert any("is a CPU" in n for n in ctx.record.notes)
+    assert any("kept only where it measures faster" in n for n in ctx.record.notes)
+
+
+HOST_BF16 = bool(targets.get("cpu").peak_bf16_flops)
+
+
+@pytest.mark.skipif(not HOST_BF16, reason="this CPU has no bf16 instructions (AMX-BF16, AVX512-BF16)")
+def test_on_this_cpu_bf16_layers_are_measured_together_and_alternatives_of_int8():
+    m, x = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval(), torch.randn(256, 1024)
+    prog = capture(m, (x,), method="fx")
+    ctx = _ctx("cpu")
+    ctx.measure = True
+    actions = precision.candidates(prog, ctx)
+    assert len(actions) == 2 and all(a.measured_together and not a.predicted_only for a in actions)
+    assert {a.group for a in actions} == {"_0", "_2"} and {a.level for a in actions} == {0.5}  # int8 is level 1
+
+
+@pytest.mark.skipif(not HOST_BF16, reason="this CPU has no bf16 instructions (AMX-BF16, AVX512-BF16)")
+def test_on_this_cpu_the_budget_holds_and_bf16_stays_only_where_it_measured_faster():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512)).eval()
+    cal = [torch.randn(256, 512, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    r = optic.optimize(m, cal[0], passes=["precision"], budget=optic.Budget(max_drop=0.02, metric="rel_error"),
+                       calibration=cal)
+    rows = [row for row in r.report.budget["actions"] if row["pass"] == "precision"]
+    assert rows and all(row["precision"] == "bf16" and not row["predicted_only"] for row in rows)
+    kept = [row for row in rows if row["status"] == "kept"]
+    note = next(n for n in r.report.budget["notes"] if "measured together in the plain graph" in n)
+    assert ("(kept)" in note) == bool(kept)
+    assert all(row["measured_gain_s"] > 0 for row in kept)  # measured here, and faster
+    held = torch.randn(256, 512, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ref, got = m(held), r(held)
+    assert float((got - ref).norm() / ref.norm()) <= 0.02
 
 
 def _mlp():
