@@ -332,3 +332,33 @@ def test_declines_name_the_layers_that_stay_float(method):
     assert [why.split(":")[0] for _, why in declined] == [
         "the weight is shared with another op (tied weights)", f"{4 * 8 * 4} multiply-adds",  # rows × in × out
         "the weight is shared with another op (tied weights)"]
+
+
+@needs_int8
+def test_a_cpu_variant_whose_rounding_breaks_the_budget_is_not_offered():
+    """The numerical check is widened after int8 rounding, so the CPU step checks each variant's held-out drop:
+    a compiled variant that crosses the budget would make the final check return the captured graph."""
+    from types import SimpleNamespace
+
+    from helpers import int8_program
+
+    from optic.backend.vendor import over_budget
+    from optic.ir.rewrite import RuleStats
+
+    prog = int8_program(cnn(), torch.randn(2, 3, 16, 16))
+    variants = {"torch ops": prog, "fine": prog.clone(), "drifts": prog.clone()}
+    drifting = variants["drifts"].gm
+    drops = []
+
+    class Evaluator:
+        def drop(self, model, split):
+            drops.append(split)
+            return 0.02 if model is drifting else 0.004
+
+    ctx = SimpleNamespace(evaluator=Evaluator(), budget=Budget(max_drop=0.01), stats=RuleStats())
+    assert over_budget(variants, prog, ctx) == ["drifts"]
+    assert drops == ["holdout", "holdout"]  # the program as it is was checked by the allocator: not again
+    (rule, _, why), = ctx.stats.declined
+    assert rule == "budget_check" and "drifts: its rounding moves the held-out drop to 0.0200, over the budget 0.01" in why
+    exact = capture(cnn(), (torch.randn(2, 3, 16, 16),))  # no int8 rounding: the numerical check guards it
+    assert over_budget({"torch ops": exact, "drifts": exact.clone()}, exact, ctx) == [] and len(drops) == 2
