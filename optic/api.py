@@ -156,9 +156,8 @@ def _device_checked(model: nn.Module, example_inputs: Any, example_kwargs: dict 
     if on.type not in ("cpu", "cuda"):
         raise OpticError(f"the example inputs are on {on}; optic optimizes models on the CPU or on a CUDA GPU (it runs "
                          "them to check every pass): move the model and its inputs to one of those")
-    weights = device.of_module(model) if isinstance(model, nn.Module) else on  # not a module: capture says so
-    if isinstance(model, nn.Module) and next(iter((*model.parameters(), *model.buffers())), None) is not None and \
-            (weights.type, weights.index or 0) != (on.type, on.index or 0):
+    weights = device.of_module(model) if isinstance(model, nn.Module) else None  # not a module: capture says so
+    if weights is not None and (weights.type, weights.index or 0) != (on.type, on.index or 0):
         raise OpticError(f"the model's weights are on {weights} and its example inputs on {on}: move both to one "
                          f"device (e.g. model.to(x.device))")
     if on.type == "cpu":

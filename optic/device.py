@@ -26,11 +26,11 @@ def of(tree: Any) -> torch.device:
     return CPU
 
 
-def of_module(module: torch.nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer, or the CPU when it has none."""
+def of_module(module: torch.nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer, or None when it has none."""
     for t in (*module.parameters(), *module.buffers()):
         return t.device
-    return CPU
+    return None
 
 
 def randn(shape: Any, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

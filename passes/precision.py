@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ from optic.pipeline.registry import Option, register
 RULE = "precision"
 KINDS = frozenset({"conv", "linear", "matmul", "sdpa"})
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT = {"bfloat16": "bf16", "float16": "fp16"}  # as the plan and the report name them
 _CAST_FLOPS_PER_ELEMENT = 1
 
 
@@ -127,12 +129,6 @@ def plan_seconds(node: fx.Node, gm: fx.GraphModule, kind: str, target: Any) -> d
     return out
 
 
-def predicted_seconds(node: fx.Node, gm: fx.GraphModule, kind: str, target: Any, half: str) -> tuple[float, float]:
-    """The layer's fp32 and half-precision seconds on ``target`` (roofline; see :func:`plan_seconds`)."""
-    plan = plan_seconds(node, gm, kind, target)
-    return plan["fp32"], plan[{"bfloat16": "bf16", "float16": "fp16"}[half]]
-
-
 def run_in(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     """Rewrite ``node`` to compute in ``dtype``: float32 activations cast in, float constants (and a module's
     parameters) stored in ``dtype``, the result cast back to float32. Returns the cast-back node."""
@@ -167,13 +163,6 @@ def run_in(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     return back
 
 
-def _counts(names: list[str]) -> list[tuple[str, int]]:
-    out: dict[str, int] = {}
-    for n in names:
-        out[n] = out.get(n, 0) + 1
-    return sorted(out.items(), key=lambda kv: -kv[1])
-
-
 @register
 class Precision:
     name = "precision"
@@ -203,7 +192,7 @@ class Precision:
             seconds = plan_seconds(op.node, gm, op.kind, tgt)
             plan.append({"layer": ir.layer_name(op.node), "kind": op.kind, "seconds": seconds,
                          "fastest": min(seconds, key=seconds.get)})
-            t32, t16 = seconds["fp32"], seconds[{"bfloat16": "bf16", "float16": "fp16"}[half]]
+            t32, t16 = seconds["fp32"], seconds[SHORT[half]]
             if t16 >= t32:
                 ctx.stats.decline(RULE, op.node.name, f"no predicted gain in {half} on {tgt.name} "
                                   f"({t32 * 1e6:.1f} µs fp32, {t16 * 1e6:.1f} µs with the casts): memory-bound or small")
@@ -223,13 +212,13 @@ class Precision:
         narrow = [p for p in ("fp8", "int8") if p in totals]
         ctx.note(f"precision plan on {tgt.name} (roofline, data-sheet rates), {len(plan)} GEMM/conv/attention layers: "
                  + ", ".join(f"{p} {t * 1e6:.1f} µs" for p, t in totals.items())
-                 + "; fastest per layer: " + ", ".join(f"{p} ×{n}" for p, n in _counts([r["fastest"] for r in plan]))
+                 + "; fastest per layer: " + ", ".join(f"{p} ×{n}" for p, n in Counter(r["fastest"] for r in plan).most_common())
                  + (f". bf16/fp16 are applied under the budget; {'/'.join(narrow)} would need GPU kernels optic "
                     "does not build yet" if narrow and tgt.kind == "gpu" else ""))
 
     def _action(self, op: Op, half: str, t32: float, t16: float, measured_here: bool) -> Action:
         name = op.node.name
-        short = {"bfloat16": "bf16", "float16": "fp16"}[half]
+        short = SHORT[half]
 
         def apply(program: Any) -> None:
             gm = program.gm

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from .. import ir
 from ..errors import OpticError
+from ..pipeline.timing import seconds_per_call
 from ..pipeline.verify import compare
 
 log = logging.getLogger("optic.backend")
@@ -168,13 +169,7 @@ class GPUKernel(nn.Module):
         totals = dict.fromkeys(fns, 0.0)
         for _ in range(3):
             for name, fn in fns.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(_TACTIC_CALLS):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                totals[name] += start.elapsed_time(end) / _TACTIC_CALLS
+                totals[name] += seconds_per_call(fn, _TACTIC_CALLS) * 1e3  # CUDA events (optic.pipeline.timing)
         self.timings_ms = {k: v / 3 for k, v in totals.items()}
         self.choice = "generated" if totals["generated"] < 0.97 * totals["torch"] else "torch"
 
