@@ -216,6 +216,59 @@ def _conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
                      b_gathered=nhwc)
 
 
+def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]:
+    """codegen_cpu.conv2d_direct: the blocked input copy, then per task (image, filter block, output row)
+    register tiles of REG_N columns x OC_BN filters, each a chain of C*R*S steps of one weight row
+    (OC_BN/LANES vectors) and REG_N broadcasts; the filter block's weights stream from L2 (L3 when they
+    do not fit) once per tile; the write-back applies the epilogue and scatters to NCHW."""
+    p = _params(space)
+    shape = space.meta["shape"]
+    n, C, F, R, S, oh, ow = p["N"], p["C"], p["F"], p["R"], p["S"], p["OH"], p["OW"]
+    ICB, OCB, RN, UKW, P = (np.asarray(c[v], dtype=float) for v in ("IC_BN", "OC_BN", "REG_N", "UNROLL_KW", "PARALLEL"))
+    lanes, esize = p["LANES"], 4.0
+    clock, fu = t.clock_hz or 2.5e9, float(t.fma_units or 1)
+    vec_oc = np.ceil(OCB / lanes)  # a block narrower than a vector is one (partial) vector
+    fmas = RN * vec_oc
+    loads = vec_oc + RN  # a weight row, REG_N broadcasts
+    # each accumulator takes one FMA a step, so a step lasts at least the FMA latency
+    cycles_step = np.maximum.reduce([fmas / fu, loads / LOAD_PORTS, np.full_like(fmas, FMA_LATENCY)])
+    # the innermost rolled loop: the channel loop holds S unrolled steps (UNROLL_KW=2), else kw is rolled
+    cycles_step = cycles_step + LOOP_OVERHEAD / np.where(UKW > 1, S, 1.0)
+    Fp = _cdiv(F, OCB) * OCB
+    owp = _cdiv(ow, RN) * RN
+    tasks = n * (Fp / OCB) * oh
+    share = np.ceil(tasks / P) / tasks
+    tiles = tasks * owp / RN
+    steps_per_tile = C * R * S
+    # the accumulators are stored and reloaded once per input-channel block (the reduction is split there)
+    reloads = (C / ICB) * 2 * fmas / LOAD_PORTS + np.maximum(C / ICB - 1, 0) * fmas * RELOAD_STALL_CYCLES / 4
+    compute = tiles * share * (steps_per_tile * cycles_step + reloads) / clock
+    weight_slice = C * R * S * OCB * esize  # a filter block's weights, read by every tile of its task
+    window = (RN - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1
+    input_tile = R * window * C * esize
+    l2_bytes = tiles * share * (weight_slice + input_tile)
+    l2_time = l2_bytes / (L2_BYTES_PER_CYCLE * clock)
+    l3_bytes = tiles * share * weight_slice * _ratio_over(weight_slice, p["L2"])
+    l3_time = l3_bytes / (L3_BYTES_PER_CYCLE * clock)
+    inp = n * C * shape["H"] * shape["W"]
+    out = n * F * oh * ow
+    bw = t.mem_bandwidth or 10e9 * (t.cores or 1)
+    dram_time = esize * (inp + C * R * S * F + out) / bw
+    threads_used = np.minimum(P, tasks)
+    hp, wp = shape["H"] + 2 * shape["padding"], shape["W"] + 2 * shape["padding"]
+    # the blocked, padded input copy: read along W, written IC_BN apart (a narrow block is a scattered store)
+    copy_bytes = 2 * n * C * hp * wp * esize
+    copy_time = copy_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used) * (1 + 4.0 / np.minimum(ICB, lanes))
+    write_back = 2 * out * esize / (L2_BYTES_PER_CYCLE * clock * threads_used)
+    overhead = np.where(P > 1, 2 * PARALLEL_REGION_S, 0.0)
+    seconds = _overlap(compute, l2_time, l3_time, dram_time) + copy_time + write_back + overhead
+    useful = 2 * out * C * R * S
+    peak = (t.peak_fp32_flops or 0) or clock * lanes * 2 * fu * (t.cores or 1)
+    return {"seconds": seconds, "compute": compute, "l2": l2_time, "l3": l3_time, "dram": dram_time,
+            "pack": copy_time, "padding": tiles * RN * OCB * steps_per_tile * 2 / useful - 1,
+            "kernel_efficiency": (fmas / fu) / cycles_step, "roofline_s": useful / peak}
+
+
 # -- CPU memory-bound --------------------------------------------------------------------------------------
 
 
@@ -425,7 +478,7 @@ def _reduction_gpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, A
 
 
 MODELS: dict[str, Callable[[Space, Target, Mapping[str, Any]], dict[str, Any]]] = {
-    "matmul_cpu": _matmul_cpu, "conv2d_cpu": _conv2d_cpu,
+    "matmul_cpu": _matmul_cpu, "conv2d_cpu": _conv2d_cpu, "conv2d_direct_cpu": _conv2d_direct_cpu,
     "elementwise_cpu": _elementwise_cpu, "reduction_cpu": _reduction_cpu,
     "matmul_gpu": _matmul_gpu, "conv2d_gpu": _conv2d_gpu, "matmul_tensorcore_gpu": _matmul_tensorcore_gpu,
     "elementwise_gpu": _elementwise_gpu, "reduction_gpu": _reduction_gpu,

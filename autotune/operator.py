@@ -11,7 +11,8 @@ Shapes on the command line (``parse``)::
 
     matmul       MxNxK[,b_layout=nk][,epilogue=bias+relu]      C[M,N] = A[M,K] @ B[K,N] (B[N,K] with nk)
                  [,cores=tensor][,dtype=float16|int8]          on tensor cores (a GPU's code generator only)
-    conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC]
+    conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC|NCHWc]
+                 NCHWc: NCHW tensors, computed directly on channel blocks (the weights packed once)
     elementwise  NUMEL or AxBx...[,inputs=2][,fn=add]
     reduction    ROWSxCOLS[,kind=softmax|layernorm]
 """
@@ -123,6 +124,8 @@ class Operator:
             return TEMPLATES["matmul_tensorcore", "gpu"](
                 *self.args, target=t, b_contiguous="n" if self.opts["b_layout"] == "kn" else "k",
                 **self.template_kwargs())
+        if self.op == "conv2d" and self.opts["layout"] == "NCHWc" and t.kind != "cpu":
+            raise SpaceError(f"the direct (NCHWc) convolution has no {t.kind} template; use layout NCHW or NHWC")
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
         return TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
@@ -215,7 +218,7 @@ class Operator:
         if self.op == "conv2d":
             n, _, h, w, f, r, s = self.args
             oh, ow = self.conv_out_hw
-            return (n, f, oh, ow) if self.opts["layout"] == "NCHW" else (n, oh, ow, f)
+            return (n, oh, ow, f) if self.opts["layout"] == "NHWC" else (n, f, oh, ow)
         if self.op == "elementwise":
             return (self.args[0],)
         return self.args[0], self.args[1]
@@ -256,7 +259,7 @@ class Operator:
             feat = n
         elif self.op == "conv2d":
             n, c, h, w, f, r, s = self.args
-            shapes = [(n, c, h, w) if o["layout"] == "NCHW" else (n, h, w, c), (f, c, r, s)]
+            shapes = [(n, h, w, c) if o["layout"] == "NHWC" else (n, c, h, w), (f, c, r, s)]
             feat = f
         elif self.op == "elementwise":
             return [(self.args[0],)] * o["inputs"]
@@ -286,7 +289,7 @@ class Operator:
         if self.op == "matmul":
             y = x[0] @ x[1] if o["b_layout"] == "kn" else F.linear(x[0], x[1])
         elif self.op == "conv2d":
-            inp = x[0] if o["layout"] == "NCHW" else x[0].permute(0, 3, 1, 2)
+            inp = x[0].permute(0, 3, 1, 2) if o["layout"] == "NHWC" else x[0]
             y = F.conv2d(inp, x[1], stride=o["stride"], padding=o["padding"], dilation=o["dilation"])
             if o["layout"] == "NHWC":
                 y = y.permute(0, 2, 3, 1)
@@ -306,7 +309,7 @@ class Operator:
         for e in epi:
             if e == "bias":
                 b = next(extra)
-                y = y + (b.view(1, -1, 1, 1) if self.op == "conv2d" and o["layout"] == "NCHW" else b)
+                y = y + (b.view(1, -1, 1, 1) if self.op == "conv2d" and o["layout"] != "NHWC" else b)
             elif e == "residual":
                 y = y + next(extra)
             else:

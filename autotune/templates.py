@@ -46,6 +46,7 @@ __all__ = [
     "TEMPLATES",
     "TENSOR_CORE_MMA",
     "conv2d_cpu",
+    "conv2d_direct_cpu",
     "conv2d_gpu",
     "elementwise_cpu",
     "elementwise_gpu",
@@ -474,8 +475,11 @@ def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: s
     lanes), K = C*R*S. A macro tile is TOH whole output rows (``MC = TOH*OW``). The template prefers
     NHWC (an im2col row is contiguous runs of C); with NCHW the packing gathers strided pixels, which
     costs time but changes no constraint."""
+    if layout == "NCHWc":
+        return conv2d_direct_cpu(N, C, H, W, F, R, S, target, stride=stride, padding=padding, dilation=dilation,
+                                 dtype=dtype, layout=layout, epilogue=epilogue)
     if layout not in ("NHWC", "NCHW"):
-        raise SpaceError(f"conv2d_cpu layout is 'NHWC' or 'NCHW', not {layout!r}")
+        raise SpaceError(f"conv2d_cpu layout is 'NHWC', 'NCHW' or 'NCHWc', not {layout!r}")
     t = _target(target, "cpu", _CPU_FIELDS)
     epilogue = _epilogue(epilogue)
     oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
@@ -490,6 +494,49 @@ def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: s
     meta = {"op": "conv2d", "target": t.name, "dtype": str(dtype), "layout": layout, "epilogue": epilogue,
             "shape": dict(N=N, C=C, H=H, W=W, F=F, R=R, S=S, stride=stride, padding=padding, dilation=dilation)}
     return Space(f"conv2d_cpu[{t.name}]", variables, constraints, params, derived, meta)
+
+
+def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: str | Target = "cpu", *,
+                      stride: int = 1, padding: int = 0, dilation: int = 1, dtype: Any = "float32",
+                      layout: str = "NCHWc", epilogue: Sequence[str] = ()) -> Space:
+    """2-D convolution computed directly (no im2col) on blocks of channels, NCHW[x]c (NeoCPU, Liu et al.,
+    USENIX ATC'19): the input is copied once into ``[N, C/IC_BN, H+2p, W+2p, IC_BN]`` (padded), the
+    weights are packed once, when the kernel is made, into ``[F/OC_BN, C/IC_BN, R, S, IC_BN, OC_BN]``;
+    a register tile is REG_N output columns x OC_BN filters (OC_BN/LANES vectors each), accumulated
+    over (input-channel block, kh, kw, channel in block), one broadcast input value times a weight
+    vector per FMA (UNROLL_KW=2: kw unrolled outside the channel loop, 1: the channel loop outside a
+    rolled kw). Tasks are (image, filter block, output row), PARALLEL threads. The tensors the
+    kernel exchanges with the model stay NCHW: the layout is the kernel's own."""
+    t = _target(target, "cpu", _CPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
+    IC_BN, OC_BN, REG_N, PARALLEL = symbols("IC_BN OC_BN REG_N PARALLEL")
+    Cs, Fs, Rs, Ss, OH, OW, Ns, STRIDE, DIL = symbols("C F R S OH OW N STRIDE DIL")
+    vec_oc = ceiling(OC_BN / LANES)  # a block narrower than a vector still takes a register
+    vregs = REG_N * vec_oc + vec_oc + 1  # accumulators, one weight vector per lane block, one broadcast
+    window = (REG_N - 1) * STRIDE + (Ss - 1) * DIL + 1  # input columns one tile reads per row
+    l1_set = (Rs * Ss * IC_BN * OC_BN + Rs * window * IC_BN) * BYTES
+    tasks = Ns * ceiling(Fs / OC_BN) * OH
+    constraints = [
+        c(Eq(Mod(Cs, IC_BN), 0), "input-channel blocks divide C (the input copy has no partial block)"),
+        c(Or(Eq(Mod(OC_BN, LANES), 0), Le(Fs, OC_BN)),
+          "a filter block is whole vectors, or one partial vector holding all F filters"),
+        c(Lt(OC_BN, 2 * Fs), "edges handled; a filter block under twice F (the packed weights pad F)"),
+        c(Lt(REG_N, 2 * OW), "edges handled; REG_N under twice OW (padded columns are computed and dropped)"),
+        c(Le(vregs, VREGS), "vector registers: the REG_N x OC_BN accumulators, a weight row, a broadcast"),
+        c(Le(l1_set, L1), "L1: one channel block's weights and the input rows they multiply"),
+        c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
+        c(Ge(tasks, PARALLEL), "a task (image, filter block, output row) for every thread"),
+    ]
+    divisors = tuple(d for d in range(1, min(C, 256) + 1) if C % d == 0 and (d == C or d <= 64))
+    variables = [Var("IC_BN", divisors), Var("OC_BN", (4, 8, 16, 24, 32, 48, 64)), Var("REG_N", range_(1, 33)),
+                 Var("UNROLL_KW", (1, 2)), Var("PARALLEL", range_(1, 257))]
+    params = {"N": N, "C": C, "F": F, "R": R, "S": S, "OH": oh, "OW": ow, "STRIDE": stride, "DIL": dilation,
+              **_cpu_params(t, dtype)}
+    derived = {"vector_registers": vregs, "l1_bytes": l1_set, "tasks": tasks}
+    meta = {"op": "conv2d", "target": t.name, "dtype": str(dtype), "layout": layout, "epilogue": epilogue,
+            "shape": dict(N=N, C=C, H=H, W=W, F=F, R=R, S=S, stride=stride, padding=padding, dilation=dilation)}
+    return Space(f"conv2d_direct_cpu[{t.name}]", variables, constraints, params, derived, meta)
 
 
 def elementwise_cpu(numel: int, target: str | Target = "cpu", *, dtype: Any = "float32", inputs: int = 1) -> Space:

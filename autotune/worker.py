@@ -102,6 +102,13 @@ class Worker:
             self._data[key] = (inputs, operator.reference(inputs))
         return self._data[key]
 
+    @staticmethod
+    def _kernel_args(msg: dict[str, Any], operator: Any, inputs: list) -> list:
+        """The built function's arguments before its output: the builder's module says how the operator's
+        inputs become them (``kernel_args``: weights packed for the configuration), else they are the inputs."""
+        convert = getattr(importlib.import_module(msg["builder"].partition(":")[0]), "kernel_args", None)
+        return list(inputs) if convert is None else convert(operator, msg["config"], list(inputs))
+
     def _compile(self, msg: dict[str, Any]) -> tuple[Any, Any, float]:
         """``(operator, built, seconds)``: ``built`` is ``(library, jitted module)`` with its ``main`` looked
         up (which is when LLVM generates the code), or the exception the build raised; cached."""
@@ -162,7 +169,7 @@ class Worker:
         try:
             inputs, ref = self._operator_data(operator)
             out = torch.full(operator.out_shape, float("nan"))  # a kernel that writes nothing fails the check
-            args = [tvm.runtime.from_dlpack(t) for t in (*inputs, out)]
+            args = [tvm.runtime.from_dlpack(t) for t in (*self._kernel_args(msg, operator, inputs), out)]
             module["main"](*args)
         except Exception as e:
             return {"status": "run_error", "error": _error(e), "build_seconds": build_s}
@@ -187,7 +194,7 @@ class Worker:
             dev = remote.cpu()
             inputs, ref = self._operator_data(operator)
             out = torch.full(operator.out_shape, float("nan"))
-            args = [tvm.runtime.tensor(t.numpy(), dev) for t in (*inputs, out)]
+            args = [tvm.runtime.tensor(t.numpy(), dev) for t in (*self._kernel_args(msg, operator, inputs), out)]
             rlib["main"](*args)
             got = torch.from_numpy(args[-1].numpy())
         except Exception as e:
@@ -211,7 +218,8 @@ class Worker:
                 raise built
             fn = built[1]["main"]
             inputs, _ = self._operator_data(operator)
-            args = [tvm.runtime.from_dlpack(t) for t in (*inputs, torch.empty(operator.out_shape))]
+            kernel_inputs = self._kernel_args({**msg, "config": config}, operator, inputs)
+            args = [tvm.runtime.from_dlpack(t) for t in (*kernel_inputs, torch.empty(operator.out_shape))]
             fns[i] = lambda fn=fn, args=args: fn(*args)
         if msg.get("torch"):
             fns["torch"] = operator.torch_call(inputs)

@@ -51,7 +51,8 @@ from optic.tvm_compat import require_tvm
 from .dynamic_tiles import TIR_PIPELINE, mark_dynamic, register_pipeline
 from .tir_expr import elementwise_value, epilogue, padded
 
-__all__ = ["BUILDERS", "CODEGEN_VERSION", "TIR_PIPELINE", "build", "compile_module"]
+__all__ = ["BUILDERS", "CODEGEN_VERSION", "TIR_PIPELINE", "build", "compile_module", "kernel_args",
+           "direct_weight_shape", "pack_direct_weight", "unpack_direct_weight"]
 
 # Part of every tuning-database key: records measured with another code generator are not reused.
 CODEGEN_VERSION = 4
@@ -64,6 +65,8 @@ def _cdiv(a: int, b: int) -> int:
 def build(operator: Operator, config: Mapping[str, int]) -> Any:
     """The scheduled TIR module (``main``) of ``operator`` with ``config`` (see the module docstring).
     Compile it with :func:`compile_module` (TVM's own pipeline also builds it, with static threads)."""
+    if operator.op == "conv2d" and operator.opts["layout"] == "NCHWc":
+        return conv2d_direct(operator, dict(config))
     return BUILDERS[operator.op](operator, dict(config))
 
 
@@ -302,6 +305,117 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
                           out_inner=min(NC, f_) if nhwc else ow_, b_k_contiguous=not nhwc, pack_b_once=nhwc)
 
 
+def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
+    """2-D convolution computed directly on channel blocks (template ``conv2d_direct_cpu``, layout
+    "NCHWc"): ``Xp`` copies the NCHW input once into ``[N, C/IC_BN, H+2p, W', IC_BN]`` (zero-padded, W'
+    covering the padded columns of the last tile); ``conv`` accumulates ``[N, F'/OC_BN, OH, OW', OC_BN]``
+    from the weights packed by :func:`pack_direct_weight`; the write-back applies the epilogue and
+    stores NCHW, a task's row at a time while it is in L1. Loops of ``conv`` per task (image, filter
+    block, output row; PARALLEL threads)::
+
+        for owo in OW'/REG_N                     a register tile: REG_N columns x OC_BN filters
+          for ico in C/IC_BN                     the accumulators are (re)loaded once per channel block
+            for kh in R
+              for kw in S (unrolled), ici in IC_BN       (UNROLL_KW=2; else ici outside a rolled kw)
+                for owi in REG_N (unrolled), ob in OC_BN (vectorized)
+                  conv[..., owo*REG_N + owi, ob] += Xp[ico, row, col, ici] * Wp[ico, kh, kw, ici, ob]
+    """
+    tvm = require_tvm()
+    te = tvm.te
+    n_, c_, h_, w_, f_, r_, s_ = operator.args
+    o = operator.opts
+    epi = tuple(o.get("epilogue", ()))
+    stride, pad, dil = o["stride"], o["padding"], o["dilation"]
+    oh_, ow_ = operator.conv_out_hw
+    ICB, OCB, RN, UKW, PARALLEL = (cfg[v] for v in ("IC_BN", "OC_BN", "REG_N", "UNROLL_KW", "PARALLEL"))
+    owp, fp = _cdiv(ow_, RN) * RN, _cdiv(f_, OCB) * OCB
+    hp = h_ + 2 * pad
+    wp = max(w_ + 2 * pad, (owp - 1) * stride + (s_ - 1) * dil + 1)
+    X = te.placeholder((n_, c_, h_, w_), name="X")
+    Wb = te.placeholder(direct_weight_shape(operator, cfg), name="W")
+
+    def x_value(n: Any, co: Any, h: Any, w: Any, ci: Any) -> Any:
+        conds = [h >= pad, h < h_ + pad, w >= pad, w < w_ + pad] if pad else []
+        if wp > w_ + 2 * pad and not pad:
+            conds.append(w < w_)
+        return padded(tvm, conds, X[n, co * ICB + ci, h - pad, w - pad]) if conds else X[n, co * ICB + ci, h, w]
+
+    Xp = te.compute((n_, c_ // ICB, hp, wp, ICB), x_value, name="Xp")
+    ic = te.reduce_axis((0, c_), name="ic")
+    kh = te.reduce_axis((0, r_), name="kh")
+    kw = te.reduce_axis((0, s_), name="kw")
+    conv = te.compute((n_, fp // OCB, oh_, owp, OCB), lambda n, oc, oh, ow, ob: te.sum(
+        Xp[n, ic // ICB, oh * stride + kh * dil, ow * stride + kw * dil, ic % ICB]
+        * Wb[oc, ic // ICB, kh, kw, ic % ICB, ob], axis=[ic, kh, kw]), name="conv")
+    bias = te.placeholder((f_,), name="bias") if "bias" in epi else None
+    residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
+    extra = [t for t in (bias, residual) if t is not None]
+    out = te.compute(operator.out_shape, lambda n, f, oh, ow: epilogue(
+        tvm, conv[n, f // OCB, oh, ow, f % OCB], epi, bias[f] if bias is not None else None,
+        residual[n, f, oh, ow] if residual is not None else None), name="C")
+    func = te.create_prim_func([X, Wb, *extra, out])
+    s = tvm.s_tir.Schedule(func)
+    cb = s.get_sblock("conv")
+    n, oc, oh, ow, ob, icl, khl, kwl = s.get_loops(cb)
+    owo, owi = s.split(ow, [None, RN])
+    ico, ici = s.split(icl, [None, ICB])
+    if UKW > 1:
+        s.reorder(n, oc, oh, owo, ico, khl, kwl, ici, owi, ob)
+    else:
+        s.reorder(n, oc, oh, owo, ico, khl, ici, kwl, owi, ob)
+    task = s.fuse(n, oc, oh)
+    # the write-back of a task's output row, while it is in L1 (filters outer, columns contiguous)
+    wb = s.get_sblock("C")
+    s.reverse_compute_at(wb, task)
+    if PARALLEL > 1:
+        s.parallel(task)
+        mark_dynamic(s, task, PARALLEL)
+    s.vectorize(ob)
+    s.unroll(owi)
+    if UKW > 1:
+        s.unroll(kwl)
+    init = s.decompose_reduction(cb, ico)
+    init_loops = _own_loops(s, init, s.get_loops(cb))
+    if init_loops:
+        s.vectorize(init_loops[-1])
+    wl = _own_loops(s, wb, s.get_loops(cb))
+    if wl:
+        _vectorize_inner(s, wl[-1], ow_)
+    # the input copy: every thread a share of (image, channel block, row), read along W
+    xl = s.get_loops(s.get_sblock("Xp"))
+    s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
+    rows = s.fuse(xl[0], xl[1], xl[2])
+    if PARALLEL > 1:
+        s.parallel(rows)
+    return s.mod
+
+
+def direct_weight_shape(operator: Operator, cfg: Mapping[str, int]) -> tuple[int, ...]:
+    """The packed weights of :func:`conv2d_direct`: ``[F'/OC_BN, C/IC_BN, R, S, IC_BN, OC_BN]``."""
+    _, c_, _, _, f_, r_, s_ = operator.args
+    ICB, OCB = cfg["IC_BN"], cfg["OC_BN"]
+    return _cdiv(f_, OCB), c_ // ICB, r_, s_, ICB, OCB
+
+
+def pack_direct_weight(weight: Any, operator: Operator, cfg: Mapping[str, int]) -> Any:
+    """``weight`` ``[F, C, R, S]`` (a torch tensor) in :func:`conv2d_direct`'s layout, F zero-padded to
+    whole filter blocks; done once, when the kernel is made."""
+    import torch
+
+    fo, co, r_, s_, ICB, OCB = direct_weight_shape(operator, cfg)
+    f_ = weight.shape[0]
+    w = weight.detach().float()
+    if fo * OCB != f_:
+        w = torch.cat([w, w.new_zeros((fo * OCB - f_, *w.shape[1:]))])
+    return w.reshape(fo, OCB, co, ICB, r_, s_).permute(0, 2, 4, 5, 3, 1).contiguous()
+
+
+def unpack_direct_weight(packed: Any, operator: Operator) -> Any:
+    """The ``[F, C, R, S]`` weights :func:`pack_direct_weight` packed (its inverse)."""
+    fo, co, r_, s_, icb, ocb = packed.shape
+    return packed.permute(0, 5, 1, 4, 2, 3).reshape(fo * ocb, co * icb, r_, s_)[: operator.args[4]]
+
+
 # -- memory-bound kernels --------------------------------------------------------------------------------
 
 
@@ -408,3 +522,11 @@ def _fast_exp(tvm: Any, x: Any) -> Any:
 BUILDERS: dict[str, Callable[[Operator, dict[str, int]], Any]] = {
     "matmul": matmul, "conv2d": conv2d, "elementwise": elementwise, "reduction": reduction,
 }
+
+
+def kernel_args(operator: Operator, config: Mapping[str, int], inputs: list[Any]) -> list[Any]:
+    """What the built function takes before its output, from the operator's inputs (torch tensors, in
+    ``Operator.input_shapes()`` order): the same, except a direct convolution's packed weights."""
+    if operator.op == "conv2d" and operator.opts["layout"] == "NCHWc":
+        return [inputs[0], pack_direct_weight(inputs[1], operator, config), *inputs[2:]]
+    return list(inputs)

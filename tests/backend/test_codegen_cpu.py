@@ -21,6 +21,7 @@ pytest.importorskip("tvm")
 
 from optic.autotune import solve  # noqa: E402
 from optic.autotune.operator import ELEMENTWISE_FNS, Operator  # noqa: E402
+from optic.autotune.space import SpaceError  # noqa: E402
 from optic.backend import codegen_cpu  # noqa: E402
 from optic.pipeline.verify import compare  # noqa: E402
 from optic.tvm_compat import host_target, require_tvm  # noqa: E402
@@ -40,7 +41,8 @@ def _build_and_check(operator: Operator, config: dict[str, int]) -> None:
     lib = codegen_cpu.compile_module(codegen_cpu.build(operator, config), host_target()).jit()
     inputs = operator.make_inputs(seed=1)
     out = torch.full(operator.out_shape, float("nan"))
-    lib["main"](*[tvm.runtime.from_dlpack(t) for t in (*inputs, out)])
+    args = codegen_cpu.kernel_args(operator, config, inputs)
+    lib["main"](*[tvm.runtime.from_dlpack(t) for t in (*args, out)])
     check = compare(operator.reference(inputs), out, 1e-4)
     assert check.ok, f"{operator} {config}: {check}"
 
@@ -75,10 +77,10 @@ def convolutions(draw) -> Operator:
     w = draw(st.integers(dilation * (s - 1) + 1, 12))
     f = draw(st.integers(9, 40))  # the template's smallest N block is 16 and must stay under 2*F
     return Operator("conv2d", (n, c, h, w, f, r, s), stride=stride, padding=padding, dilation=dilation,
-                    layout=draw(st.sampled_from(["NHWC", "NCHW"])), epilogue=draw(EPILOGUES))
+                    layout=draw(st.sampled_from(["NHWC", "NCHW", "NCHWc"])), epilogue=draw(EPILOGUES))
 
 
-@examples(20)
+@examples(30)
 @given(operator=convolutions(), data=st.data())
 def test_conv2d_configs_build_and_compute_the_reference(operator, data):
     _check_drawn(data, operator)
@@ -90,6 +92,37 @@ def test_the_benchmark_convolution_builds_at_both_ends_of_its_space():
     names, rows = _configs(operator)
     for row in (rows[0], rows[-1]):
         _build_and_check(operator, dict(zip(names, row, strict=True)))
+
+
+def test_direct_convolutions_compute_the_reference_with_every_channel_block_and_edge():
+    """The direct (NCHWc) convolution on ResNet's shapes cut small: every input-channel block the template
+    offers, filters that do not fill the last block (F=20), columns that do not fill the last register
+    tile (OW=7), a stride, a dilation, the residual epilogue; and each time its packed weights unpack to
+    the layer's."""
+    cases = [("2x16x9x7,20x16x3x3,pad=1", ("bias", "residual", "relu")),
+             ("1x12x11x11,32x12x3x3,stride=2,pad=1", ("bias", "gelu")),
+             ("1x8x10x10,16x8x3x3,pad=2,dilation=2", ()),
+             ("1x3x15x15,16x3x7x7,stride=2,pad=3", ("bias", "relu")),
+             ("1x32x7x7,48x32x1x1", ("residual",)), ("2x8x6x6,8x8x3x3,pad=1", ("bias", "sigmoid"))]
+    for shape, epilogue in cases:
+        operator = Operator.parse("conv2d", shape, layout="NCHWc", epilogue=epilogue)
+        names, rows = _configs(operator)
+        configs = [dict(zip(names, r, strict=True)) for r in rows]
+        blocks = sorted({c["IC_BN"] for c in configs})
+        assert blocks == [d for d in range(1, operator.args[1] + 1) if operator.args[1] % d == 0]
+        for icb in blocks:  # the cost model's best with each channel block, and the last configuration
+            _build_and_check(operator, next(c for c in configs if c["IC_BN"] == icb))
+        _build_and_check(operator, configs[-1])
+        w = operator.make_inputs(seed=2)[1]
+        packed = codegen_cpu.pack_direct_weight(w, operator, configs[-1])
+        assert packed.shape == codegen_cpu.direct_weight_shape(operator, configs[-1])
+        assert torch.equal(codegen_cpu.unpack_direct_weight(packed, operator), w)
+
+
+def test_the_direct_convolution_has_no_gpu_template():
+    operator = Operator.parse("conv2d", "1x16x8x8,16x16x3x3,pad=1", layout="NCHWc")
+    with pytest.raises(SpaceError, match="no gpu template.*NCHW or NHWC"):
+        operator.space("a100")
 
 
 def _allocations(operator: Operator, config: dict[str, int]) -> dict[str, int]:
