@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from optic.errors import OpticError
+from optic.threads import GOMP_SPIN_COUNT, TVM_SPIN_COUNT
 
 from . import worker as _wire
 from .operator import Operator
@@ -59,7 +60,7 @@ def _reap(wait_s: float = 0.0) -> None:
 
 atexit.register(_reap, 10.0)
 
-SPIN_LIMITS = {"GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+SPIN_LIMITS = {"GOMP_SPINCOUNT": GOMP_SPIN_COUNT, "TVM_THREAD_POOL_SPIN_COUNT": TVM_SPIN_COUNT}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+# isort: off
+from . import threads  # noqa: F401  (first: it limits libgomp's spinning before torch loads it; optic.threads)
+
+# isort: on
 import importlib.metadata
 
 from . import targets  # noqa: F401

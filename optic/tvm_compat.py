@@ -17,33 +17,23 @@ objects whose fields ``dir()`` lists.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
 from .errors import LoweringError, UnknownTargetError
+from .threads import size_tvm_pool
 
 INSTALL_HINT = "pip install 'optic[tvm]'"
 
 
-def size_thread_pool() -> None:
-    """Give TVM's thread pool PyTorch's thread count, unless the user set one (``TVM_NUM_THREADS`` or
-    ``OMP_NUM_THREADS``). TVM's own default is half the logical CPUs on x86 (it assumes two hardware
-    threads per core), so on a 2-vCPU machine every generated parallel kernel ran on one thread while
-    PyTorch's ran on two. The pool reads the variable when it first starts, so this must run before
-    any TVM kernel does; the autotuning workers inherit it."""
-    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["TVM_NUM_THREADS"] = str(max(1, torch.get_num_threads()))
-
-
-size_thread_pool()
+size_tvm_pool()  # before any TVM kernel runs: the pool reads its variables when it starts
 
 
 @functools.cache
 def require_tvm() -> Any:
     """The ``tvm`` module, or a LoweringError that says how to install it."""
-    size_thread_pool()
+    size_tvm_pool()
     try:
         import tvm
         import tvm.relax  # noqa: F401  (the importer and passes live here; import errors show now)

@@ -458,6 +458,7 @@ class KernelChoice:
     why: str = ""
     cached: bool = False
     rank_correlation: float | None = None  # the cost model against this workload's measurements (Spearman)
+    spec: dict | None = None  # the operator (Operator.as_dict), to tune or sample it again
 
     def line(self) -> str:
         times = ", ".join(f"{k} {v:.4f} ms" for k, v in self.times_ms.items())
@@ -502,6 +503,12 @@ class TVMKernels:
             return False
         tune_level = ctx.option("tune")
         ctx.note(describe_effort(tune_level))
+        from optic.threads import SPIN_HINT, openmp_spin_limited
+
+        if not openmp_spin_limited():
+            ctx.note("PyTorch's OpenMP threads spin for milliseconds after each op here (libgomp's default), so "
+                     "a generated kernel that follows one shares the cores with them and measures slower (2-3x "
+                     f"on ResNet-50's layers); to let generated kernels compete, {SPIN_HINT}")
         groups: dict[str, list[KernelSite]] = {}
         for s in sites:
             groups.setdefault(s.operator.key, []).append(s)
@@ -562,7 +569,7 @@ class TVMKernels:
                 tuned = (f"measured {result.measurements}" if result.measurements else
                          f"database ({result.records} records)" if result.measured else "cost model")
                 choice = KernelChoice(str(site.operator), [s.op.node.name for s in group], result.config, tuned,
-                                      rank_correlation=result.rank_correlation)
+                                      rank_correlation=result.rank_correlation, spec=site.operator.as_dict())
                 out.append(self._tactic(group, gm, values, ctx, result, db, choice))
                 report.append(choice)
                 if ctx.progress is not None:
