@@ -256,8 +256,10 @@ def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[st
     dram_time = esize * (inp + C * R * S * F + out) / bw
     threads_used = np.minimum(P, tasks)
     hp, wp = shape["H"] + 2 * shape["padding"], shape["W"] + 2 * shape["padding"]
-    # the blocked, padded input copy: read along W, written IC_BN apart (a narrow block is a scattered store)
-    copy_bytes = 2 * n * C * hp * wp * esize
+    # the blocked, padded input copy (codegen_cpu.direct_copies_input): read along W, written IC_BN apart (a
+    # narrow block is a scattered store); without padding to add, the kernel reads the input in place
+    copies = (shape["padding"] > 0) | ((owp - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1 > shape["W"])
+    copy_bytes = np.where(copies, 2 * n * C * hp * wp * esize, 0.0)
     copy_time = copy_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used) * (1 + 4.0 / np.minimum(ICB, lanes))
     write_back = 2 * out * esize / (L2_BYTES_PER_CYCLE * clock * threads_used)
     overhead = np.where(P > 1, 2 * PARALLEL_REGION_S, 0.0)

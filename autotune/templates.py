@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sympy
-from sympy import And, Eq, Ge, Le, Lt, Max, Mod, Or, ceiling
+from sympy import And, Eq, Ge, Gt, Le, Lt, Max, Mod, Or, ceiling
 
 from optic import targets
 from optic.targets import Target
@@ -510,7 +510,7 @@ def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, ta
     t = _target(target, "cpu", _CPU_FIELDS)
     epilogue = _epilogue(epilogue)
     oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
-    IC_BN, OC_BN, REG_N, PARALLEL = symbols("IC_BN OC_BN REG_N PARALLEL")
+    IC_BN, OC_BN, REG_N, UNROLL_KW, PARALLEL = symbols("IC_BN OC_BN REG_N UNROLL_KW PARALLEL")
     Cs, Fs, Rs, Ss, OH, OW, Ns, STRIDE, DIL = symbols("C F R S OH OW N STRIDE DIL")
     vec_oc = ceiling(OC_BN / LANES)  # a block narrower than a vector still takes a register
     vregs = REG_N * vec_oc + vec_oc + 1  # accumulators, one weight vector per lane block, one broadcast
@@ -525,6 +525,7 @@ def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, ta
         c(Lt(REG_N, 2 * OW), "edges handled; REG_N under twice OW (padded columns are computed and dropped)"),
         c(Le(vregs, VREGS), "vector registers: the REG_N x OC_BN accumulators, a weight row, a broadcast"),
         c(Le(l1_set, L1), "L1: one channel block's weights and the input rows they multiply"),
+        c(Or(Eq(UNROLL_KW, 1), Gt(Ss, 1)), "kw is unrolled only where the window has several columns"),
         c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
         c(Ge(tasks, PARALLEL), "a task (image, filter block, output row) for every thread"),
     ]

@@ -308,7 +308,7 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
 def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     """2-D convolution computed directly on channel blocks (template ``conv2d_direct_cpu``, layout
     "NCHWc"): ``Xp`` copies the NCHW input once into ``[N, C/IC_BN, H+2p, W', IC_BN]`` (zero-padded, W'
-    covering the padded columns of the last tile); ``conv`` accumulates ``[N, F'/OC_BN, OH, OW', OC_BN]``
+    covering the padded columns of the last tile) where it must be padded, else the kernel reads it; ``conv`` accumulates ``[N, F'/OC_BN, OH, OW', OC_BN]``
     from the weights packed by :func:`pack_direct_weight`; the write-back applies the epilogue and
     stores NCHW, a task's row at a time while it is in L1. Loops of ``conv`` per task (image, filter
     block, output row; PARALLEL threads)::
@@ -340,12 +340,22 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
             conds.append(w < w_)
         return padded(tvm, conds, X[n, co * ICB + ci, h - pad, w - pad]) if conds else X[n, co * ICB + ci, h, w]
 
-    Xp = te.compute((n_, c_ // ICB, hp, wp, ICB), x_value, name="Xp")
+    # The input is only ever broadcast one element at a time, so the kernel can read NCHW itself; it is
+    # copied only where zeros must surround it (padding, or columns of the last tile beyond W).
+    copy = direct_copies_input(operator, cfg)
+    if copy:
+        Xp = te.compute((n_, c_ // ICB, hp, wp, ICB), x_value, name="Xp")
+
+        def x_at(n: Any, ic: Any, h: Any, w: Any) -> Any:
+            return Xp[n, ic // ICB, h, w, ic % ICB]
+    else:
+        def x_at(n: Any, ic: Any, h: Any, w: Any) -> Any:
+            return X[n, ic, h, w]
     ic = te.reduce_axis((0, c_), name="ic")
     kh = te.reduce_axis((0, r_), name="kh")
     kw = te.reduce_axis((0, s_), name="kw")
     conv = te.compute((n_, fp // OCB, oh_, owp, OCB), lambda n, oc, oh, ow, ob: te.sum(
-        Xp[n, ic // ICB, oh * stride + kh * dil, ow * stride + kw * dil, ic % ICB]
+        x_at(n, ic, oh * stride + kh * dil, ow * stride + kw * dil)
         * Wb[oc, ic // ICB, kh, kw, ic % ICB, ob], axis=[ic, kh, kw]), name="conv")
     bias = te.placeholder((f_,), name="bias") if "bias" in epi else None
     residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
@@ -381,13 +391,22 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     wl = _own_loops(s, wb, s.get_loops(cb))
     if wl:
         _vectorize_inner(s, wl[-1], ow_)
-    # the input copy: every thread a share of (image, channel block, row), read along W
-    xl = s.get_loops(s.get_sblock("Xp"))
-    s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
-    rows = s.fuse(xl[0], xl[1], xl[2])
-    if PARALLEL > 1:
-        s.parallel(rows)
+    if copy:  # the input copy: every thread a share of (image, channel block, row), read along W
+        xl = s.get_loops(s.get_sblock("Xp"))
+        s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
+        rows = s.fuse(xl[0], xl[1], xl[2])
+        if PARALLEL > 1:
+            s.parallel(rows)
     return s.mod
+
+
+def direct_copies_input(operator: Operator, cfg: Mapping[str, int]) -> bool:
+    """Whether :func:`conv2d_direct` copies its input into padded channel blocks: with zero padding, or when
+    the last register tile's columns reach beyond the input (REG_N does not divide OW)."""
+    o = operator.opts
+    _, _, _, w_, _, _, s_ = operator.args
+    owp = _cdiv(operator.conv_out_hw[1], cfg["REG_N"]) * cfg["REG_N"]
+    return o["padding"] > 0 or (owp - 1) * o["stride"] + (s_ - 1) * o["dilation"] + 1 > w_
 
 
 def direct_weight_shape(operator: Operator, cfg: Mapping[str, int]) -> tuple[int, ...]:

@@ -119,6 +119,23 @@ def test_direct_convolutions_compute_the_reference_with_every_channel_block_and_
         assert torch.equal(codegen_cpu.unpack_direct_weight(packed, operator), w)
 
 
+def test_the_direct_convolution_copies_its_input_only_where_it_must_be_padded():
+    """It broadcasts input elements one at a time, so it reads NCHW in place, except where zeros must
+    surround the input: padding, or the last register tile reaching beyond W."""
+    def blocks(shape: str, reg_n: int) -> set[str]:
+        operator = Operator.parse("conv2d", shape, layout="NCHWc", epilogue=("bias",))
+        config = {"IC_BN": 8, "OC_BN": 16, "REG_N": reg_n, "UNROLL_KW": 1, "PARALLEL": 1}
+        _build_and_check(operator, config)
+        text = codegen_cpu.build(operator, config).script()
+        return {name for name in ("Xp", "conv", "C") if f'T.sblock("{name}")' in text}
+
+    assert "Xp" not in blocks("1x16x8x8,16x16x1x1", 4)  # no padding, 4 divides OW
+    assert "Xp" in blocks("1x16x8x8,16x16x1x1", 3)  # the last tile's columns reach beyond W
+    assert "Xp" in blocks("1x16x8x8,16x16x3x3,pad=1", 4)
+    space = Operator.parse("conv2d", "1x16x8x8,16x16x1x1", layout="NCHWc").space("cpu")
+    assert {row[space.names.index("UNROLL_KW")] for row in solve(space).rows} == {1}  # nothing to unroll
+
+
 def test_the_direct_convolution_has_no_gpu_template():
     operator = Operator.parse("conv2d", "1x16x8x8,16x16x3x3,pad=1", layout="NCHWc")
     with pytest.raises(SpaceError, match="no gpu template.*NCHW or NHWC"):
