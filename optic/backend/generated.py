@@ -231,24 +231,48 @@ def kernel_sites(gm: fx.GraphModule, stats: Any, b_layout: str = "nk") -> list[K
     ``b_layout``: see :func:`_operator`."""
     rules = [FusedKernel("tvm_conv", kinds=frozenset({"conv"}), b_layout=b_layout),
              FusedKernel("tvm_linear", kinds=frozenset({"linear"}), b_layout=b_layout)]
-    return _one_kernel_per_node(rewrite.find_sites(gm, rules, None, stats), stats)
+    return _one_kernel_per_node(rewrite.find_sites(gm, rules, None, stats), stats, b_layout)
 
 
-def _one_kernel_per_node(sites: list[KernelSite], stats: Any) -> list[KernelSite]:
-    """``sites`` without those whose epilogue an earlier site already took (both convs of a ResNet block
-    end in its add): the later one is declined, naming the kernel that has its epilogue."""
+def _one_kernel_per_node(sites: list[KernelSite], stats: Any, b_layout: str = "nk") -> list[KernelSite]:
+    """``sites`` where no two share a node. Both convs of a ResNet block end in its add: the later one keeps
+    what comes before the shared node (the downsample conv: the layer and its bias), the add staying in the
+    earlier one's kernel; one that no template covers then is declined, naming the kernel that has it."""
     owner: dict[fx.Node, fx.Node] = {}
     kept = []
     for site in sites:
         taken = [n for n in site.nodes if n in owner]
         if taken:
-            stats.decline(f"tvm_{site.op.kind}", site.op.node.name,
-                          f"its epilogue ({', '.join(n.name for n in taken)}) is already in "
-                          f"{owner[taken[0]].name}'s kernel")
-            continue
+            cut = _cut_before(site, site.nodes.index(taken[0]), b_layout)
+            if cut is None:
+                stats.decline(f"tvm_{site.op.kind}", site.op.node.name,
+                              f"its epilogue ({', '.join(n.name for n in taken)}) is already in "
+                              f"{owner[taken[0]].name}'s kernel, and the layer alone has no template")
+                continue
+            site = cut
         owner.update({n: site.op.node for n in site.nodes})
         kept.append(site)
     return kept
+
+
+def _cut_before(site: KernelSite, index: int, b_layout: str) -> KernelSite | None:
+    """``site`` with its nodes from ``index`` on left out (they belong to another kernel): the layer and the
+    epilogue steps before them, or None when no template covers what is left."""
+    nodes = site.nodes[:index]
+    steps = ["bias"] if site.epilogue[:1] == ("bias",) else []
+    residual = None
+    gm = site.op.node.graph.owning_module
+    for node in nodes[1:]:
+        v = view(node, gm)
+        if v is not None and v.kind == "add" and site.residual is not None:
+            steps.append("residual")
+            residual = site.residual
+        else:
+            steps.append(v.attrs.get("fn") if v is not None else "?")
+    act = view(nodes[1], gm) if residual is None and len(nodes) == 2 else None
+    cut = KernelSite(site.op, nodes, tuple(steps), residual, onednn_act=act)
+    cut.operator, cut.in_shape, cut.out_shape, why = _operator(site.op, cut.epilogue, b_layout)
+    return None if why else cut
 
 
 
