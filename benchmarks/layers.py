@@ -25,6 +25,8 @@ from benchmarks.runner import machine
 from benchmarks.zoo import registry
 
 OUT = Path(__file__).resolve().parent / "results"
+# how the two thread pools in the process (PyTorch's OpenMP, TVM's) were set up: the table says it
+THREAD_ENV = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")
 DEFAULT = ["resnet50", "bert_base"]
 
 
@@ -64,7 +66,8 @@ def markdown(results: dict) -> str:
              f"{m['cpu']}; {m['threads']} threads; {m['date']}; tune={results['tune']}. Milliseconds per call, "
              "median of alternated blocks in the model's process, on the values the layer sees in the model; "
              "ρ: Spearman rank correlation of the cost model with the tuning measurements of that workload "
-             "(n/a: fewer than 3 measurements).", ""]
+             "(n/a: fewer than 3 measurements). Thread pools: "
+             + ", ".join(f"{k}={v}" for k, v in (results.get("env") or {}).items() if v is not None) + ".", ""]
     for line in summary(results["rows"]):
         lines.append(f"- {line}")
     for r in results["rows"]:
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"layers: {name} ...", flush=True)
             rows.append(run_model(name, args.tune, Path(tmp) / "tuning.db"))
             print("  " + summary(rows[-1:])[0], flush=True)
-    results = {"machine": machine(threads), "tune": args.tune, "rows": rows}
+    results = {"machine": machine(threads), "tune": args.tune, "rows": rows,
+               "env": {k: os.environ.get(k) for k in THREAD_ENV}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "layers.json").write_text(json.dumps(results, indent=2, default=str))

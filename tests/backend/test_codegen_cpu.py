@@ -113,6 +113,10 @@ def test_direct_convolutions_compute_the_reference_with_every_channel_block_and_
         for icb in blocks:  # the cost model's best with each channel block, and the last configuration
             _build_and_check(operator, next(c for c in configs if c["IC_BN"] == icb))
         _build_and_check(operator, configs[-1])
+        for ocb in (48, 64):  # filter blocks of several vectors (cut into whole vectors by the schedule)
+            wide = next((c for c in configs if c["OC_BN"] == ocb), None)
+            if wide is not None:
+                _build_and_check(operator, wide)
         w = operator.make_inputs(seed=2)[1]
         packed = codegen_cpu.pack_direct_weight(w, operator, configs[-1])
         assert packed.shape == codegen_cpu.direct_weight_shape(operator, configs[-1])
