@@ -175,8 +175,9 @@ def _operator(op: Op, epilogue: tuple[str, ...], b_layout: str = "nk") -> tuple[
         if None in (stride, padding, dilation):
             return None, (), (), "stride, padding or dilation differ between the dims"
         f, c, r, s = w.shape
-        # computed directly on channel blocks (weights packed once, the input copied into blocks per call):
-        # the im2col GEMM on the model's NCHW measured 2-6x oneDNN's time on ResNet-50's layers
+        # computed directly on channel blocks (weights packed once, the NCHW input read in place or, where
+        # the conv pads, copied into padded blocks): the im2col GEMM on the model's NCHW measured 2-6x
+        # oneDNN's time on ResNet-50's layers
         operator = Operator("conv2d", (xs[0], c, xs[2], xs[3], f, r, s), stride=stride, padding=padding,
                             dilation=dilation, epilogue=epilogue, layout="NCHWc")
         return operator, tuple(xs), operator.out_shape, None
