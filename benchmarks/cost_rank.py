@@ -1,6 +1,6 @@
 """The cost model's rank correlation per template and layout, on a spread of each kernel's space.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.cost_rank [--layers benchmarks/results/layers.json] [--k 8]
+    GOMP_SPINCOUNT=10000 OMP_NUM_THREADS=2 python -m benchmarks.cost_rank [--layers benchmarks/results/layers.json] [--k 8]
 
 The correlation ``optimize`` reports per kernel is over what tuning measured: the model's own top picks,
 which it predicts within a few percent of each other, so it mostly says how noise orders near-ties. What

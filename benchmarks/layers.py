@@ -2,7 +2,11 @@
 kernel, oneDNN's, and optic's generated one after ``tune="fast"``, timed alternated in the model's
 process; and the cost model's rank correlation on each.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.layers [--models resnet50,bert_base] [--tune fast]
+    GOMP_SPINCOUNT=10000 OMP_NUM_THREADS=2 python -m benchmarks.layers [--models resnet50,bert_base] [--tune fast]
+
+This module imports torch before optic, so optic cannot limit libgomp's spinning here (optic.threads):
+without GOMP_SPINCOUNT in the environment, PyTorch's spinning threads slow every generated kernel 2-3x
+(benchmarks/results/layers_default_spin.md). The table says how the thread pools were set.
 
 Runs ``optimize(backend="tvm", tune=...)`` with a fresh tuning database and the whole-graph
 implementations left out (what is compared here is each kernel), then reads the backend's per-kernel
