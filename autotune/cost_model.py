@@ -64,6 +64,7 @@ from optic import targets
 from optic.targets import Target
 
 from .space import Space
+from .templates import direct_copies_input
 
 __all__ = ["Prediction", "predict", "predict_rows", "rank", "spearman"]
 
@@ -258,9 +259,9 @@ def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[st
     dram_time = esize * (inp + C * R * S * F + out) / bw
     threads_used = np.minimum(P, tasks)
     hp, wp = shape["H"] + 2 * shape["padding"], shape["W"] + 2 * shape["padding"]
-    # the blocked, padded input copy (codegen_cpu.direct_copies_input): read along W, written IC_BN apart;
+    # the blocked, padded input copy (templates.direct_copies_input): read along W, written IC_BN apart;
     # without padding to add, the kernel reads the input in place
-    copies = (shape["padding"] > 0) | ((owp - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1 > shape["W"])
+    copies = direct_copies_input(shape, RN)
     copy_bytes = np.where(copies, 2 * n * C * hp * wp * esize, 0.0)
     copy_time = copy_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used)
     write_back = 2 * out * esize / (L2_BYTES_PER_CYCLE * clock * threads_used)

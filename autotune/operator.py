@@ -124,7 +124,7 @@ class Operator:
             return TEMPLATES["matmul_tensorcore", "gpu"](
                 *self.args, target=t, b_contiguous="n" if self.opts["b_layout"] == "kn" else "k",
                 **self.template_kwargs())
-        if self.op == "conv2d" and self.opts["layout"] == "NCHWc" and t.kind != "cpu":
+        if self.direct and t.kind != "cpu":
             raise SpaceError(f"the direct (NCHWc) convolution has no {t.kind} template; use layout NCHW or NHWC")
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
@@ -222,6 +222,20 @@ class Operator:
         if self.op == "elementwise":
             return (self.args[0],)
         return self.args[0], self.args[1]
+
+    @property
+    def direct(self) -> bool:
+        """A convolution computed directly on channel blocks (layout "NCHWc"): its weights are packed for the
+        configuration (``codegen_cpu.kernel_args``)."""
+        return self.op == "conv2d" and self.opts["layout"] == "NCHWc"
+
+    @property
+    def conv_shape(self) -> dict[str, int]:
+        """A conv2d's sizes and options by name, as its template's ``meta["shape"]`` has them."""
+        n, c, h, w, f, r, s = self.args
+        o = self.opts
+        return dict(N=n, C=c, H=h, W=w, F=f, R=r, S=s, stride=o["stride"], padding=o["padding"],
+                    dilation=o["dilation"])
 
     @property
     def conv_out_hw(self) -> tuple[int, int]:

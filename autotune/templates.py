@@ -30,7 +30,7 @@ come from shared memory through ``ldmatrix``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sympy
@@ -48,6 +48,8 @@ __all__ = [
     "conv2d_cpu",
     "conv2d_direct_cpu",
     "conv2d_gpu",
+    "direct_copies_input",
+    "direct_input_columns",
     "elementwise_cpu",
     "elementwise_gpu",
     "matmul_cpu",
@@ -496,12 +498,27 @@ def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: s
     return Space(f"conv2d_cpu[{t.name}]", variables, constraints, params, derived, meta)
 
 
+def direct_input_columns(shape: Mapping[str, int], reg_n: Any) -> Any:
+    """Input columns the direct convolution's register tiles read per row (padded coordinates): OW rounded
+    up to whole tiles of REG_N, and the window. ``shape``: a conv's sizes by name (``meta["shape"]``);
+    ``reg_n``: an int or a numpy array of them."""
+    ow = _out_size(shape["W"], shape["S"], shape["stride"], shape["padding"], shape["dilation"])
+    return (-(-ow // reg_n) * reg_n - 1) * shape["stride"] + (shape["S"] - 1) * shape["dilation"] + 1
+
+
+def direct_copies_input(shape: Mapping[str, int], reg_n: Any) -> Any:
+    """Whether the direct convolution copies its input into padded channel blocks (else it reads NCHW in
+    place): with zero padding, or where the last register tile's columns reach beyond W."""
+    return (shape["padding"] > 0) | (direct_input_columns(shape, reg_n) > shape["W"])
+
+
 def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: str | Target = "cpu", *,
                       stride: int = 1, padding: int = 0, dilation: int = 1, dtype: Any = "float32",
                       layout: str = "NCHWc", epilogue: Sequence[str] = ()) -> Space:
     """2-D convolution computed directly (no im2col) on blocks of channels, NCHW[x]c (NeoCPU, Liu et al.,
-    USENIX ATC'19): the input is copied once into ``[N, C/IC_BN, H+2p, W+2p, IC_BN]`` (padded), the
-    weights are packed once, when the kernel is made, into ``[F/OC_BN, C/IC_BN, R, S, IC_BN, OC_BN]``;
+    USENIX ATC'19): the weights are packed once, when the kernel is made, into
+    ``[F/OC_BN, C/IC_BN, R, S, IC_BN, OC_BN]``; the input is read in place, or copied into padded blocks
+    ``[N, C/IC_BN, H+2p, W', IC_BN]`` where zeros must surround it (:func:`direct_copies_input`);
     a register tile is REG_N output columns x OC_BN filters (OC_BN/LANES vectors each), accumulated
     over (input-channel block, kh, kw, channel in block), one broadcast input value times a weight
     vector per FMA (UNROLL_KW=2: kw unrolled outside the channel loop, 1: the channel loop outside a

@@ -25,19 +25,13 @@ TVM_SPIN_COUNT = "10000"  # the same for TVM's pool (autotune.measure.SPIN_LIMIT
 SPIN_HINT = (f"start Python with GOMP_SPINCOUNT={GOMP_SPIN_COUNT} in the environment, or import optic before "
              "torch (libgomp reads it when torch loads)")
 
-_limited: bool | None = None  # whether libgomp loaded with a spin limit (None: unknown yet)
 
-
-def limit_openmp_spin() -> None:
-    """Set ``GOMP_SPINCOUNT`` for libgomp unless the user set a spin policy; note whether it takes effect
-    (it does only when PyTorch has not loaded libgomp yet)."""
-    global _limited
-    if "torch" in sys.modules:
-        _limited = _user_limit()  # libgomp is loaded: what was in the environment then is what holds
-        return
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+def limit_openmp_spin() -> bool:
+    """Set ``GOMP_SPINCOUNT`` for libgomp unless the user set a spin policy or PyTorch has loaded libgomp
+    already (then what was in the environment holds); whether a spin limit is in force."""
+    if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = GOMP_SPIN_COUNT
-    _limited = _user_limit()
+    return _user_limit()
 
 
 def _user_limit() -> bool:
@@ -48,7 +42,7 @@ def _user_limit() -> bool:
 def openmp_spin_limited() -> bool:
     """Whether PyTorch's OpenMP threads stop spinning soon after an op (a spin limit was in force when
     libgomp loaded)."""
-    return _user_limit() if _limited is None else _limited
+    return _limited
 
 
 def size_tvm_pool() -> None:
@@ -65,4 +59,4 @@ def size_tvm_pool() -> None:
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", TVM_SPIN_COUNT)
 
 
-limit_openmp_spin()  # on import: optic imports this module before anything that loads torch
+_limited = limit_openmp_spin()  # on import: optic imports this module before anything that loads torch

@@ -33,7 +33,6 @@ size_tvm_pool()  # before any TVM kernel runs: the pool reads its variables when
 @functools.cache
 def require_tvm() -> Any:
     """The ``tvm`` module, or a LoweringError that says how to install it."""
-    size_tvm_pool()
     try:
         import tvm
         import tvm.relax  # noqa: F401  (the importer and passes live here; import errors show now)

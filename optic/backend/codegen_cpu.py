@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from optic.autotune.operator import ELEMENTWISE_FNS, LAYERNORM_EPS, Operator
+from optic.autotune.templates import direct_copies_input, direct_input_columns
 from optic.tvm_compat import require_tvm
 
 from .dynamic_tiles import TIR_PIPELINE, mark_dynamic, register_pipeline
@@ -68,7 +69,7 @@ def _cdiv(a: int, b: int) -> int:
 def build(operator: Operator, config: Mapping[str, int]) -> Any:
     """The scheduled TIR module (``main``) of ``operator`` with ``config`` (see the module docstring).
     Compile it with :func:`compile_module` (TVM's own pipeline also builds it, with static threads)."""
-    if operator.op == "conv2d" and operator.opts["layout"] == "NCHWc":
+    if operator.direct:
         return conv2d_direct(operator, dict(config))
     return BUILDERS[operator.op](operator, dict(config))
 
@@ -310,14 +311,15 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
 
 def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     """2-D convolution computed directly on channel blocks (template ``conv2d_direct_cpu``, layout
-    "NCHWc"): ``Xp`` copies the NCHW input once into ``[N, C/IC_BN, H+2p, W', IC_BN]`` (zero-padded, W'
-    covering the padded columns of the last tile) where it must be padded, else the kernel reads it; ``conv`` accumulates ``[N, F'/OC_BN, OH, OW', OC_BN]``
-    from the weights packed by :func:`pack_direct_weight`; the write-back applies the epilogue and
-    stores NCHW, a task's row at a time while it is in L1. Loops of ``conv`` per task (image, filter
-    block, output row; PARALLEL threads)::
+    "NCHWc"): ``Xp`` copies the NCHW input into ``[N, C/IC_BN, H+2p, W', IC_BN]`` (zero-padded, W'
+    covering the padded columns of the last tile) where it must be padded
+    (``templates.direct_copies_input``), else the kernel reads it in place; ``conv`` accumulates
+    ``[N, F'/OC_BN, OH, OW', OC_BN]`` from the weights packed by :func:`pack_direct_weight`; the
+    write-back applies the epilogue and stores NCHW, a task's row at a time while it is in L1. Loops of
+    ``conv`` per task (image, filter block, output row; PARALLEL threads)::
 
         for owo in OW'/REG_N                     a register tile: REG_N columns x OC_BN filters
-          for ico in C/IC_BN                     the accumulators are (re)loaded once per channel block
+          for ico in C/IC_BN                     (the accumulators stay in registers across it)
             for kh in R
               for kw in S (unrolled), ici in IC_BN       (UNROLL_KW=2; else ici outside a rolled kw)
                 for owi in REG_N (unrolled), ob in OC_BN (vectorized)
@@ -333,19 +335,19 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     ICB, OCB, RN, UKW, PARALLEL = (cfg[v] for v in ("IC_BN", "OC_BN", "REG_N", "UNROLL_KW", "PARALLEL"))
     owp, fp = _cdiv(ow_, RN) * RN, _cdiv(f_, OCB) * OCB
     hp = h_ + 2 * pad
-    wp = max(w_ + 2 * pad, (owp - 1) * stride + (s_ - 1) * dil + 1)
+    wp = max(w_ + 2 * pad, direct_input_columns(operator.conv_shape, RN))
     X = te.placeholder((n_, c_, h_, w_), name="X")
     Wb = te.placeholder(direct_weight_shape(operator, cfg), name="W")
 
     def x_value(n: Any, co: Any, h: Any, w: Any, ci: Any) -> Any:
-        conds = [h >= pad, h < h_ + pad, w >= pad, w < w_ + pad] if pad else []
-        if wp > w_ + 2 * pad and not pad:
-            conds.append(w < w_)
-        return padded(tvm, conds, X[n, co * ICB + ci, h - pad, w - pad]) if conds else X[n, co * ICB + ci, h, w]
+        conds = [h >= pad, h < h_ + pad, w >= pad] if pad else []
+        if pad or wp > w_:
+            conds.append(w < w_ + pad)
+        return padded(tvm, conds, X[n, co * ICB + ci, h - pad, w - pad])
 
     # The input is only ever broadcast one element at a time, so the kernel can read NCHW itself; it is
     # copied only where zeros must surround it (padding, or columns of the last tile beyond W).
-    copy = direct_copies_input(operator, cfg)
+    copy = direct_copies_input(operator.conv_shape, RN)
     if copy:
         Xp = te.compute((n_, c_ // ICB, hp, wp, ICB), x_value, name="Xp")
 
@@ -406,15 +408,6 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
         if PARALLEL > 1:
             s.parallel(rows)
     return s.mod
-
-
-def direct_copies_input(operator: Operator, cfg: Mapping[str, int]) -> bool:
-    """Whether :func:`conv2d_direct` copies its input into padded channel blocks: with zero padding, or when
-    the last register tile's columns reach beyond the input (REG_N does not divide OW)."""
-    o = operator.opts
-    _, _, _, w_, _, _, s_ = operator.args
-    owp = _cdiv(operator.conv_out_hw[1], cfg["REG_N"]) * cfg["REG_N"]
-    return o["padding"] > 0 or (owp - 1) * o["stride"] + (s_ - 1) * o["dilation"] + 1 > w_
 
 
 def direct_weight_shape(operator: Operator, cfg: Mapping[str, int]) -> tuple[int, ...]:
@@ -554,6 +547,6 @@ BUILDERS: dict[str, Callable[[Operator, dict[str, int]], Any]] = {
 def kernel_args(operator: Operator, config: Mapping[str, int], inputs: list[Any]) -> list[Any]:
     """What the built function takes before its output, from the operator's inputs (torch tensors, in
     ``Operator.input_shapes()`` order): the same, except a direct convolution's packed weights."""
-    if operator.op == "conv2d" and operator.opts["layout"] == "NCHWc":
+    if operator.direct:
         return [inputs[0], pack_direct_weight(inputs[1], operator, config), *inputs[2:]]
     return list(inputs)

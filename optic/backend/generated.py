@@ -215,8 +215,7 @@ class FusedKernel(DenseSite):
                 nodes.append(nxt.node)
                 continue
             break
-        onednn_act = view(nodes[1], gm) if residual is None and len(nodes) == 2 else None
-        return KernelSite(op, nodes, tuple(epilogue), residual, onednn_act=onednn_act)
+        return KernelSite(op, nodes, tuple(epilogue), residual, onednn_act=_onednn_act(nodes, residual, gm))
 
     def guard(self, site: KernelSite, ctx: Any) -> str | None:
         why = super().guard(site.op, ctx)
@@ -256,22 +255,20 @@ def _one_kernel_per_node(sites: list[KernelSite], stats: Any, b_layout: str = "n
     return kept
 
 
+def _onednn_act(nodes: list[fx.Node], residual: fx.Node | None, gm: fx.GraphModule) -> Op | None:
+    """The activation oneDNN's pointwise kernel would fuse: the one node after the layer, without a residual."""
+    return view(nodes[1], gm) if residual is None and len(nodes) == 2 else None
+
+
 def _cut_before(site: KernelSite, index: int, b_layout: str) -> KernelSite | None:
     """``site`` with its nodes from ``index`` on left out (they belong to another kernel): the layer and the
     epilogue steps before them, or None when no template covers what is left."""
     nodes = site.nodes[:index]
-    steps = ["bias"] if site.epilogue[:1] == ("bias",) else []
-    residual = None
-    gm = site.op.node.graph.owning_module
-    for node in nodes[1:]:
-        v = view(node, gm)
-        if v is not None and v.kind == "add" and site.residual is not None:
-            steps.append("residual")
-            residual = site.residual
-        else:
-            steps.append(v.attrs.get("fn") if v is not None else "?")
-    act = view(nodes[1], gm) if residual is None and len(nodes) == 2 else None
-    cut = KernelSite(site.op, nodes, tuple(steps), residual, onednn_act=act)
+    # the epilogue is the bias (no node of its own), then one step per node after the layer's
+    steps = site.epilogue[:int(site.epilogue[:1] == ("bias",)) + len(nodes) - 1]
+    residual = site.residual if "residual" in steps else None
+    cut = KernelSite(site.op, nodes, steps, residual,
+                     onednn_act=_onednn_act(nodes, residual, site.op.node.graph.owning_module))
     cut.operator, cut.in_shape, cut.out_shape, why = _operator(site.op, cut.epilogue, b_layout)
     return None if why else cut
 
@@ -321,7 +318,7 @@ class TVMKernel(nn.Module):
     def flops(self, out_shape: tuple) -> Any:
         """FLOPs per call, as optic.pipeline.cost counts the layer and epilogue this kernel replaced."""
         w = tuple(self.weight.shape)
-        if self.source is not None and _direct(self.source[0]):  # packed: the layer's [F, C, R, S]
+        if self.source is not None and self.source[0].direct:  # packed: the layer's [F, C, R, S]
             w = (self.source[0].args[4], self.source[0].args[1], *self.source[0].args[5:7])
         transposed = self.source is not None and self.source[0].opts.get("b_layout") == "kn"
         return kernel_flops(out_shape, w[::-1] if transposed else w, self.epilogue)
@@ -388,7 +385,7 @@ class TVMKernel(nn.Module):
 
         op = self.source[0]
         w = self.weight.t() if op.op == "matmul" and op.opts.get("b_layout") == "kn" else self.weight
-        if _direct(op):
+        if op.direct:
             from optic.backend.codegen_cpu import unpack_direct_weight
 
             w = unpack_direct_weight(w, op)
@@ -425,11 +422,6 @@ class TVMKernel(nn.Module):
         return self.description
 
 
-def _direct(operator: Any) -> bool:
-    """A convolution computed directly on channel blocks: its weights are held packed (codegen_cpu)."""
-    return operator.op == "conv2d" and operator.opts.get("layout") == "NCHWc"
-
-
 def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
     """``(function, library)`` of ``operator`` with ``config``, built for this CPU (LLVM)."""
     from optic.backend import codegen_cpu
@@ -444,7 +436,7 @@ def make_module(site: KernelSite, fn: Any, lib: Any, config: dict[str, int]) -> 
     weight = site.op.const("weight")
     if site.operator.op == "matmul" and site.operator.opts.get("b_layout") == "kn":
         weight = weight.t()  # prepacked once: the kernel reads B[K,N]
-    elif _direct(site.operator):
+    elif site.operator.direct:
         from optic.backend.codegen_cpu import pack_direct_weight
 
         weight = pack_direct_weight(weight, site.operator, config)  # packed once in the kernel's blocks
