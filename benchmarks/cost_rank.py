@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.render import save
 from benchmarks.runner import machine
 from optic.autotune import Runner, cost_model, solve
 from optic.autotune.operator import Operator
@@ -110,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.close()
     results = {"machine": machine(threads), "k": args.k, "models": sorted({m for m, _ in specs}), "rows": rows,
                "summary": summary(rows), "seconds": time.perf_counter() - start}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost_rank.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "cost_rank.md").write_text(markdown(results))
-    print(markdown(results))
+    save(args.out, "cost_rank", results, markdown(results))
     return 0
 
 

@@ -16,7 +16,6 @@ verdicts (``report.passes[...].measured["kernels"]``). Writes ``benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 import optic
+from benchmarks.render import save
 from benchmarks.runner import machine
 from benchmarks.zoo import registry
 
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + summary(rows[-1:])[0], flush=True)
     results = {"machine": machine(threads), "tune": args.tune, "rows": rows,
                "env": {k: os.environ.get(k) for k in THREAD_ENV}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layers.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "layers.md").write_text(markdown(results))
-    print(markdown(results))
+    save(args.out, "layers", results, markdown(results))
     return 0
 
 

@@ -6,6 +6,7 @@ regenerated from a JSON file: ``benchmarks.runner.write(json.load(open(path)), o
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -357,3 +358,13 @@ def chart(results: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def save(out: str | Path, stem: str, results: dict, markdown: str) -> None:
+    """A benchmark's ``results`` as ``<stem>.json`` and its ``markdown`` as ``<stem>.md`` in ``out`` (made
+    where missing), and the markdown printed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)

@@ -14,7 +14,6 @@ same threads), and the outputs checked against eager. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import optic
+from benchmarks.render import save
 from benchmarks.runner import machine
 from benchmarks.zoo import registry
 from optic.pipeline import timing
@@ -144,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"optic-tvm {row['speedup_vs_eager']['optic-tvm']:.2f}×; {row['generated_kept']} generated kept; "
                   f"tuning {row['tuning_measurements']} in {row['tuning_s']} s; second run "
                   f"{row['second_tuning_measurements']} measurements", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tvm_zoo.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "tvm_zoo.md").write_text(render(results))
-    plot(results, out / "tvm_zoo.png")
-    print(render(results))
+    save(args.out, "tvm_zoo", results, render(results))
+    plot(results, Path(args.out) / "tvm_zoo.png")
     return 0
 
 
