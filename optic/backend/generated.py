@@ -455,6 +455,7 @@ def replace_sites(gm: fx.GraphModule, items: list[tuple[KernelSite, nn.Module, s
         with gm.graph.inserting_before(site.last):
             new = gm.graph.call_module(name, tuple(renamed.get(n, n) for n in site.inputs))
         ir.replace(site.last, new, pass_name, site.nodes)
+        ir.erase_replaced(site.nodes)
         renamed[site.last] = new
     ir.eliminate_dead_code(gm)
     ir.drop_unused_constants(gm)

@@ -230,9 +230,7 @@ def _emit(c: Candidate, gm: fx.GraphModule, x: fx.Node) -> fx.Node:
             w = ir.const_node(graph, gm, c.packed, "onednn_weight")
             new = graph.call_function(mkldnn._linear_pointwise.default, (x, w, bn, attr, scalars, algo))
     ir.replace(c.last, new, "cpu_tactics", c.nodes)
-    for n in reversed(c.nodes):  # nobody reads them now; dead-code removal keeps an in-place activation module
-        if not n.users:
-            graph.erase_node(n)
+    ir.erase_replaced(c.nodes)
     return new
 
 
@@ -310,9 +308,12 @@ class CpuTactics:
             more, more_kernels = self._variants(fallback, ctx, "no generated kernels: ")
             variants.update(more)
             kernels.update(more_kernels)
-        for name, compiled in self._whole_graph(program, ctx).items():
-            variants[name] = compiled
-            kernels[name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
+        for prog, prefix in ((program, ""), (fallback, "no generated kernels: ")):
+            if prog is None:
+                continue
+            for name, compiled in self._whole_graph(prog, ctx).items():
+                variants[prefix + name] = compiled
+                kernels[prefix + name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
         amx = self._int8_generated(program, ctx)
         if amx is not None:
             variants[whole.INT8_GENERATED], kernels[whole.INT8_GENERATED] = amx
@@ -354,6 +355,10 @@ class CpuTactics:
             if whole.writes_state(program):
                 ctx.stats.decline("whole_graph_packaged", MODEL, "the model updates a buffer in forward: a package "
                                                                  "would update its own copy")
+            elif any(getattr(m, "process_local", False) for m in program.gm.modules()):
+                ctx.stats.decline("whole_graph_packaged", MODEL, "optic's generated kernels are called by a key that "
+                                                                 "lives in this process only: a package could not "
+                                                                 "call them after loading")
             else:
                 kinds.append((whole.PACKAGED, "whole_graph_packaged", True))
         found = {}

@@ -198,6 +198,15 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
     return removed
 
 
+def erase_replaced(nodes: Iterable[fx.Node]) -> None:
+    """Erase the nodes a rewrite replaced (in graph order) once nobody reads them: dead-code removal keeps an
+    in-place op (``nn.ReLU(inplace=True)``) because it mutates its input, so the ops a kernel took over would
+    otherwise still run beside it."""
+    for n in reversed(list(nodes)):
+        if not n.users and n.graph is not None and n.op not in ("placeholder", "output"):
+            n.graph.erase_node(n)
+
+
 def drop_unused_constants(gm: fx.GraphModule) -> None:
     """Forget constants and submodules nothing reads any more (only what ``gm`` itself owns)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

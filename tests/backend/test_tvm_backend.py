@@ -426,3 +426,33 @@ def test_a_saved_kernel_brings_its_library_and_rebuilds_only_on_another_machine(
     with torch.no_grad():
         assert torch.equal(other(x), want)
     assert len(compiled) == 1, "a library built for another machine was used instead of compiling"
+
+
+class InplaceReLUNet(nn.Module):
+    """conv → nn.ReLU(inplace=True), twice (ResNet's spelling): the replaced ops are in-place modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.c2(self.relu(self.c1(x))))
+
+
+def test_replaced_layers_leave_the_graph_with_in_place_activations(tmp_path):
+    # an in-place activation module whose value nobody reads is not dead code to fx: it mutates its input.
+    # Left in the graph, the replaced conv and its relu still ran beside the kernel that replaced them (every
+    # replaced layer computed twice in the plain graph)
+    torch.manual_seed(0)
+    model, x = InplaceReLUNet().eval(), torch.randn(1, 3, 8, 8)
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    gm = grab.program.gm
+    assert len([m for m in gm.modules() if isinstance(m, TVMKernel)]) == 2
+    left = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")
+            and not isinstance(gm.get_submodule(n.target) if n.op == "call_module" else None, TVMKernel)]
+    assert left == [], f"replaced ops still run: {[n.format_node() for n in left]}"
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
