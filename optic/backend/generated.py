@@ -22,11 +22,14 @@ The pass behind ``optic.optimize(..., backend="tvm", tune=...)`` on this machine
    oneDNN's fused kernel with prepacked weights (what ``cpu_tactics`` would choose). The generated
    kernel replaces the ops only when it is at least 3 % faster than the fastest of them; the verdict
    is kept in the database beside the tuning records, so it too is measured once.
-4. The whole model is timed before and after, alternated; the pass keeps its kernels only when the
-   model is faster. Layers left in PyTorch go on to ``cpu_tactics``, which times its variants of the
-   model both with the generated kernels and without them (``PassContext.without_generated``), so
-   the TVM backend ends no slower than the torch backend would on the same model. (Option ``tvm_keep="all"``
-   keeps every generated kernel untimed: for testing the rewrite, never for speed.)
+4. The whole model. Where the CPU step (``cpu_tactics``) follows, it decides: it times its variants of
+   the model with the generated kernels and without them (``PassContext.without_generated``), each as
+   PyTorch's ops and compiled whole by Inductor, and keeps the fastest, so the TVM backend ends no
+   slower than the torch backend would on the same model. Inside a compiled whole graph each kernel is
+   one opaque operator, ``torch.ops.optic.generated_kernel`` (no graph break: Inductor compiles
+   everything around it into one program). Without that step, the pass times the model before and
+   after itself, alternated, and keeps its kernels only when the model is faster. (Option
+   ``tvm_keep="all"`` keeps every generated kernel untimed: for testing the rewrite, never for speed.)
 
 Data crosses by DLPack, without copies. The compiled kernels are not picklable: the optimized
 module cannot be saved with ``torch.save`` (its ``state_dict`` can).
@@ -34,12 +37,14 @@ module cannot be saved with ``torch.save`` (its ``state_dict`` can).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +301,7 @@ class TVMKernel(nn.Module):
     out; the weights are buffers (they appear in ``state_dict``). Float32 on this CPU, no gradients."""
 
     fixed_kernel = True  # the optimized module refuses dtype/device conversions and input gradients
+    process_local = True  # called by a per-process key from compiled code: no AOTInductor package holds it
 
     def __init__(self, fn: Any, lib: Any, weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple,
                  out_shape: tuple, result_shape: tuple, description: str, source: tuple | None = None,
@@ -308,6 +314,17 @@ class TVMKernel(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
         self.description = description
+        self._register()
+
+    def _register(self) -> None:
+        """Name this kernel for :func:`generated_kernel` (what a compiled whole graph calls), for as long
+        as it lives."""
+        self.key = f"k{next(_KEYS)}"
+        _LIVE[self.key] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()  # a key is per process: an unpickled kernel takes a new one
 
     def __deepcopy__(self, memo: dict) -> TVMKernel:  # the compiled function is immutable: share it
         w = self.weight.clone()
@@ -404,6 +421,12 @@ class TVMKernel(nn.Module):
     def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self._x_shape() and self.source is not None:  # another size: PyTorch's ops
             return self.reference(x, *residual)
+        if torch.compiler.is_compiling():  # inside a compiled whole graph: one opaque call, no graph break
+            return torch.ops.optic.generated_kernel(self.key, x, residual[0] if residual else None)
+        return self.run(x, *residual)
+
+    def run(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        """The compiled kernel on ``x`` (of the kernel's size) and the residual."""
         if self._fn is None:
             self._fn, self._lib = self._load()
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
@@ -420,6 +443,25 @@ class TVMKernel(nn.Module):
 
     def extra_repr(self) -> str:
         return self.description
+
+
+_KEYS = itertools.count()
+_LIVE: weakref.WeakValueDictionary[str, TVMKernel] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("optic::generated_kernel", mutates_args=())
+def generated_kernel(key: str, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The generated kernel ``key`` (a live :class:`TVMKernel`) on ``x`` and the residual: how a whole graph
+    compiled by Inductor calls it, as one opaque operator (its weights stay the kernel's own buffers)."""
+    kernel = _LIVE.get(key)
+    if kernel is None:
+        raise RuntimeError(f"optic generated kernel {key} no longer exists in this process: compile the graph again")
+    return kernel.run(x, *(() if residual is None else (residual,)))
+
+
+@generated_kernel.register_fake
+def _(key, x, residual):
+    return x.new_empty(_LIVE[key].result_shape)
 
 
 def compile_kernel(operator: Any, config: dict[str, int]) -> tuple[Any, Any]:
@@ -540,6 +582,13 @@ class TVMKernels:
                            for i, (site, (fn, lib, config)) in enumerate(chosen)], "tvm_kernels")
         program.annotate_shapes()
         if ctx.option("tvm_keep") == "all":
+            return True
+        if any(getattr(q, "compiles_whole_graph", False) for q in ctx.passes_after):
+            # the CPU step follows: it times the whole model with these kernels and without them (each way
+            # also compiled as one program, where the kernels are opaque calls), and keeps the fastest
+            ctx.without_generated = before
+            ctx.note(f"{len(chosen)} generated kernel(s) in the graph; the CPU step (cpu_tactics) times the whole "
+                     "model with them and without them, plain and compiled, and keeps the fastest")
             return True
         return self._confirm(before, program, ctx, len(chosen))
 

@@ -69,6 +69,9 @@ class PassContext:
     # whether the CPU step will offer the graph with optic's generated int8 kernels (AMX) after the current
     # budget stage: int8 layers are then timed, all together, with those kernels
     generated_after: bool = False
+    # the passes that will run after the current one (tvm_kernels leaves the whole-model choice to the CPU
+    # step when that step follows: it times the model with and without the generated kernels)
+    passes_after: list[Any] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         if self.record is not None:
@@ -144,6 +147,7 @@ def run(program: Program, passes: list[Pass], ctx: PassContext, report: Report,
         else:
             ctx.lossy_after = ctx.budget is not None and ctx.budget.max_drop > 0 and any(
                 not getattr(q, "exact", True) and q.name not in disable for q in passes[i + 1:])
+            ctx.passes_after = [q for q in passes[i + 1:] if q.name not in disable]
             if ctx.lossy_after and getattr(p, "compiles_whole_graph", False):
                 deferred = (p, program, rec)
             program = _run_one(program, p, ctx, rec, ctx.reference)

@@ -222,24 +222,26 @@ def test_cli_tune_twice(tmp_path):
 
 
 def test_cpu_tactics_also_times_the_model_without_generated_kernels(tmp_path, monkeypatch):
-    """backend="tvm" never ends slower than the torch backend: once generated kernels are kept, cpu_tactics
-    times its variants of the model with them and without them, and keeps the fastest."""
+    """backend="tvm" never ends slower than the torch backend: where cpu_tactics follows, tvm_kernels leaves
+    the whole-model verdict to it (no eager confirm of its own), and cpu_tactics times its variants of the
+    model with the generated kernels and without them, plain and compiled whole, and keeps the fastest."""
     from optic.backend.generated import TVMKernels
 
-    def keep(before, after, ctx, kernels):
-        ctx.without_generated = before
-        return True
+    def never(*a, **k):
+        raise AssertionError("tvm_kernels confirmed on its own although cpu_tactics follows")
 
     monkeypatch.setattr(TuningDB, "tactic", _stored_verdict(True, []))
-    monkeypatch.setattr(TVMKernels, "_confirm", staticmethod(keep))
+    monkeypatch.setattr(TVMKernels, "_confirm", staticmethod(never))
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(2, 3, 8, 8)
     out = optic.optimize(model, x, passes=[*PASSES, "cpu_tactics"], backend="tvm", tune="none",
-                         tuning_db=tmp_path / "t.db")
-    assert tvm_record(out.report).changed
+                         tuning_db=tmp_path / "t.db", options={"whole_graph": "compiled"})
+    record = tvm_record(out.report)
+    assert record.changed and any("times the whole model with them and without them" in n for n in record.notes)
     tactics = next(r for r in out.report.passes if r.name == "cpu_tactics")
     variants = tactics.measured["variants_ms"]
-    assert "torch ops" in variants and "no generated kernels: torch ops" in variants
+    assert {"torch ops", "no generated kernels: torch ops", "whole graph compiled (Inductor, frozen weights)",
+            "no generated kernels: whole graph compiled (Inductor, frozen weights)"} <= set(variants)
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
 
@@ -456,3 +458,58 @@ def test_replaced_layers_leave_the_graph_with_in_place_activations(tmp_path):
     assert left == [], f"replaced ops still run: {[n.format_node() for n in left]}"
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_whole_graph_calls_the_generated_kernels_without_graph_breaks(tmp_path):
+    # the generated kernels are one opaque operator each (optic::generated_kernel) to Dynamo and Inductor: the
+    # whole graph compiles as one program around them, and the kernels themselves run (not PyTorch's ops)
+    from torch._dynamo.utils import counters
+
+    from optic.backend import whole
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 3, 8, 8)
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    kernels = [m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]
+    assert len(kernels) == 5
+    calls = []
+    for k in kernels:
+        k.run = (lambda run: lambda *a: calls.append(1) or run(*a))(k.run)
+    compiled = whole.wrap(grab.program).gm
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        got = compiled(x)
+    assert compiled.compiled.failed is None
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(calls) == 5  # every kernel ran once, inside the compiled program
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_is_called_by_a_key_of_its_own_and_a_stale_key_says_what_to_do(tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model, x = InplaceReLUNet().eval(), torch.randn(1, 3, 8, 8)
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    k = next(m for m in grab.program.gm.modules() if isinstance(m, TVMKernel))
+    twin, loaded = copy.deepcopy(k), pickle.loads(pickle.dumps(k))
+    assert len({k.key, twin.key, loaded.key}) == 3
+    y = model.c1(x).relu()
+    with torch.no_grad():
+        for kernel in (k, twin, loaded):
+            torch.testing.assert_close(torch.ops.optic.generated_kernel(kernel.key, x, None), y, rtol=1e-4, atol=1e-4)
+    key = twin.key
+    del twin
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match="compile the graph again"):
+        torch.ops.optic.generated_kernel(key, x, None)
