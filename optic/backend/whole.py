@@ -206,6 +206,7 @@ class CompiledGraph(_FrozenGraph):
 
     def _reset(self) -> None:
         self._compiled: Any = None
+        self._seen: set[tuple] = set()  # the input signatures the compiled program has served (no compile for them)
         self._frozen, self._versions = [], []
         self.compile_s = None
         self.failed = None
@@ -240,6 +241,7 @@ class CompiledGraph(_FrozenGraph):
         # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
         dynamic = None if getattr(self, "dynamic", False) else False
         object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=dynamic))
+        self._seen = set()
         self.compile_s = time.perf_counter() - t0
 
     def forward(self, *args: Any) -> Any:
@@ -250,11 +252,17 @@ class CompiledGraph(_FrozenGraph):
         # Inductor compiles lazily, on this call or on any later one whose guards fail (another shape):
         # freezing must be on whenever it may compile (torch.compile's options= does not reach it), and
         # it applies to inference graphs only (no input needs a gradient here)
-        import torch._inductor.config as inductor_config
-
         try:
-            with torch.no_grad(), inductor_config.patch(INDUCTOR_CONFIG):
-                out = self._compiled(*args)
+            # patching Inductor's configuration costs about 0.1 ms a call (measured on a small conv graph: 0.24
+            # against 0.14 ms): only calls of a signature not seen since the compile may compile
+            seen = _signature(args)
+            with torch.no_grad():
+                if seen in self._seen:
+                    out = self._compiled(*args)
+                else:
+                    with _configured():
+                        out = self._compiled(*args)
+                    self._seen.add(seen)
             self._track()
             return out
         except Exception as e:  # e.g. another shape that does not compile: the plain graph serves it
@@ -266,6 +274,27 @@ class CompiledGraph(_FrozenGraph):
 
     def __getstate__(self) -> dict:  # the compiled program is neither copied nor saved: compiled again
         return {**super().__getstate__(), "_compiled": None}
+
+
+def _configured() -> Any:
+    """Inductor's configuration for a compile (``INDUCTOR_CONFIG``), as a context."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(INDUCTOR_CONFIG)
+
+
+def _signature(args: tuple) -> tuple:
+    """What Dynamo's guards on the inputs see: each tensor's shape, strides, dtype and device (other values
+    as they are, where hashable); and the grad mode."""
+    def one(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return (tuple(a.shape), a.stride(), a.dtype, a.device)
+        try:
+            hash(a)
+        except TypeError:
+            return id(a)
+        return a
+    return (torch.is_grad_enabled(), *map(one, torch.utils._pytree.tree_leaves(args)))
 
 
 def int8_for_inductor(gm: fx.GraphModule) -> fx.GraphModule:

@@ -267,3 +267,24 @@ def test_a_model_that_updates_a_buffer_is_not_packaged(monkeypatch):
     assert whole.NAME in seen and whole.PACKAGED not in seen
     rec = next(p for p in opt.report.passes if p.name == "cpu_tactics")
     assert any(d["rule"] == "whole_graph_packaged" and "buffer" in d["reason"] for d in rec.declined)
+
+
+def test_inductor_is_configured_exactly_for_the_calls_that_may_compile(whole_kept, monkeypatch):
+    # patching Inductor's configuration costs ~0.1 ms a call, so it is applied only for an input signature the
+    # compiled program has not served yet (Inductor compiles lazily, and must compile with frozen weights)
+    model, x = Block(tally=False).eval(), torch.randn(2, 3, 8, 8)
+    opt = optic.optimize(model, x)
+    (part,) = compiled_parts(opt)
+    patched = []
+    real = whole._configured
+    monkeypatch.setattr(whole, "_configured", lambda: patched.append(1) or real())
+    x3 = torch.randn(5, 3, 8, 8)  # a batch optimize's checks did not use
+    with torch.no_grad():
+        # x was served while optimize measured it: no compile can come for it
+        for xi, expect in ((x, 0), (x, 0), (x3, 1), (x, 1), (x3, 1), (x.to(memory_format=torch.channels_last), 2)):
+            _same(model(xi), opt(xi))
+            assert len(patched) == expect
+        inner = {**dict(part.graph_module.named_parameters()), **dict(part.graph_module.named_buffers())}
+        next(p for p in inner.values() if p.dim() == 4).mul_(2.0)  # an edit: compiled again, configured
+        opt(x)
+        assert len(patched) == 3
