@@ -430,6 +430,14 @@ def test_a_saved_kernel_brings_its_library_and_rebuilds_only_on_another_machine(
     assert len(compiled) == 1, "a library built for another machine was used instead of compiling"
 
 
+def _all_generated(model, x, tmp_path):
+    """The program tvm_kernels returns with every site generated (no timing)."""
+    grab = AfterTVM()
+    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
+                   options=KEEP_ALL, instruments=[grab])
+    return grab.program
+
+
 class InplaceReLUNet(nn.Module):
     """conv → nn.ReLU(inplace=True), twice (ResNet's spelling): the replaced ops are in-place modules."""
 
@@ -448,10 +456,7 @@ def test_replaced_layers_leave_the_graph_with_in_place_activations(tmp_path):
     # replaced layer computed twice in the plain graph)
     torch.manual_seed(0)
     model, x = InplaceReLUNet().eval(), torch.randn(1, 3, 8, 8)
-    grab = AfterTVM()
-    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
-                   options=KEEP_ALL, instruments=[grab])
-    gm = grab.program.gm
+    gm = _all_generated(model, x, tmp_path).gm
     assert len([m for m in gm.modules() if isinstance(m, TVMKernel)]) == 2
     left = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")
             and not isinstance(gm.get_submodule(n.target) if n.op == "call_module" else None, TVMKernel)]
@@ -469,15 +474,13 @@ def test_a_compiled_whole_graph_calls_the_generated_kernels_without_graph_breaks
 
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(2, 3, 8, 8)
-    grab = AfterTVM()
-    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
-                   options=KEEP_ALL, instruments=[grab])
-    kernels = [m for m in grab.program.gm.modules() if isinstance(m, TVMKernel)]
+    program = _all_generated(model, x, tmp_path)
+    kernels = [m for m in program.gm.modules() if isinstance(m, TVMKernel)]
     assert len(kernels) == 5
     calls = []
     for k in kernels:
         k.run = (lambda run: lambda *a: calls.append(1) or run(*a))(k.run)
-    compiled = whole.wrap(grab.program).gm
+    compiled = whole.wrap(program).gm
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
@@ -496,10 +499,7 @@ def test_a_kernel_is_called_by_a_key_of_its_own_and_a_stale_key_says_what_to_do(
 
     torch.manual_seed(0)
     model, x = InplaceReLUNet().eval(), torch.randn(1, 3, 8, 8)
-    grab = AfterTVM()
-    optic.optimize(model, x, passes=PASSES, backend="tvm", tune="none", tuning_db=tmp_path / "t.db",
-                   options=KEEP_ALL, instruments=[grab])
-    k = next(m for m in grab.program.gm.modules() if isinstance(m, TVMKernel))
+    k = next(m for m in _all_generated(model, x, tmp_path).gm.modules() if isinstance(m, TVMKernel))
     twin, loaded = copy.deepcopy(k), pickle.loads(pickle.dumps(k))
     assert len({k.key, twin.key, loaded.key}) == 3
     y = model.c1(x).relu()
