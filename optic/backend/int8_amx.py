@@ -60,6 +60,9 @@ __all__ = ["Int8Kernel", "Spec", "configs", "unavailable", "use_kernels"]
 
 TILES = 8  # AMX tile registers
 VECTOR_REGISTERS = 32  # AVX-512 zmm registers
+# TVM keeps a buffer of its own on the stack only below 1 KiB (runtime::kMaxStackAlloca), where LLVM can hold it in
+# registers; a larger one goes to the heap, and every vpdpbusd then loaded and stored its accumulator (VNNI)
+STACK_BYTES = 1024
 ROWS = 16  # rows of a tile
 ROW_BYTES = 64  # bytes of a tile row
 ENV = "OPTIC_INT8_AMX"  # "0": never offer the generated AMX kernels
@@ -115,14 +118,18 @@ def pick_isa() -> str:
 def configs(fp: int, isa: str = "amx") -> list[tuple[int, int]]:
     """Every legal (MB, NB) for ``fp`` output channels (a multiple of 16), most accumulators first. AMX: MB
     A tiles and NB B tiles with their MB·NB accumulators in the 8 tile registers. VNNI: MB rows by NB
-    vectors of 16 accumulators, NB weight vectors and the broadcast input in the 32 vector registers
-    (at most 8 rows)."""
+    vectors of 16 accumulators, NB weight vectors and the broadcast input in the 32 vector registers,
+    the accumulators under :data:`STACK_BYTES` (at most 15 vectors: what LLVM can keep in registers)."""
     if isa == "amx":
         out = [(mb, nb) for mb in range(1, TILES) for nb in range(1, TILES)
                if mb + nb + mb * nb <= TILES and fp % (16 * nb) == 0]
     else:
         out = [(mb, nb) for mb in range(1, 9) for nb in range(1, 5)
-               if mb * nb + nb + 1 <= VECTOR_REGISTERS and fp % (16 * nb) == 0]
+               if mb * nb + nb + 1 <= VECTOR_REGISTERS and fp % (16 * nb) == 0
+               and mb * nb * ROW_BYTES < STACK_BYTES]
+        # the widest row of weight vectors first (measured on Zen 4, 3x3 convs at 8x8 and 4x4, batch 1 and 8:
+        # (3, 4) and (5, 2) fastest, 15 rows of one vector 5-20 % slower)
+        return sorted(out, key=lambda t: (-t[1], -t[0] * t[1]))
     return sorted(out, key=lambda t: (-t[0] * t[1], -t[1]))
 
 
@@ -147,7 +154,9 @@ class Spec:
     mb: int = 2
     nb: int = 2
     isa: str = "amx"  # "amx" (tile instructions) or "vnni" (AVX-512 vpdpbusd)
-    parallel: bool = False  # TVM's thread pool measured slower here at every size tried (4.7 vs 10.2 µs)
+    # AMX: TVM's thread pool measured slower at every size tried (4.7 vs 10.2 µs for 64->64 at 8x8, Xeon); VNNI:
+    # faster at every size tried on Zen 4 (2 threads: 15 vs 21 µs for 64->64 at 8x8, 240 vs 434 µs for 128->128 at 8)
+    parallel: bool = False
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -157,6 +166,23 @@ class Spec:
     @property
     def fp(self) -> int:  # output channels padded to whole B tiles
         return -(-self.f // (16 * self.nb)) * 16 * self.nb
+
+
+def _scratch(sp: Spec, n: Any, w: Any) -> tuple:
+    """(grid rows holding an output G, GEMM rows per task MT, row blocks, bytes of the padded input Xp, int32s of
+    the accumulators) for a batch ``n`` of width ``w`` (numbers, or TVM variables in the kernel itself).
+
+    Xp is the kernel's argument (the caller allocates it): a buffer of the kernel's own over 1 KiB is TVM's heap
+    workspace, which LLVM cannot tell apart from the accumulators. The accumulators are the kernel's own, under
+    1 KiB, on the stack, so LLVM holds them in registers: with both on the heap, every ``vpdpbusd`` stored its
+    accumulator and the broadcast input was loaded again for each (38 GMAC/s on one Zen 4 core)."""
+    hp, wp = sp.h + 2 * sp.ph, w + 2 * sp.pw
+    oh = (hp - sp.kh) // sp.stride + 1
+    g = ((oh - 1) * sp.stride + 1) * wp
+    mt = ROWS * sp.mb if sp.isa == "amx" else sp.mb  # MB tiles of 16 rows (AMX), MB rows in registers (VNNI)
+    mblk = (g + mt - 1) // mt
+    xlen = (n * hp * wp + mblk * mt + (sp.kh - 1) * wp + sp.kw) * sp.c4  # tiles overhang the last image: slack
+    return g, mt, mblk, xlen, mt * 16 * sp.nb
 
 
 def _prim_func(sp: Spec) -> Any:
@@ -171,13 +197,10 @@ def _prim_func(sp: Spec) -> Any:
     OH, OW = (Hp - R) // st + 1, (Wp - S) // st + 1
     KC = min(ROW_BYTES, C4)  # bytes of an A row: one k block
     KQ, CB = KC // 4, C4 // KC
-    G = ((OH - 1) * st + 1) * Wp  # grid rows holding an output
     AMX = sp.isa == "amx"
-    MT = ROWS * MB if AMX else MB  # GEMM rows per task: MB tiles of 16 (AMX), MB rows in registers (VNNI)
-    MBLK = -(-G // MT)
+    G, MT, MBLK, XLEN, ACC = _scratch(sp, N, W)
     FT = FP // (16 * NB)
     TASKS = N * MBLK * FT
-    XLEN = (N * Hp * Wp + MBLK * MT + (R - 1) * Wp + S) * C4  # tiles overhang the last image: readable slack
     # the layer's numbers are arguments (``consts``), not code: layers of one shape share a kernel
     Q = 3 * FP  # consts: z_x·ΣW[f] (FP), s_x·s_w[f] (FP), b[f] (FP), then z_x, s_out, z_out
     ODT = "uint8" if sp.out_u8 else "float32"
@@ -203,13 +226,14 @@ def _prim_func(sp: Spec) -> Any:
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST, align=1), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
              consts: T.Buffer((Q + 4,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
-             out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1)):
+             out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1),
+             Xp: T.Buffer((XLEN,), "uint8", align=1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
-        Xp = T.alloc_buffer((XLEN,), "uint8")
+        Xp32 = T.decl_buffer((XLEN // 4,), "int32", data=Xp.data)  # 4 channels a word: one broadcast operand
         for row in T.serial(N * Hp):
             for x in T.serial(Wp):
-                hh = row % Hp - PH
-                ww = x - PW
+                hh = T.meta_var(row % Hp - PH)
+                ww = T.meta_var(x - PW)
                 if hh >= 0 and hh < H and ww >= 0 and ww < W:
                     if C == C4:
                         for co in T.serial(C4 // V):
@@ -224,10 +248,11 @@ def _prim_func(sp: Spec) -> Any:
                         for ci in T.vectorized(V):
                             Xp[(row * Wp + x) * C4 + co * V + ci] = T.Cast("uint8", consts[Q])
         for task in T.parallel(TASKS) if PAR else T.serial(TASKS):
-            acc = T.alloc_buffer((MT * 16 * NB,), "int32", scope="local")
-            n = task // (MBLK * FT)
-            mb = task % (MBLK * FT) // FT
-            ft = task % FT
+            acc = T.alloc_buffer((ACC,), "int32")
+            # meta_var: the expression itself where it is used (a named scalar becomes a buffer in memory here)
+            n = T.meta_var(task // (MBLK * FT))
+            mb = T.meta_var(task % (MBLK * FT) // FT)
+            ft = T.meta_var(task % FT)
             if AMX:
                 cfg = T.alloc_buffer((64,), "uint8", scope="local")
                 for i in T.serial(64):
@@ -267,26 +292,34 @@ def _prim_func(sp: Spec) -> Any:
                             T.address_of(acc[i * 16 * 16 * NB + j * 16]), T.int64(16 * NB * 4)))
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
             else:  # VNNI: MB rows x NB vectors of 16 int32 accumulators, vpdpbusd on 4 channels at a time
-                for t in T.vectorized(MT * 16 * NB):
-                    acc[t] = 0
+                for t in T.unroll(MT * NB):  # every access to acc a whole 16-lane vector: one register each
+                    for lane in T.vectorized(16):
+                        acc[t * 16 + lane] = 0
                 for r, s, k4 in T.grid(R, S, C4 // 4):
                     for i in T.unroll(MB):
-                        a = T.reinterpret(T.broadcast(T.reinterpret(
-                            Xp.vload([((n * Hp + r) * Wp + s + mb * MT + i) * C4 + k4 * 4], "uint8x4"), dtype="int32"),
-                            16), dtype="uint8x64")
+                        a = T.meta_var(T.reinterpret(T.broadcast(
+                            Xp32[((n * Hp + r) * Wp + s + mb * MT + i) * (C4 // 4) + k4], 16), dtype="uint8x64"))
                         for j in T.unroll(NB):
                             acc[T.ramp((i * NB + j) * 16, 1, 16)] = T.call_llvm_pure_intrin(
                                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                                 acc.vload([(i * NB + j) * 16], "int32x16"), a,
                                 Wt.vload([((((ft * NB + j) * R + r) * S + s) * (C4 // 4) + k4) * 64], "int8x64"),
                                 dtype="int32x16")
-            for p in T.serial(MT):
-                g = mb * MT + p
+            for p in T.serial(MT) if AMX else T.unroll(MT):  # VNNI: constant indices keep acc in registers
+                g = T.meta_var(mb * MT + p)
                 if g < G and g // Wp % st == 0 and g % Wp % st == 0 and g % Wp // st < OW:
-                    for f in T.vectorized(16 * NB):
-                        if ft * 16 * NB + f < F:
-                            out[n, ft * 16 * NB + f, g // Wp // st, g % Wp // st] = value(
-                                acc[p * 16 * NB + f], consts, res, n, g // Wp // st, g % Wp // st, ft * 16 * NB + f)
+                    if FP == F:  # whole vectors, no predicate (one would scalarize the loop, and acc with it)
+                        for v in T.unroll(NB):
+                            for f in T.vectorized(16):
+                                out[n, ft * 16 * NB + v * 16 + f, g // Wp // st, g % Wp // st] = value(
+                                    acc[p * 16 * NB + v * 16 + f], consts, res, n, g // Wp // st, g % Wp // st,
+                                    ft * 16 * NB + v * 16 + f)
+                    else:
+                        for f in T.vectorized(16 * NB):
+                            if ft * 16 * NB + f < F:
+                                out[n, ft * 16 * NB + f, g // Wp // st, g % Wp // st] = value(
+                                    acc[p * 16 * NB + f], consts, res, n, g // Wp // st, g % Wp // st,
+                                    ft * 16 * NB + f)
     return main
 
 
@@ -434,7 +467,8 @@ class Int8Kernel(nn.Module):
 
     def _spec(self, h: int, w: int) -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa)
+                    self.residual, self.mb, self.nb, self.isa,
+                    parallel=self.isa == "vnni" and torch.get_num_threads() > 1)
 
     def _plan(self, n: int, h: int, w: int) -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -449,8 +483,9 @@ class Int8Kernel(nn.Module):
             ow = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
         else:
             oh, ow = 1, w
+        xlen = _scratch(self._spec(*key), n, w)[3]
         plan = (fn, (n, self.f, oh, ow), (oh * ow * self.f, 1, ow * self.f, self.f),
-                (h * w * self.c, 1, w * self.c, self.c), torch.uint8 if self.out_u8 else torch.float32)
+                (h * w * self.c, 1, w * self.c, self.c), torch.uint8 if self.out_u8 else torch.float32, xlen)
         self._plans[n, h, w] = plan
         return plan
 
@@ -462,7 +497,8 @@ class Int8Kernel(nn.Module):
             n, h, w = 1, 1, math.prod(lead)
             x = x.reshape(1, w, 1, self.c).permute(0, 3, 2, 1)  # [1, K, 1, M] with channels-last strides
         plan = self._plans.get((n, h, w)) or self._plan(n, h, w)
-        fn, shape, out_strides, x_strides, dtype = plan
+        fn, shape, out_strides, x_strides, dtype, xlen = plan
+        scratch = (torch.empty(xlen, dtype=torch.uint8),)  # per call, not per module: two threads may call one
         if x.stride() != x_strides:
             if not x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -476,9 +512,9 @@ class Int8Kernel(nn.Module):
                                  f"(${ENV}=0)")
             if res.dtype != torch.float32 or not res.is_contiguous(memory_format=torch.channels_last):
                 res = res.float().contiguous(memory_format=torch.channels_last)
-            fn(x, self.wt, self.consts, _cl(res), out)
+            fn(x, self.wt, self.consts, _cl(res), out, *scratch)
         else:
-            fn(x, self.wt, self.consts, self._none, out)
+            fn(x, self.wt, self.consts, self._none, out, *scratch)
         return out if self.conv else out.permute(0, 3, 2, 1).reshape(*lead, self.f)
 
 
