@@ -154,8 +154,10 @@ class Spec:
     mb: int = 2
     nb: int = 2
     isa: str = "amx"  # "amx" (tile instructions) or "vnni" (AVX-512 vpdpbusd)
-    # AMX: TVM's thread pool measured slower at every size tried (4.7 vs 10.2 µs for 64->64 at 8x8, Xeon); VNNI:
-    # faster at every size tried on Zen 4 (2 threads: 15 vs 21 µs for 64->64 at 8x8, 240 vs 434 µs for 128->128 at 8)
+    # TVM's thread pool: AMX, slower at every size tried (4.7 vs 10.2 µs for 64->64 at 8x8, Xeon). VNNI (Zen 4, 2
+    # threads): each kernel alone faster (15 vs 21 µs for 64->64 at 8x8 batch 1), but in the model, between PyTorch's
+    # ops on its OpenMP threads, the pools took the cores from each other: the digits CNN's six int8 layers made it
+    # 0.62 -> 1.08 ms with the pool, 0.62 -> 0.40 ms without
     parallel: bool = False
 
     @property
@@ -467,8 +469,7 @@ class Int8Kernel(nn.Module):
 
     def _spec(self, h: int, w: int) -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa,
-                    parallel=self.isa == "vnni" and torch.get_num_threads() > 1)
+                    self.residual, self.mb, self.nb, self.isa)
 
     def _plan(self, n: int, h: int, w: int) -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
