@@ -157,7 +157,8 @@ class Spec:
     # TVM's thread pool: AMX, slower at every size tried (4.7 vs 10.2 µs for 64->64 at 8x8, Xeon). VNNI (Zen 4, 2
     # threads): each kernel alone faster (15 vs 21 µs for 64->64 at 8x8 batch 1), but in the model, between PyTorch's
     # ops on its OpenMP threads, the pools took the cores from each other: the digits CNN's six int8 layers made it
-    # 0.62 -> 1.08 ms with the pool, 0.62 -> 0.40 ms without
+    # 0.62 -> 1.08 ms with the pool, 0.62 -> 0.40 ms without; at batch 8 (19-75 M multiply-adds a layer) too, with
+    # the pool for calls of 16 M or more: the model 1.15 ms, all serial 0.80 ms
     parallel: bool = False
 
     @property
