@@ -180,8 +180,10 @@ def _scratch(sp: Spec, n: Any, w: Any) -> tuple:
     1 KiB, on the stack, so LLVM holds them in registers: with both on the heap, every ``vpdpbusd`` stored its
     accumulator and the broadcast input was loaded again for each (38 GMAC/s on one Zen 4 core)."""
     hp, wp = sp.h + 2 * sp.ph, w + 2 * sp.pw
-    oh = (hp - sp.kh) // sp.stride + 1
-    g = ((oh - 1) * sp.stride + 1) * wp
+    oh, ow = (hp - sp.kh) // sp.stride + 1, (wp - sp.kw) // sp.stride + 1
+    # AMX: the rows are positions of the padded input's grid (a tile is 16 rows at one stride); VNNI: the
+    # output positions themselves (each row is its own broadcast, at any address)
+    g = ((oh - 1) * sp.stride + 1) * wp if sp.isa == "amx" else oh * ow
     mt = ROWS * sp.mb if sp.isa == "amx" else sp.mb  # MB tiles of 16 rows (AMX), MB rows in registers (VNNI)
     mblk = (g + mt - 1) // mt
     xlen = (n * hp * wp + mblk * mt + (sp.kh - 1) * wp + sp.kw) * sp.c4  # tiles overhang the last image: slack
@@ -225,6 +227,14 @@ def _prim_func(sp: Spec) -> Any:
                                                + T.reinterpret(consts[Q + 2], dtype="float32"), T.float32(255)),
                                          T.float32(0)))
         return y
+
+    def position(g):
+        """(whether GEMM row ``g`` is an output, its output row, its output column): AMX, the positions of the
+        padded input's grid on the stride; VNNI, every row is an output position."""
+        if AMX:
+            return (tvm.tirx.all(g < G, g // Wp % st == 0, g % Wp % st == 0, g % Wp // st < OW), g // Wp // st,
+                    g % Wp // st)
+        return g < G, g // OW, g % OW
 
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST, align=1), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
@@ -300,8 +310,10 @@ def _prim_func(sp: Spec) -> Any:
                         acc[t * 16 + lane] = 0
                 for r, s, k4 in T.grid(R, S, C4 // 4):
                     for i in T.unroll(MB):
+                        q = T.meta_var(T.min(mb * MT + i, G - 1))  # an output position (the last task's overhang: any)
                         a = T.meta_var(T.reinterpret(T.broadcast(
-                            Xp32[((n * Hp + r) * Wp + s + mb * MT + i) * (C4 // 4) + k4], 16), dtype="uint8x64"))
+                            Xp32[((n * Hp + q // OW * st + r) * Wp + q % OW * st + s) * (C4 // 4) + k4], 16),
+                            dtype="uint8x64"))
                         for j in T.unroll(NB):
                             acc[T.ramp((i * NB + j) * 16, 1, 16)] = T.call_llvm_pure_intrin(
                                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
@@ -310,19 +322,20 @@ def _prim_func(sp: Spec) -> Any:
                                 dtype="int32x16")
             for p in T.serial(MT) if AMX else T.unroll(MT):  # VNNI: constant indices keep acc in registers
                 g = T.meta_var(mb * MT + p)
-                if g < G and g // Wp % st == 0 and g % Wp % st == 0 and g % Wp // st < OW:
+                keep = T.meta_var(position(g)[0])
+                oy = T.meta_var(position(g)[1])
+                ox = T.meta_var(position(g)[2])
+                if keep:
                     if FP == F:  # whole vectors, no predicate (one would scalarize the loop, and acc with it)
                         for v in T.unroll(NB):
                             for f in T.vectorized(16):
-                                out[n, ft * 16 * NB + v * 16 + f, g // Wp // st, g % Wp // st] = value(
-                                    acc[p * 16 * NB + v * 16 + f], consts, res, n, g // Wp // st, g % Wp // st,
-                                    ft * 16 * NB + v * 16 + f)
+                                out[n, ft * 16 * NB + v * 16 + f, oy, ox] = value(
+                                    acc[p * 16 * NB + v * 16 + f], consts, res, n, oy, ox, ft * 16 * NB + v * 16 + f)
                     else:
                         for f in T.vectorized(16 * NB):
                             if ft * 16 * NB + f < F:
-                                out[n, ft * 16 * NB + f, g // Wp // st, g % Wp // st] = value(
-                                    acc[p * 16 * NB + f], consts, res, n, g // Wp // st, g % Wp // st,
-                                    ft * 16 * NB + f)
+                                out[n, ft * 16 * NB + f, oy, ox] = value(
+                                    acc[p * 16 * NB + f], consts, res, n, oy, ox, ft * 16 * NB + f)
     return main
 
 
@@ -443,6 +456,11 @@ class Int8Kernel(nn.Module):
         self.conv, self.f, self.kh, self.kw = conv, f, *(qweight.shape[2:] if conv else (1, 1))
         self.c = qweight.shape[1]
         self.stride, self.padding = int(stride), (int(padding[0]), int(padding[1]))
+        # a strided 1x1 convolution without padding reads every stride-th pixel: it is the stride-1 kernel on
+        # that subsampled input (the kernel itself computes every position of a strided conv's stride-1 twin)
+        self.subsample = 1
+        if conv and self.kh == self.kw == 1 and self.padding == (0, 0) and self.stride > 1:
+            self.subsample, self.stride = self.stride, 1
         self.x_zp, self.out_scale, self.out_zp = int(x_zp), float(out_scale), int(out_zp)
         self.out_u8, self.relu, self.residual = bool(out_u8), bool(relu), bool(residual)
         self.isa = isa or pick_isa()
@@ -492,6 +510,9 @@ class Int8Kernel(nn.Module):
         return plan
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        step = getattr(self, "subsample", 1)
+        if step > 1:
+            x = x[:, :, ::step, ::step]  # made channels-last contiguous below: a quarter of the input at stride 2
         if self.conv:
             n, _, h, w = x.shape
         else:

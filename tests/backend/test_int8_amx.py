@@ -27,7 +27,7 @@ ISAS = [isa for isa in int8_amx.ISAS if int8_amx.unavailable(isa) is None] or ["
 
 conv_cases = st.fixed_dictionaries({
     "n": st.integers(1, 3), "c": st.sampled_from([1, 3, 4, 16, 64, 72, 128]), "o": st.sampled_from([4, 16, 24, 48]),
-    "hw": st.integers(3, 10), "k": st.sampled_from([1, 3, 5]), "stride": st.integers(1, 2),
+    "hw": st.integers(3, 10), "k": st.sampled_from([1, 3, 5]), "stride": st.integers(1, 3),
     "pad": st.integers(0, 2), "zp": st.integers(0, 255), "relu": st.booleans(), "seed": st.integers(0, 2**16)})
 
 
@@ -66,6 +66,19 @@ def test_the_kernel_accumulates_exactly_what_the_integer_reference_does(case, is
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got.double(), want.double())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("stride,hw", [(2, 8), (2, 7), (3, 10)])
+def test_a_strided_1x1_conv_runs_the_stride_1_kernel_on_every_stride_th_pixel(isa, stride, hw):
+    case = {"n": 2, "c": 64, "o": 48, "hw": hw, "k": 1, "stride": stride, "pad": 0, "zp": 7, "relu": False, "seed": 3}
+    _, qx, qw = _case(case)
+    ones = torch.ones(case["o"])
+    kernel = _kernel(qw, ones, None, 1.0, case, isa=isa)
+    assert kernel.subsample == stride and kernel.stride == 1  # the stride-th pixels only, not stride² the work
+    got = kernel(qx)
+    want = _reference(qx, 1.0, case["zp"], qw, ones, None, case)
+    assert got.shape == want.shape and torch.equal(got.double(), want.double())
 
 
 @pytest.mark.parametrize("isa", ISAS)
