@@ -31,8 +31,16 @@ DEFAULT = ["resnet18", "resnet50", "mobilenetv2", "vit_s16", "bert_base"]
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _record(out) -> dict:
-    return next((r for r in out.report.passes if r.name == "tvm_kernels"), None)
+def _record(out, name: str = "tvm_kernels") -> dict:
+    return next((r for r in out.report.passes if r.name == name), None)
+
+
+def _kept(out) -> tuple[str, dict]:
+    """What the CPU step kept for the whole model, and the time of each implementation it measured (ms)."""
+    r = _record(out, "cpu_tactics")
+    if r is None:
+        return "-", {}
+    return r.measured.get("kept", "torch ops"), r.measured.get("variants_ms", {})
 
 
 def run_model(name: str, tune: str, rounds: int, db: Path) -> dict:
@@ -58,7 +66,9 @@ def run_model(name: str, tune: str, rounds: int, db: Path) -> dict:
         errors = {k: compare(ref, f(), 1e-4).rel for k, f in (("optic-torch", fns["optic-torch"]),
                                                              ("optic-tvm", fns["optic-tvm"]))}
     generated = [k for k in kernels if k["chosen"] == "tvm"]
+    kept, variants = _kept(second)
     return {
+        "kept": kept, "variants_ms": variants,
         "model": name, "tune": tune,
         "first_optimize_s": round(first_s, 1), "second_optimize_s": round(second_s, 1),
         "tuning_measurements": (r1.measured.get("tuning_measurements", 0) if r1 else 0),
@@ -97,7 +107,12 @@ def render(results: dict) -> str:
             f"{r['second_optimize_s']:.0f} s | {r['max_error']['optic-tvm']:.1e} |")
     lines += ["", "× is the speed-up over eager PyTorch in the same alternated timing (higher is faster). "
               "'generated kernels kept': distinct conv/linear kernels whose generated code beat PyTorch's (ATen and "
-              "oneDNN) in the per-kernel tactic; the whole model then keeps them only if it is faster with them."]
+              "oneDNN) in the per-kernel tactic; the whole model then keeps them only if it is faster with them.", ""]
+    for r in results["rows"]:
+        if r.get("variants_ms"):
+            times = ", ".join(f"{k} {v:.2f}" for k, v in r["variants_ms"].items())
+            lines.append(f"- {r['model']}, what the CPU step timed for backend='tvm' (ms): {times}; kept: **{r['kept']}**")
+    lines.append("")
     for r in results["rows"]:
         for g in r["generated"]:
             times = ", ".join(f"{k} {v:.3f} ms" for k, v in g["times_ms"].items())

@@ -513,5 +513,6 @@ def fastest(variants: dict[str, Any], program, ctx) -> str:
     before = t["torch ops"]
     ctx.record.measured["latency_s"] = (before.median, t[best].median)
     ctx.record.measured["variants_ms"] = {k: round(v.median * 1e3, 4) for k, v in t.items()}
+    ctx.record.measured["kept"] = best
     ctx.note("measured here: " + ", ".join(f"{k} {v}" for k, v in t.items()) + f" → kept {best}")
     return best
