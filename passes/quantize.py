@@ -47,6 +47,10 @@ PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "perce
 SAMPLE = 1 << 16  # recorded activation values kept per layer for percentile and MSE calibration
 ERROR_SAMPLES = 8  # calibration samples the per-layer output error is measured on
 MIN_MACS = 50_000  # below this a layer's int8 kernel cannot pay for its quantize step (default)
+# with optic's generated int8 kernels a call costs the kernel and about 3 µs, not oneDNN's ~37 µs, and the pass times
+# each layer's kernel against its float op on the example's batch: only layers too small for that to matter stay out
+# (the digits CNN's 1->64 stem, 36,864 multiply-adds, fp32 10-39 µs, int8 about 3 µs)
+GENERATED_MIN_MACS = 4_096
 RULE = "quantize"
 
 # op-view activation -> oneDNN post-op (attr, scalars, algorithm); int8 kernels fuse these
@@ -440,13 +444,21 @@ class Quantize:
     exact = False
     description = "int8 convolutions and linears (oneDNN kernels), per layer under the accuracy budget"
     options = (
-        Option("quantize_min_macs", int, MIN_MACS, "layers with fewer multiply-adds than this stay fp32 (their "
-               "int8 kernel cannot pay for its quantize step)"),
+        Option("quantize_min_macs", int, None, "layers with fewer multiply-adds than this stay fp32 (their "
+               f"int8 kernel cannot pay for its quantize step; unset: {MIN_MACS} with oneDNN's int8 kernels, "
+               f"{GENERATED_MIN_MACS} where optic's generated ones will run, each layer's gain being timed)"),
     )
+
+    @staticmethod
+    def _min_macs(ctx: Any) -> int:
+        value = ctx.option("quantize_min_macs")
+        if value is not None:
+            return int(value)
+        return GENERATED_MIN_MACS if ctx.generated_after else MIN_MACS
 
     def layers(self, program: Any, ctx: Any) -> list[Layer]:
         """The layers that can run in int8; the others are declined with the reason."""
-        site = quantizable(int(ctx.option("quantize_min_macs")))
+        site = quantizable(self._min_macs(ctx))
         return [_layer(op, program.gm) for op in find_sites(program.gm, site, ctx, ctx.stats)]
 
     def candidates(self, program: Any, ctx: Any) -> list[Action]:
@@ -458,7 +470,7 @@ class Quantize:
         if not layers or ctx.calibration is None:
             return []
         ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs())
-        min_macs = int(ctx.option("quantize_min_macs"))
+        min_macs = self._min_macs(ctx)
         actions = []
         for i, layer in enumerate(layers):
             if ctx.progress:

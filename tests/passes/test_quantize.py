@@ -362,3 +362,26 @@ def test_a_cpu_variant_whose_rounding_breaks_the_budget_is_not_offered():
     assert rule == "budget_check" and "drifts: its rounding moves the held-out drop to 0.0200, over the budget 0.01" in why
     exact = capture(cnn(), (torch.randn(2, 3, 16, 16),))  # no int8 rounding: the numerical check guards it
     assert over_budget({"torch ops": exact, "drifts": exact.clone()}, exact, ctx) == [] and len(drops) == 2
+
+
+def test_the_size_floor_is_lower_where_optic_s_generated_kernels_will_run():
+    # oneDNN's int8 operator costs ~37 µs a call, so small layers stay fp32; a generated kernel costs ~3 µs and
+    # each layer's gain is then timed, so only layers far below that stay out (an explicit option always wins)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)  # 4 x 64 x 64 = 16,384 multiply-adds
+
+        def forward(self, x):
+            return self.fc(x)
+
+    prog = capture(M().eval(), (torch.randn(4, 64),), method="fx")
+    quantize = get("quantize")
+    assert q.MIN_MACS > 16_384 > q.GENERATED_MIN_MACS
+    assert quantize.layers(prog, context(prog)) == []
+    ctx = context(prog)
+    ctx.generated_after = True
+    assert [la.op.node.name for la in quantize.layers(prog, ctx)] == ["fc"]
+    ctx = context(prog, quantize_min_macs=20_000)
+    ctx.generated_after = True
+    assert quantize.layers(prog, ctx) == []
