@@ -207,6 +207,7 @@ class CompiledGraph(_FrozenGraph):
     def _reset(self) -> None:
         self._compiled: Any = None
         self._seen: set[tuple] = set()  # the input signatures the compiled program has served (no compile for them)
+        self._plain: set[tuple] = set()  # the input signatures it failed on (the plain graph serves them)
         self._frozen, self._versions = [], []
         self.compile_s = None
         self.failed = None
@@ -241,7 +242,7 @@ class CompiledGraph(_FrozenGraph):
         # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
         dynamic = None if getattr(self, "dynamic", False) else False
         object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=dynamic))
-        self._seen = set()
+        self._seen, self._plain = set(), set()
         self.compile_s = time.perf_counter() - t0
 
     def forward(self, *args: Any) -> Any:
@@ -252,10 +253,12 @@ class CompiledGraph(_FrozenGraph):
         # Inductor compiles lazily, on this call or on any later one whose guards fail (another shape):
         # freezing must be on whenever it may compile (torch.compile's options= does not reach it), and
         # it applies to inference graphs only (no input needs a gradient here)
+        seen = _signature(args)
+        if seen in self._plain:  # the compiled program failed on this signature: the plain graph serves it
+            return self.graph_module(*args)
         try:
             # patching Inductor's configuration costs about 0.1 ms a call (measured on a small conv graph: 0.24
             # against 0.14 ms): only calls of a signature not seen since the compile may compile
-            seen = _signature(args)
             with torch.no_grad():
                 if seen in self._seen:
                     out = self._compiled(*args)
@@ -266,6 +269,9 @@ class CompiledGraph(_FrozenGraph):
             self._track()
             return out
         except Exception as e:  # e.g. another shape that does not compile: the plain graph serves it
+            # from now on, without trying again (each try raised again: Inductor's int8 lowering of a dynamic
+            # batch, for one, compiles and then fails on a stride check in every call)
+            self._plain.add(seen)
             return self._fall_back("compiled graph", e, *args)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cpu(): what was frozen is another tensor now

@@ -166,11 +166,16 @@ def test_a_compiled_program_that_fails_falls_back_to_the_plain_graph(whole_kept,
     def broken(*_a, **_k):
         raise RuntimeError("C++ compile error: something")
 
-    object.__setattr__(part, "_compiled", broken)
+    calls = []
+    object.__setattr__(part, "_compiled", lambda *a, **k: calls.append(1) or broken())
     part._versions = [t._version for t in part._frozen]
     with torch.no_grad():
         _same(model(x), opt(x))
-    assert part.failed and "C++ compile error" in part.failed
+        assert part.failed and "C++ compile error" in part.failed
+        _same(model(x), opt(x))  # the signature it failed on goes to the plain graph without trying again
+        assert len(calls) == 1
+        _same(model(x[:1]), opt(x[:1]))  # another one is tried
+        assert len(calls) == 2
 
 
 @pytest.mark.slow
