@@ -31,8 +31,9 @@ The pass behind ``optic.optimize(..., backend="tvm", tune=...)`` on this machine
    after itself, alternated, and keeps its kernels only when the model is faster. (Option
    ``tvm_keep="all"`` keeps every generated kernel untimed: for testing the rewrite, never for speed.)
 
-Data crosses by DLPack, without copies. The compiled kernels are not picklable: the optimized
-module cannot be saved with ``torch.save`` (its ``state_dict`` can).
+Data crosses by DLPack, without copies. A kernel pickles as its compiled library and the machine it was
+built for; loaded on another machine (or where the library does not load) it is compiled again from its
+tuning records (``TVMKernel.__getstate__``).
 """
 
 from __future__ import annotations
