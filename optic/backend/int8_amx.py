@@ -26,15 +26,17 @@ The GEMM's rows are the positions of the padded input's grid, ``Wp`` per row: fo
 convolution the 16 rows of an AMX tile are then 16 consecutive positions, one tile load at a stride of
 one pixel, with no im2col; the ``Wp - OW`` positions of each row that are not outputs are computed and
 dropped (25 % extra work at 8×8 with padding 1). A strided convolution computes every grid position
-and keeps every ``stride``-th one (simple, and stride² the work: the cost of its own stride-1 twin).
+and keeps every ``stride``-th one (simple, and stride² the work: the cost of its own stride-1 twin); a
+strided 1×1 convolution without padding is the stride-1 kernel on every stride-th pixel (both ISAs).
 
 Tiles (the template's variables): ``MB`` A tiles of 16 rows and ``NB`` B tiles of 16 output channels
 give ``MB·NB`` accumulator tiles; AMX has 8 tile registers, so ``MB + NB + MB·NB ≤ 8`` (:func:`configs`).
 Each parallel task loads its own tile configuration (it is per thread) and releases it at the end.
 VNNI (``vpdpbusd``: 16 int32 += 16×4 u8·s8 per instruction, the input's 4 channels broadcast) keeps ``MB``
 rows by ``NB`` vectors of 16 accumulators in the 32 vector registers, with the same packed weights (a
-64-byte weight row is one instruction's operand) and the same epilogue; ``$OPTIC_INT8_ISA=vnni`` forces
-it where AMX is there (to test it).
+64-byte weight row is one instruction's operand) and the same epilogue. Each of its rows is a broadcast
+from its own address, so its GEMM rows are the output positions themselves: no padding columns, and a
+strided convolution does only its own work. ``$OPTIC_INT8_ISA=vnni`` forces it where AMX is there (to test it).
 
 AMX needs ``amx_tile`` and ``amx_int8`` and Linux's grant of the tile state to the process
 (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once); VNNI needs ``avx512_vnni``; elsewhere the oneDNN
@@ -172,8 +174,8 @@ class Spec:
 
 
 def _scratch(sp: Spec, n: Any, w: Any) -> tuple:
-    """(grid rows holding an output G, GEMM rows per task MT, row blocks, bytes of the padded input Xp, int32s of
-    the accumulators) for a batch ``n`` of width ``w`` (numbers, or TVM variables in the kernel itself).
+    """(GEMM rows per image G, GEMM rows per task MT, row blocks, bytes of the padded input Xp, int32s of the
+    accumulators) for a batch ``n`` of width ``w`` (numbers, or TVM variables in the kernel itself).
 
     Xp is the kernel's argument (the caller allocates it): a buffer of the kernel's own over 1 KiB is TVM's heap
     workspace, which LLVM cannot tell apart from the accumulators. The accumulators are the kernel's own, under
@@ -457,7 +459,7 @@ class Int8Kernel(nn.Module):
         self.c = qweight.shape[1]
         self.stride, self.padding = int(stride), (int(padding[0]), int(padding[1]))
         # a strided 1x1 convolution without padding reads every stride-th pixel: it is the stride-1 kernel on
-        # that subsampled input (the kernel itself computes every position of a strided conv's stride-1 twin)
+        # that subsampled input (AMX's kernel would compute every position of its stride-1 twin)
         self.subsample = 1
         if conv and self.kh == self.kw == 1 and self.padding == (0, 0) and self.stride > 1:
             self.subsample, self.stride = self.stride, 1
