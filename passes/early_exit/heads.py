@@ -50,7 +50,8 @@ class ExitHead(nn.Module):
         return x
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(pooled) if self.norm is not None else pooled)
+        # F.linear, not the module's call: the same op, without a module dispatch (a head runs per sample at batch 1)
+        return F.linear(self.norm(pooled) if self.norm is not None else pooled, self.fc.weight, self.fc.bias)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(feature))

@@ -638,3 +638,16 @@ def test_declines_each_boundary_by_its_node_then_the_model_when_none_is_early_en
     assert first == "fc1" and "too little left to skip" in late
     assert last == ("early_exit", MODEL, "no block boundary with a 2-D/3-D/4-D float feature early enough")
 
+
+
+def test_a_batch_1_decision_is_the_float32_comparison_the_batch_path_makes():
+    # at batch 1 the runner compares one Python number; it must decide as `confidence >= threshold` on a float32
+    # tensor does, or a sample at the boundary would exit at batch 1 and not in a batch (or the reverse)
+    from optic.passes.early_exit.runner import float32
+
+    edges = [0.9, 0.7, 1 / 3, 0.95, 0.5]
+    for t in edges:
+        for conf in (torch.tensor(t, dtype=torch.float32), torch.tensor(t, dtype=torch.float32).nextafter(
+                torch.tensor(0.0)), torch.tensor(t, dtype=torch.float32).nextafter(torch.tensor(1.0))):
+            assert (float(conf) >= float32(t)) == bool(conf >= t), (t, conf.item())
+    assert float(torch.tensor(0.9, dtype=torch.float32)) < 0.9  # a plain Python comparison would differ there
