@@ -523,7 +523,8 @@ class Int8Kernel(nn.Module):
             x = x.reshape(1, w, 1, self.c).permute(0, 3, 2, 1)  # [1, K, 1, M] with channels-last strides
         plan = self._plans.get((n, h, w)) or self._plan(n, h, w)
         fn, shape, out_strides, x_strides, dtype, xlen = plan
-        scratch = (torch.empty(xlen, dtype=torch.uint8),)  # per call, not per module: two threads may call one
+        # per call, not per module (two threads may call one), on the input's device (not the default one)
+        scratch = (torch.empty(xlen, dtype=torch.uint8, device=x.device),)
         if x.stride() != x_strides:
             if not x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)
