@@ -63,6 +63,7 @@ from optic.pipeline.cost import kernel_flops
 from optic.pipeline.registry import Option, register
 from optic.pipeline.verify import compare
 
+from . import whole
 from .vendor import ONEDNN_ATTRS, TACTICS_CONFIRM_S, DenseSite, recorded_inputs
 from .vendor import Candidate as OneDNNCandidate
 from .vendor import fast_call as onednn_call
@@ -584,7 +585,7 @@ class TVMKernels:
         program.annotate_shapes()
         if ctx.option("tvm_keep") == "all":
             return True
-        if any(getattr(q, "compiles_whole_graph", False) for q in ctx.passes_after):
+        if whole.cpu_step_follows(ctx, ctx.passes_after):
             # the CPU step follows: it times the whole model with these kernels and without them (each way
             # also compiled as one program, where the kernels are opaque calls), and keeps the fastest
             ctx.without_generated = before

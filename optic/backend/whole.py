@@ -72,7 +72,7 @@ def will_compile(ctx: Any, later: list[Any]) -> bool:
     (``compiles_whole_graph``) is among ``later`` (the passes still to run), no lossy pass follows that
     step (it would need the graph), it is switched on, and it can be built here."""
     steps = [i for i, p in enumerate(later) if getattr(p, "compiles_whole_graph", False)]
-    if not _cpu_step_follows(ctx, later) or unavailable() is not None:
+    if not cpu_step_follows(ctx, later) or unavailable() is not None:
         return False
     if any(not getattr(p, "exact", True) for p in later[steps[0] + 1:]):
         return False
@@ -84,10 +84,10 @@ def will_generate(ctx: Any, later: list[Any]) -> bool:
     ``later``, measures here, and optic's generated int8 kernels run on this CPU."""
     from . import int8_amx
 
-    return _cpu_step_follows(ctx, later) and int8_amx.unavailable() is None
+    return cpu_step_follows(ctx, later) and int8_amx.unavailable() is None
 
 
-def _cpu_step_follows(ctx: Any, later: list[Any]) -> bool:
+def cpu_step_follows(ctx: Any, later: list[Any]) -> bool:
     """The CPU step (``compiles_whole_graph``) is among ``later`` and measures here: a CPU target, measuring."""
     return (any(getattr(p, "compiles_whole_graph", False) for p in later) and bool(ctx.measure)
             and getattr(ctx.target, "kind", None) == "cpu")
@@ -269,8 +269,8 @@ class CompiledGraph(_FrozenGraph):
             self._track()
             return out
         except Exception as e:  # e.g. another shape that does not compile: the plain graph serves it
-            # from now on, without trying again (each try raised again: Inductor's int8 lowering of a dynamic
-            # batch, for one, compiles and then fails on a stride check in every call)
+            # from now on, without trying again (each try raised again: seen on the digits models, a compiled
+            # graph holding oneDNN's int8 or prepacked ops failed Inductor's stride check in every call)
             self._plain.add(seen)
             return self._fall_back("compiled graph", e, *args)
 
