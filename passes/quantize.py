@@ -295,16 +295,17 @@ def measured_gain_generated(layer: Layer, x: torch.Tensor, scale: float, zp: int
     bias = layer.op.const("bias")
     bias = None if bias is None else bias.detach().float()
     f = torch.nn.functional
-    x = x.float().contiguous(memory_format=torch.channels_last) if conv else x.float()
-    quant = int8_amx.Quantize(scale, zp, conv)
+    x = x.float()  # in the layout the layer sees: PyTorch's float op and the kernel each read it so
+    # the kernel quantizes its float input itself (as in the graph, where no int8 kernel wrote it in uint8)
     kernel = int8_amx.Int8Kernel(qw, ws, b, scale, zp, int(a["stride"][0]) if conv else 1,
-                                 tuple(a["padding"]) if conv else (0, 0), 1.0, 0, False, attr == "relu", False, conv)
+                                 tuple(a["padding"]) if conv else (0, 0), 1.0, 0, False, attr == "relu", False, conv,
+                                 float_input=True)
 
     def floating() -> torch.Tensor:
         y = f.conv2d(x, w, bias, a["stride"], a["padding"], a["dilation"], a["groups"]) if conv else f.linear(x, w, bias)
         return y.relu() if attr == "relu" else y
     with torch.no_grad():
-        generated = lambda: kernel(quant(x))  # noqa: E731
+        generated = lambda: kernel(x)  # noqa: E731
         generated()
         t = timing.compare({"float": floating, "int8": generated}, rounds=3,
                            block=timing.calls_per_block(floating, target_s=0.003, cap=50), warmup=1)

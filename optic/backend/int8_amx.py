@@ -162,6 +162,10 @@ class Spec:
     # 0.62 -> 1.08 ms with the pool, 0.62 -> 0.40 ms without; at batch 8 (19-75 M multiply-adds a layer) too, with
     # the pool for calls of 16 M or more: the model 1.15 ms, all serial 0.80 ms
     parallel: bool = False
+    # the input: "u8" (quantized, channels-last), or float32 quantized by the kernel itself as it copies the
+    # input into its padded buffer ("f32": channels-last, "f32nchw": contiguous NCHW), which saves the quantize
+    # step's own call, its output and a pass over the data
+    xin: str = "u8"
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -215,6 +219,17 @@ def _prim_func(sp: Spec) -> Any:
     V = math.gcd(C4, ROW_BYTES)  # bytes of a channel vector in the padding copy
     # NCHW shapes with channels-last strides: PyTorch's channels-last tensors pass as they are
     XST, OST = (H * W * C, 1, W * C, C), (OH * OW * F, 1, OW * F, F)
+    if sp.xin == "f32nchw":
+        XST = (C * H * W, H * W, W, 1)
+    XDT = "uint8" if sp.xin == "u8" else "float32"
+
+    def load(X, consts, n, c, hh, ww):
+        """The input's uint8 value: as it is, or float32 quantized as :func:`.int8.quantize_u8` computes it
+        (consts: z_x at Q, s_x's float32 bits at Q + 3)."""
+        if XDT == "uint8":
+            return X[n, c, hh, ww]
+        return T.Cast("uint8", T.max(T.min(T.round(X[n, c, hh, ww] / T.reinterpret(consts[Q + 3], dtype="float32"))
+                                           + T.Cast("float32", consts[Q]), T.float32(255)), T.float32(0)))
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
 
     def value(acc, consts, res, n, oh, ow, f):
@@ -239,7 +254,7 @@ def _prim_func(sp: Spec) -> Any:
         return g < G, g // OW, g % OW
 
     @T.prim_func(s_tir=True)
-    def main(X: T.Buffer((N, C, H, W), "uint8", strides=XST, align=1), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
+    def main(X: T.Buffer((N, C, H, W), XDT, strides=XST, align=1 if XDT == "uint8" else 4), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
              consts: T.Buffer((Q + 4,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
              out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1),
              Xp: T.Buffer((XLEN,), "uint8", align=1)):
@@ -253,10 +268,10 @@ def _prim_func(sp: Spec) -> Any:
                     if C == C4:
                         for co in T.serial(C4 // V):
                             for ci in T.vectorized(V):
-                                Xp[(row * Wp + x) * C4 + co * V + ci] = X[row // Hp, co * V + ci, hh, ww]
+                                Xp[(row * Wp + x) * C4 + co * V + ci] = load(X, consts, row // Hp, co * V + ci, hh, ww)
                     else:
                         for c in T.serial(C4):
-                            Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, X[row // Hp, T.min(c, C - 1), hh, ww],
+                            Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, load(X, consts, row // Hp, T.min(c, C - 1), hh, ww),
                                                                          T.Cast("uint8", consts[Q]))
                 else:
                     for co in T.serial(C4 // V):
@@ -452,8 +467,9 @@ class Int8Kernel(nn.Module):
 
     def __init__(self, qweight: Tensor, w_scales: Tensor, bias: Tensor | None, x_scale: float, x_zp: int,
                  stride: int, padding: tuple[int, int], out_scale: float, out_zp: int, out_u8: bool, relu: bool,
-                 residual: bool, conv: bool, isa: str | None = None):
+                 residual: bool, conv: bool, isa: str | None = None, float_input: bool = False):
         super().__init__()
+        # float_input: x is float32 and the kernel quantizes it (with x_scale and x_zp) as it copies it in
         f = qweight.shape[0]
         self.conv, self.f, self.kh, self.kw = conv, f, *(qweight.shape[2:] if conv else (1, 1))
         self.c = qweight.shape[1]
@@ -465,6 +481,7 @@ class Int8Kernel(nn.Module):
             self.subsample, self.stride = self.stride, 1
         self.x_zp, self.out_scale, self.out_zp = int(x_zp), float(out_scale), int(out_zp)
         self.out_u8, self.relu, self.residual = bool(out_u8), bool(relu), bool(residual)
+        self.float_input = bool(float_input)
         self.isa = isa or pick_isa()
         self.mb, self.nb = configs(-(-f // 16) * 16, self.isa)[0] if self.isa == "vnni" or f % 32 else (2, 2)
         c4 = self._spec(1, 1).c4
@@ -474,29 +491,41 @@ class Int8Kernel(nn.Module):
         self.register_buffer("wt", pack_weight(qweight, c4, fp))
         mult = torch.cat([(float(x_scale) * w_scales.double()).float(), pad])
         b = torch.cat([torch.zeros(f, device="cpu") if bias is None else bias.detach().float(), pad])
-        # z_x·ΣW[f] (int32), s_x·s_w[f] and b[f] (float32 bits), then z_x, s_out and z_out: one argument
-        tail = torch.tensor([float(self.out_scale), float(self.out_zp), 0.0], device="cpu").view(torch.int32)
+        # z_x·ΣW[f] (int32), s_x·s_w[f] and b[f] (float32 bits), then z_x, s_out, z_out and s_x: one argument
+        tail = torch.tensor([float(self.out_scale), float(self.out_zp), float(x_scale)], device="cpu").view(torch.int32)
         self.register_buffer("consts", torch.cat([torch.cat([sums * self.x_zp, pad.int()]).int(),
                                                   mult.view(torch.int32), b.view(torch.int32),
                                                   torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]))
         self._none = torch.zeros(1, device="cpu")
         self._fns: dict[tuple[int, int], Any] = {}  # per image size (any batch): the kernel
         self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
+        self._scratch: dict[tuple, Any] = {}  # per thread and input size: the padded input's buffer
 
     def __getstate__(self) -> dict:  # compiled kernels are neither copied nor saved: compiled again on use
         state = self.__dict__.copy()
-        state["_fns"], state["_plans"] = {}, {}
+        state["_fns"], state["_plans"], state["_scratch"] = {}, {}, {}
         return state
 
-    def _spec(self, h: int, w: int) -> Spec:
-        return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa)
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_scratch", {})  # saved before the scratch was kept between calls
+        state.setdefault("float_input", False)  # saved before kernels quantized their input
+        super().__setstate__(state)
 
-    def _plan(self, n: int, h: int, w: int) -> tuple:
+    def _spec(self, h: int, w: int, xin: str = "u8") -> Spec:
+        return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
+                    self.residual, self.mb, self.nb, self.isa, xin=xin)
+
+    def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
         channels-last strides, the input's strides as TVM checks them (PyTorch may give a dimension of size 1
-        any stride) and the output's dtype."""
-        key = (h, w) if self.conv else (1, 0)
+        any stride), the output's dtype, the padded input's length, and the constant arguments as TVM's
+        tensors (each PyTorch tensor passed costs a conversion per call) with the buffers they were made of."""
+        from optic.tvm_compat import require_tvm
+
+        require_tvm()
+        import tvm_ffi
+
+        key = ((h, w) if self.conv else (1, 0)) + (xin,)
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = build(self._spec(*key))
@@ -506,30 +535,59 @@ class Int8Kernel(nn.Module):
         else:
             oh, ow = 1, w
         xlen = _scratch(self._spec(*key), n, w)[3]
-        plan = (fn, (n, self.f, oh, ow), (oh * ow * self.f, 1, ow * self.f, self.f),
-                (h * w * self.c, 1, w * self.c, self.c), torch.uint8 if self.out_u8 else torch.float32, xlen)
-        self._plans[n, h, w] = plan
+        wt, consts = self._buffers["wt"], self._buffers["consts"]
+        x_strides = (self.c * h * w, h * w, w, 1) if xin == "f32nchw" else (h * w * self.c, 1, w * self.c, self.c)
+        plan = (fn, (n, self.f, oh, ow), (oh * ow * self.f, 1, ow * self.f, self.f), x_strides,
+                torch.uint8 if self.out_u8 else torch.float32, xlen,
+                (wt, consts), tuple(tvm_ffi.from_dlpack(t) for t in (wt, consts, self._none)))
+        self._plans[n, h, w, xin] = plan
         return plan
+
+    def _padded(self, key: tuple, xlen: int, device: Any) -> Any:
+        """The padded input's buffer for this thread and input size, kept between calls (the kernel writes
+        all of it that it reads before reading it): an allocation and a conversion less per call."""
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) > 64:  # many threads or sizes: start again rather than grow
+                self._scratch.clear()
+            import tvm_ffi
+
+            buf = self._scratch[key] = tvm_ffi.from_dlpack(torch.empty(xlen, dtype=torch.uint8, device=device))
+        return buf
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         step = getattr(self, "subsample", 1)
         if step > 1:
             x = x[:, :, ::step, ::step]  # made channels-last contiguous below: a quarter of the input at stride 2
+        xin = "u8"
+        if self.float_input:
+            if x.dtype != torch.float32:
+                x = x.float()
+            # a convolution's float input is read in the layout it comes in (NCHW, or channels-last)
+            xin = "f32" if not self.conv or x.is_contiguous(memory_format=torch.channels_last) else "f32nchw"
         if self.conv:
             n, _, h, w = x.shape
         else:
             lead = x.shape[:-1]
             n, h, w = 1, 1, math.prod(lead)
-            x = x.reshape(1, w, 1, self.c).permute(0, 3, 2, 1)  # [1, K, 1, M] with channels-last strides
-        plan = self._plans.get((n, h, w)) or self._plan(n, h, w)
-        fn, shape, out_strides, x_strides, dtype, xlen = plan
-        # per call, not per module (two threads may call one), on the input's device (not the default one)
-        scratch = (torch.empty(xlen, dtype=torch.uint8, device=x.device),)
-        if x.stride() != x_strides:
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = x.as_strided(x.shape, x_strides)
-        out = torch.empty_strided(shape, out_strides, dtype=dtype, device=x.device)  # channels-last, the strides TVM checks
+        plan = self._plans.get((n, h, w, xin))
+        if plan is None or plan[6][0] is not self._buffers["wt"] or plan[6][1] is not self._buffers["consts"]:
+            plan = self._plan(n, h, w, xin)  # first call at this size, or the module's buffers were replaced (.to())
+        fn, shape, out_strides, x_strides, dtype, xlen, _, (wt, consts, none) = plan
+        # per thread (two threads may call one module), on the input's device (not the default one)
+        scratch = self._padded((threading.get_ident(), n, h, w, xin), xlen, x.device)
+        if self.conv:
+            if x.stride() != x_strides:
+                if xin == "f32nchw":
+                    x = x.contiguous()
+                elif not x.is_contiguous(memory_format=torch.channels_last):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.as_strided(x.shape, x_strides)
+            y = out = torch.empty_strided(shape, out_strides, dtype=dtype, device=x.device)  # the strides TVM checks
+        else:  # [*, K] rows as the [1, K, 1, M] channels-last tensor the kernel takes: the same memory, one view
+            x = x.contiguous().as_strided((1, self.c, 1, w), x_strides)
+            y = torch.empty((*lead, self.f), dtype=dtype, device=x.device)
+            out = y.as_strided(shape, out_strides)
         if self.residual:
             res = residual if self.conv else residual.reshape(1, w, 1, self.f).permute(0, 3, 2, 1)
             if res.shape != shape:
@@ -538,10 +596,10 @@ class Int8Kernel(nn.Module):
                                  f"(${ENV}=0)")
             if res.dtype != torch.float32 or not res.is_contiguous(memory_format=torch.channels_last):
                 res = res.float().contiguous(memory_format=torch.channels_last)
-            fn(x, self.wt, self.consts, _cl(res), out, *scratch)
+            fn(x, wt, consts, _cl(res), out, scratch)
         else:
-            fn(x, self.wt, self.consts, self._none, out, *scratch)
-        return out if self.conv else out.permute(0, 3, 2, 1).reshape(*lead, self.f)
+            fn(x, wt, consts, none, out, scratch)
+        return y
 
 
 def _cl(t: Tensor) -> Tensor:
@@ -580,13 +638,27 @@ def _shape(node: Any) -> tuple | None:
     return tuple(val.shape) if hasattr(val, "shape") else None
 
 
+def _quantizes_for(xq: Any, scale: float, zp: int) -> bool:
+    """Whether ``xq`` is a quantize step of a float32 value with this scale and zero point (what a kernel
+    taking float input computes itself)."""
+    from . import int8
+
+    if not (isinstance(xq, fx.Node) and xq.op == "call_function" and xq.target is int8.quantize_u8
+            and len(xq.args) >= 3 and isinstance(xq.args[0], fx.Node)):
+        return False
+    meta = xq.args[0].meta.get("val", xq.args[0].meta.get("tensor_meta"))
+    return (float(xq.args[1]) == scale and int(xq.args[2]) == zp
+            and getattr(meta, "dtype", None) == torch.float32)
+
+
 def use_kernels(gm: fx.GraphModule) -> list[str]:
     """Run ``gm``'s int8 operators by generated AMX kernels, in place: each ``optic::int8_conv2d`` and
     ``optic::int8_linear`` (plain arguments, a constant weight, no other post-op than ReLU, ungrouped and
     undilated) becomes an :class:`Int8Kernel` submodule, and its epilogue takes what follows it when only
     it uses the value: a residual add and a ReLU, then the quantize steps of its users when they all
-    quantize with the same scale and zero point (the same float32 arithmetic, in the kernel); the other
-    quantize steps become :class:`Quantize` kernels. The kinds of kernel made, one entry per node
+    quantize with the same scale and zero point (the same float32 arithmetic, in the kernel). A kernel whose
+    input no kernel wrote in uint8 quantizes the float input itself as it copies it into its padded buffer;
+    the quantize steps left (read by other operators) become :class:`Quantize` kernels. The kinds of kernel made, one entry per node
     (empty: no int8 operator could be made one)."""
     from optic.ir import fetch_attr, free_name
 
@@ -623,18 +695,22 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
             out_scale, out_zp, out_u8 = float(quantizers[0].args[1]), int(quantizers[0].args[2]), True
         else:
             quantizers = []
+        # the input's quantize step, where no kernel wrote the uint8 input, is done by this kernel as it reads it
+        float_input = _quantizes_for(xq, float(x_scale), int(x_zp))
         kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
-                            residual is not None, conv)
+                            residual is not None, conv, float_input=float_input)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
+        x_in = xq.args[0] if float_input else xq
         with gm.graph.inserting_after(last):
-            new = gm.graph.call_module(name, (xq,) if residual is None else (xq, residual))
+            new = gm.graph.call_module(name, (x_in,) if residual is None else (x_in, residual))
         new.meta = dict((quantizers[0] if quantizers else last).meta)
         for done in quantizers or [last]:
             done.replace_all_uses_with(new)
-        made.append(("conv2d" if conv else "linear") + ("+add" if residual is not None else "")
+        made.append(("quantize+" if float_input else "") + ("conv2d" if conv else "linear")
+                    + ("+add" if residual is not None else "")
                     + ("+relu" if relu else "") + ("→u8" if out_u8 else ""))
     if made:
         gm.graph.eliminate_dead_code()

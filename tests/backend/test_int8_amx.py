@@ -145,6 +145,86 @@ def test_the_quantize_kernel_is_pytorchs_quantize_step_bit_for_bit(shape, layout
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@examples(20, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases, x_scale=st.floats(1e-3, 0.1), layout=st.sampled_from(["nchw", "cl", "strided"]))
+def test_a_kernel_on_float_input_is_the_quantize_step_then_the_kernel_bit_for_bit(case, x_scale, layout, isa):
+    """The quantize step a kernel does as it copies its float input in: every layout it may get, ties and
+    saturation included, the same integers as quantize_u8 then the uint8 kernel."""
+    if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
+        return
+    g, _, qw = _case(case)
+    x = torch.randn(case["n"], case["c"], case["hw"], case["hw"], generator=g) * 200 * x_scale
+    x.view(-1)[::3] = (torch.randint(-300, 300, x.view(-1)[::3].shape, generator=g).float() + 0.5) * x_scale  # ties
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # neither layout: a slice
+        x = torch.cat([x, x], dim=3)[..., ::2]
+    ws, b = torch.rand(case["o"], generator=g) * 0.01 + 1e-4, torch.randn(case["o"], generator=g)
+    want = _kernel(qw, ws, b, x_scale, case, isa=isa)(int8.quantize_u8(x, x_scale, case["zp"], True))
+    pad = min(case["pad"], case["k"] // 2 + 1)
+    fused = int8_amx.Int8Kernel(qw, ws, b, x_scale, case["zp"], case["stride"], (pad, pad), 1.0, 0, False,
+                                case["relu"], False, True, isa=isa, float_input=True)
+    assert torch.equal(fused(x), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_linear_on_float_rows_quantizes_them_as_the_quantize_step_does(isa):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 96, generator=g)
+    qw = torch.randint(-127, 128, (40, 96), generator=g).to(torch.int8)
+    ws, b = torch.rand(40, generator=g) * 0.01 + 1e-4, torch.randn(40, generator=g)
+    args = (qw, ws, b, 0.03, 77, 1, (0, 0), 1.0, 0, False, True, False, False)
+    want = int8_amx.Int8Kernel(*args, isa=isa)(int8.quantize_u8(x, 0.03, 77))
+    fused = int8_amx.Int8Kernel(*args, isa=isa, float_input=True)
+    assert torch.equal(fused(x), want) and torch.equal(fused(x[:, :4]), want[:, :4])
+
+
+def test_a_kernel_whose_buffers_are_replaced_computes_with_the_new_ones():
+    """The constant arguments are kept converted between calls: a buffer replaced (assigned, or moved by
+    .to()) must not leave the kernel computing with the old one; one copied into in place is the same memory."""
+    g = torch.Generator().manual_seed(0)
+    qx = torch.randint(0, 256, (9, 64), generator=g, dtype=torch.uint8)
+    make = lambda seed: int8_amx.Int8Kernel(  # noqa: E731
+        torch.randint(-127, 128, (32, 64), generator=torch.Generator().manual_seed(seed)).to(torch.int8),
+        torch.full((32,), 0.01), torch.randn(32, generator=torch.Generator().manual_seed(seed)), 0.02, 5, 1,
+        (0, 0), 1.0, 0, False, False, False, False)
+    a, b = make(1), make(2)
+    want_a, want_b = a(qx), b(qx)
+    assert not torch.equal(want_a, want_b)
+    a.wt, a.consts = b.wt.clone(), b.consts.clone()
+    assert torch.equal(a(qx), want_b)
+    c = make(1)
+    c(qx)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(c(qx), want_b)
+
+
+def test_threads_calling_one_kernel_each_compute_their_own_input():
+    """The padded input's buffer is kept per thread: two threads at once never read each other's."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    qw = torch.randint(-127, 128, (32, 16, 3, 3), generator=g).to(torch.int8)
+    kernel = int8_amx.Int8Kernel(qw, torch.full((32,), 0.01), None, 0.02, 3, 1, (1, 1), 1.0, 0, False, False,
+                                 False, True)
+    xs = [torch.randint(0, 256, (1, 16, 12, 12), generator=g, dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last) for _ in range(2)]
+    wants = [kernel(x) for x in xs]
+    bad = []
+
+    def run(i):
+        for _ in range(300):
+            if not torch.equal(kernel(xs[i]), wants[i]):
+                bad.append(i)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
 class Net(nn.Module):
     def __init__(self, c: int = 16, seed: int = 0):
         super().__init__()
@@ -168,7 +248,10 @@ def test_the_graph_runs_the_generated_kernels_and_computes_what_the_operators_co
     generated = prog.clone()
     made = int8_amx.use_kernels(generated.gm)
     assert [(n.name, n.target, n.args) for n in prog.gm.graph.nodes] == before
-    assert any(k.startswith("conv2d+add+relu") for k in made) and any(k.startswith("linear") for k in made)
+    assert any("conv2d+add+relu" in k for k in made) and any("linear" in k for k in made)
+    # the first conv reads the model's float input: it quantizes it itself, no quantize step is left
+    assert made[0].startswith("quantize+conv2d") and "quantize" not in made
+    assert not any(isinstance(m, int8_amx.Quantize) for m in generated.gm.modules())
     left = [n for n in generated.gm.graph.nodes if n.op == "call_function"
             and (n.target in int8.OUT_ARGS or n.target is int8.quantize_u8)]
     assert not left
