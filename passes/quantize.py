@@ -299,11 +299,11 @@ def measured_gain_generated(layer: Layer, x: torch.Tensor, scale: float, zp: int
     # the kernel quantizes its float input itself (as in the graph, where no int8 kernel wrote it in uint8)
     kernel = int8_amx.Int8Kernel(qw, ws, b, scale, zp, int(a["stride"][0]) if conv else 1,
                                  tuple(a["padding"]) if conv else (0, 0), 1.0, 0, False, attr == "relu", False, conv,
-                                 float_input=True)
+                                 float_input=True, gelu=(layer.post[2] or "none") if attr == "gelu" else "")
 
     def floating() -> torch.Tensor:
         y = f.conv2d(x, w, bias, a["stride"], a["padding"], a["dilation"], a["groups"]) if conv else f.linear(x, w, bias)
-        return y.relu() if attr == "relu" else y
+        return int8.post_op(y, *layer.post)
     with torch.no_grad():
         generated = lambda: kernel(x)  # noqa: E731
         generated()

@@ -19,7 +19,7 @@ operators already pass each other), uint8 activations and int8 weights:
     Xp  = X padded: by the convolution's padding and to whole 4-channel groups, with the zero point
           (a padded position then contributes (z_x - z_x)·w = 0, as the reference's zero padding)
     acc = Σ Xp·W over the stride-1 grid of Xp's rows (AMX ``tdpbusd``: 16×16 int32 += 16×64 u8 · 64×16 s8)
-    y   = (acc - z_x·Σ W[f]) · (s_x·s_w[f]) + b[f]  [+ residual]  [relu]
+    y   = (acc - z_x·Σ W[f]) · (s_x·s_w[f]) + b[f]  [+ residual]  [relu | gelu]
     out = y (float32), or clamp(round(y / s_out) + z_out, 0, 255) (uint8)
 
 The GEMM's rows are the positions of the padded input's grid, ``Wp`` per row: for a stride-1
@@ -166,6 +166,9 @@ class Spec:
     # input into its padded buffer ("f32": channels-last, "f32nchw": contiguous NCHW), which saves the quantize
     # step's own call, its output and a pass over the data
     xin: str = "u8"
+    # a GELU after the bias (a transformer's FFN): "" none, "none" erf's (PyTorch's default), "tanh" its
+    # tanh approximation
+    gelu: str = ""
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -175,6 +178,32 @@ class Spec:
     @property
     def fp(self) -> int:  # output channels padded to whole B tiles
         return -(-self.f // (16 * self.nb)) * 16 * self.nb
+
+
+# erf(x) = x·P(x²)/Q(x²) on [-4, 4] (±1 in float32 beyond): the rational approximation Eigen and TVM's
+# fast_erf use, a few float32 ulps from erf (LLVM's erf and exp are scalar library calls, one per lane)
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _gelu(y: Any, approximate: str) -> Any:
+    """GELU of the float32 expression ``y``, vectorizable: ``y/2·(1 + erf(y/√2))``, or with ``approximate``
+    "tanh" ``y/2·(1 + tanh(√(2/π)·(y + 0.044715·y³)))`` (as :func:`torch.nn.functional.gelu`)."""
+    from tvm.script import tirx as T
+
+    half, one = T.float32(0.5), T.float32(1)
+    if approximate == "tanh":
+        return half * y * (one + T.tanh(T.float32(math.sqrt(2 / math.pi)) * (y + T.float32(0.044715) * y * y * y)))
+    x = T.max(T.min(y * T.float32(1 / math.sqrt(2)), T.float32(4)), T.float32(-4))
+    x2 = x * x
+    p, q = T.float32(_ERF_P[0]), T.float32(_ERF_Q[0])
+    for a in _ERF_P[1:]:
+        p = p * x2 + T.float32(a)
+    for b in _ERF_Q[1:]:
+        q = q * x2 + T.float32(b)
+    return half * y * (one + x * p / q)
 
 
 def _scratch(sp: Spec, n: Any, w: Any) -> tuple:
@@ -215,7 +244,7 @@ def _prim_func(sp: Spec) -> Any:
     # the layer's numbers are arguments (``consts``), not code: layers of one shape share a kernel
     Q = 3 * FP  # consts: z_x·ΣW[f] (FP), s_x·s_w[f] (FP), b[f] (FP), then z_x, s_out, z_out
     ODT = "uint8" if sp.out_u8 else "float32"
-    RELU, RES, U8, PAR = sp.relu, sp.residual, sp.out_u8, sp.parallel
+    RELU, RES, U8, PAR, GELU = sp.relu, sp.residual, sp.out_u8, sp.parallel, sp.gelu
     V = math.gcd(C4, ROW_BYTES)  # bytes of a channel vector in the padding copy
     # NCHW shapes with channels-last strides: PyTorch's channels-last tensors pass as they are
     XST, OST = (H * W * C, 1, W * C, C), (OH * OW * F, 1, OW * F, F)
@@ -239,6 +268,8 @@ def _prim_func(sp: Spec) -> Any:
             y = y + res[n, f, oh, ow]
         if RELU:
             y = T.max(y, T.float32(0))
+        if GELU:
+            y = _gelu(y, GELU)
         if U8:
             return T.Cast("uint8", T.max(T.min(T.round(y / T.reinterpret(consts[Q + 1], dtype="float32"))
                                                + T.reinterpret(consts[Q + 2], dtype="float32"), T.float32(255)),
@@ -467,7 +498,7 @@ class Int8Kernel(nn.Module):
 
     def __init__(self, qweight: Tensor, w_scales: Tensor, bias: Tensor | None, x_scale: float, x_zp: int,
                  stride: int, padding: tuple[int, int], out_scale: float, out_zp: int, out_u8: bool, relu: bool,
-                 residual: bool, conv: bool, isa: str | None = None, float_input: bool = False):
+                 residual: bool, conv: bool, isa: str | None = None, float_input: bool = False, gelu: str = ""):
         super().__init__()
         # float_input: x is float32 and the kernel quantizes it (with x_scale and x_zp) as it copies it in
         f = qweight.shape[0]
@@ -482,6 +513,7 @@ class Int8Kernel(nn.Module):
         self.x_zp, self.out_scale, self.out_zp = int(x_zp), float(out_scale), int(out_zp)
         self.out_u8, self.relu, self.residual = bool(out_u8), bool(relu), bool(residual)
         self.float_input = bool(float_input)
+        self.gelu = str(gelu)  # "", or the GELU's approximation ("none": erf's)
         self.isa = isa or pick_isa()
         self.mb, self.nb = configs(-(-f // 16) * 16, self.isa)[0] if self.isa == "vnni" or f % 32 else (2, 2)
         c4 = self._spec(1, 1).c4
@@ -501,6 +533,12 @@ class Int8Kernel(nn.Module):
         self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
         self._scratch: dict[tuple, Any] = {}  # per thread and input size: the padded input's buffer
 
+    compute_dtype = "int8"  # what the cost model rates its multiply-adds at
+
+    def flops(self, out: tuple) -> int:
+        """Operations for an output of shape ``out`` (the cost model's count: a multiply-add is two)."""
+        return 2 * math.prod(out) * self.c * self.kh * self.kw
+
     def __getstate__(self) -> dict:  # compiled kernels are neither copied nor saved: compiled again on use
         state = self.__dict__.copy()
         state["_fns"], state["_plans"], state["_scratch"] = {}, {}, {}
@@ -509,11 +547,12 @@ class Int8Kernel(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_scratch", {})  # saved before the scratch was kept between calls
         state.setdefault("float_input", False)  # saved before kernels quantized their input
+        state.setdefault("gelu", "")
         super().__setstate__(state)
 
     def _spec(self, h: int, w: int, xin: str = "u8") -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa, xin=xin)
+                    self.residual, self.mb, self.nb, self.isa, xin=xin, gelu=self.gelu)
 
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -616,9 +655,9 @@ _RELUS = {torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default}
 
 
 def covers(attr: str, stride: Any, dilation: Any, groups: int) -> bool:
-    """Whether the generated kernels compute an int8 layer with this post-op and window: no post-op or
-    ReLU, ungrouped, undilated, the same stride along both axes (a linear: stride 1, dilation 1)."""
-    return attr in ("none", "relu") and int(groups) == 1 and list(dilation) == [1, 1] and stride[0] == stride[1]
+    """Whether the generated kernels compute an int8 layer with this post-op and window: no post-op, ReLU
+    or GELU, ungrouped, undilated, the same stride along both axes (a linear: stride 1, dilation 1)."""
+    return attr in ("none", "relu", "gelu") and int(groups) == 1 and list(dilation) == [1, 1] and stride[0] == stride[1]
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -670,7 +709,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
             continue
         conv = node.target is int8.CONV
         xq, x_scale, x_zp, qweight, w_scales, bias = node.args[:6]
-        out_scale, out_zp, out_u8, attr, _, _ = node.args[10:] if conv else node.args[6:]
+        out_scale, out_zp, out_u8, attr, _, algo = node.args[10:] if conv else node.args[6:]
         if (qweight.op != "get_attr" or not isinstance(w_scales, fx.Node) or w_scales.op != "get_attr"
                 or (bias is not None and bias.op != "get_attr")):
             continue
@@ -678,7 +717,8 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
         if not covers(attr, stride, dilation, groups):
             continue
         relu, residual, last = attr == "relu", None, node
-        if not out_u8 and not relu:  # a residual add, then maybe a ReLU, fused into the epilogue
+        gelu = (algo or "none") if attr == "gelu" else ""
+        if not out_u8 and attr == "none":  # a residual add, then maybe a ReLU, fused into the epilogue
             users = list(node.users)
             if len(users) == 1 and _is_add(users[0]):
                 other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
@@ -700,7 +740,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
         kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
-                            residual is not None, conv, float_input=float_input)
+                            residual is not None, conv, float_input=float_input, gelu=gelu)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
         x_in = xq.args[0] if float_input else xq
@@ -711,7 +751,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
             done.replace_all_uses_with(new)
         made.append(("quantize+" if float_input else "") + ("conv2d" if conv else "linear")
                     + ("+add" if residual is not None else "")
-                    + ("+relu" if relu else "") + ("→u8" if out_u8 else ""))
+                    + ("+relu" if relu else "") + ("+gelu" if gelu else "") + ("→u8" if out_u8 else ""))
     if made:
         gm.graph.eliminate_dead_code()
         for node in list(gm.graph.nodes):  # the quantize steps left: one generated kernel each

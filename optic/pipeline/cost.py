@@ -168,7 +168,11 @@ def node_cost(node: fx.Node, gm: fx.GraphModule, shape_of=shape) -> NodeCost | N
     op = view(node, gm)
     if op is None:
         flops = _kernel_flops(node, gm, out, shape_of)
-        return None if flops is None else NodeCost(flops, _read_bytes(node, gm, shape_of) + _bytes(node, out), dt)
+        if flops is None:
+            return None
+        if node.op == "call_module":  # a kernel computing in another precision than its output's (int8 → float32)
+            dt = str(getattr(gm.get_submodule(node.target), "compute_dtype", dt))
+        return NodeCost(flops, _read_bytes(node, gm, shape_of) + _bytes(node, out), dt)
     if op.kind in SHAPE_KINDS or op.kind in ("dropout", "identity"):
         return NodeCost(0, 0, dt)
     moved = _read_bytes(node, gm, shape_of) + _bytes(node, out)

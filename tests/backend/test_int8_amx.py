@@ -180,6 +180,30 @@ def test_a_linear_on_float_rows_quantizes_them_as_the_quantize_step_does(isa):
     assert torch.equal(fused(x), want) and torch.equal(fused(x[:, :4]), want[:, :4])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("out_u8", [False, True])
+def test_a_gelu_in_the_epilogue_is_pytorchs_gelu_within_float_rounding(approximate, out_u8, isa):
+    """A transformer's FFN: the linear with its GELU in one kernel (erf's rational approximation, or the tanh
+    form), against the float64 reference; requantized, within one step."""
+    g = torch.Generator().manual_seed(4)
+    qx = torch.randint(0, 256, (2, 9, 64), generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (48, 64), generator=g).to(torch.int8)
+    ws, b = torch.rand(48, generator=g) * 2e-3 + 1e-4, torch.randn(48, generator=g)  # y spans about ±6
+    post = ("gelu", [], approximate)
+    want = int8.linear_reference(qx, 0.05, 120, qw, ws, b, post=post)
+    out = (float(want.abs().max()) / 127, 30) if out_u8 else (1.0, 0)
+    kernel = int8_amx.Int8Kernel(qw, ws, b, 0.05, 120, 1, (0, 0), *out, out_u8, False, False, False, isa=isa,
+                                 gelu=approximate)
+    got = kernel(qx)
+    if out_u8:
+        want_q = int8.linear_reference(qx, 0.05, 120, qw, ws, b, post=post, out=out)
+        assert int((got.int() - want_q.int()).abs().max()) <= 1
+    else:
+        assert float(want.abs().max()) > 3 and float((want < -0.1).float().mean()) > 0.1  # both sides of GELU
+        assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_kernel_whose_buffers_are_replaced_computes_with_the_new_ones():
     """The constant arguments are kept converted between calls: a buffer replaced (assigned, or moved by
     .to()) must not leave the kernel computing with the old one; one copied into in place is the same memory."""
@@ -252,6 +276,12 @@ def test_the_graph_runs_the_generated_kernels_and_computes_what_the_operators_co
     # the first conv reads the model's float input: it quantizes it itself, no quantize step is left
     assert made[0].startswith("quantize+conv2d") and "quantize" not in made
     assert not any(isinstance(m, int8_amx.Quantize) for m in generated.gm.modules())
+    # the cost model (early exit's cuts, the roofline) counts each kernel's multiply-adds at the int8 rate
+    from optic.pipeline import cost
+
+    first = next(n for n in generated.gm.graph.nodes if n.op == "call_module")
+    c = cost.node_cost(first, generated.gm)
+    assert c is not None and c.dtype == "int8" and c.flops == 2 * 2 * 16 * 8 * 8 * 3 * 3 * 3
     left = [n for n in generated.gm.graph.nodes if n.op == "call_function"
             and (n.target in int8.OUT_ARGS or n.target is int8.quantize_u8)]
     assert not left
