@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from optic.ir.graph import dtype as dtype_of
@@ -149,8 +150,11 @@ def _module_path(node: fx.Node) -> str:
 def feature_ok(node: fx.Node) -> str | None:
     """Why a head cannot read this node's value, or None."""
     s, dt = shape_of(node), dtype_of(node)
-    if s is None or dt is None or not dt.is_floating_point or len(s) not in (2, 3, 4):
-        return f"feature is {list(s) if s else 'not a tensor'} {str(dt).replace('torch.', '')}: heads read 2-D/3-D/4-D float"
+    # uint8: an int8 kernel's quantized output, read as the numbers it holds (an affine map of the values, which
+    # the head's standardization and linear absorb)
+    if s is None or dt is None or not (dt.is_floating_point or dt == torch.uint8) or len(s) not in (2, 3, 4):
+        return (f"feature is {list(s) if s else 'not a tensor'} {str(dt).replace('torch.', '')}: heads read 2-D/3-D/4-D "
+                "float or uint8")
     return None
 
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from optic import device
+from optic.backend import exit_head
 from optic.budget.calibration import iter_values
 from optic.ir.graph import shape as shape_of
 from optic.pipeline import cost
@@ -54,7 +55,76 @@ class ExitHead(nn.Module):
         return F.linear(self.norm(pooled) if self.norm is not None else pooled, self.fc.weight, self.fc.bias)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.pool(feature))
+        got = self._generated(feature)
+        return got[0] if got is not None else self.classify(self.pool(feature))
+
+    def scores(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, confidence): what the runner reads after a cut, in one generated kernel where it runs
+        (:mod:`optic.backend.exit_head`: inference on the CPU in float32), else by the head's ops."""
+        got = self._generated(feature)
+        if got is not None:
+            return got
+        logits = self.classify(self.pool(feature))
+        return logits, confidence(logits)
+
+    def _generated(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The head and its confidence by the generated kernel, or None where it does not run (training,
+        another device or dtype, no TVM): the same function, summed in another order."""
+        if torch.is_grad_enabled():
+            return None
+        plans = self.__dict__.setdefault("_kernel_plans", {})
+        key = (feature.shape, feature.stride(), feature.dtype, feature.device)
+        plan = plans.get(key, False)
+        if plan is False:  # first call on features like these: the kernel, or None
+            found = exit_head.head_kernel(feature, self.fc.out_features,
+                                          self.norm.eps if self.norm is not None else None)
+            plan = plans[key] = None if found is None else (found[0], exit_head.strides(feature, found[1]))
+        if plan is None:
+            return None
+        fn, want = plan
+        consts = self._kernel_constants()
+        if feature.stride() != want:
+            feature = feature.as_strided(feature.shape, want)
+        n, k = feature.shape[0], consts[-1]
+        logits, conf = torch.empty((n, k)), torch.empty((n,))
+        fn(feature, *consts[:-1], logits, conf)
+        return logits, conf
+
+    def _kernel_constants(self) -> tuple:
+        """The kernel's weight arguments (W transposed and padded to whole vectors, the bias, the norm's affine)
+        as TVM tensors, then the number of classes; made again when a parameter was replaced or changed in
+        place (a head is called per sample at batch 1: the parameters are read from the modules' own dicts)."""
+        fc, norm = self._modules["fc"], self._modules.get("norm")
+        params = [fc._parameters["weight"], fc._parameters["bias"]]
+        if norm is not None:
+            params += [norm._parameters["weight"], norm._parameters["bias"]]
+        cached = self.__dict__.get("_kernel_consts")
+        if cached is not None and len(cached[0]) == len(params) and all(
+                t is c and (t is None or t._version == v) for t, (c, v) in zip(params, cached[0], strict=True)):
+            return cached[1]
+        with torch.no_grad():
+            w = params[0].detach().float().cpu()
+            k, c = w.shape
+            k16 = -(-k // exit_head.LANES) * exit_head.LANES
+            wt = torch.zeros(c, k16)
+            wt[:, :k] = w.t()
+            b = torch.zeros(k16)
+            if params[1] is not None:
+                b[:k] = params[1].detach().float().cpu()
+            gamma, beta = torch.ones(c), torch.zeros(c)
+            if norm is not None and params[2] is not None:
+                gamma = params[2].detach().float().cpu().clone()
+            if norm is not None and params[3] is not None:
+                beta = params[3].detach().float().cpu().clone()
+        consts = (*exit_head.tvm_tensors(wt, b, gamma, beta), k)
+        self.__dict__["_kernel_consts"] = ([(t, None if t is None else t._version) for t in params], consts)
+        return consts
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_kernel_consts", None)  # TVM tensors and compiled kernels: made again on use
+        state.pop("_kernel_plans", None)
+        return state
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:

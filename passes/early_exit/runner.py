@@ -42,7 +42,7 @@ from optic.ir.graph import fetch_attr, is_shape_query
 from optic.ir.opview import kind_of
 from optic.pipeline.verify import compare, run_seeded
 
-from .heads import ExitHead, confidence
+from .heads import ExitHead
 
 # Ops that apply learned weights: their results are the model's data flow, never side values.
 _LEARNED_KINDS = frozenset({"conv", "linear", "matmul", "sdpa", "batch_norm", "layer_norm", "rms_norm",
@@ -246,13 +246,13 @@ class EarlyExitRunner(nn.Module):
             if k == last:
                 break
             env = {name: v for name, v in env.items() if name in keep[k]}
-            logits = heads[k](env[self.cuts[k]])
+            logits, conf = heads[k].scores(env[self.cuts[k]])
             if out is None and logits.shape[0] == 1:  # batch 1: one number, compared as the tensors compare it
-                if float(confidence(logits)) >= self._threshold32(k):
+                if float(conf) >= self._threshold32(k):
                     self.exit_counts[k] += 1
                     return self._wrap(logits.to(self.out_dtype))
                 continue
-            exits = confidence(logits) >= self.thresholds[k]
+            exits = conf >= self.thresholds[k]
             logits = logits.to(self.out_dtype)
             if done is not None:
                 exits &= ~done

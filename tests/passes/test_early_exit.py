@@ -270,7 +270,7 @@ def test_choose_cuts_declines_a_feature_no_head_reads_by_its_node():
     chosen = choose_cuts(prog, exit_candidates(prog, CPU), 4, stats, latest=1.0)
     assert [c.node for c in chosen] == ["conv", "emb", "mean"]
     assert list(stats.declined) == [
-        ("early_exit", "argmax", "feature is [2, 8, 8] int64: heads read 2-D/3-D/4-D float")]
+        ("early_exit", "argmax", "feature is [2, 8, 8] int64: heads read 2-D/3-D/4-D float or uint8")]
 
 
 def test_choose_cuts_declines_what_comes_too_late_by_its_node():
@@ -651,3 +651,67 @@ def test_a_batch_1_decision_is_the_float32_comparison_the_batch_path_makes():
                 torch.tensor(0.0)), torch.tensor(t, dtype=torch.float32).nextafter(torch.tensor(1.0))):
             assert (float(conf) >= float32(t)) == bool(conf >= t), (t, conf.item())
     assert float(torch.tensor(0.9, dtype=torch.float32)) < 0.9  # a plain Python comparison would differ there
+
+
+# -- the generated head kernel ------------------------------------------------------------------------------
+def _random_head(rank: int, width: int, classes: int = 10, seed: int = 0) -> ExitHead:
+    head = ExitHead(rank, width, classes)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return head
+
+
+HEAD_CASES = [(4, (1, 64, 8, 8), "nchw", torch.float32), (4, (3, 20, 3, 5), "cl", torch.float32),
+              (4, (2, 64, 4, 4), "cl", torch.uint8), (3, (1, 9, 48), "nchw", torch.float32),
+              (3, (4, 5, 33), "nchw", torch.float32), (2, (3, 40), "nchw", torch.float32)]
+
+
+@pytest.mark.parametrize("rank, shape, layout, dtype", HEAD_CASES)
+def test_the_generated_head_computes_the_heads_ops_within_float_rounding(rank, shape, layout, dtype):
+    """Pool (either layout, float32 or an int8 kernel's uint8), LayerNorm for tokens, linear and the largest
+    softmax probability in one kernel, against the head's own ops."""
+    from optic.backend import exit_head
+
+    if exit_head.head_kernel(torch.zeros(shape), 10, None) is None:
+        pytest.skip("no generated kernel here (TVM missing)")
+    head = _random_head(rank, shape[-1] if rank == 3 else shape[1])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if dtype == torch.uint8 else torch.randn(shape, generator=g)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = head.classify(head.pool(x))
+        logits, conf = head.scores(x)
+        assert head._generated(x) is not None  # the kernel ran, not the ops
+        assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        assert torch.allclose(conf, confidence(want), rtol=1e-5, atol=1e-6)
+        assert torch.equal(head(x), logits)  # forward and scores: one implementation at inference
+    with torch.enable_grad():  # training: the ops, with their gradients
+        assert head(x).requires_grad and head._generated(x) is None
+
+
+def test_the_generated_head_follows_its_parameters_and_the_switch(monkeypatch):
+    from optic.backend import exit_head
+
+    x = torch.randn(2, 16, 4, 4)
+    if exit_head.head_kernel(x, 10, None) is None:
+        pytest.skip("no generated kernel here (TVM missing)")
+    head, other = _random_head(4, 16, seed=0), _random_head(4, 16, seed=1)
+    with torch.no_grad():
+        first = head.scores(x)[0]
+        head.fc.weight.mul_(2.0)  # changed in place
+        assert torch.allclose(head.scores(x)[0], head.classify(head.pool(x)), rtol=1e-5, atol=1e-5)
+        head.fc.weight = other.fc.weight  # replaced
+        head.fc.bias = other.fc.bias
+        assert torch.allclose(head.scores(x)[0], other.scores(x)[0], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(head.scores(x)[0], first)
+        copy_ = pickle.loads(pickle.dumps(head))
+        assert torch.equal(copy_.scores(x)[0], head.scores(x)[0])
+    monkeypatch.setenv(exit_head.ENV, "0")
+    fresh = _random_head(4, 16, seed=0)
+    with torch.no_grad():
+        assert fresh._generated(x) is None
+        logits, conf = fresh.scores(x)
+        assert torch.equal(logits, fresh.classify(fresh.pool(x))) and torch.equal(conf, confidence(logits))
