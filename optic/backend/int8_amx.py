@@ -169,6 +169,9 @@ class Spec:
     # a GELU after the bias (a transformer's FFN): "" none, "none" erf's (PyTorch's default), "tanh" its
     # tanh approximation
     gelu: str = ""
+    # a linear on float rows that first normalizes each row (a LayerNorm without affine: fold_norm moved it
+    # into the linear), with this epsilon; negative: none
+    ln_eps: float = -1.0
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -252,12 +255,18 @@ def _prim_func(sp: Spec) -> Any:
         XST = (C * H * W, H * W, W, 1)
     XDT = "uint8" if sp.xin == "u8" else "float32"
 
-    def load(X, consts, n, c, hh, ww):
+    LN = sp.ln_eps >= 0
+
+    def load(X, consts, n, c, hh, ww, lns=None):
         """The input's uint8 value: as it is, or float32 quantized as :func:`.int8.quantize_u8` computes it
-        (consts: z_x at Q, s_x's float32 bits at Q + 3)."""
+        (consts: z_x at Q, s_x's float32 bits at Q + 3), after the row's normalization with a LayerNorm
+        (``lns``: the row's mean at 32, 1/σ at 33)."""
         if XDT == "uint8":
             return X[n, c, hh, ww]
-        return T.Cast("uint8", T.max(T.min(T.round(X[n, c, hh, ww] / T.reinterpret(consts[Q + 3], dtype="float32"))
+        v = X[n, c, hh, ww]
+        if LN:
+            v = (v - lns[32]) * lns[33]
+        return T.Cast("uint8", T.max(T.min(T.round(v / T.reinterpret(consts[Q + 3], dtype="float32"))
                                            + T.Cast("float32", consts[Q]), T.float32(255)), T.float32(0)))
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
 
@@ -291,18 +300,45 @@ def _prim_func(sp: Spec) -> Any:
              Xp: T.Buffer((XLEN,), "uint8", align=1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         Xp32 = T.decl_buffer((XLEN // 4,), "int32", data=Xp.data)  # 4 channels a word: one broadcast operand
+        # a row's LayerNorm statistics: 16-lane partial sums at 0 and 16, the mean at 32, 1/σ at 33 (on the stack)
+        lns = T.alloc_buffer((48,), "float32")
         for row in T.serial(N * Hp):
             for x in T.serial(Wp):
                 hh = T.meta_var(row % Hp - PH)
                 ww = T.meta_var(x - PW)
                 if hh >= 0 and hh < H and ww >= 0 and ww < W:
+                    if LN:  # mean, then the biased variance about it, as LayerNorm; 16 channels at a time
+                        for lane in T.vectorized(16):
+                            lns[lane] = T.float32(0)
+                        for cb in T.serial(C // 16):
+                            for lane in T.vectorized(16):
+                                lns[lane] = lns[lane] + X[row // Hp, cb * 16 + lane, hh, ww]
+                        lns[32] = T.float32(0)
+                        for lane in T.serial(16):
+                            lns[32] = lns[32] + lns[lane]
+                        for c in T.serial(C % 16):
+                            lns[32] = lns[32] + X[row // Hp, C // 16 * 16 + c, hh, ww]
+                        lns[32] = lns[32] / T.float32(C)
+                        for lane in T.vectorized(16):
+                            lns[16 + lane] = T.float32(0)
+                        for cb in T.serial(C // 16):
+                            for lane in T.vectorized(16):
+                                lns[16 + lane] = lns[16 + lane] + (X[row // Hp, cb * 16 + lane, hh, ww] - lns[32]) * (
+                                    X[row // Hp, cb * 16 + lane, hh, ww] - lns[32])
+                        lns[33] = T.float32(0)
+                        for lane in T.serial(16):
+                            lns[33] = lns[33] + lns[16 + lane]
+                        for c in T.serial(C % 16):
+                            lns[33] = lns[33] + (X[row // Hp, C // 16 * 16 + c, hh, ww] - lns[32]) * (
+                                X[row // Hp, C // 16 * 16 + c, hh, ww] - lns[32])
+                        lns[33] = T.float32(1) / T.sqrt(lns[33] / T.float32(C) + T.float32(max(sp.ln_eps, 0.0)))
                     if C == C4:
                         for co in T.serial(C4 // V):
                             for ci in T.vectorized(V):
-                                Xp[(row * Wp + x) * C4 + co * V + ci] = load(X, consts, row // Hp, co * V + ci, hh, ww)
+                                Xp[(row * Wp + x) * C4 + co * V + ci] = load(X, consts, row // Hp, co * V + ci, hh, ww, lns)
                     else:
                         for c in T.serial(C4):
-                            Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, load(X, consts, row // Hp, T.min(c, C - 1), hh, ww),
+                            Xp[(row * Wp + x) * C4 + c] = T.if_then_else(c < C, load(X, consts, row // Hp, T.min(c, C - 1), hh, ww, lns),
                                                                          T.Cast("uint8", consts[Q]))
                 else:
                     for co in T.serial(C4 // V):
@@ -498,7 +534,8 @@ class Int8Kernel(nn.Module):
 
     def __init__(self, qweight: Tensor, w_scales: Tensor, bias: Tensor | None, x_scale: float, x_zp: int,
                  stride: int, padding: tuple[int, int], out_scale: float, out_zp: int, out_u8: bool, relu: bool,
-                 residual: bool, conv: bool, isa: str | None = None, float_input: bool = False, gelu: str = ""):
+                 residual: bool, conv: bool, isa: str | None = None, float_input: bool = False, gelu: str = "",
+                 layer_norm_eps: float | None = None):
         super().__init__()
         # float_input: x is float32 and the kernel quantizes it (with x_scale and x_zp) as it copies it in
         f = qweight.shape[0]
@@ -514,6 +551,10 @@ class Int8Kernel(nn.Module):
         self.out_u8, self.relu, self.residual = bool(out_u8), bool(relu), bool(residual)
         self.float_input = bool(float_input)
         self.gelu = str(gelu)  # "", or the GELU's approximation ("none": erf's)
+        # a linear on float rows: each row normalized first (a LayerNorm without affine), with this epsilon
+        self.ln_eps = -1.0 if layer_norm_eps is None else float(layer_norm_eps)
+        if self.ln_eps >= 0 and (conv or not float_input):
+            raise ValueError("a LayerNorm in the kernel's input copy is for a linear on float rows")
         self.isa = isa or pick_isa()
         self.mb, self.nb = configs(-(-f // 16) * 16, self.isa)[0] if self.isa == "vnni" or f % 32 else (2, 2)
         c4 = self._spec(1, 1).c4
@@ -548,11 +589,12 @@ class Int8Kernel(nn.Module):
         state.setdefault("_scratch", {})  # saved before the scratch was kept between calls
         state.setdefault("float_input", False)  # saved before kernels quantized their input
         state.setdefault("gelu", "")
+        state.setdefault("ln_eps", -1.0)
         super().__setstate__(state)
 
     def _spec(self, h: int, w: int, xin: str = "u8") -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa, xin=xin, gelu=self.gelu)
+                    self.residual, self.mb, self.nb, self.isa, xin=xin, gelu=self.gelu, ln_eps=self.ln_eps)
 
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -690,6 +732,26 @@ def _quantizes_for(xq: Any, scale: float, zp: int) -> bool:
             and getattr(meta, "dtype", None) == torch.float32)
 
 
+_LAYER_NORMS = {torch.ops.aten.layer_norm.default, torch.nn.functional.layer_norm}
+
+
+def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
+    """(its input, its epsilon) where ``node`` is a LayerNorm over the last dimension, of ``width`` features,
+    without weight or bias (fold_norm moves the affine into the linears it feeds), on float32; else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LAYER_NORMS):
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    x, shape = args.get("input"), args.get("normalized_shape")
+    if (not isinstance(x, fx.Node) or args.get("weight") is not None or args.get("bias") is not None
+            or list(shape or []) != [width]):
+        return None
+    meta = x.meta.get("val", x.meta.get("tensor_meta"))
+    if getattr(meta, "dtype", None) != torch.float32:
+        return None
+    return x, float(args.get("eps", 1e-5))
+
+
 def use_kernels(gm: fx.GraphModule) -> list[str]:
     """Run ``gm``'s int8 operators by generated AMX kernels, in place: each ``optic::int8_conv2d`` and
     ``optic::int8_linear`` (plain arguments, a constant weight, no other post-op than ReLU, ungrouped and
@@ -700,6 +762,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
     the quantize steps left (read by other operators) become :class:`Quantize` kernels. The kinds of kernel made, one entry per node
     (empty: no int8 operator could be made one)."""
     from optic.ir import fetch_attr, free_name
+    from optic.ir.graph import is_shape_query
 
     from . import int8
 
@@ -735,21 +798,29 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
             out_scale, out_zp, out_u8 = float(quantizers[0].args[1]), int(quantizers[0].args[2]), True
         else:
             quantizers = []
-        # the input's quantize step, where no kernel wrote the uint8 input, is done by this kernel as it reads it
+        # the input's quantize step, where no kernel wrote the uint8 input, is done by this kernel as it reads it,
+        # and a linear's LayerNorm (without affine) before it too
         float_input = _quantizes_for(xq, float(x_scale), int(x_zp))
+        x_in = xq.args[0] if float_input else xq
+        ln = None if conv or not float_input else _plain_layer_norm(x_in, int(fetch_attr(gm, qweight.target).shape[1]))
+        if ln is not None:
+            for q in list(x_in.users):  # its shape queries read the normalized value's input: the same shape
+                if is_shape_query(q):
+                    q.replace_input_with(x_in, ln[0])
+            x_in, ln = ln
         kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
-                            residual is not None, conv, float_input=float_input, gelu=gelu)
+                            residual is not None, conv, float_input=float_input, gelu=gelu, layer_norm_eps=ln)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
-        x_in = xq.args[0] if float_input else xq
         with gm.graph.inserting_after(last):
             new = gm.graph.call_module(name, (x_in,) if residual is None else (x_in, residual))
         new.meta = dict((quantizers[0] if quantizers else last).meta)
         for done in quantizers or [last]:
             done.replace_all_uses_with(new)
-        made.append(("quantize+" if float_input else "") + ("conv2d" if conv else "linear")
+        made.append(("layer_norm+" if ln is not None else "") + ("quantize+" if float_input else "")
+                    + ("conv2d" if conv else "linear")
                     + ("+add" if residual is not None else "")
                     + ("+relu" if relu else "") + ("+gelu" if gelu else "") + ("→u8" if out_u8 else ""))
     if made:

@@ -204,6 +204,52 @@ def test_a_gelu_in_the_epilogue_is_pytorchs_gelu_within_float_rounding(approxima
         assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@examples(15)
+@given(k=st.sampled_from([16, 40, 128]), m=st.integers(1, 12), shift=st.floats(-3, 3), spread=st.floats(0.1, 10),
+       seed=st.integers(0, 2**16))
+def test_a_linear_normalizes_its_rows_as_layer_norm_then_quantizes_them(k, m, shift, spread, seed, isa):
+    """A pre-norm transformer's LayerNorm (its affine folded into the linear) in the kernel's input copy: the
+    same integers as F.layer_norm then the quantize step, but for a value within float rounding of a rounding
+    boundary, which may land one step away."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m, k, generator=g) * spread + shift
+    qw = torch.randint(-127, 128, (24, k), generator=g).to(torch.int8)
+    ws, b = torch.rand(24, generator=g) * 0.01 + 1e-4, torch.randn(24, generator=g)
+    args = (qw, ws, b, 0.03, 128, 1, (0, 0), 1.0, 0, False, False, False, False)
+    want = int8_amx.Int8Kernel(*args, isa=isa, float_input=True)(torch.nn.functional.layer_norm(x, (k,), eps=1e-5))
+    got = int8_amx.Int8Kernel(*args, isa=isa, float_input=True, layer_norm_eps=1e-5)(x)
+    one_step = 0.03 * ws * 127  # a flipped input step moves an output by at most this
+    assert bool(((got - want).abs() <= one_step + 1e-5).all())
+    assert float((got != want).float().mean()) <= 0.05
+
+
+def test_the_graph_takes_a_layer_norm_without_affine_into_the_linear_it_feeds():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+            return x + self.down(torch.relu(self.up(h))).reshape(h.shape)  # a shape query of the normalized value
+
+    x = torch.randn(2, 5, 32)
+    prog = int8_program(Block().eval(), x)
+    generated = prog.clone()
+    made = int8_amx.use_kernels(generated.gm)
+    assert made[0].startswith("layer_norm+quantize+linear")
+    assert not any(n.op == "call_function" and n.target is torch.nn.functional.layer_norm
+                   for n in generated.gm.graph.nodes)  # its shape queries now read its input
+    kernel = next(m for m in generated.gm.modules() if isinstance(m, int8_amx.Int8Kernel))
+    assert kernel.ln_eps == 1e-6
+    with torch.no_grad():
+        for xs in (x, torch.randn(3, 7, 32)):
+            want, got = prog.gm(xs), generated.gm(xs)
+            assert float((got - want).norm() / want.norm()) < 2e-3
+
+
 def test_a_kernel_whose_buffers_are_replaced_computes_with_the_new_ones():
     """The constant arguments are kept converted between calls: a buffer replaced (assigned, or moved by
     .to()) must not leave the kernel computing with the old one; one copied into in place is the same memory."""
