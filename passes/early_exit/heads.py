@@ -86,7 +86,8 @@ class ExitHead(nn.Module):
         if feature.stride() != want:
             feature = feature.as_strided(feature.shape, want)
         n, k = feature.shape[0], consts[-1]
-        logits, conf = torch.empty((n, k)), torch.empty((n,))
+        # on the feature's device, not the default one (a user may have set that to another)
+        logits, conf = torch.empty((n, k), device=feature.device), torch.empty((n,), device=feature.device)
         fn(feature, *consts[:-1], logits, conf)
         return logits, conf
 
@@ -106,12 +107,12 @@ class ExitHead(nn.Module):
             w = params[0].detach().float().cpu()
             k, c = w.shape
             k16 = -(-k // exit_head.LANES) * exit_head.LANES
-            wt = torch.zeros(c, k16)
+            wt = torch.zeros(c, k16, device="cpu")
             wt[:, :k] = w.t()
-            b = torch.zeros(k16)
+            b = torch.zeros(k16, device="cpu")
             if params[1] is not None:
                 b[:k] = params[1].detach().float().cpu()
-            gamma, beta = torch.ones(c), torch.zeros(c)
+            gamma, beta = torch.ones(c, device="cpu"), torch.zeros(c, device="cpu")
             if norm is not None and params[2] is not None:
                 gamma = params[2].detach().float().cpu().clone()
             if norm is not None and params[3] is not None:
