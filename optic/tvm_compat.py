@@ -67,6 +67,15 @@ def host_cpu() -> str | None:
         return None
 
 
+def tvm_tensors(*tensors: Any) -> tuple:
+    """PyTorch ``tensors`` as TVM tensors over the same memory: a kernel's arguments converted once, where
+    passing the PyTorch tensor would convert it on every call."""
+    require_tvm()
+    import tvm_ffi
+
+    return tuple(tvm_ffi.from_dlpack(t) for t in tensors)
+
+
 def host_target(opt_level: int | None = None) -> Any:
     """The TVM target for code that runs here: LLVM tuned for this CPU (``opt_level``: LLVM's, default 3)."""
     tvm = require_tvm()

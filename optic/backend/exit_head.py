@@ -52,9 +52,8 @@ def _build(rank: int, dims: tuple[int, ...], lay: str, k: int, eps: float | None
     import tvm
     from tvm.script import tirx as T
 
-    from optic.tvm_compat import host_cpu, require_tvm
+    from optic.tvm_compat import host_target
 
-    require_tvm()
     N = tvm.tirx.Var("n", "int32")
     K16 = -(-k // LANES) * LANES
     if rank == 4:
@@ -132,9 +131,8 @@ def _build(rank: int, dims: tuple[int, ...], lay: str, k: int, eps: float | None
                 acc[1] = acc[1] + T.exp(logits[n, j] - acc[0])
             conf[n] = T.float32(1) / acc[1]
 
-    config = {"kind": "llvm", "mcpu": host_cpu() or "x86-64-v3"}
     with _LOCK:
-        return tvm.compile(tvm.IRModule({"main": main}), target=tvm.target.Target(config)).jit()["main"]
+        return tvm.compile(tvm.IRModule({"main": main}), target=host_target()).jit()["main"]
 
 
 def strides(x: torch.Tensor, lay: str) -> tuple[int, ...]:
@@ -165,9 +163,3 @@ def head_kernel(x: torch.Tensor, k: int, eps: float | None) -> tuple[Any, str] |
     except Exception:  # noqa: BLE001 - no TVM, or it failed to compile: the head's own ops run
         return None
 
-
-def tvm_tensors(*tensors: torch.Tensor) -> tuple:
-    """``tensors`` as TVM tensors over the same memory (a kernel's constant arguments, converted once)."""
-    import tvm_ffi
-
-    return tuple(tvm_ffi.from_dlpack(t) for t in tensors)

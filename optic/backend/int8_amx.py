@@ -601,10 +601,7 @@ class Int8Kernel(nn.Module):
         channels-last strides, the input's strides as TVM checks them (PyTorch may give a dimension of size 1
         any stride), the output's dtype, the padded input's length, and the constant arguments as TVM's
         tensors (each PyTorch tensor passed costs a conversion per call) with the buffers they were made of."""
-        from optic.tvm_compat import require_tvm
-
-        require_tvm()
-        import tvm_ffi
+        from optic.tvm_compat import tvm_tensors
 
         key = ((h, w) if self.conv else (1, 0)) + (xin,)
         fn = self._fns.get(key)
@@ -620,7 +617,7 @@ class Int8Kernel(nn.Module):
         x_strides = (self.c * h * w, h * w, w, 1) if xin == "f32nchw" else (h * w * self.c, 1, w * self.c, self.c)
         plan = (fn, (n, self.f, oh, ow), (oh * ow * self.f, 1, ow * self.f, self.f), x_strides,
                 torch.uint8 if self.out_u8 else torch.float32, xlen,
-                (wt, consts), tuple(tvm_ffi.from_dlpack(t) for t in (wt, consts, self._none)))
+                (wt, consts), tvm_tensors(wt, consts, self._none))
         self._plans[n, h, w, xin] = plan
         return plan
 
@@ -631,9 +628,9 @@ class Int8Kernel(nn.Module):
         if buf is None:
             if len(self._scratch) > 64:  # many threads or sizes: start again rather than grow
                 self._scratch.clear()
-            import tvm_ffi
+            from optic.tvm_compat import tvm_tensors
 
-            buf = self._scratch[key] = tvm_ffi.from_dlpack(torch.empty(xlen, dtype=torch.uint8, device=device))
+            buf = self._scratch[key] = tvm_tensors(torch.empty(xlen, dtype=torch.uint8, device=device))[0]
         return buf
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -656,7 +653,7 @@ class Int8Kernel(nn.Module):
             plan = self._plan(n, h, w, xin)  # first call at this size, or the module's buffers were replaced (.to())
         fn, shape, out_strides, x_strides, dtype, xlen, _, (wt, consts, none) = plan
         # per thread (two threads may call one module), on the input's device (not the default one)
-        scratch = self._padded((threading.get_ident(), n, h, w, xin), xlen, x.device)
+        scratch = self._padded((threading.get_ident(), n, h, w), xlen, x.device)
         if self.conv:
             if x.stride() != x_strides:
                 if xin == "f32nchw":
@@ -722,14 +719,14 @@ def _shape(node: Any) -> tuple | None:
 def _quantizes_for(xq: Any, scale: float, zp: int) -> bool:
     """Whether ``xq`` is a quantize step of a float32 value with this scale and zero point (what a kernel
     taking float input computes itself)."""
+    from optic.ir.graph import dtype
+
     from . import int8
 
     if not (isinstance(xq, fx.Node) and xq.op == "call_function" and xq.target is int8.quantize_u8
             and len(xq.args) >= 3 and isinstance(xq.args[0], fx.Node)):
         return False
-    meta = xq.args[0].meta.get("val", xq.args[0].meta.get("tensor_meta"))
-    return (float(xq.args[1]) == scale and int(xq.args[2]) == zp
-            and getattr(meta, "dtype", None) == torch.float32)
+    return float(xq.args[1]) == scale and int(xq.args[2]) == zp and dtype(xq.args[0]) == torch.float32
 
 
 _LAYER_NORMS = {torch.ops.aten.layer_norm.default, torch.nn.functional.layer_norm}
@@ -743,11 +740,10 @@ def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     x, shape = args.get("input"), args.get("normalized_shape")
+    from optic.ir.graph import dtype
+
     if (not isinstance(x, fx.Node) or args.get("weight") is not None or args.get("bias") is not None
-            or list(shape or []) != [width]):
-        return None
-    meta = x.meta.get("val", x.meta.get("tensor_meta"))
-    if getattr(meta, "dtype", None) != torch.float32:
+            or list(shape or []) != [width] or dtype(x) != torch.float32):
         return None
     return x, float(args.get("eps", 1e-5))
 

@@ -29,6 +29,7 @@ from optic.backend import exit_head
 from optic.budget.calibration import iter_values
 from optic.ir.graph import shape as shape_of
 from optic.pipeline import cost
+from optic.tvm_compat import tvm_tensors
 
 CROSS_FIT_FOLDS = 2
 CROSS_FIT_MIN_SAMPLES = 20  # fewer fit samples: the heads are judged on what they were trained on
@@ -117,7 +118,7 @@ class ExitHead(nn.Module):
                 gamma = params[2].detach().float().cpu().clone()
             if norm is not None and params[3] is not None:
                 beta = params[3].detach().float().cpu().clone()
-        consts = (*exit_head.tvm_tensors(wt, b, gamma, beta), k)
+        consts = (*tvm_tensors(wt, b, gamma, beta), k)
         self.__dict__["_kernel_consts"] = ([(t, None if t is None else t._version) for t in params], consts)
         return consts
 
