@@ -25,7 +25,7 @@ def serving(module: torch.nn.Module) -> dict[str, bool]:
     out = {}
     for name, m in module.named_modules():
         if isinstance(m, whole.PackagedGraph):
-            out[name] = m._runner is not None and m.failed is None
+            out[name] = (m._runner is not None or m._runner_exact is not None) and m.failed is None
         elif isinstance(m, whole.CompiledGraph):
             out[name] = m._compiled is not None and m.failed is None
         elif isinstance(m, PackedConvWeight):

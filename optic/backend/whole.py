@@ -205,7 +205,14 @@ class CompiledGraph(_FrozenGraph):
         self._reset()
 
     def _reset(self) -> None:
+        # the program for the first input signature served after a compile (the example's: specialized to its
+        # shapes), and, for a graph with dynamic dimensions, another for every other signature. One program
+        # for both would let Dynamo's automatic dynamic shapes replace the first: once a second size came (the
+        # pass's own checks bring one), the dynamic program served the example's size too, and ran slower
+        # (ResNet-50, batch 8: int8 107 against 176 ms; fp32 at batch 1: 41.5 against 59.5 ms)
         self._compiled: Any = None
+        self._compiled_other: Any = None
+        self._first: tuple | None = None
         self._seen: set[tuple] = set()  # the input signatures the compiled program has served (no compile for them)
         self._plain: set[tuple] = set()  # the input signatures it failed on (the plain graph serves them)
         self._frozen, self._versions = [], []
@@ -233,17 +240,33 @@ class CompiledGraph(_FrozenGraph):
         # compiles again); freezing folds and prepacks the weights, which is why staleness is checked
         # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
         # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
-        # optic's int8 kernels as Inductor's int8 patterns: a copy, so a fresh module too
+        # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
+        object.__setattr__(self, "_compiled", self._program(False))
+        object.__setattr__(self, "_compiled_other", None)
+        self._first = None
+        self._seen, self._plain = set(), set()
+        self.compile_s = time.perf_counter() - t0
+
+    def _program(self, dynamic: bool | None) -> Any:
+        """torch.compile over a fresh module of the graph (fresh code: Dynamo's cache is its own), with
+        optic's int8 kernels as Inductor's int8 patterns (a copy, so a fresh module too)."""
         fresh = int8_for_inductor(self.graph_module)
         if fresh is self.graph_module:
             fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
-        # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
-        # a graph with dynamic dimensions: Dynamo's automatic dynamic shapes compile one program for every size
-        # once a second size comes (dynamic=None), instead of one program per size up to its cache limit
-        dynamic = None if getattr(self, "dynamic", False) else False
-        object.__setattr__(self, "_compiled", torch.compile(fresh, dynamic=dynamic))
-        self._seen, self._plain = set(), set()
-        self.compile_s = time.perf_counter() - t0
+        return torch.compile(fresh, dynamic=dynamic)
+
+    def _program_for(self, seen: tuple) -> Any:
+        """The compiled program that serves inputs of signature ``seen``: the first one's, or (a graph with
+        dynamic dimensions) the other sizes' one, made on the first of them. That one compiles with Dynamo's
+        automatic dynamic shapes: once for the next size, and once more for every size after it, instead of one
+        program per size up to its cache limit."""
+        if self._first is None:
+            self._first = seen
+        if seen == self._first or not getattr(self, "dynamic", False):
+            return self._compiled
+        if self._compiled_other is None:
+            object.__setattr__(self, "_compiled_other", self._program(None))
+        return self._compiled_other
 
     def forward(self, *args: Any) -> Any:
         if not self._servable(args):
@@ -259,12 +282,13 @@ class CompiledGraph(_FrozenGraph):
         try:
             # patching Inductor's configuration costs about 0.1 ms a call (measured on a small conv graph: 0.24
             # against 0.14 ms): only calls of a signature not seen since the compile may compile
+            program = self._program_for(seen)
             with torch.no_grad():
                 if seen in self._seen:
-                    out = self._compiled(*args)
+                    out = program(*args)
                 else:
                     with _configured():
-                        out = self._compiled(*args)
+                        out = program(*args)
                     self._seen.add(seen)
             self._track()
             return out
@@ -278,8 +302,13 @@ class CompiledGraph(_FrozenGraph):
         self._reset()
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict:  # the compiled program is neither copied nor saved: compiled again
-        return {**super().__getstate__(), "_compiled": None}
+    def __getstate__(self) -> dict:  # the compiled programs are neither copied nor saved: compiled again
+        return {**super().__getstate__(), "_compiled": None, "_compiled_other": None, "_first": None}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_compiled_other", None)  # saved before the other sizes had their own program
+        state.setdefault("_first", None)
+        super().__setstate__(state)
 
 
 def _configured() -> Any:
@@ -397,9 +426,11 @@ class PackagedGraph(_FrozenGraph):
         super().__init__(graph_module)
         self.signature: list[Any] = []
         self.dims: Any = None  # optic.ir.dynamic.Dims the package serves at any size (None: the example's shapes)
-        self.package: bytes | None = None
+        self.package: bytes | None = None  # serves the example's shapes, or (with dims) every size in range
+        self.package_exact: bytes | None = None  # with dims: one specialized to the example's shapes, faster there
         self.machine: str | None = None  # optic.targets.cpu.host_fingerprint() of the machine that built it
         self._runner: Any = None
+        self._runner_exact: Any = None
 
     def build(self, example: tuple, dims: Any = None) -> None:
         """Export the graph and compile the package (tens of seconds for a real-size model). ``dims``
@@ -431,43 +462,60 @@ class PackagedGraph(_FrozenGraph):
             args = tuple(doubled(a, [d for d in s_ if a.shape[d] < 2]) if isinstance(s_, dict) else a
                          for a, s_ in zip(example, spec, strict=True))
         graph_module = int8_for_inductor(self.graph_module)
-        with torch.no_grad():
-            try:
-                ep = torch.export.export(graph_module, args, dynamic_shapes=spec, strict=False)
-            except Exception as e:  # a pass made a dimension static: the package serves the example's shapes
-                if spec is None:
-                    raise
-                log.info("optic: the package keeps the example's shapes (%s)", error_line(e))
-                self.dims = None
-                ep = torch.export.export(graph_module, tuple(example), strict=False)
+
+        def package(ep: Any) -> bytes:
             buf = io.BytesIO()
             with inductor_config.patch(freezing=True):
                 torch._inductor.aoti_compile_and_package(ep, package_path=buf)
-        self.package = buf.getvalue()
+            return buf.getvalue()
+
+        with torch.no_grad():
+            exact = torch.export.export(graph_module, tuple(example), strict=False)
+            self.package_exact, self._runner, self._runner_exact = None, None, None
+            if spec is not None:
+                try:
+                    ep = torch.export.export(graph_module, args, dynamic_shapes=spec, strict=False)
+                except Exception as e:  # a pass made a dimension static: the package serves the example's shapes
+                    log.info("optic: the package keeps the example's shapes (%s)", error_line(e))
+                    self.dims = None
+                else:
+                    # the other sizes' package, and one specialized to the example's shapes: a package for
+                    # every size runs slower at each (ResNet-50 int8, batch 8: 176 against 107 ms)
+                    self.package = package(ep)
+                    self.package_exact = package(exact)
+            if self.package_exact is None:
+                self.package = package(exact)
         from optic.targets.cpu import host_fingerprint
 
         self.machine = host_fingerprint()  # what the package's code was compiled for
         self.compile_s = time.perf_counter() - t0
         self._track()
 
-    def _load(self) -> Any:
+    def _load(self, args: tuple = ()) -> Any:
+        """The package's runner for ``args``: the exact one where their shapes are the example's."""
         import io
 
         import torch._inductor
 
         from optic.targets.cpu import host_fingerprint
 
-        if self._runner is None and getattr(self, "machine", None) not in (None, host_fingerprint()):
+        if (self._runner is None and self._runner_exact is None
+                and getattr(self, "machine", None) not in (None, host_fingerprint())):
             # built on another CPU or torch: its code may not run here (other vector extensions)
             log.warning("optic: the whole-graph package was built on another machine (%s); building it again "
                         "for this one", self.machine)
             example = [torch.zeros(s[0], dtype=s[1], device="cpu") if isinstance(s, tuple) else s for s in self.signature]
             self.build(example, self.dims)
-        if self._runner is None:
-            self._runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))
+        exact = self.package_exact is not None and all(
+            not isinstance(a, torch.Tensor) or tuple(a.shape) == sig[0]
+            for a, sig in zip(args, self.signature, strict=True))
+        name = "_runner_exact" if exact else "_runner"
+        if getattr(self, name) is None:
+            setattr(self, name, torch._inductor.aoti_load_package(
+                io.BytesIO(self.package_exact if exact else self.package)))
             if not self._frozen:  # loaded from a pickle: the tensors as they came are what was frozen
                 self._track()
-        return self._runner
+        return getattr(self, name)
 
     def _servable(self, args: tuple) -> bool:
         if self.package is None or self.failed is not None or len(args) != len(self.signature) or self._tracing():
@@ -490,7 +538,7 @@ class PackagedGraph(_FrozenGraph):
         if not self._servable(args):
             return self.graph_module(*args)
         try:
-            runner = self._load()
+            runner = self._load(args)
             if self._changed():
                 self.failed = "a weight changed after the package was built (optimize again to rebuild it)"
                 log.warning("optic: %s; running the plain graph", self.failed)
@@ -505,5 +553,10 @@ class PackagedGraph(_FrozenGraph):
         self.failed = self.failed or "the module was moved or cast after the package was built"
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict:  # the package's bytes travel; the loaded runner is loaded again
-        return {**super().__getstate__(), "_runner": None}
+    def __getstate__(self) -> dict:  # the packages' bytes travel; the loaded runners are loaded again
+        return {**super().__getstate__(), "_runner": None, "_runner_exact": None}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("package_exact", None)  # saved before the example's shapes had their own package
+        state.setdefault("_runner_exact", None)
+        super().__setstate__(state)
