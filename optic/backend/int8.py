@@ -47,15 +47,27 @@ def quantize_weight(w: Tensor, scales: Tensor) -> Tensor:
     return torch.round(w.detach().double() / scales.double().reshape(shape)).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
 
 
-def quantize_u8(x: Tensor, scale: float, zero_point: int, channels_last: bool = False) -> Tensor:
-    """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8 (round half to even, as the kernels).
-
-    ``channels_last``: written NHWC, the layout oneDNN's int8 convolutions read (an NCHW input costs
-    them a reorder per call: 1.9× the time of a 1×1 conv 128→512 at 28×28 here)."""
+@torch.library.custom_op("optic::quantize_u8", mutates_args=())
+def _quantize_u8(x: Tensor, scale: float, zero_point: int, channels_last: bool = False) -> Tensor:
     q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
     if channels_last:  # a conv input: 4-D
         return q.to(torch.uint8, memory_format=torch.channels_last)
     return q.to(torch.uint8)
+
+
+@_quantize_u8.register_fake
+def _(x, scale, zero_point, channels_last=False):
+    return torch.empty_like(x, dtype=torch.uint8,
+                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ``quantize_u8(x, scale, zero_point, channels_last=False)``: ``clamp(round(x / scale) + zero_point, 0, 255)`` as
+# uint8 (round half to even, as the kernels). ``channels_last``: written NHWC, the layout oneDNN's int8
+# convolutions read (an NCHW input costs them a reorder per call: 1.9× the time of a 1×1 conv 128→512 at 28×28
+# here). An operator, not a Python function: a graph keeps it as one node through pickling and optic.load (fx
+# traces a pickled graph's code again, and traced the function's five ops into the graph in its place, where
+# neither the int8 kernels' fused quantize nor Inductor's int8 patterns find it)
+quantize_u8 = torch.ops.optic.quantize_u8.default
 
 
 def fake_quantize(x: Tensor, scale: float, zero_point: int) -> Tensor:
