@@ -135,6 +135,11 @@ def configs(fp: int, isa: str = "amx") -> list[tuple[int, int]]:
     return sorted(out, key=lambda t: (-t[0] * t[1], -t[1]))
 
 
+# the calls the CPU step's multi-threaded variant runs on TVM's pool: about 50 µs on one Zen 4 core and more,
+# where the pool's hand-off (a few µs) is small; below it the one-thread kernel runs (see Spec.parallel)
+PARALLEL_MACS = 8_000_000
+
+
 @dataclass(frozen=True)
 class Spec:
     """One kernel: the shapes (NHWC input ``n×h×w×c``, ``f`` outputs, ``kh×kw`` window), the constants of
@@ -160,7 +165,8 @@ class Spec:
     # threads): each kernel alone faster (15 vs 21 µs for 64->64 at 8x8 batch 1), but in the model, between PyTorch's
     # ops on its OpenMP threads, the pools took the cores from each other: the digits CNN's six int8 layers made it
     # 0.62 -> 1.08 ms with the pool, 0.62 -> 0.40 ms without; at batch 8 (19-75 M multiply-adds a layer) too, with
-    # the pool for calls of 16 M or more: the model 1.15 ms, all serial 0.80 ms
+    # the pool for calls of 16 M or more: the model 1.15 ms, all serial 0.80 ms. So one thread is the default, and
+    # the CPU step times a variant with the large calls on the pool beside it (ResNet-50's layers: 100 M and more)
     parallel: bool = False
     # the input: "u8" (quantized, channels-last), or float32 quantized by the kernel itself as it copies the
     # input into its padded buffer ("f32": channels-last, "f32nchw": contiguous NCHW), which saves the quantize
@@ -570,7 +576,10 @@ class Int8Kernel(nn.Module):
                                                   mult.view(torch.int32), b.view(torch.int32),
                                                   torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]))
         self._none = torch.zeros(1, device="cpu")
-        self._fns: dict[tuple[int, int], Any] = {}  # per image size (any batch): the kernel
+        # calls of at least this many multiply-adds run on TVM's thread pool (0: every call on one thread): see
+        # Spec.parallel for why that is not the default; the CPU step times both (use_kernels' parallel_macs)
+        self.parallel_macs = 0
+        self._fns: dict[tuple, Any] = {}  # per image size (any batch), input form and threading: the kernel
         self._plans: dict[tuple[int, int, int], tuple] = {}  # per input size: see _plan
         self._scratch: dict[tuple, Any] = {}  # per thread and input size: the padded input's buffer
 
@@ -590,11 +599,13 @@ class Int8Kernel(nn.Module):
         state.setdefault("float_input", False)  # saved before kernels quantized their input
         state.setdefault("gelu", "")
         state.setdefault("ln_eps", -1.0)
+        state.setdefault("parallel_macs", 0)
         super().__setstate__(state)
 
-    def _spec(self, h: int, w: int, xin: str = "u8") -> Spec:
+    def _spec(self, h: int, w: int, xin: str = "u8", parallel: bool = False) -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
-                    self.residual, self.mb, self.nb, self.isa, xin=xin, gelu=self.gelu, ln_eps=self.ln_eps)
+                    self.residual, self.mb, self.nb, self.isa, parallel=parallel, xin=xin, gelu=self.gelu,
+                    ln_eps=self.ln_eps)
 
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -603,15 +614,16 @@ class Int8Kernel(nn.Module):
         tensors (each PyTorch tensor passed costs a conversion per call) with the buffers they were made of."""
         from optic.tvm_compat import tvm_tensors
 
-        key = ((h, w) if self.conv else (1, 0)) + (xin,)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = build(self._spec(*key))
         if self.conv:
             oh = (h + 2 * self.padding[0] - self.kh) // self.stride + 1
             ow = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
         else:
             oh, ow = 1, w
+        par = 0 < getattr(self, "parallel_macs", 0) <= n * oh * ow * self.f * self.c * self.kh * self.kw
+        key = ((h, w) if self.conv else (1, 0)) + (xin, par)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = build(self._spec(*key))
         xlen = _scratch(self._spec(*key), n, w)[3]
         wt, consts = self._buffers["wt"], self._buffers["consts"]
         x_strides = (self.c * h * w, h * w, w, 1) if xin == "f32nchw" else (h * w * self.c, 1, w * self.c, self.c)
@@ -748,7 +760,7 @@ def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
     return x, float(args.get("eps", 1e-5))
 
 
-def use_kernels(gm: fx.GraphModule) -> list[str]:
+def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
     """Run ``gm``'s int8 operators by generated AMX kernels, in place: each ``optic::int8_conv2d`` and
     ``optic::int8_linear`` (plain arguments, a constant weight, no other post-op than ReLU, ungrouped and
     undilated) becomes an :class:`Int8Kernel` submodule, and its epilogue takes what follows it when only
@@ -756,7 +768,8 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
     quantize with the same scale and zero point (the same float32 arithmetic, in the kernel). A kernel whose
     input no kernel wrote in uint8 quantizes the float input itself as it copies it into its padded buffer;
     the quantize steps left (read by other operators) become :class:`Quantize` kernels. The kinds of kernel made, one entry per node
-    (empty: no int8 operator could be made one)."""
+    (empty: no int8 operator could be made one). ``parallel_macs``: calls of at least this many multiply-adds run
+    on TVM's thread pool (0: all on one thread)."""
     from optic.ir import fetch_attr, free_name
     from optic.ir.graph import is_shape_query
 
@@ -808,6 +821,7 @@ def use_kernels(gm: fx.GraphModule) -> list[str]:
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
                             residual is not None, conv, float_input=float_input, gelu=gelu, layer_norm_eps=ln)
+        kernel.parallel_macs = int(parallel_macs)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
         with gm.graph.inserting_after(last):

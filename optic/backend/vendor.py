@@ -314,9 +314,8 @@ class CpuTactics:
             for name, compiled in self._whole_graph(prog, ctx).items():
                 variants[prefix + name] = compiled
                 kernels[prefix + name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
-        amx = self._int8_generated(program, ctx)
-        if amx is not None:
-            variants[whole.INT8_GENERATED], kernels[whole.INT8_GENERATED] = amx
+        for name, (candidate, rules) in self._int8_generated(program, ctx).items():
+            variants[name], kernels[name] = candidate, rules
         for name in over_budget(variants, program, ctx):
             del variants[name]
         if len(variants) == 1:
@@ -377,30 +376,40 @@ class CpuTactics:
         return found
 
     @staticmethod
-    def _int8_generated(program, ctx) -> tuple[Any, list[str]] | None:
-        """The graph with its int8 operators run by optic's generated AMX kernels (:mod:`.int8_amx`),
-        checked on the inputs the pass is checked on, and the kernels made; None where there is none."""
+    def _int8_generated(program, ctx) -> dict[str, tuple[Any, list[str]]]:
+        """The graph with its int8 operators run by optic's generated AMX kernels (:mod:`.int8_amx`), each
+        call on one thread, and again with the large calls on TVM's thread pool where the example has any,
+        each checked on the inputs the pass is checked on, with the kernels made; empty where there is none."""
         from . import int8, int8_amx
 
         if not int8.rounds(program.gm):
-            return None
+            return {}
         why = int8_amx.unavailable()
         if why:
             ctx.stats.decline("int8_generated", MODEL, why)
-            return None
-        candidate = program.clone()
-        t0 = time.perf_counter()
-        try:
-            made = int8_amx.use_kernels(candidate.gm)
-            if not made:
-                ctx.stats.decline("int8_generated", MODEL, "no int8 operator the generated kernels cover")
-                return None
-            _check_variant(program, candidate, ctx)
-        except Exception as e:  # not built, or not right: the other variants remain
-            ctx.stats.decline("int8_generated", MODEL, whole.error_line(e, 160))
-            return None
-        ctx.record.measured["int8_generated_build_s"] = round(time.perf_counter() - t0, 2)
-        return candidate, ["int8_generated_" + k for k in made]
+            return {}
+        found = {}
+        for name, parallel_macs in ((whole.INT8_GENERATED, 0), (whole.INT8_GENERATED_POOL, int8_amx.PARALLEL_MACS)):
+            candidate = program.clone()
+            t0 = time.perf_counter()
+            try:
+                made = int8_amx.use_kernels(candidate.gm, parallel_macs)
+                if not made:
+                    ctx.stats.decline("int8_generated", MODEL, "no int8 operator the generated kernels cover")
+                    return {}
+                with torch.no_grad():
+                    candidate.gm(*program.example_args, **program.example_kwargs)
+                if parallel_macs and not any(key[-1] for m in candidate.gm.modules()
+                                             if isinstance(m, int8_amx.Int8Kernel) for key in m._fns):
+                    break  # no call on the example is that large: the variant would be the one-thread one
+                _check_variant(program, candidate, ctx)
+            except Exception as e:  # not built, or not right: the other variants remain
+                ctx.stats.decline("int8_generated", MODEL, f"{name}: {whole.error_line(e, 160)}")
+                continue
+            ctx.record.measured[("int8_generated_pool" if parallel_macs else "int8_generated") + "_build_s"] = round(
+                time.perf_counter() - t0, 2)
+            found[name] = candidate, ["int8_generated_" + k for k in made]
+        return found
 
     def _variants(self, program, ctx, prefix: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """Whole-model variants of ``program``: as it is, channels-last, and with the oneDNN kernels

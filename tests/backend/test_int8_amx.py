@@ -69,6 +69,26 @@ def test_the_kernel_accumulates_exactly_what_the_integer_reference_does(case, is
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@examples(15, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases, x_scale=st.floats(1e-3, 0.1))
+def test_a_kernel_on_the_thread_pool_computes_what_one_thread_does(case, x_scale, isa):
+    """Calls of at least ``parallel_macs`` multiply-adds split their tasks over TVM's pool: the same integers
+    and the same float epilogue as the one-thread kernel, bit for bit; smaller calls stay on one thread."""
+    if case["hw"] + 2 * min(case["pad"], case["k"] // 2 + 1) < case["k"]:
+        return
+    g, qx, qw = _case(case)
+    ws, b = torch.rand(case["o"], generator=g) * 0.01 + 1e-3, torch.randn(case["o"], generator=g)
+    serial = _kernel(qw, ws, b, x_scale, case, out=(0.05, 7), isa=isa)
+    pooled = _kernel(qw, ws, b, x_scale, case, out=(0.05, 7), isa=isa)
+    pooled.parallel_macs = 1
+    assert torch.equal(pooled(qx), serial(qx))
+    assert [k[-1] for k in pooled._fns] == [True] and [k[-1] for k in serial._fns] == [False]
+    pooled.parallel_macs = 10**12  # above any call here: one thread
+    pooled._plans.clear()
+    assert torch.equal(pooled(qx), serial(qx)) and sorted(k[-1] for k in pooled._fns) == [False, True]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("stride,hw", [(2, 8), (2, 7), (3, 10)])
 def test_a_strided_1x1_conv_runs_the_stride_1_kernel_on_every_stride_th_pixel(isa, stride, hw):
     case = {"n": 2, "c": 64, "o": 48, "hw": hw, "k": 1, "stride": stride, "pad": 0, "zp": 7, "relu": False, "seed": 3}
@@ -351,10 +371,20 @@ def test_the_cpu_step_offers_the_generated_kernels_and_checks_them(monkeypatch):
 
     ctx.stats, ctx.record = RuleStats(), PassRecord("cpu_tactics", True)
     found = get("cpu_tactics")._int8_generated(prog, ctx)
-    assert found is not None and found[1] and all(k.startswith("int8_generated_") for k in found[1])
+    # this example's calls are all small: no variant with the pool (it would be the one-thread one)
+    assert list(found) == [whole.INT8_GENERATED]
+    rules = found[whole.INT8_GENERATED][1]
+    assert rules and all(k.startswith("int8_generated_") for k in rules)
+    monkeypatch.setattr(int8_amx, "PARALLEL_MACS", 1)  # every call large: the pool's variant, checked, beside it
+    found = get("cpu_tactics")._int8_generated(prog, ctx)
+    assert list(found) == [whole.INT8_GENERATED, whole.INT8_GENERATED_POOL]
+    pooled = [m for m in found[whole.INT8_GENERATED_POOL][0].gm.modules() if isinstance(m, int8_amx.Int8Kernel)]
+    assert pooled and all(m.parallel_macs == 1 and all(k[-1] for k in m._fns) for m in pooled)
+    with torch.no_grad():
+        assert torch.equal(found[whole.INT8_GENERATED_POOL][0].gm(x), found[whole.INT8_GENERATED][0].gm(x))
     monkeypatch.setenv(int8_amx.ENV, "0")
     ctx.stats = RuleStats()
-    assert get("cpu_tactics")._int8_generated(prog, ctx) is None
+    assert get("cpu_tactics")._int8_generated(prog, ctx) == {}
     assert any(r == "int8_generated" and "switched off" in why for r, _, why in ctx.stats.declined)
 
 
