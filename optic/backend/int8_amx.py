@@ -747,17 +747,23 @@ _LAYER_NORMS = {torch.ops.aten.layer_norm.default, torch.nn.functional.layer_nor
 def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
     """(its input, its epsilon) where ``node`` is a LayerNorm over the last dimension, of ``width`` features,
     without weight or bias (fold_norm moves the affine into the linears it feeds), on float32; else None."""
+    from optic.ir.graph import dtype
+
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LAYER_NORMS):
         return None
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     x, shape = args.get("input"), args.get("normalized_shape")
-    from optic.ir.graph import dtype
-
     if (not isinstance(x, fx.Node) or args.get("weight") is not None or args.get("bias") is not None
             or list(shape or []) != [width] or dtype(x) != torch.float32):
         return None
     return x, float(args.get("eps", 1e-5))
+
+
+def uses_pool(gm: fx.GraphModule) -> bool:
+    """Whether a generated kernel of ``gm`` has compiled a call that runs on TVM's pool (one at least
+    ``parallel_macs`` multiply-adds): after a call on the example, whether its pool variant differs."""
+    return any(key[-1] for m in gm.modules() if isinstance(m, Int8Kernel) for key in m._fns)
 
 
 def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:

@@ -389,7 +389,7 @@ class CpuTactics:
             ctx.stats.decline("int8_generated", MODEL, why)
             return {}
         found = {}
-        for name, parallel_macs in ((whole.INT8_GENERATED, 0), (whole.INT8_GENERATED_POOL, int8_amx.PARALLEL_MACS)):
+        for name, parallel_macs in whole.int8_generated_variants():
             candidate = program.clone()
             t0 = time.perf_counter()
             try:
@@ -399,8 +399,7 @@ class CpuTactics:
                     return {}
                 with torch.no_grad():
                     candidate.gm(*program.example_args, **program.example_kwargs)
-                if parallel_macs and not any(key[-1] for m in candidate.gm.modules()
-                                             if isinstance(m, int8_amx.Int8Kernel) for key in m._fns):
+                if parallel_macs and not int8_amx.uses_pool(candidate.gm):
                     break  # no call on the example is that large: the variant would be the one-thread one
                 _check_variant(program, candidate, ctx)
             except Exception as e:  # not built, or not right: the other variants remain

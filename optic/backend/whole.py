@@ -109,8 +109,7 @@ def _generated_graph(program: Any, parallel_macs: int = 0) -> fx.GraphModule | N
             args, kwargs = program.example_args, program.example_kwargs
             with torch.no_grad():
                 generated.gm(*args, **kwargs)  # built (compiled) before any clock starts
-            if parallel_macs and not any(key[-1] for m in generated.gm.modules()
-                                         if isinstance(m, int8_amx.Int8Kernel) for key in m._fns):
+            if parallel_macs and not int8_amx.uses_pool(generated.gm):
                 return None
             return generated.gm
     except Exception as e:  # noqa: BLE001 - the caller times without them
@@ -118,14 +117,20 @@ def _generated_graph(program: Any, parallel_macs: int = 0) -> fx.GraphModule | N
     return None
 
 
+def int8_generated_variants() -> tuple[tuple[str, int], ...]:
+    """(name, ``parallel_macs``) of the generated int8 variants the CPU step and the allocator time: every
+    call on one thread, and the large calls on TVM's pool."""
+    from . import int8_amx
+
+    return (INT8_GENERATED, 0), (INT8_GENERATED_POOL, int8_amx.PARALLEL_MACS)
+
+
 def _generated_calls(program: Any) -> dict[str, Any]:
     """Zero-argument calls of ``program`` on its example with optic's generated int8 kernels: on one thread,
     and with the large calls on TVM's pool (:data:`INT8_GENERATED_POOL`) where the example has any."""
-    from . import int8_amx
-
     args, kwargs = program.example_args, program.example_kwargs
     calls = {}
-    for name, macs in ((INT8_GENERATED, 0), (INT8_GENERATED_POOL, int8_amx.PARALLEL_MACS)):
+    for name, macs in int8_generated_variants():
         gm = _generated_graph(program, macs)
         if gm is not None:
             calls[name] = lambda gm=gm: gm(*args, **kwargs)
@@ -235,7 +240,6 @@ class CompiledGraph(_FrozenGraph):
         self._compiled: Any = None
         self._compiled_other: Any = None
         self._first: tuple | None = None
-        self._codes: dict[int, Any] = {}  # id of a compiled program -> the code object Dynamo caches it under
         self._seen: set[tuple] = set()  # the input signatures the compiled program has served (no compile for them)
         self._plain: set[tuple] = set()  # the input signatures it failed on (the plain graph serves them)
         self._frozen, self._versions = [], []
@@ -264,7 +268,6 @@ class CompiledGraph(_FrozenGraph):
         # a fresh GraphModule over the same graph and tensors: fresh code, so Dynamo's cache (keyed on the
         # code, guarding shapes but not values) cannot hand back a program with the old frozen weights
         # held outside the module tree: not a child module (state_dict, .modules() and copies skip it)
-        self._codes = {}
         object.__setattr__(self, "_compiled", self._program(False))
         object.__setattr__(self, "_compiled_other", None)
         self._first = None
@@ -277,9 +280,7 @@ class CompiledGraph(_FrozenGraph):
         fresh = int8_for_inductor(self.graph_module)
         if fresh is self.graph_module:
             fresh = fx.GraphModule(self.graph_module, self.graph_module.graph)
-        program = torch.compile(fresh, dynamic=dynamic)
-        self._codes[id(program)] = fresh.forward.__code__
-        return program
+        return torch.compile(fresh, dynamic=dynamic)
 
     def _may_compile(self, program: Any, seen: tuple) -> bool:
         """Whether calling ``program`` on signature ``seen`` may compile: a signature it has not served, or
@@ -288,14 +289,14 @@ class CompiledGraph(_FrozenGraph):
         without frozen weights, measured 58.7 against 42 ms on ResNet-50)."""
         if seen not in self._seen:
             return True
-        code = self._codes.get(id(program))
-        if code is None:
+        compiled_module = getattr(program, "_orig_mod", None)  # what torch.compile wrapped: Dynamo caches its code
+        if compiled_module is None:
             return False
         try:
             from torch._dynamo.eval_frame import _debug_get_cache_entry_list
         except ImportError:  # another PyTorch: the signature alone decides
             return False
-        return not _debug_get_cache_entry_list(code)
+        return not _debug_get_cache_entry_list(compiled_module.forward.__code__)
 
     def _program_for(self, seen: tuple) -> Any:
         """The compiled program that serves inputs of signature ``seen``: the first one's, or (a graph with
@@ -345,12 +346,11 @@ class CompiledGraph(_FrozenGraph):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # the compiled programs are neither copied nor saved: compiled again
-        return {**super().__getstate__(), "_compiled": None, "_compiled_other": None, "_first": None, "_codes": {}}
+        return {**super().__getstate__(), "_compiled": None, "_compiled_other": None, "_first": None}
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_compiled_other", None)  # saved before the other sizes had their own program
         state.setdefault("_first", None)
-        state.setdefault("_codes", {})
         super().__setstate__(state)
 
 
