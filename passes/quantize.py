@@ -18,6 +18,18 @@ and on this machine a layer that is not faster in int8 is undone. Layers stay fl
 reason in the report, when the weight is computed or shared, the conv is not 2-D with zero padding,
 the layer is too small to gain (fewer than ``quantize_min_macs`` multiply-adds), or the CPU has no
 int8 kernels (oneDNN needs VNNI or AMX to be faster than float; without them the pass declines).
+Activation smoothing (SmoothQuant, Xiao et al. 2023), for linears: where a few input channels carry
+much larger values than the rest (a trained transformer's LayerNorm outputs do), one per-tensor
+activation scale spends its 256 steps on them and the other channels lose their resolution. The
+smoothed alternative divides input channel ``j`` by ``s_j = max|X_j|^α / max|W[:, j]|^(1−α)`` and
+multiplies the weight's column ``j`` by it: the product is the same, the activation's channels even
+out, the weight (quantized per output channel) takes the spread. ``s_j`` is rounded to a power of two,
+so ``x·(1/s)`` and ``W·s`` are exact in float32 and only the int8 rounding changes. Per linear, α in
+:data:`SMOOTH_ALPHAS` is calibrated like the plain layer and the smoothed variant is proposed (a
+milder level of the same group: the allocator keeps it where the plain one breaks the budget, or where
+its gain per metric lost is better) when its output error is at most :data:`SMOOTH_GAIN` of the plain
+one's. The division is a ``mul`` before the quantize step, which optic's generated kernels fold into
+their input copy.
 Attention's batched GEMMs (inside ``scaled_dot_product_attention``) stay float32: no int8 kernel for
 them is wired in yet.
 
@@ -45,6 +57,8 @@ from optic.pipeline.registry import Option, register
 METHODS = ("minmax", "percentile", "mse")
 PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "percentile"
 SAMPLE = 1 << 16  # recorded activation values kept per layer for percentile and MSE calibration
+SMOOTH_ALPHAS = (0.5, 0.75)  # SmoothQuant's migration strengths tried per linear (0.5: the paper's default)
+SMOOTH_GAIN = 0.8  # a smoothed linear is proposed when its output error is at most this share of the plain one's
 ERROR_SAMPLES = 8  # calibration samples the per-layer output error is measured on
 MIN_MACS = 50_000  # below this a layer's int8 kernel cannot pay for its quantize step (default)
 # with optic's generated int8 kernels a call costs the kernel and about 3 µs, not oneDNN's ~37 µs, and the pass times
@@ -185,11 +199,16 @@ class _Range:
     hi: float = -math.inf
     samples: list[torch.Tensor] = field(default_factory=list)
     first: torch.Tensor | None = None  # the first ERROR_SAMPLES samples of the first batch, as recorded
+    # per channel of the last dimension (a linear's inputs): the exact min and max, for smoothing
+    chan_lo: torch.Tensor | None = None
+    chan_hi: torch.Tensor | None = None
 
 
-def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]], seed: int = 0) -> dict[str, _Range]:
+def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]], seed: int = 0,
+            channels: frozenset[str] = frozenset()) -> dict[str, _Range]:
     """Per node: the exact min and max over ``inputs``, a uniform sample of its values, and its first
-    samples as they are (what the per-layer output error is measured on)."""
+    samples as they are (what the per-layer output error is measured on); for the nodes named in
+    ``channels``, also the min and max of each channel of the last dimension."""
     gen = torch.Generator().manual_seed(seed)
     ranges = {n.name: _Range() for n in nodes}
     per_batch = max(1, SAMPLE // max(len(inputs), 1))
@@ -200,9 +219,36 @@ def observe(program: Any, nodes: list[fx.Node], inputs: list[tuple[tuple, dict]]
                 r.first = v.detach()[:ERROR_SAMPLES].clone()
             flat = v.detach().float().reshape(-1)
             r.lo, r.hi = min(r.lo, float(flat.min())), max(r.hi, float(flat.max()))
+            if name in channels and v.dim() >= 1:
+                rows = v.detach().float().reshape(-1, v.shape[-1])
+                lo, hi = rows.amin(0).cpu(), rows.amax(0).cpu()
+                r.chan_lo = lo if r.chan_lo is None else torch.minimum(r.chan_lo, lo)
+                r.chan_hi = hi if r.chan_hi is None else torch.maximum(r.chan_hi, hi)
             idx = device.randint(0, flat.numel(), (min(per_batch, flat.numel()),), gen, flat.device)
             r.samples.append(flat[idx].clone())
     return ranges
+
+
+def smoothing_factors(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors for a linear's weight ``w`` [N, K] and its input's per-channel
+    ``max|X_j|``: ``s_j = max|X_j|^α / max|W[:, j]|^(1−α)``, rounded to a power of two (so dividing the input
+    and multiplying the weight are exact in float32), 1 where a channel or a column is all zero."""
+    xmax = x_absmax.detach().double().cpu()
+    wmax = w.detach().abs().amax(0).double().cpu()
+    s = xmax.pow(alpha) / wmax.pow(1 - alpha)
+    ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
+    s = torch.where(ok, s, torch.ones_like(s)).clamp(2.0 ** -20, 2.0 ** 20)
+    return torch.exp2(torch.round(torch.log2(s))).float()
+
+
+def _smoothed_range(r: _Range, s: torch.Tensor, x: torch.Tensor, seed: int = 0) -> _Range:
+    """The recorded range of ``X / s``: exact bounds from the per-channel ones, a sample from ``x`` (the first
+    recorded samples) divided by ``s``."""
+    inv = (1.0 / s.double()).float()
+    flat = (x.detach().float().cpu() * inv).reshape(-1)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, flat.numel(), (min(SAMPLE, flat.numel()),), generator=gen)
+    return _Range(lo=float((r.chan_lo * inv).min()), hi=float((r.chan_hi * inv).max()), samples=[flat[idx]])
 
 
 def candidate_ranges(r: _Range) -> dict[str, tuple[float, int]]:
@@ -233,19 +279,30 @@ def _kernel_args(layer: Layer, xq: Any, scale: float, zp: int, qw: Any, ws: Any,
     return (xq, scale, zp, qw, ws, b, *out)
 
 
-def _weights(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _weights(layer: Layer, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The int8 weight, its per-channel scales and the float bias; ``smooth``: of the weight with its input
+    columns multiplied by the smoothing factors."""
     w = layer.op.const("weight")
+    if smooth is not None:
+        w = w.detach().float() * smooth.to(w.device)  # a power of two per column: exact
     ws = int8.weight_scales(w)
     b = layer.op.const("bias")
     return int8.quantize_weight(w, ws), ws, None if b is None else b.detach().float()
 
 
-def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int) -> fx.Node:
-    """Replace ``layer`` by ``quantize → int8 kernel (float32 out)``; returns the kernel's node."""
+def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int, smooth: torch.Tensor | None = None) -> fx.Node:
+    """Replace ``layer`` by ``quantize → int8 kernel (float32 out)``; returns the kernel's node. ``smooth``:
+    the input is divided by these per-channel factors first (a ``mul`` by their inverses: powers of two, exact)
+    and the weight's columns multiplied by them."""
     graph, op = gm.graph, layer.op
-    qw, ws, b = _weights(layer)
+    qw, ws, b = _weights(layer, smooth)
     with graph.inserting_before(op.node):
-        xq = graph.call_function(int8.quantize_u8, (op.x, scale, zp, op.kind == "conv"))
+        x = op.x
+        if smooth is not None:
+            inv = ir.const_node(graph, gm, (1.0 / smooth.double()).float().to(op.const("weight").device), "int8_smooth")
+            x = graph.call_function(torch.ops.aten.mul.Tensor, (x, inv))
+            ir.stamp(x, layer.nodes, "quantize")
+        xq = graph.call_function(int8.quantize_u8, (x, scale, zp, op.kind == "conv"))
         ir.stamp(xq, layer.nodes, "quantize")  # a quantize boundary: dumps show which layer's and which pass's
         wn = ir.const_node(graph, gm, qw, "int8_weight")
         sn = ir.const_node(graph, gm, ws, "int8_scale")
@@ -268,11 +325,13 @@ def _batch_like(x: torch.Tensor, node: fx.Node) -> torch.Tensor:
     return x[:n] if x.shape[0] >= n else x.repeat(-(-n // x.shape[0]), *([1] * (x.dim() - 1)))[:n]
 
 
-def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
-    """The layer's int8 kernel on ``x`` (float32 out), outside any graph."""
-    qw, ws, b = _weights(layer)
+def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's int8 kernel on ``x`` (float32 out), outside any graph (``smooth``: as :func:`_kernel`)."""
+    qw, ws, b = _weights(layer, smooth)
     target = int8.CONV if layer.op.kind == "conv" else int8.LINEAR
     with torch.no_grad():
+        if smooth is not None:
+            x = x.float() * (1.0 / smooth.double()).float().to(x.device)
         xq = int8.quantize_u8(x, scale, zp, layer.op.kind == "conv")
         return target(*_kernel_args(layer, xq, scale, zp, qw, ws, b))
 
@@ -390,22 +449,22 @@ def _still_quantizable(node: fx.Node, gm: fx.GraphModule, min_macs: int) -> Op:
     return op
 
 
-def _applier(name: str, scale: float, zp: int, min_macs: int):
+def _applier(name: str, scale: float, zp: int, min_macs: int, smooth: torch.Tensor | None = None):
     def apply(program: Any) -> None:
         gm = program.gm
         op = _still_quantizable(next(n for n in gm.graph.nodes if n.name == name), gm, min_macs)
-        _kernel(_layer(op, gm), gm, scale, zp)
+        _kernel(_layer(op, gm), gm, scale, zp, smooth)
         chain(gm)
         ir.eliminate_dead_code(gm)
         ir.drop_unused_constants(gm)
     return apply
 
 
-def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int) -> float:
+def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None) -> float:
     """Relative L2 error of the int8 layer (the kernel run for real) against the float layer on ``x``."""
     x = x.detach()
     ref = run_float(layer, x)
-    got = run_int8(layer, x, scale, zp).double()
+    got = run_int8(layer, x, scale, zp, smooth).double()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
@@ -470,7 +529,8 @@ class Quantize:
         layers = self.layers(program, ctx)
         if not layers or ctx.calibration is None:
             return []
-        ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs())
+        ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs(),
+                         channels=frozenset(la.op.x.name for la in layers if la.op.kind == "linear"))
         min_macs = self._min_macs(ctx)
         actions = []
         for i, layer in enumerate(layers):
@@ -488,8 +548,11 @@ class Quantize:
                                                        cal.zero_point)
                 except Exception as e:  # noqa: BLE001 - the cost model predicts instead
                     ctx.note(f"{layer.op.node.name}: generated int8 kernel not timed ({str(e).splitlines()[0][:80]})")
-            actions.append(self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after,
-                                        ctx.generated_after, measured))
+            plain = self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after, ctx.generated_after, measured)
+            actions.append(plain)
+            smoothed = self._calibrate_smoothed(layer, r, r.first)
+            if smoothed is not None and smoothed[0].errors[smoothed[0].method] <= SMOOTH_GAIN * cal.errors[cal.method]:
+                actions.append(self._smoothed_action(plain, layer, *smoothed, ctx.target, min_macs, ctx.compiled_after))
         return actions
 
     @staticmethod
@@ -526,25 +589,72 @@ class Quantize:
             info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
                   "x_zero_point": cal.zero_point, "layer_errors": cal.errors})
 
+    def _smoothed_action(self, plain: Action, layer: Layer, cal: Calibrated, smooth: torch.Tensor, alpha: float,
+                         target: Any, min_macs: int, compiled: bool) -> Action:
+        """The smoothed alternative of ``plain``: a milder level of its group (less error for about the same
+        gain: in the plain graph the division is one more pass over the input; compiled, it fuses into the
+        quantize step or the generated kernel's input copy)."""
+        x = ir.shape(layer.op.x)
+        extra = 0.0 if compiled else cost.kernel_seconds(math.prod(x), 8 * math.prod(x), target, "float32")
+        w = layer.op.const("weight")
+        return Action(
+            pass_name=self.name, group=plain.group, layer=plain.layer,
+            describe=f"int8 {tuple(w.shape)}, smoothed α={alpha:g}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
+            level=0.5, nodes=plain.nodes, predicted_gain_s=max(plain.predicted_gain_s - extra, 0.0),
+            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs, smooth), compiled_gain=True,
+            info={**plain.info, "calibration": cal.method, "x_scale": cal.scale, "x_zero_point": cal.zero_point,
+                  "layer_errors": cal.errors, "smoothing_alpha": alpha})
+
     @staticmethod
-    def _calibrate(layer: Layer, r: _Range, x: torch.Tensor) -> Calibrated | None:
+    def _calibrate(layer: Layer, r: _Range, x: torch.Tensor, smooth: torch.Tensor | None = None) -> Calibrated | None:
         errors, params = {}, candidate_ranges(r)
         for method, (s, z) in params.items():
             try:
-                errors[method] = _layer_error(layer, x, s, z)
+                errors[method] = _layer_error(layer, x, s, z, smooth)
             except Exception:  # noqa: BLE001 - a kernel that fails here is never proposed
                 return None
         method = min(METHODS, key=lambda m: errors[m])
         s, z = params[method]
         return Calibrated(method, s, z, errors)
 
+    def _calibrate_smoothed(self, layer: Layer, r: _Range, x: torch.Tensor) -> tuple[Calibrated, torch.Tensor, float] | None:
+        """The best smoothed calibration of a linear over :data:`SMOOTH_ALPHAS` (by the layer's output error):
+        (its calibration, the factors, α); None for a conv, or where every factor is 1 (nothing to even out)."""
+        if layer.op.kind != "linear" or r.chan_lo is None or x is None:
+            return None
+        amax = torch.maximum(r.chan_lo.abs(), r.chan_hi.abs())
+        best = None
+        for alpha in SMOOTH_ALPHAS:
+            s = smoothing_factors(amax, layer.op.const("weight"), alpha)
+            if bool((s == s[0]).all()):  # one factor for every channel: the plain layer, rescaled
+                continue
+            cal = self._calibrate(layer, _smoothed_range(r, s, x), x, s)
+            if cal is not None and (best is None or cal.errors[cal.method] < best[0].errors[best[0].method]):
+                best = (cal, s, alpha)
+        return best
+
     def run(self, program: Any, ctx: Any) -> bool:
-        """Without the allocator: every proposed layer in int8 (used by tests and by hand)."""
-        actions = self.candidates(program, ctx)
+        """Without the allocator: every proposed layer in int8, smoothed where that was proposed (used by tests
+        and by hand)."""
+        actions = one_per_layer(self.candidates(program, ctx))
         for a in actions:
             a.apply(program)
             ctx.stats.match("quantize")  # as lowrank's and prune's runs count theirs
         return bool(actions)
+
+
+def one_per_layer(actions: list[Action], smoothed: bool = True) -> list[Action]:
+    """Per layer, of its proposed int8 actions, the one with the lowest output error (``smoothed=False``: the
+    plain one), in the order proposed: every layer in int8 without the allocator."""
+    best: dict[str, Action] = {}
+    for a in actions:
+        if not smoothed and "smoothing_alpha" in a.info:
+            continue
+        err = a.info["layer_errors"][a.info["calibration"]]
+        cur = best.get(a.group)
+        if cur is None or err < cur.info["layer_errors"][cur.info["calibration"]]:
+            best[a.group] = a
+    return [a for a in actions if best.get(a.group) is a]
 
 
 def _bytes(layer: Layer, x_size: int, w_size: int) -> int:

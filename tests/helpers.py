@@ -30,9 +30,10 @@ def run_exact(model, inputs, capture="fx", passes=("cleanup", "fold_norm", "fuse
     return opt
 
 
-def int8_program(model, x, method="fx"):
+def int8_program(model, x, method="fx", smoothed=False):
     """``model`` captured (``method``) with every layer the quantize pass proposes applied in int8 (no
-    budget: all of them), calibrated on four seeded random batches shaped like ``x``."""
+    budget: all of them; ``smoothed``: the smoothed variant where one is proposed, else the plain one),
+    calibrated on four seeded random batches shaped like ``x``."""
     from optic import targets
     from optic.backend import int8
     from optic.budget.allocator import build
@@ -46,6 +47,8 @@ def int8_program(model, x, method="fx"):
     cal = split([torch.randn(x.shape, generator=g) for _ in range(4)], Budget(), single_input=True,
                 batch_size=x.shape[0])
     ctx = PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options={"quantize_min_macs": 0})
-    out = build(prog, get("quantize").candidates(prog, ctx))
+    from optic.passes.quantize import one_per_layer
+
+    out = build(prog, one_per_layer(get("quantize").candidates(prog, ctx), smoothed))
     assert any(n.target in int8.OUT_ARGS for n in out.gm.graph.nodes)
     return out

@@ -178,6 +178,9 @@ class Spec:
     # a linear on float rows that first normalizes each row (a LayerNorm without affine: fold_norm moved it
     # into the linear), with this epsilon; negative: none
     ln_eps: float = -1.0
+    # a float input multiplied per channel before it is quantized (quantize's activation smoothing: the factors'
+    # inverses), the multipliers' float32 bits in consts after the scalars
+    xmul: bool = False
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -263,15 +266,19 @@ def _prim_func(sp: Spec) -> Any:
 
     LN = sp.ln_eps >= 0
 
+    XMUL = sp.xmul
+
     def load(X, consts, n, c, hh, ww, lns=None):
         """The input's uint8 value: as it is, or float32 quantized as :func:`.int8.quantize_u8` computes it
         (consts: z_x at Q, s_x's float32 bits at Q + 3), after the row's normalization with a LayerNorm
-        (``lns``: the row's mean at 32, 1/σ at 33)."""
+        (``lns``: the row's mean at 32, 1/σ at 33) and the channel's multiplier (at Q + 4 + c)."""
         if XDT == "uint8":
             return X[n, c, hh, ww]
         v = X[n, c, hh, ww]
         if LN:
             v = (v - lns[32]) * lns[33]
+        if XMUL:
+            v = v * T.reinterpret(consts[Q + 4 + c], dtype="float32")
         return T.Cast("uint8", T.max(T.min(T.round(v / T.reinterpret(consts[Q + 3], dtype="float32"))
                                            + T.Cast("float32", consts[Q]), T.float32(255)), T.float32(0)))
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
@@ -301,7 +308,7 @@ def _prim_func(sp: Spec) -> Any:
 
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((N, C, H, W), XDT, strides=XST, align=1 if XDT == "uint8" else 4), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
-             consts: T.Buffer((Q + 4,), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
+             consts: T.Buffer((Q + 4 + (C if XMUL else 0),), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
              out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1),
              Xp: T.Buffer((XLEN,), "uint8", align=1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
@@ -541,7 +548,7 @@ class Int8Kernel(nn.Module):
     def __init__(self, qweight: Tensor, w_scales: Tensor, bias: Tensor | None, x_scale: float, x_zp: int,
                  stride: int, padding: tuple[int, int], out_scale: float, out_zp: int, out_u8: bool, relu: bool,
                  residual: bool, conv: bool, isa: str | None = None, float_input: bool = False, gelu: str = "",
-                 layer_norm_eps: float | None = None):
+                 layer_norm_eps: float | None = None, in_scale: Tensor | None = None):
         super().__init__()
         # float_input: x is float32 and the kernel quantizes it (with x_scale and x_zp) as it copies it in
         f = qweight.shape[0]
@@ -561,6 +568,10 @@ class Int8Kernel(nn.Module):
         self.ln_eps = -1.0 if layer_norm_eps is None else float(layer_norm_eps)
         if self.ln_eps >= 0 and (conv or not float_input):
             raise ValueError("a LayerNorm in the kernel's input copy is for a linear on float rows")
+        # in_scale: the float input's per-channel multipliers, applied (after the LayerNorm) before quantizing
+        self.xmul = in_scale is not None
+        if self.xmul and (not float_input or in_scale.numel() != self.c):
+            raise ValueError("per-channel input multipliers are for a float input, one per input channel")
         self.isa = isa or pick_isa()
         self.mb, self.nb = configs(-(-f // 16) * 16, self.isa)[0] if self.isa == "vnni" or f % 32 else (2, 2)
         c4 = self._spec(1, 1).c4
@@ -574,7 +585,9 @@ class Int8Kernel(nn.Module):
         tail = torch.tensor([float(self.out_scale), float(self.out_zp), float(x_scale)], device="cpu").view(torch.int32)
         self.register_buffer("consts", torch.cat([torch.cat([sums * self.x_zp, pad.int()]).int(),
                                                   mult.view(torch.int32), b.view(torch.int32),
-                                                  torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]))
+                                                  torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]
+                                                 + ([in_scale.detach().float().cpu().reshape(-1).view(torch.int32)]
+                                                    if self.xmul else [])))
         self._none = torch.zeros(1, device="cpu")
         # calls of at least this many multiply-adds run on TVM's thread pool (0: every call on one thread): see
         # Spec.parallel for why that is not the default; the CPU step times both (use_kernels' parallel_macs)
@@ -600,12 +613,13 @@ class Int8Kernel(nn.Module):
         state.setdefault("gelu", "")
         state.setdefault("ln_eps", -1.0)
         state.setdefault("parallel_macs", 0)
+        state.setdefault("xmul", False)
         super().__setstate__(state)
 
     def _spec(self, h: int, w: int, xin: str = "u8", parallel: bool = False) -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
                     self.residual, self.mb, self.nb, self.isa, parallel=parallel, xin=xin, gelu=self.gelu,
-                    ln_eps=self.ln_eps)
+                    ln_eps=self.ln_eps, xmul=getattr(self, "xmul", False))
 
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -742,6 +756,26 @@ def _quantizes_for(xq: Any, scale: float, zp: int) -> bool:
 
 
 _LAYER_NORMS = {torch.ops.aten.layer_norm.default, torch.nn.functional.layer_norm}
+_MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
+
+
+def _channel_multiplier(node: Any, gm: fx.GraphModule, width: int) -> tuple[fx.Node, Tensor] | None:
+    """(its float32 input, the multipliers) where ``node`` multiplies a float32 value of ``width`` channels
+    (the last dimension) by a constant vector of one float32 per channel (quantize's smoothing); else None."""
+    from optic.ir import fetch_attr
+    from optic.ir.graph import dtype
+
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _MULS
+            and len(node.args) == 2 and not node.kwargs):
+        return None
+    x, c = node.args
+    if not (isinstance(x, fx.Node) and isinstance(c, fx.Node) and c.op == "get_attr"):
+        return None
+    t = fetch_attr(gm, c.target)
+    if (not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != width
+            or dtype(x) != torch.float32 or _shape(x) is None or _shape(x) != _shape(node) or _shape(x)[-1] != width):
+        return None
+    return x, t
 
 
 def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
@@ -817,7 +851,15 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
         # and a linear's LayerNorm (without affine) before it too
         float_input = _quantizes_for(xq, float(x_scale), int(x_zp))
         x_in = xq.args[0] if float_input else xq
-        ln = None if conv or not float_input else _plain_layer_norm(x_in, int(fetch_attr(gm, qweight.target).shape[1]))
+        width = int(fetch_attr(gm, qweight.target).shape[1])
+        scaled = None if conv or not float_input else _channel_multiplier(x_in, gm, width)
+        in_scale = None
+        if scaled is not None:
+            for q in list(x_in.users):  # the multiplied value's shape queries: its input has the same shape
+                if is_shape_query(q):
+                    q.replace_input_with(x_in, scaled[0])
+            x_in, in_scale = scaled
+        ln = None if conv or not float_input else _plain_layer_norm(x_in, width)
         if ln is not None:
             for q in list(x_in.users):  # its shape queries read the normalized value's input: the same shape
                 if is_shape_query(q):
@@ -826,7 +868,8 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
         kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
-                            residual is not None, conv, float_input=float_input, gelu=gelu, layer_norm_eps=ln)
+                            residual is not None, conv, float_input=float_input, gelu=gelu, layer_norm_eps=ln,
+                            in_scale=in_scale)
         kernel.parallel_macs = int(parallel_macs)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
@@ -835,7 +878,8 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
         new.meta = dict((quantizers[0] if quantizers else last).meta)
         for done in quantizers or [last]:
             done.replace_all_uses_with(new)
-        made.append(("layer_norm+" if ln is not None else "") + ("quantize+" if float_input else "")
+        made.append(("layer_norm+" if ln is not None else "") + ("scale+" if in_scale is not None else "")
+                    + ("quantize+" if float_input else "")
                     + ("conv2d" if conv else "linear")
                     + ("+add" if residual is not None else "")
                     + ("+relu" if relu else "") + ("+gelu" if gelu else "") + ("→u8" if out_u8 else ""))

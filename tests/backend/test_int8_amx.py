@@ -270,6 +270,56 @@ def test_the_graph_takes_a_layer_norm_without_affine_into_the_linear_it_feeds():
             assert float((got - want).norm() / want.norm()) < 2e-3
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@examples(15)
+@given(k=st.sampled_from([16, 40, 128]), m=st.integers(1, 12), zp=st.integers(0, 255), x_scale=st.floats(1e-3, 0.1),
+       seed=st.integers(0, 2**16))
+def test_a_linear_multiplies_its_float_input_per_channel_as_the_graph_does_bit_for_bit(k, m, zp, x_scale, seed, isa):
+    """quantize's smoothing (a multiply by per-channel powers of two before the quantize step) in the kernel's
+    input copy: the same float32 product, the same quantize, the same integers."""
+    g = torch.Generator().manual_seed(seed)
+    inv = torch.exp2(torch.randint(-5, 6, (k,), generator=g).float())
+    x = torch.randn(2, m, k, generator=g) * 3 / inv
+    qw = torch.randint(-127, 128, (24, k), generator=g).to(torch.int8)
+    ws, b = torch.rand(24, generator=g) * 0.01 + 1e-4, torch.randn(24, generator=g)
+    args = (qw, ws, b, x_scale, zp, 1, (0, 0), 1.0, 0, False, False, False, False)
+    want = int8_amx.Int8Kernel(*args, isa=isa, float_input=True)(x * inv)
+    got = int8_amx.Int8Kernel(*args, isa=isa, float_input=True, in_scale=inv)(x)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="one per input channel"):
+        int8_amx.Int8Kernel(*args, isa=isa, float_input=True, in_scale=inv[:-1])
+
+
+def test_the_graph_takes_a_smoothed_linear_s_multiply_and_layer_norm_into_its_kernel():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+            with torch.no_grad():
+                self.up.weight[:, :3] *= 30  # columns that smoothing evens out
+
+        def forward(self, x):
+            h = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+            return x + self.down(torch.relu(self.up(h)))
+
+    x = torch.randn(2, 5, 32)
+    prog = int8_program(Block().eval(), x, smoothed=True)
+    assert any(n.target is torch.ops.aten.mul.Tensor for n in prog.gm.graph.nodes), "up was smoothed"
+    generated = prog.clone()
+    made = int8_amx.use_kernels(generated.gm)
+    assert made[0].startswith("layer_norm+scale+quantize+linear")
+    assert not any(n.target is torch.ops.aten.mul.Tensor for n in generated.gm.graph.nodes)
+    kernel = next(m for m in generated.gm.modules() if isinstance(m, int8_amx.Int8Kernel))
+    assert kernel.xmul and kernel.ln_eps == 1e-6
+    with torch.no_grad():
+        for xs in (x, torch.randn(3, 7, 32)):
+            want, got = prog.gm(xs), generated.gm(xs)
+            assert float((got - want).norm() / want.norm()) < 2e-3
+        copied = pickle.loads(pickle.dumps(generated.gm))  # the multipliers travel in the kernel's constants
+        assert torch.equal(copied(x), generated.gm(x))
+
+
 def test_a_kernel_whose_buffers_are_replaced_computes_with_the_new_ones():
     """The constant arguments are kept converted between calls: a buffer replaced (assigned, or moved by
     .to()) must not leave the kernel computing with the old one; one copied into in place is the same memory."""

@@ -193,7 +193,7 @@ def test_the_dump_shows_each_quantize_boundary_with_its_layer_and_pass():
 
     model, x = cnn(), torch.randn(2, 3, 16, 16)
     prog = capture(model, (x,), method="fx")
-    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    out = build(prog, q.one_per_layer(get("quantize").candidates(prog, context(prog, quantize_min_macs=0)), smoothed=False))
     steps = [n for n in out.gm.graph.nodes if n.target is int8.quantize_u8]
     assert steps and all(n.meta["optic"]["pass"] == "quantize" for n in steps)
     text = render_text(out)
@@ -215,7 +215,7 @@ def test_a_layer_whose_output_is_also_read_in_float_is_not_chained():
 
     model, x = Res().eval(), torch.randn(1, 16, 12, 12)
     prog = capture(model, (x,))
-    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    out = build(prog, q.one_per_layer(get("quantize").candidates(prog, context(prog, quantize_min_macs=0)), smoothed=False))
     kernels = [n for n in out.gm.graph.nodes if n.target == int8.CONV]
     assert len(kernels) == 2 and not any(n.args[12] for n in kernels)
     assert _targets(out.gm).count(int8.quantize_u8) == 2
@@ -252,7 +252,7 @@ def test_no_int8_instructions_or_another_target_declines_with_a_note():
 def test_the_int8_model_copies_pickles_and_keeps_plain_int8_weights():
     model, x = cnn(), torch.randn(1, 3, 16, 16)
     prog = capture(model, (x,))
-    out = build(prog, get("quantize").candidates(prog, context(prog, quantize_min_macs=0)))
+    out = build(prog, q.one_per_layer(get("quantize").candidates(prog, context(prog, quantize_min_macs=0)), smoothed=False))
     with torch.no_grad():
         want = out.gm(x)
         assert torch.equal(copy.deepcopy(out.gm)(x), want)
@@ -389,3 +389,60 @@ def test_the_size_floor_is_lower_where_optic_s_generated_kernels_will_run():
     ctx = context(prog, quantize_min_macs=20_000)
     ctx.generated_after = True
     assert quantize.layers(prog, ctx) == []
+
+
+# -- activation smoothing (SmoothQuant) -----------------------------------------------------------------
+@given(seed=st.integers(0, 2**16), alpha=st.sampled_from(q.SMOOTH_ALPHAS), spread=st.floats(1, 1e4))
+def test_smoothing_factors_are_powers_of_two_that_keep_the_product_exact(seed, alpha, spread):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 24, generator=g) * (torch.rand(24, generator=g) * spread + 1e-3)
+    w = torch.randn(8, 24, generator=g)
+    w[:, 3] = 0  # an all-zero column keeps the factor 1
+    s = q.smoothing_factors(x.abs().amax(0), w, alpha)
+    assert bool((torch.log2(s) == torch.round(torch.log2(s))).all()) and float(s[3]) == 1.0
+    # dividing the input and multiplying the weight by powers of two changes no product: exact in float32
+    assert torch.equal((x * (1 / s)) * (w * s)[2], x * w[2])
+
+
+class _Outliers(nn.Module):
+    """A linear reading an input whose few channels are 40x the rest (a trained transformer's LayerNorm output)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(64, 128), nn.Linear(128, 10)
+        self.register_buffer("gain", torch.ones(64))
+        self.gain[:4] = 40.0
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x * self.gain)))
+
+
+@needs_int8
+def test_smoothing_is_proposed_where_a_few_channels_dominate_and_computes_the_integer_reference():
+    model, x = _Outliers().eval(), torch.randn(4, 16, 64)
+    prog = capture(model, (x,))
+    actions = get("quantize").candidates(prog, context(prog, quantize_min_macs=0))
+    fc = [a for a in actions if a.layer == "fc"]
+    plain = next(a for a in fc if "smoothing_alpha" not in a.info)
+    smoothed = next(a for a in fc if "smoothing_alpha" in a.info)
+    err = lambda a: a.info["layer_errors"][a.info["calibration"]]  # noqa: E731
+    assert err(smoothed) <= q.SMOOTH_GAIN * err(plain)
+    assert smoothed.level < plain.level and smoothed.group == plain.group  # a milder level of the same layer
+    assert not any("smoothing_alpha" in a.info for a in actions if a.layer == "out")  # its input is even
+    out = build(prog, [smoothed])
+    mul = next(n for n in out.gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor and n.args[1].op == "get_attr")
+    inv = getattr(out.gm, mul.args[1].target)
+    kernel = next(n for n in out.gm.graph.nodes if n.target is int8.LINEAR)
+    assert kernel.args[0].args[0] is mul  # divide, then quantize, then the int8 linear
+    # the integers the graph computes are the reference's on the smoothed input and the smoothed weight
+    scale, zp, attr = kernel.args[1], kernel.args[2], kernel.args[9]
+    qw, ws = getattr(out.gm, kernel.args[3].target), getattr(out.gm, kernel.args[4].target)
+    assert attr == "relu"
+    h = int8.linear_reference(int8.quantize_u8(x * model.gain * inv, scale, zp), scale, zp, qw, ws,
+                              model.fc.bias.detach(), ("relu", [], ""))
+    with torch.no_grad():
+        want = torch.nn.functional.linear(h.float(), model.out.weight, model.out.bias)
+        assert torch.allclose(out(x), want, rtol=1e-4, atol=1e-4)
+        assert float((out(x) - model(x)).norm() / model(x).norm()) < 0.02
+

@@ -61,7 +61,7 @@ def _slack(model: nn.Module, example: torch.Tensor, quantized: bool, sample) -> 
     ctx = PassContext(target=targets.get("cpu"), measure=True, calibration=cal, options={"quantize_min_macs": 0},
                       check_inputs=[((sample(),), {}) for _ in range(2)])
     if quantized:
-        prog = build(prog, get("quantize").candidates(prog, ctx))
+        prog = build(prog, q.one_per_layer(get("quantize").candidates(prog, ctx), smoothed=False))
         assert any(n.target in q.int8.OUT_ARGS for n in prog.gm.graph.nodes)
     ctx.reference = [run_seeded(prog, a, k) for a, k in ctx.check_inputs]
     report = Report(model="m", target="cpu", capture="fx")
