@@ -404,10 +404,59 @@ class RequantizeInEpilogue(Rule):
         _requantize_in_epilogue(*m)
 
 
+@dataclass
+class ResidualFromQuantized(Rule):
+    """A residual add after an int8 convolution (float out, no activation, the add its only reader) whose other
+    operand is also quantized for an int8 layer (a ResNet block's input, quantized for the block's first
+    conv) reads that int8 value, dequantized, instead of the float one.
+
+    What ONNX Runtime's and PyTorch's own int8 flows (QDQ, PT2E) compute: the residual stream in uint8. It
+    costs the other operand its quantization error (the same rounding its int8 reader already has), and it
+    lets the compiled program fuse the add, its ReLU and the next quantize step into the convolution (oneDNN's
+    ``sum`` post-op, accumulating into the uint8 buffer), so that the block's output is never written in
+    float32. Linears keep the float residual (Inductor fuses a linear's add with a float operand; a
+    transformer's residual stream is where its int8 error would matter most)."""
+
+    def match(self, op: Op, ctx: Any) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+        node = op.node
+        if op.kind != "add" or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+            return None
+        for k, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if (k is other or k.op != "call_function" or k.target is not int8.CONV or len(k.users) != 1
+                    or k.args[int8.OUT_ARGS[k.target][2]] or k.args[13] != "none"):
+                continue
+            if ir.shape(other) is None or ir.shape(other) != ir.shape(k) or ir.dtype(other) != torch.float32:
+                continue
+            before = _nodes_before(node)
+            q = next((u for u in other.users if u.op == "call_function" and u.target is int8.quantize_u8
+                      and u.args[0] is other and u in before), None)
+            if q is not None:
+                return node, other, q
+        return None
+
+    def apply(self, m: tuple[fx.Node, fx.Node, fx.Node], ctx: Any) -> None:
+        add, other, q = m
+        with add.graph.inserting_before(add):
+            dq = add.graph.call_function(int8.dequantize_u8, (q, float(q.args[1]), int(q.args[2])))
+        dq.meta = dict(other.meta)  # the same shape, dtype and layout as the float value it stands for
+        ir.stamp(dq, [add], "quantize")
+        add.replace_input_with(other, dq)
+
+
+def _nodes_before(node: fx.Node) -> set[fx.Node]:
+    out, cur = set(), node.prev
+    while cur.op != "root":
+        out.add(cur)
+        cur = cur.prev
+    return out
+
+
 def chain(gm: fx.GraphModule) -> int:
-    """Requantize in the producers' epilogues (:class:`RequantizeInEpilogue`); how many were chained."""
+    """Requantize in the producers' epilogues (:class:`RequantizeInEpilogue`) and let convolutions' residual adds
+    read the int8 value (:class:`ResidualFromQuantized`); how many were chained."""
     stats = RuleStats()
-    apply_rules(gm, [RequantizeInEpilogue("requantize_in_epilogue", targets=frozenset(int8.OUT_ARGS))], None, stats)
+    apply_rules(gm, [RequantizeInEpilogue("requantize_in_epilogue", targets=frozenset(int8.OUT_ARGS)),
+                     ResidualFromQuantized("residual_from_quantized")], None, stats)
     return stats.matched.get("requantize_in_epilogue", 0)
 
 

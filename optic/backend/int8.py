@@ -70,6 +70,22 @@ def _(x, scale, zero_point, channels_last=False):
 quantize_u8 = torch.ops.optic.quantize_u8.default
 
 
+@torch.library.custom_op("optic::dequantize_u8", mutates_args=())
+def _dequantize_u8(q: Tensor, scale: float, zero_point: int) -> Tensor:
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+@_dequantize_u8.register_fake
+def _(q, scale, zero_point):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+# ``dequantize_u8(q, scale, zero_point)``: ``(q − zero_point)·scale`` in float32 (``quantized_decomposed``'s
+# dequantize_per_tensor, to which :func:`as_qdq` turns it): a residual add reading the int8 value a
+# convolution's input was quantized to (quantize's ``ResidualFromQuantized``)
+dequantize_u8 = torch.ops.optic.dequantize_u8.default
+
+
 def fake_quantize(x: Tensor, scale: float, zero_point: int) -> Tensor:
     return (quantize_u8(x, scale, zero_point).double() - zero_point) * scale
 
@@ -226,6 +242,10 @@ def as_qdq(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.target is quantize_u8:
             with graph.inserting_before(node):
                 q = graph.call_function(qd.quantize_per_tensor.default,
+                                        (node.args[0], float(node.args[1]), int(node.args[2]), 0, 255, torch.uint8))
+        elif node.target is dequantize_u8:
+            with graph.inserting_before(node):
+                q = graph.call_function(qd.dequantize_per_tensor.default,
                                         (node.args[0], float(node.args[1]), int(node.args[2]), 0, 255, torch.uint8))
         elif node.target in OUT_ARGS:
             conv = node.target is CONV

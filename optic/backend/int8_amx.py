@@ -181,6 +181,9 @@ class Spec:
     # a float input multiplied per channel before it is quantized (quantize's activation smoothing: the factors'
     # inverses), the multipliers' float32 bits in consts after the scalars
     xmul: bool = False
+    # the residual is uint8 (quantize's ResidualFromQuantized: the int8 value a conv's input was quantized to),
+    # dequantized in the epilogue as :func:`.int8.dequantize_u8` computes it; its scale and zero point in consts
+    res_u8: bool = False
 
     @property
     def c4(self) -> int:  # channels padded: whole 4-byte groups, and whole 64-byte rows past 64
@@ -282,11 +285,16 @@ def _prim_func(sp: Spec) -> Any:
         return T.Cast("uint8", T.max(T.min(T.round(v / T.reinterpret(consts[Q + 3], dtype="float32"))
                                            + T.Cast("float32", consts[Q]), T.float32(255)), T.float32(0)))
     RSH, RST = ((N, F, OH, OW), OST) if RES else ((1,), (1,))  # no residual: a one-element placeholder
+    RU8 = RES and sp.res_u8
+    RQ = Q + 4 + (C if XMUL else 0)  # consts: a uint8 residual's zero point and scale's float32 bits
 
     def value(acc, consts, res, n, oh, ow, f):
         y = (T.Cast("float32", acc - consts[f]) * T.reinterpret(consts[FP + f], dtype="float32")
              + T.reinterpret(consts[2 * FP + f], dtype="float32"))
-        if RES:
+        if RU8:  # (q - z)·s in float32, as dequantize_u8
+            y = y + (T.Cast("float32", res[n, f, oh, ow]) - T.reinterpret(consts[RQ], dtype="float32")) * T.reinterpret(
+                consts[RQ + 1], dtype="float32")
+        elif RES:
             y = y + res[n, f, oh, ow]
         if RELU:
             y = T.max(y, T.float32(0))
@@ -308,7 +316,8 @@ def _prim_func(sp: Spec) -> Any:
 
     @T.prim_func(s_tir=True)
     def main(X: T.Buffer((N, C, H, W), XDT, strides=XST, align=1 if XDT == "uint8" else 4), Wt: T.Buffer((FP * R * S * C4,), "int8", align=1),
-             consts: T.Buffer((Q + 4 + (C if XMUL else 0),), "int32", align=4), res: T.Buffer(RSH, "float32", strides=RST, align=4),
+             consts: T.Buffer((RQ + (2 if RU8 else 0),), "int32", align=4),
+             res: T.Buffer(RSH, "uint8" if RU8 else "float32", strides=RST, align=1 if RU8 else 4),
              out: T.Buffer((N, F, OH, OW), ODT, strides=OST, align=4 if ODT == "float32" else 1),
              Xp: T.Buffer((XLEN,), "uint8", align=1)):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
@@ -548,7 +557,8 @@ class Int8Kernel(nn.Module):
     def __init__(self, qweight: Tensor, w_scales: Tensor, bias: Tensor | None, x_scale: float, x_zp: int,
                  stride: int, padding: tuple[int, int], out_scale: float, out_zp: int, out_u8: bool, relu: bool,
                  residual: bool, conv: bool, isa: str | None = None, float_input: bool = False, gelu: str = "",
-                 layer_norm_eps: float | None = None, in_scale: Tensor | None = None):
+                 layer_norm_eps: float | None = None, in_scale: Tensor | None = None,
+                 residual_qparams: tuple[float, int] | None = None):
         super().__init__()
         # float_input: x is float32 and the kernel quantizes it (with x_scale and x_zp) as it copies it in
         f = qweight.shape[0]
@@ -570,6 +580,10 @@ class Int8Kernel(nn.Module):
             raise ValueError("a LayerNorm in the kernel's input copy is for a linear on float rows")
         # in_scale: the float input's per-channel multipliers, applied (after the LayerNorm) before quantizing
         self.xmul = in_scale is not None
+        # residual_qparams: the residual comes as uint8 with this (scale, zero point), dequantized in the epilogue
+        self.res_u8 = residual_qparams is not None
+        if self.res_u8 and not (residual and conv):
+            raise ValueError("a uint8 residual is for a convolution with a residual add")
         if self.xmul and (not float_input or in_scale.numel() != self.c):
             raise ValueError("per-channel input multipliers are for a float input, one per input channel")
         self.isa = isa or pick_isa()
@@ -587,7 +601,9 @@ class Int8Kernel(nn.Module):
                                                   mult.view(torch.int32), b.view(torch.int32),
                                                   torch.tensor([self.x_zp], dtype=torch.int32, device="cpu"), tail]
                                                  + ([in_scale.detach().float().cpu().reshape(-1).view(torch.int32)]
-                                                    if self.xmul else [])))
+                                                    if self.xmul else [])
+                                                 + ([torch.tensor([float(residual_qparams[1]), float(residual_qparams[0])],
+                                                                  device="cpu").view(torch.int32)] if self.res_u8 else [])))
         self._none = torch.zeros(1, device="cpu")
         # calls of at least this many multiply-adds run on TVM's thread pool (0: every call on one thread): see
         # Spec.parallel for why that is not the default; the CPU step times both (use_kernels' parallel_macs)
@@ -614,12 +630,13 @@ class Int8Kernel(nn.Module):
         state.setdefault("ln_eps", -1.0)
         state.setdefault("parallel_macs", 0)
         state.setdefault("xmul", False)
+        state.setdefault("res_u8", False)
         super().__setstate__(state)
 
     def _spec(self, h: int, w: int, xin: str = "u8", parallel: bool = False) -> Spec:
         return Spec(h, w, self.c, self.f, self.kh, self.kw, self.stride, *self.padding, self.out_u8, self.relu,
                     self.residual, self.mb, self.nb, self.isa, parallel=parallel, xin=xin, gelu=self.gelu,
-                    ln_eps=self.ln_eps, xmul=getattr(self, "xmul", False))
+                    ln_eps=self.ln_eps, xmul=getattr(self, "xmul", False), res_u8=getattr(self, "res_u8", False))
 
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
@@ -698,7 +715,13 @@ class Int8Kernel(nn.Module):
                 raise ValueError(f"the residual added in the int8 kernel's epilogue has shape {tuple(residual.shape)}, "
                                  f"not the output's: run the model without the generated int8 kernels "
                                  f"(${ENV}=0)")
-            if res.dtype != torch.float32 or not res.is_contiguous(memory_format=torch.channels_last):
+            if getattr(self, "res_u8", False):
+                if res.dtype != torch.uint8:
+                    raise ValueError(f"this int8 kernel adds a uint8 residual (dequantized in its epilogue), not "
+                                     f"{res.dtype}")
+                if not res.is_contiguous(memory_format=torch.channels_last):
+                    res = res.contiguous(memory_format=torch.channels_last)
+            elif res.dtype != torch.float32 or not res.is_contiguous(memory_format=torch.channels_last):
                 res = res.float().contiguous(memory_format=torch.channels_last)
             fn(x, wt, consts, _cl(res), out, scratch)
         else:
@@ -840,6 +863,11 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
                     nxt = list(last.users)
                     if len(nxt) == 1 and _is_relu(nxt[0], gm):
                         relu, last = True, nxt[0]
+        # a residual that is a uint8 value dequantized (ResidualFromQuantized): the kernel reads the uint8
+        res_q = None
+        if (residual is not None and conv and residual.op == "call_function" and residual.target is int8.dequantize_u8
+                and isinstance(residual.args[0], fx.Node)):
+            res_q, residual = (float(residual.args[1]), int(residual.args[2])), residual.args[0]
         quantizers = list(last.users)
         if (not out_u8 and quantizers and all(q.op == "call_function" and q.target is int8.quantize_u8
                                               and q.args[0] is last for q in quantizers)
@@ -869,7 +897,7 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
                             int(stride[0]), tuple(padding), float(out_scale), int(out_zp), bool(out_u8), relu,
                             residual is not None, conv, float_input=float_input, gelu=gelu, layer_norm_eps=ln,
-                            in_scale=in_scale)
+                            in_scale=in_scale, residual_qparams=res_q)
         kernel.parallel_macs = int(parallel_macs)
         name = free_name(gm, f"int8_amx_{node.name}")
         gm.add_submodule(name, kernel)
@@ -881,7 +909,7 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
         made.append(("layer_norm+" if ln is not None else "") + ("scale+" if in_scale is not None else "")
                     + ("quantize+" if float_input else "")
                     + ("conv2d" if conv else "linear")
-                    + ("+add" if residual is not None else "")
+                    + ("+add" if residual is not None else "") + ("(u8)" if res_q is not None else "")
                     + ("+relu" if relu else "") + ("+gelu" if gelu else "") + ("→u8" if out_u8 else ""))
     if made:
         gm.graph.eliminate_dead_code()

@@ -211,7 +211,7 @@ def test_a_layer_whose_output_is_also_read_in_float_is_not_chained():
 
         def forward(self, x):
             y = torch.relu(self.a(x))
-            return self.b(y) + y
+            return self.b(y) * y  # read in float (a residual add would read its uint8: see below)
 
     model, x = Res().eval(), torch.randn(1, 16, 12, 12)
     prog = capture(model, (x,))
@@ -446,3 +446,49 @@ def test_smoothing_is_proposed_where_a_few_channels_dominate_and_computes_the_in
         assert torch.allclose(out(x), want, rtol=1e-4, atol=1e-4)
         assert float((out(x) - model(x)).norm() / model(x).norm()) < 0.02
 
+
+class _Residual(nn.Module):
+    """A ResNet block: the block's input is read by its first conv (quantized) and by the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.b(torch.relu(self.a(h))) + h))
+
+
+@needs_int8
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_conv_s_residual_add_reads_the_int8_value_its_input_was_quantized_to(method):
+    model, x = _Residual().eval(), torch.randn(2, 3, 12, 12)
+    prog = capture(model, (x,), method=method)
+    out = build(prog, q.one_per_layer(get("quantize").candidates(prog, context(prog, quantize_min_macs=0))))
+    dq = [n for n in out.gm.graph.nodes if n.target is int8.dequantize_u8]
+    assert len(dq) == 1
+    quant = dq[0].args[0]
+    add = next(iter(dq[0].users))
+    assert quant.target is int8.CONV and quant.args[12], "the stem now writes uint8 only: the add reads it too"
+    assert any(a.target is int8.CONV and a is not quant for a in add.args)  # conv b's float out, plus it
+    # the block's residual is the stem's uint8 output, dequantized: that is what the graph adds
+    with torch.no_grad():
+        h = torch.relu(model.stem(x))
+        scale, zp = float(quant.args[10]), int(quant.args[11])
+        assert (dq[0].args[1], dq[0].args[2]) == (scale, zp)
+        assert float((out(x) - model(x)).norm() / model(x).norm()) < 0.05
+    # Inductor's form: dequantize_per_tensor of the same uint8, the pattern its conv + sum post-op fusion takes
+    qdq = int8.as_qdq(out.gm)
+    assert any(n.target is torch.ops.quantized_decomposed.dequantize_per_tensor.default
+               and next(iter(n.users)).target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor,
+                                                  __import__("operator").add)
+               for n in qdq.graph.nodes if n.op == "call_function" and len(n.users) == 1)
+    with torch.no_grad():
+        want, got = out.gm(x), qdq(x)
+        want, got = (want[0], got[0]) if isinstance(want, (tuple, list)) else (want, got)
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    deq = (int8.quantize_u8(h, scale, zp).float() - zp) * scale
+    assert float((deq - h).abs().max()) <= scale / 2 + 1e-6  # the residual moved by half a step at most
