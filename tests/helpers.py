@@ -52,3 +52,21 @@ def int8_program(model, x, method="fx", smoothed=False):
     out = build(prog, one_per_layer(get("quantize").candidates(prog, ctx), smoothed))
     assert any(n.target in int8.OUT_ARGS for n in out.gm.graph.nodes)
     return out
+
+
+class ResidualBlock(torch.nn.Module):
+    """A ResNet block after a stem: the block's input is read by its first conv and by the residual add;
+    ``head``: a 1x1 conv after the block's ReLU (else the block's output is returned)."""
+
+    def __init__(self, head: bool = True):
+        super().__init__()
+        nn = torch.nn
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 8, 1) if head else nn.Identity()
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.b(torch.relu(self.a(h))) + h))
+

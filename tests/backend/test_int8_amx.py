@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
-from helpers import int8_program
+from helpers import ResidualBlock, int8_program
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
@@ -350,19 +350,8 @@ def test_the_graph_takes_a_smoothed_linear_s_multiply_and_layer_norm_into_its_ke
 
 
 def test_the_graph_takes_a_residual_read_in_uint8_into_the_conv_s_epilogue():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.stem = nn.Conv2d(3, 16, 3, padding=1)
-            self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-
-        def forward(self, x):
-            h = torch.relu(self.stem(x))
-            return torch.relu(self.b(torch.relu(self.a(h))) + h)
-
     x = torch.randn(2, 3, 10, 10)
-    prog = int8_program(Block().eval(), x)
+    prog = int8_program(ResidualBlock(head=False).eval(), x)
     assert any(n.target is int8.dequantize_u8 for n in prog.gm.graph.nodes)
     generated = prog.clone()
     made = int8_amx.use_kernels(generated.gm)

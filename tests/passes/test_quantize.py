@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
-from helpers import op_kinds
+from helpers import ResidualBlock, op_kinds
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
@@ -447,25 +447,10 @@ def test_smoothing_is_proposed_where_a_few_channels_dominate_and_computes_the_in
         assert float((out(x) - model(x)).norm() / model(x).norm()) < 0.02
 
 
-class _Residual(nn.Module):
-    """A ResNet block: the block's input is read by its first conv (quantized) and by the residual add."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Conv2d(16, 8, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        return self.head(torch.relu(self.b(torch.relu(self.a(h))) + h))
-
-
 @needs_int8
 @pytest.mark.parametrize("method", ["fx", "export"])
 def test_a_conv_s_residual_add_reads_the_int8_value_its_input_was_quantized_to(method):
-    model, x = _Residual().eval(), torch.randn(2, 3, 12, 12)
+    model, x = ResidualBlock().eval(), torch.randn(2, 3, 12, 12)
     prog = capture(model, (x,), method=method)
     out = build(prog, q.one_per_layer(get("quantize").candidates(prog, context(prog, quantize_min_macs=0))))
     dq = [n for n in out.gm.graph.nodes if n.target is int8.dequantize_u8]
