@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--zoo", default="", help="zoo models instead (e.g. resnet50,bert_base): int8_zoo.json/.md")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--max-drop", type=float, default=0.01,
+                    help="optic's budget (top-1 agreement for --zoo, accuracy points for the digits models)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     from benchmarks.runner import pin_threads
@@ -271,12 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     if args.zoo:
-        res = run_zoo(args.zoo.split(","), batches)
+        res = run_zoo(args.zoo.split(","), batches, max_drop=args.max_drop)
         (out / "int8_zoo.json").write_text(json.dumps(res, indent=1))
         (out / "int8_zoo.md").write_text(markdown_zoo(res))
         print(markdown_zoo(res))
         return 0
-    res = run(args.models.split(","), batches)
+    res = run(args.models.split(","), batches, max_drop=args.max_drop)
     (out / "int8.json").write_text(json.dumps(res, indent=1))
     (out / "int8.md").write_text(markdown(res))
     chart(res, out / "int8.png")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from helpers import int8_program
+from helpers import ResidualBlock, int8_program
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
@@ -102,6 +102,36 @@ def test_the_compiled_int8_program_runs_onednn_int8_kernels_not_optics_operators
             kept = plain.gm(x)
     assert any(e.key.startswith("optic::int8_conv2d") for e in p.key_averages())
     assert _close(kept, want) < 1e-6
+
+
+def test_the_compiled_program_fuses_a_uint8_residual_into_the_conv_and_a_smoothing_multiply_into_the_quantize():
+    """quantize's ResidualFromQuantized and smoothing, compiled: the residual add becomes oneDNN's sum post-op of
+    the conv (Inductor's binary int8 conv), the smoothing multiply a loop before the int8 linear; no optic
+    operator is left and the program computes what the int8 graph does."""
+    class Smoothed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.block, self.fc = ResidualBlock(head=False), nn.Linear(16, 10)
+            with torch.no_grad():
+                self.fc.weight[:, :2] *= 40  # two columns that smoothing evens out
+
+        def forward(self, x):
+            return self.fc(self.block(x).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    prog = int8_program(Smoothed().eval(), x, smoothed=True)
+    calls = _calls(prog.gm)
+    assert int8.dequantize_u8 in calls and torch.ops.aten.mul.Tensor in calls
+    compiled = whole.wrap(prog)
+    with torch.no_grad():
+        want, got = prog.gm(x), compiled.gm(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            compiled.gm(x)
+    names = {e.key for e in p.key_averages()}
+    assert not any(n.startswith("optic::") for n in names), sorted(names)
+    assert any("qconv2d_pointwise.binary" in n or "qconv2d_pointwise_binary" in n for n in names), sorted(names)
+    assert _close(got, want) < 2e-3
 
 
 def test_the_allocator_measures_compiled_only_where_the_cpu_step_will_compile(monkeypatch):
