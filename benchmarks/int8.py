@@ -166,16 +166,26 @@ def run_zoo(models: list[str], batches: list[int], max_drop: float = 0.01, calib
             rep = systems["optic-int8"].report
             rows.append({"model": name, "batch": batch, "warmup_s": warm, "prepare_s": prep,
                          "agreement_with_eager": agree,
-                         "optic_int8_layers": sum(r["pass"] == "quantize" and r["status"] == "kept"
-                                                  for r in (rep.budget or {}).get("actions", [])),
-                         "optic_int8_stayed_fp32": [
-                             {"layer": r["layer"], "why": r["status"]} for r in (rep.budget or {}).get("actions", [])
-                             if r["pass"] == "quantize" and r["status"] != "kept"],
+                         **_int8_layers(rep),
                          "latency_ms": {s: t.median * 1e3 for s, t in times.items()},
                          "spread": {s: t.spread for s, t in times.items()},
                          "speedup_vs_eager": {s: times["eager"].median / t.median for s, t in times.items()}})
             print(_line(rows[-1], "agreement_with_eager"), flush=True)
     return {"rows": rows, "max_drop": max_drop, "torch": torch.__version__, "isa": _isa()}
+
+
+def _int8_layers(report) -> dict:
+    """How many layers the report's allocation kept in int8 (of them smoothed), and the layers left in float32
+    with why (a layer's smoothed and plain actions are one layer: kept if either was)."""
+    acts = [r for r in (report.budget or {}).get("actions", []) if r["pass"] == "quantize"]
+    kept = [r for r in acts if r["status"] == "kept"]
+    done = {r["layer"] for r in kept}
+    stayed: dict[str, str] = {}
+    for r in acts:
+        if r["layer"] not in done:
+            stayed.setdefault(r["layer"], r["status"])
+    return {"optic_int8_layers": len(kept), "optic_int8_smoothed": sum("smoothing_alpha" in r for r in kept),
+            "optic_int8_stayed_fp32": [{"layer": k, "why": v} for k, v in stayed.items()]}
 
 
 def _isa() -> list[str]:
@@ -223,7 +233,9 @@ def markdown_zoo(res: dict) -> str:
              "|---|---:|" + "---:|" * len(systems) + "---:|"]
     for r in res["rows"]:
         cells = [_cell(r, s, "agreement_with_eager", 2) for s in systems]
-        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {r['optic_int8_layers']} |")
+        smoothed = r.get("optic_int8_smoothed")
+        layers = f"{r['optic_int8_layers']}" + (f" ({smoothed} smoothed)" if smoothed else "")
+        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {layers} |")
     for r in res["rows"]:
         if r["optic_int8_stayed_fp32"]:
             why = {}
