@@ -241,10 +241,15 @@ def smoothing_factors(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> 
     return torch.exp2(torch.round(torch.log2(s))).float()
 
 
+def _inverse(s: torch.Tensor) -> torch.Tensor:
+    """``1/s`` in float32 for smoothing factors (powers of two: exact), what the input is multiplied by."""
+    return (1.0 / s.double()).float()
+
+
 def _smoothed_range(r: _Range, s: torch.Tensor, x: torch.Tensor, seed: int = 0) -> _Range:
     """The recorded range of ``X / s``: exact bounds from the per-channel ones, a sample from ``x`` (the first
     recorded samples) divided by ``s``."""
-    inv = (1.0 / s.double()).float()
+    inv = _inverse(s)
     flat = (x.detach().float().cpu() * inv).reshape(-1)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, flat.numel(), (min(SAMPLE, flat.numel()),), generator=gen)
@@ -299,7 +304,7 @@ def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int, smooth: tor
     with graph.inserting_before(op.node):
         x = op.x
         if smooth is not None:
-            inv = ir.const_node(graph, gm, (1.0 / smooth.double()).float().to(op.const("weight").device), "int8_smooth")
+            inv = ir.const_node(graph, gm, _inverse(smooth).to(op.const("weight").device), "int8_smooth")
             x = graph.call_function(torch.ops.aten.mul.Tensor, (x, inv))
             ir.stamp(x, layer.nodes, "quantize")
         xq = graph.call_function(int8.quantize_u8, (x, scale, zp, op.kind == "conv"))
@@ -331,7 +336,7 @@ def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch
     target = int8.CONV if layer.op.kind == "conv" else int8.LINEAR
     with torch.no_grad():
         if smooth is not None:
-            x = x.float() * (1.0 / smooth.double()).float().to(x.device)
+            x = x.float() * _inverse(smooth).to(x.device)
         xq = int8.quantize_u8(x, scale, zp, layer.op.kind == "conv")
         return target(*_kernel_args(layer, xq, scale, zp, qw, ws, b))
 
@@ -427,9 +432,9 @@ class ResidualFromQuantized(Rule):
                 continue
             if ir.shape(other) is None or ir.shape(other) != ir.shape(k) or ir.dtype(other) != torch.float32:
                 continue
-            before = _nodes_before(node)
+            # a quantize step that comes before the add (the dequantized value is read there)
             q = next((u for u in other.users if u.op == "call_function" and u.target is int8.quantize_u8
-                      and u.args[0] is other and u in before), None)
+                      and u.args[0] is other and u < node), None)
             if q is not None:
                 return node, other, q
         return None
@@ -441,14 +446,6 @@ class ResidualFromQuantized(Rule):
         dq.meta = dict(other.meta)  # the same shape, dtype and layout as the float value it stands for
         ir.stamp(dq, [add], "quantize")
         add.replace_input_with(other, dq)
-
-
-def _nodes_before(node: fx.Node) -> set[fx.Node]:
-    out, cur = set(), node.prev
-    while cur.op != "root":
-        out.add(cur)
-        cur = cur.prev
-    return out
 
 
 def chain(gm: fx.GraphModule) -> int:

@@ -817,6 +817,16 @@ def _plain_layer_norm(node: Any, width: int) -> tuple[fx.Node, float] | None:
     return x, float(args.get("eps", 1e-5))
 
 
+def _shape_queries_read(value: fx.Node, source: fx.Node) -> None:
+    """``value``'s shape queries read ``source`` instead, which has the same shape (an elementwise op's or a
+    LayerNorm's input, which the kernel takes over): ``value`` is then left to die if nothing else reads it."""
+    from optic.ir.graph import is_shape_query
+
+    for q in list(value.users):
+        if is_shape_query(q):
+            q.replace_input_with(value, source)
+
+
 def uses_pool(gm: fx.GraphModule) -> bool:
     """Whether a generated kernel of ``gm`` has compiled a call that runs on TVM's pool (one at least
     ``parallel_macs`` multiply-adds): after a call on the example, whether its pool variant differs."""
@@ -834,7 +844,6 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
     (empty: no int8 operator could be made one). ``parallel_macs``: calls of at least this many multiply-adds run
     on TVM's thread pool (0: all on one thread)."""
     from optic.ir import fetch_attr, free_name
-    from optic.ir.graph import is_shape_query
 
     from . import int8
 
@@ -883,15 +892,11 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
         scaled = None if conv or not float_input else _channel_multiplier(x_in, gm, width)
         in_scale = None
         if scaled is not None:
-            for q in list(x_in.users):  # the multiplied value's shape queries: its input has the same shape
-                if is_shape_query(q):
-                    q.replace_input_with(x_in, scaled[0])
+            _shape_queries_read(x_in, scaled[0])
             x_in, in_scale = scaled
         ln = None if conv or not float_input else _plain_layer_norm(x_in, width)
         if ln is not None:
-            for q in list(x_in.users):  # its shape queries read the normalized value's input: the same shape
-                if is_shape_query(q):
-                    q.replace_input_with(x_in, ln[0])
+            _shape_queries_read(x_in, ln[0])
             x_in, ln = ln
         kernel = Int8Kernel(fetch_attr(gm, qweight.target), fetch_attr(gm, w_scales.target),
                             None if bias is None else fetch_attr(gm, bias.target), float(x_scale), int(x_zp),
