@@ -30,6 +30,12 @@ milder level of the same group: the allocator keeps it where the plain one break
 its gain per metric lost is better) when its output error is at most :data:`SMOOTH_GAIN` of the plain
 one's. The division is a ``mul`` before the quantize step, which optic's generated kernels fold into
 their input copy.
+Bias correction (Nagel et al. 2019), for every variant: the int8 layer's mean error per output channel on
+the calibration samples, before its activation, is subtracted from its bias (:func:`bias_correction`). The
+weight's rounding times a mostly positive input (after a ReLU or GELU), or a clipped range, shifts every
+output of a channel the same way; such shifts add up coherently through the layers while zero-mean noise
+adds in quadrature. The correction is kept where the mean is a share of the error that noise would not give
+and it lowers the layer's output error; the report says which layers have it ("bias-corrected").
 Attention's batched GEMMs (inside ``scaled_dot_product_attention``) stay float32: no int8 kernel for
 them is wired in yet.
 
@@ -59,6 +65,10 @@ PERCENTILE = 1e-4  # the share of recorded values clipped on each side by "perce
 SAMPLE = 1 << 16  # recorded activation values kept per layer for percentile and MSE calibration
 SMOOTH_ALPHAS = (0.5, 0.75)  # SmoothQuant's migration strengths tried per linear (0.5: the paper's default)
 SMOOTH_GAIN = 0.8  # a smoothed linear is proposed when its output error is at most this share of the plain one's
+# bias correction is kept where the mean it removes is at least this share of the layer's squared error (pre-activation)
+# and at least BIAS_SAMPLES_FACTOR / (samples per channel): a mean of pure noise has a share of about 1 / samples
+BIAS_SHARE = 0.05
+BIAS_SAMPLES_FACTOR = 4.0
 ERROR_SAMPLES = 8  # calibration samples the per-layer output error is measured on
 MIN_MACS = 50_000  # below this a layer's int8 kernel cannot pay for its quantize step (default)
 # with optic's generated int8 kernels a call costs the kernel and about 3 µs, not oneDNN's ~37 µs, and the pass times
@@ -113,7 +123,8 @@ class Calibrated:
     method: str
     scale: float
     zero_point: int
-    errors: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # the chosen method's: after the bias correction
+    bias_shift: torch.Tensor | None = None  # per output channel, subtracted from the bias (:func:`bias_correction`)
 
 
 def int8_supported(isa: Any) -> str | None:
@@ -284,23 +295,29 @@ def _kernel_args(layer: Layer, xq: Any, scale: float, zp: int, qw: Any, ws: Any,
     return (xq, scale, zp, qw, ws, b, *out)
 
 
-def _weights(layer: Layer, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _weights(layer: Layer, smooth: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The int8 weight, its per-channel scales and the float bias; ``smooth``: of the weight with its input
-    columns multiplied by the smoothing factors."""
+    columns multiplied by the smoothing factors; ``shift``: subtracted from the bias (a zero bias where the
+    layer has none), :func:`bias_correction`."""
     w = layer.op.const("weight")
     if smooth is not None:
         w = w.detach().float() * smooth.to(w.device)  # a power of two per column: exact
     ws = int8.weight_scales(w)
     b = layer.op.const("bias")
-    return int8.quantize_weight(w, ws), ws, None if b is None else b.detach().float()
+    b = None if b is None else b.detach().float()
+    if shift is not None:
+        b = (torch.zeros(w.shape[0], device=w.device) if b is None else b) - shift.to(w.device).float()
+    return int8.quantize_weight(w, ws), ws, b
 
 
-def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int, smooth: torch.Tensor | None = None) -> fx.Node:
+def _kernel(layer: Layer, gm: fx.GraphModule, scale: float, zp: int, smooth: torch.Tensor | None = None,
+            shift: torch.Tensor | None = None) -> fx.Node:
     """Replace ``layer`` by ``quantize → int8 kernel (float32 out)``; returns the kernel's node. ``smooth``:
     the input is divided by these per-channel factors first (a ``mul`` by their inverses: powers of two, exact)
-    and the weight's columns multiplied by them."""
+    and the weight's columns multiplied by them; ``shift``: the bias correction, subtracted from the bias."""
     graph, op = gm.graph, layer.op
-    qw, ws, b = _weights(layer, smooth)
+    qw, ws, b = _weights(layer, smooth, shift)
     with graph.inserting_before(op.node):
         x = op.x
         if smooth is not None:
@@ -330,9 +347,10 @@ def _batch_like(x: torch.Tensor, node: fx.Node) -> torch.Tensor:
     return x[:n] if x.shape[0] >= n else x.repeat(-(-n // x.shape[0]), *([1] * (x.dim() - 1)))[:n]
 
 
-def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's int8 kernel on ``x`` (float32 out), outside any graph (``smooth``: as :func:`_kernel`)."""
-    qw, ws, b = _weights(layer, smooth)
+def run_int8(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's int8 kernel on ``x`` (float32 out), outside any graph (``smooth``, ``shift``: as :func:`_kernel`)."""
+    qw, ws, b = _weights(layer, smooth, shift)
     target = int8.CONV if layer.op.kind == "conv" else int8.LINEAR
     with torch.no_grad():
         if smooth is not None:
@@ -495,23 +513,50 @@ def _still_quantizable(node: fx.Node, gm: fx.GraphModule, min_macs: int) -> Op:
     return op
 
 
-def _applier(name: str, scale: float, zp: int, min_macs: int, smooth: torch.Tensor | None = None):
+def _applier(name: str, scale: float, zp: int, min_macs: int, smooth: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None):
     def apply(program: Any) -> None:
         gm = program.gm
         op = _still_quantizable(next(n for n in gm.graph.nodes if n.name == name), gm, min_macs)
-        _kernel(_layer(op, gm), gm, scale, zp, smooth)
+        _kernel(_layer(op, gm), gm, scale, zp, smooth, shift)
         chain(gm)
         ir.eliminate_dead_code(gm)
         ir.drop_unused_constants(gm)
     return apply
 
 
-def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None) -> float:
+def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> float:
     """Relative L2 error of the int8 layer (the kernel run for real) against the float layer on ``x``."""
     x = x.detach()
     ref = run_float(layer, x)
-    got = run_int8(layer, x, scale, zp, smooth).double()
+    got = run_int8(layer, x, scale, zp, smooth, shift).double()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def bias_correction(layer: Layer, x: torch.Tensor, scale: float, zp: int,
+                    smooth: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Empirical bias correction (Nagel et al., "Data-Free Quantization", ICCV 2019, section 4.2, measured on
+    the calibration samples instead of derived from BatchNorm statistics): the int8 layer's mean error per
+    output channel, before its activation, on ``x``; subtracted from the bias, it removes the systematic part
+    of the rounding error (the weight's rounding times the input's mean: large where the input is mostly
+    positive, after a ReLU or GELU, or where clipping cuts one side of the range). Errors in later layers add
+    up coherently from such shifts, while zero-mean noise adds in quadrature. None where the mean is too small
+    a share of the error to tell from noise (:data:`BIAS_SHARE`, :data:`BIAS_SAMPLES_FACTOR`)."""
+    import dataclasses
+
+    linear = dataclasses.replace(layer, post=("none", [], ""))
+    x = x.detach()
+    err = run_int8(linear, x, scale, zp, smooth).double() - run_float(linear, x)
+    dim = 1 if layer.op.kind == "conv" else err.dim() - 1
+    others = [d for d in range(err.dim()) if d != dim]
+    samples = err.numel() // max(err.shape[dim], 1)
+    mean = err.mean(dim=others)
+    total = float(err.pow(2).sum())
+    share = float(mean.pow(2).sum()) * samples / total if total > 0 else 0.0
+    if samples < 2 or share < max(BIAS_SHARE, BIAS_SAMPLES_FACTOR / samples):
+        return None
+    return mean.float()
 
 
 _OVERHEAD: dict[bool, float] = {}
@@ -624,16 +669,17 @@ class Quantize:
         t_int8 = cost.kernel_seconds(2 * layer.macs, _bytes(layer, 1, 1), target, "int8") + fixed
         return Action(
             pass_name=self.name, group=layer.op.node.name, layer=ir.layer_name(layer.op.node),
-            describe=f"int8 {tuple(w.shape)}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
+            describe=f"int8 {tuple(w.shape)}, {cal.method}{_corrected(cal)} ({cal.errors[cal.method]:.2%} out err)",
             level=1.0, nodes=frozenset(n.name for n in layer.nodes),
             # timed with the generated kernels where they will run it (measured_gain_generated), else the
             # cost model's
             predicted_gain_s=max(t_fp32 - t_int8 if measured_gain_s is None else measured_gain_s, 0.0),
-            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs),
+            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs, shift=cal.bias_shift),
             # compiled, the kernels fuse their quantize steps, residual adds and neighbours' requantization
             compiled_gain=True,
             info={"precision": "int8", "calibration": cal.method, "x_scale": cal.scale,
-                  "x_zero_point": cal.zero_point, "layer_errors": cal.errors})
+                  "x_zero_point": cal.zero_point, "layer_errors": cal.errors,
+                  "bias_corrected": cal.bias_shift is not None})
 
     def _smoothed_action(self, plain: Action, layer: Layer, cal: Calibrated, smooth: torch.Tensor, alpha: float,
                          target: Any, min_macs: int, compiled: bool) -> Action:
@@ -645,14 +691,17 @@ class Quantize:
         w = layer.op.const("weight")
         return Action(
             pass_name=self.name, group=plain.group, layer=plain.layer,
-            describe=f"int8 {tuple(w.shape)}, smoothed α={alpha:g}, {cal.method} ({cal.errors[cal.method]:.2%} out err)",
+            describe=f"int8 {tuple(w.shape)}, smoothed α={alpha:g}, {cal.method}{_corrected(cal)} "
+                     f"({cal.errors[cal.method]:.2%} out err)",
             level=0.5, nodes=plain.nodes, predicted_gain_s=max(plain.predicted_gain_s - extra, 0.0),
-            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs, smooth), compiled_gain=True,
+            apply=_applier(layer.op.node.name, cal.scale, cal.zero_point, min_macs, smooth, cal.bias_shift),
+            compiled_gain=True,
             info={**plain.info, "calibration": cal.method, "x_scale": cal.scale, "x_zero_point": cal.zero_point,
-                  "layer_errors": cal.errors, "smoothing_alpha": alpha})
+                  "layer_errors": cal.errors, "smoothing_alpha": alpha, "bias_corrected": cal.bias_shift is not None})
 
     @staticmethod
     def _calibrate(layer: Layer, r: _Range, x: torch.Tensor, smooth: torch.Tensor | None = None) -> Calibrated | None:
+        """The calibration method with the lowest layer output error, bias-corrected where that lowers it."""
         errors, params = {}, candidate_ranges(r)
         for method, (s, z) in params.items():
             try:
@@ -661,6 +710,11 @@ class Quantize:
                 return None
         method = min(METHODS, key=lambda m: errors[m])
         s, z = params[method]
+        shift = bias_correction(layer, x, s, z, smooth)
+        if shift is not None:
+            corrected = _layer_error(layer, x, s, z, smooth, shift)
+            if corrected < errors[method]:  # after the activation too
+                return Calibrated(method, s, z, {**errors, method: corrected}, shift)
         return Calibrated(method, s, z, errors)
 
     def _calibrate_smoothed(self, layer: Layer, r: _Range, x: torch.Tensor) -> tuple[Calibrated, torch.Tensor, float] | None:
@@ -701,6 +755,10 @@ def one_per_layer(actions: list[Action], smoothed: bool = True) -> list[Action]:
         if cur is None or err < cur.info["layer_errors"][cur.info["calibration"]]:
             best[a.group] = a
     return [a for a in actions if best.get(a.group) is a]
+
+
+def _corrected(cal: Calibrated) -> str:
+    return ", bias-corrected" if cal.bias_shift is not None else ""
 
 
 def _bytes(layer: Layer, x_size: int, w_size: int) -> int:

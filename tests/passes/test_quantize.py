@@ -477,3 +477,84 @@ def test_a_conv_s_residual_add_reads_the_int8_value_its_input_was_quantized_to(m
         assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
     deq = (int8.quantize_u8(h, scale, zp).float() - zp) * scale
     assert float((deq - h).abs().max()) <= scale / 2 + 1e-6  # the residual moved by half a step at most
+
+
+# -- bias correction ----------------------------------------------------------------------------------
+class _PositiveInput(nn.Module):
+    """A linear reading a ReLU's output: its input's mean is far from zero, so the weight's rounding shifts
+    every output by the same amount (a systematic error), not by noise around zero."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(32, 256), nn.Linear(256, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _layer_and_range(prog, ctx, out_features):
+    layer = next(la for la in get("quantize").layers(prog, ctx) if la.op.const("weight").shape[0] == out_features)
+    r = q.observe(prog, [layer.op.x], ctx.calibration.fit_inputs())[layer.op.x.name]
+    return layer, r
+
+
+@needs_int8
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_bias_correction_removes_the_systematic_error_and_the_graph_computes_the_corrected_reference(method):
+    model, x = _PositiveInput().eval(), torch.randn(8, 16, 32)
+    prog = capture(model, (x,), method=method)
+    ctx = context(prog, quantize_min_macs=0)
+    actions = {a.layer: a for a in get("quantize").candidates(prog, ctx)}
+    fc2 = actions["fc2"]
+    assert fc2.info["bias_corrected"] and "bias-corrected" in fc2.describe
+    assert not actions["fc1"].info["bias_corrected"]  # a zero-mean input: its mean error is noise, not kept
+    layer, r = _layer_and_range(prog, ctx, 16)
+    cal = get("quantize")._calibrate(layer, r, r.first)
+    assert cal.bias_shift is not None
+    # out of sample: on inputs the calibration never saw, the corrected layer is closer to the float one
+    h = torch.relu(model.fc1(torch.randn(64, 32, generator=torch.Generator().manual_seed(7)))).detach()
+    plain = q._layer_error(layer, h, cal.scale, cal.zero_point)
+    corrected = q._layer_error(layer, h, cal.scale, cal.zero_point, shift=cal.bias_shift)
+    assert corrected < 0.95 * plain, (corrected, plain)
+    # the graph: the kernel's bias is the float bias less the shift, and it computes the integer reference with it
+    out = build(prog, [fc2])
+    kernel = next(n for n in out.gm.graph.nodes if n.target is int8.LINEAR)
+    bias = getattr(out.gm, kernel.args[5].target)
+    assert torch.allclose(bias, model.fc2.bias.detach() - cal.bias_shift, atol=1e-6)
+    scale, zp = kernel.args[1], kernel.args[2]
+    qw, ws = getattr(out.gm, kernel.args[3].target), getattr(out.gm, kernel.args[4].target)
+    with torch.no_grad():
+        hx = torch.relu(model.fc1(x))
+        want = int8.linear_reference(int8.quantize_u8(hx, scale, zp), scale, zp, qw, ws, bias)
+        assert torch.allclose(out(x), want.float(), rtol=1e-4, atol=1e-4)
+
+
+@examples(25)
+@given(seed=st.integers(0, 2**16), offset=st.floats(0, 4), rows=st.sampled_from([4, 32, 128]),
+       post=st.sampled_from(["none", "relu"]))
+def test_bias_correction_subtracts_the_mean_error_so_the_squared_error_drops_by_exactly_that_mean(seed, offset,
+                                                                                                 rows, post):
+    """The shift is the pre-activation mean error per output channel (not its negative, not another axis): with
+    it subtracted the layer's squared error falls by rows x |mean|^2, within float32 rounding; it is returned only
+    where that mean is a meaningful share of the error."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(24, 12)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(12, 24, generator=g))
+    x = torch.randn(rows, 24, generator=g) + offset
+    prog = capture(nn.Sequential(lin, nn.ReLU() if post == "relu" else nn.Identity()).eval(), (x,))
+    layer = get("quantize").layers(prog, context(prog, quantize_min_macs=0))[0]
+    s, zp = q.activation_params(float(x.min()), float(x.max()))
+    shift = q.bias_correction(layer, x, s, zp)
+    pre = q.Layer(layer.op, None, ("none", [], ""), layer.macs)
+    err = (q.run_int8(pre, x, s, zp).double() - q.run_float(pre, x))
+    mean = err.mean(0)
+    share = float(mean.pow(2).sum()) * rows / float(err.pow(2).sum())
+    if shift is None:
+        assert share < max(q.BIAS_SHARE, q.BIAS_SAMPLES_FACTOR / rows) + 1e-9
+        return
+    assert torch.allclose(shift.double(), mean, atol=1e-6)
+    fixed = (q.run_int8(pre, x, s, zp, shift=shift).double() - q.run_float(pre, x))
+    want = float(err.pow(2).sum()) - rows * float(mean.pow(2).sum())
+    assert abs(float(fixed.pow(2).sum()) - want) <= 1e-4 * float(err.pow(2).sum()) + 1e-8
