@@ -184,8 +184,13 @@ def _int8_layers(report) -> dict:
     for r in acts:
         if r["layer"] not in done:
             stayed.setdefault(r["layer"], r["status"])
+    step = next((p for p in report.passes if p.name == "cpu_tactics"), None)
     return {"optic_int8_layers": len(kept), "optic_int8_smoothed": sum("smoothing_alpha" in r for r in kept),
-            "optic_int8_stayed_fp32": [{"layer": k, "why": v} for k, v in stayed.items()]}
+            "optic_int8_bias_corrected": sum(bool(r.get("bias_corrected")) for r in kept),
+            "optic_int8_stayed_fp32": [{"layer": k, "why": v} for k, v in stayed.items()],
+            # which implementation of the whole model the CPU step kept, and what it timed (ms)
+            "optic_int8_kept": step.measured.get("kept") if step else None,
+            "optic_int8_variants_ms": step.measured.get("variants_ms") if step else None}
 
 
 def _isa() -> list[str]:
@@ -237,6 +242,10 @@ def markdown_zoo(res: dict) -> str:
         layers = f"{r['optic_int8_layers']}" + (f" ({smoothed} smoothed)" if smoothed else "")
         lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + f" | {layers} |")
     for r in res["rows"]:
+        if r.get("optic_int8_kept"):
+            lines += ["", f"{r['model']} b{r['batch']}: optic-int8 runs as \"{r['optic_int8_kept']}\" (the CPU step "
+                      f"timed: {', '.join(f'{k} {v:.1f} ms' for k, v in (r.get('optic_int8_variants_ms') or {}).items())}); "
+                      f"{r.get('optic_int8_bias_corrected', 0)} int8 layers bias-corrected"]
         if r["optic_int8_stayed_fp32"]:
             why = {}
             for x in r["optic_int8_stayed_fp32"]:

@@ -598,6 +598,9 @@ class Quantize:
         Option("quantize_min_macs", int, None, "layers with fewer multiply-adds than this stay fp32 (their "
                f"int8 kernel cannot pay for its quantize step; unset: {MIN_MACS} with oneDNN's int8 kernels, "
                f"{GENERATED_MIN_MACS} where optic's generated ones will run, each layer's gain being timed)"),
+        Option("quantize_bias_correction", bool, True, "subtract each int8 layer's mean output error per channel, "
+               "measured on the calibration samples, from its bias where that lowers the layer's error "
+               "(False: never)"),
     )
 
     @staticmethod
@@ -628,7 +631,8 @@ class Quantize:
             if ctx.progress:
                 ctx.progress("calibrating int8 layers", i, len(layers))
             r = ranges[layer.op.x.name]
-            cal = self._calibrate(layer, r, r.first)
+            correct = bool(ctx.option("quantize_bias_correction"))
+            cal = self._calibrate(layer, r, r.first, correct=correct)
             if cal is None:
                 ctx.stats.decline(RULE, layer.op.node.name, "the int8 kernel failed on the recorded input")
                 continue
@@ -641,7 +645,7 @@ class Quantize:
                     ctx.note(f"{layer.op.node.name}: generated int8 kernel not timed ({str(e).splitlines()[0][:80]})")
             plain = self._action(layer, cal, ctx.target, min_macs, ctx.compiled_after, ctx.generated_after, measured)
             actions.append(plain)
-            smoothed = self._calibrate_smoothed(layer, r, r.first)
+            smoothed = self._calibrate_smoothed(layer, r, r.first, correct)
             if smoothed is not None and smoothed[0].errors[smoothed[0].method] <= SMOOTH_GAIN * cal.errors[cal.method]:
                 actions.append(self._smoothed_action(plain, layer, *smoothed, ctx.target, min_macs, ctx.compiled_after))
         return actions
@@ -700,8 +704,10 @@ class Quantize:
                   "layer_errors": cal.errors, "smoothing_alpha": alpha, "bias_corrected": cal.bias_shift is not None})
 
     @staticmethod
-    def _calibrate(layer: Layer, r: _Range, x: torch.Tensor, smooth: torch.Tensor | None = None) -> Calibrated | None:
-        """The calibration method with the lowest layer output error, bias-corrected where that lowers it."""
+    def _calibrate(layer: Layer, r: _Range, x: torch.Tensor, smooth: torch.Tensor | None = None,
+                   correct: bool = True) -> Calibrated | None:
+        """The calibration method with the lowest layer output error, bias-corrected where that lowers it
+        (``correct``)."""
         errors, params = {}, candidate_ranges(r)
         for method, (s, z) in params.items():
             try:
@@ -710,14 +716,15 @@ class Quantize:
                 return None
         method = min(METHODS, key=lambda m: errors[m])
         s, z = params[method]
-        shift = bias_correction(layer, x, s, z, smooth)
+        shift = bias_correction(layer, x, s, z, smooth) if correct else None
         if shift is not None:
             corrected = _layer_error(layer, x, s, z, smooth, shift)
             if corrected < errors[method]:  # after the activation too
                 return Calibrated(method, s, z, {**errors, method: corrected}, shift)
         return Calibrated(method, s, z, errors)
 
-    def _calibrate_smoothed(self, layer: Layer, r: _Range, x: torch.Tensor) -> tuple[Calibrated, torch.Tensor, float] | None:
+    def _calibrate_smoothed(self, layer: Layer, r: _Range, x: torch.Tensor,
+                            correct: bool = True) -> tuple[Calibrated, torch.Tensor, float] | None:
         """The best smoothed calibration of a linear over :data:`SMOOTH_ALPHAS` (by the layer's output error):
         (its calibration, the factors, α); None for a conv, or where every factor is 1 (nothing to even out)."""
         if layer.op.kind != "linear" or r.chan_lo is None or x is None:
@@ -728,7 +735,7 @@ class Quantize:
             s = smoothing_factors(amax, layer.op.const("weight"), alpha)
             if bool((s == s[0]).all()):  # one factor for every channel: the plain layer, rescaled
                 continue
-            cal = self._calibrate(layer, _smoothed_range(r, s, x), x, s)
+            cal = self._calibrate(layer, _smoothed_range(r, s, x), x, s, correct)
             if cal is not None and (best is None or cal.errors[cal.method] < best[0].errors[best[0].method]):
                 best = (cal, s, alpha)
         return best

@@ -509,6 +509,8 @@ def test_bias_correction_removes_the_systematic_error_and_the_graph_computes_the
     fc2 = actions["fc2"]
     assert fc2.info["bias_corrected"] and "bias-corrected" in fc2.describe
     assert not actions["fc1"].info["bias_corrected"]  # a zero-mean input: its mean error is noise, not kept
+    off = get("quantize").candidates(prog, context(prog, quantize_min_macs=0, quantize_bias_correction=False))
+    assert not any(a.info["bias_corrected"] or "bias-corrected" in a.describe for a in off)
     layer, r = _layer_and_range(prog, ctx, 16)
     cal = get("quantize")._calibrate(layer, r, r.first)
     assert cal.bias_shift is not None
