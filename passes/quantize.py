@@ -45,7 +45,7 @@ Runs on the host CPU only (the kernels are oneDNN's through PyTorch); other targ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -526,10 +526,11 @@ def _applier(name: str, scale: float, zp: int, min_macs: int, smooth: torch.Tens
 
 
 def _layer_error(layer: Layer, x: torch.Tensor, scale: float, zp: int, smooth: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None) -> float:
-    """Relative L2 error of the int8 layer (the kernel run for real) against the float layer on ``x``."""
+                 shift: torch.Tensor | None = None, ref: torch.Tensor | None = None) -> float:
+    """Relative L2 error of the int8 layer (the kernel run for real) against the float layer on ``x``
+    (``ref``: that float layer's output, where the caller has it already)."""
     x = x.detach()
-    ref = run_float(layer, x)
+    ref = run_float(layer, x) if ref is None else ref
     got = run_int8(layer, x, scale, zp, smooth, shift).double()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
@@ -543,9 +544,7 @@ def bias_correction(layer: Layer, x: torch.Tensor, scale: float, zp: int,
     positive, after a ReLU or GELU, or where clipping cuts one side of the range). Errors in later layers add
     up coherently from such shifts, while zero-mean noise adds in quadrature. None where the mean is too small
     a share of the error to tell from noise (:data:`BIAS_SHARE`, :data:`BIAS_SAMPLES_FACTOR`)."""
-    import dataclasses
-
-    linear = dataclasses.replace(layer, post=("none", [], ""))
+    linear = replace(layer, post=("none", [], ""))
     x = x.detach()
     err = run_int8(linear, x, scale, zp, smooth).double() - run_float(linear, x)
     dim = 1 if layer.op.kind == "conv" else err.dim() - 1
@@ -626,12 +625,12 @@ class Quantize:
         ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs(),
                          channels=frozenset(la.op.x.name for la in layers if la.op.kind == "linear"))
         min_macs = self._min_macs(ctx)
+        correct = bool(ctx.option("quantize_bias_correction"))
         actions = []
         for i, layer in enumerate(layers):
             if ctx.progress:
                 ctx.progress("calibrating int8 layers", i, len(layers))
             r = ranges[layer.op.x.name]
-            correct = bool(ctx.option("quantize_bias_correction"))
             cal = self._calibrate(layer, r, r.first, correct=correct)
             if cal is None:
                 ctx.stats.decline(RULE, layer.op.node.name, "the int8 kernel failed on the recorded input")
@@ -709,16 +708,17 @@ class Quantize:
         """The calibration method with the lowest layer output error, bias-corrected where that lowers it
         (``correct``)."""
         errors, params = {}, candidate_ranges(r)
+        ref = run_float(layer, x.detach())  # the float layer: the same for every method and the correction
         for method, (s, z) in params.items():
             try:
-                errors[method] = _layer_error(layer, x, s, z, smooth)
+                errors[method] = _layer_error(layer, x, s, z, smooth, ref=ref)
             except Exception:  # noqa: BLE001 - a kernel that fails here is never proposed
                 return None
         method = min(METHODS, key=lambda m: errors[m])
         s, z = params[method]
         shift = bias_correction(layer, x, s, z, smooth) if correct else None
         if shift is not None:
-            corrected = _layer_error(layer, x, s, z, smooth, shift)
+            corrected = _layer_error(layer, x, s, z, smooth, shift, ref)
             if corrected < errors[method]:  # after the activation too
                 return Calibrated(method, s, z, {**errors, method: corrected}, shift)
         return Calibrated(method, s, z, errors)
