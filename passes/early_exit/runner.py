@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -158,7 +159,8 @@ def split(gm: fx.GraphModule, cuts: Sequence[str]) -> list[Segment]:
 # -- the runner ------------------------------------------------------------------------------------
 def float32(value: float) -> float:
     """``value`` rounded to the nearest float32 (what a comparison with a float32 tensor uses)."""
-    return torch.tensor(value, dtype=torch.float32).item()
+    # numpy, not a torch tensor: a tensor made here would land on the caller's default device (meta, cuda)
+    return float(np.float32(value))
 
 
 @dataclass(frozen=True)

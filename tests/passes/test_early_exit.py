@@ -653,6 +653,17 @@ def test_a_batch_1_decision_is_the_float32_comparison_the_batch_path_makes():
     assert float(torch.tensor(0.9, dtype=torch.float32)) < 0.9  # a plain Python comparison would differ there
 
 
+def test_the_float32_rounding_ignores_the_callers_default_device():
+    # optimize under torch.set_default_device("meta") (or "cuda") must not make a host-side number a device tensor
+    from optic.passes.early_exit.runner import float32
+
+    torch.set_default_device("meta")
+    try:
+        assert float32(0.9) == float(torch.tensor(0.9, dtype=torch.float32, device="cpu"))
+    finally:
+        torch.set_default_device(None)
+
+
 # -- the generated head kernel ------------------------------------------------------------------------------
 def _random_head(rank: int, width: int, classes: int = 10, seed: int = 0) -> ExitHead:
     head = ExitHead(rank, width, classes)
