@@ -12,7 +12,8 @@ The allocator, greedy by marginal gain per unit of metric lost:
 1. scores every action alone on the fit split (its *drop*) and takes its predicted latency gain
    from the target's cost model (``Action.predicted_gain_s``);
 2. repeatedly takes, over all groups, the next level with the largest ``Δgain / Δdrop`` (free
-   actions first), rebuilds the program from the chosen actions and re-checks the whole on the fit
+   actions first, by ``Δgain / Δrisk``: how near each alone brought the samples to dropping more,
+   ``Evaluator.assess``), rebuilds the program from the chosen actions and re-checks the whole on the fit
    split; a step that exceeds the budget is undone, and only milder levels of its group stay open;
 3. on this machine (``ctx.measure``) times the model with and without each chosen action and
    drops the actions that are not faster here (a change that saves FLOPs but not time is undone);
@@ -65,6 +66,7 @@ class Action:
     touches: frozenset[str] = frozenset()
     # filled by the allocator
     drop_alone: float | None = None
+    risk_alone: float = 0.0  # how near it alone brought the fit samples to dropping more (Evaluator.assess)
     drop_cumulative: float | None = None
     measured_gain_s: float | None = None
     status: str = "candidate"  # kept | over budget | conflict | not faster here | held-out | not better
@@ -74,7 +76,7 @@ class Action:
         return {"pass": self.pass_name, "layer": self.layer, "action": self.describe, "status": self.status,
                 "predicted_gain_s": self.predicted_gain_s, "measured_gain_s": self.measured_gain_s,
                 "predicted_only": self.predicted_only, "drop_alone": self.drop_alone,
-                "drop_cumulative": self.drop_cumulative, **self.info}
+                "drop_cumulative": self.drop_cumulative, "risk_alone": self.risk_alone, **self.info}
 
 
 @dataclass
@@ -95,6 +97,14 @@ def build(base: Program, actions: list[Action]) -> Program:
     prog.recompile()
     prog.annotate_shapes()
     return prog
+
+
+def _assess(evaluator: Any, program: Program) -> tuple[float, float]:
+    """``(drop, risk)`` on the fit split (an evaluator without ``assess``: the drop, no risk)."""
+    assess = getattr(evaluator, "assess", None)
+    if assess is None:
+        return evaluator.drop(program, "fit"), 0.0
+    return assess(program, "fit")
 
 
 def _conflicts(a: Action, chosen: dict[str, Action]) -> bool:
@@ -126,7 +136,8 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
         if progress:
             progress("scoring actions", i, len(actions))
         try:
-            a.drop_alone = evaluator.drop(build(base, [a]), "fit") - base_drop
+            a.drop_alone, a.risk_alone = _assess(evaluator, build(base, [a]))
+            a.drop_alone -= base_drop
         except Exception as e:  # an action that breaks the model is never chosen
             a.drop_alone, a.status = float("inf"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     groups: dict[str, list[Action]] = {}
@@ -157,7 +168,10 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
                 d_drop = max(a.drop_alone - (cur.drop_alone if cur else 0.0), 0.0)
                 if d_gain <= 0:
                     continue
-                key = (d_drop <= eps, d_gain / max(d_drop, eps))
+                # free steps by gain per risk: those that bring the weakest samples least near a flip first,
+                # so that the budget, once one of them flips, has taken the most gain
+                d_risk = max(a.risk_alone - (cur.risk_alone if cur else 0.0), 0.0)
+                key = (d_drop <= eps, d_gain / max(d_drop if d_drop > eps else d_risk, eps))
                 if best_key is None or key > best_key:
                     best, best_key = a, key
         if best is None:

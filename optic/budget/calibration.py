@@ -367,23 +367,50 @@ class Evaluator:
         carry over to new data (measured on the digits examples: net drops of 0 on the fit split
         became 1.5 points on the test split). This bounds the drop in accuracy from above. Other
         metrics: the original's score minus the model's (negative when it scores higher)."""
+        return self.assess(model, split)[0]
+
+    def assess(self, model: Callable, split: str = "fit") -> tuple[float, float]:
+        """``(drop, risk)`` of ``model`` on ``split``: :meth:`drop`, and how close the model came to dropping
+        more. For top-1 metrics the risk is the mean share of each sample's top-1 margin the model used up
+        (the original's top logit over its runner-up: a sample flips when it is all used): two changes
+        that flip nothing are told apart by how near they bring the weakest samples to flipping, which
+        decides how many more the budget can take. Other metrics: the drop itself (already continuous)."""
         self.evaluations += 1
         m = self.metric
         if callable(m) or m == "rel_error":
-            return self.base[split] - self.score(model, split)
-        lost, weight = 0.0, 0
+            drop = self.base[split] - self.score(model, split)
+            return drop, max(drop, 0.0)
+        lost, used, weight = 0.0, 0.0, 0
         with torch.no_grad():
             for b, ref in zip(getattr(self.calibration, split), self.reference[split], strict=True):
-                pred = _first_float(run_seeded(model, b.args, b.kwargs)).argmax(-1).reshape(-1)
-                orig = _first_float(ref).argmax(-1).reshape(-1).to(pred.device)
+                out = _first_float(run_seeded(model, b.args, b.kwargs))
+                r = _first_float(ref).to(out.device)
+                pred = out.argmax(-1).reshape(-1)
+                orig = r.argmax(-1).reshape(-1)
                 if m == "top1" and b.labels is not None:
                     want = b.labels.reshape(-1).to(pred.device)
                     broken = (orig == want) & (pred != want)
                 else:
                     broken = pred != orig
-                lost += float(broken.float().sum()) / broken.numel() * b.size
+                n = broken.numel()
+                lost += float(broken.float().sum()) / n * b.size
+                used += float(margin_used(out.reshape(n, -1), r.reshape(n, -1)).sum()) / n * b.size
                 weight += b.size
-        return lost / max(weight, 1)
+        return lost / max(weight, 1), used / max(weight, 1)
+
+
+def margin_used(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per row of ``ref`` (logits, classes last): the share of its top-1 margin (top logit minus the runner-up)
+    that ``out`` used up, in [0, 1]; 1 where the top-1 changed or the margin was zero."""
+    if ref.shape[-1] < 2:
+        return torch.zeros(ref.shape[0], device=ref.device)
+    ref, out = ref.double(), out.double()
+    top = ref.argmax(-1, keepdim=True)
+    masked = ref.scatter(-1, top, -math.inf)
+    margin = ref.gather(-1, top).squeeze(-1) - masked.amax(-1)
+    now = out.gather(-1, top).squeeze(-1) - out.scatter(-1, top, -math.inf).amax(-1)
+    share = torch.where(margin > 0, (margin - now) / margin.clamp_min(1e-300), torch.ones_like(margin))
+    return share.clamp(0.0, 1.0)
 
 
 # -- activations -----------------------------------------------------------------------------------

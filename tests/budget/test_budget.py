@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import optic
 from optic import ir
 from optic.budget.allocator import Action, allocate
-from optic.budget.calibration import Budget, Evaluator, Labeled, record_values, split
+from optic.budget.calibration import Budget, Evaluator, Labeled, margin_used, record_values, split
 from optic.errors import OpticError
 from optic.ir.capture import capture
 from optic.ir.opview import kind_of
@@ -153,6 +153,23 @@ def test_record_values_probes_fx_and_export_graphs_alike():
         assert torch.allclose(vals[relu.name][0], torch.relu(m[0](x)))
 
 
+def test_the_risk_of_a_top1_change_is_the_share_of_each_samples_margin_it_used():
+    ref = torch.tensor([[3.0, 1.0, 0.0], [0.0, 4.0, 2.0], [1.0, 1.0, 0.0]])
+    assert margin_used(ref, ref).tolist() == [0.0, 0.0, 1.0]  # a tie has no margin left to use
+    out = torch.tensor([[2.5, 1.5, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 0.0]])
+    assert margin_used(out, ref).tolist() == pytest.approx([0.5, 1.0, 1.0])  # half used; flipped; tie
+    assert margin_used(out + 7.0, ref).tolist() == pytest.approx([0.5, 1.0, 1.0])  # logits' offset is free
+    wider = torch.tensor([[4.0, 1.0, 0.0], [0.0, 4.0, 2.0], [1.0, 1.0, 0.0]])
+    assert margin_used(wider, ref)[0] == 0.0  # a wider margin uses none
+    m = classifier()
+    cal = split(labeled_batches(m), Budget(), single_input=True, batch_size=None)
+    ev = Evaluator(Budget(metric="agreement"), cal, m)
+    for f in (0.9, 0.5):  # a scaled output flips nothing and uses exactly 1 - f of every margin
+        drop, risk = ev.assess(lambda x, f=f: m(x) * f, "fit")
+        assert drop == 0.0 and risk == pytest.approx(1 - f)
+    assert ev.drop(lambda x: m(x) * 0.5, "fit") == 0.0
+
+
 # -- allocator ------------------------------------------------------------------------------------------
 def _scaler(name: str, factor: float):
     """An action that scales one linear's weight (a stand-in for a lossy change of known cost)."""
@@ -222,6 +239,35 @@ def test_consumers_a_pass_touches_conflict_with_other_passes_only():
     assert {a.group for a in alloc.kept} == {"a", "b"}
     allocate(prog, [owner, other], ev, 0.5)
     assert other.status == "conflict"
+
+
+def test_free_actions_go_by_gain_per_risk_so_the_budget_takes_the_most_before_a_flip():
+    """Three actions that each flip nothing alone; the one with the largest gain uses most of the weakest
+    samples' margins and flips one with any other. By gain alone it would be taken first and shut the other
+    two out (gain 2); by gain per risk the two safe ones go first (gain 2.9) and it is the one left out."""
+    prog, _ = _setup(0.0)
+    risk = {"A": 0.5, "B": 0.05, "C": 0.05}
+
+    class Marked:  # the evaluator reads which actions a program carries from its notes
+        base = {"fit": 1.0, "holdout": 1.0}
+        evaluations = 0
+
+        def assess(self, program, split="fit"):
+            self.evaluations += 1
+            done = {n[5:] for n in program.notes if n.startswith("test:")}
+            return (1.0 if "A" in done and len(done) > 1 else 0.0), sum(risk[a] for a in done)
+
+        def drop(self, program, split="fit"):
+            return self.assess(program, split)[0]
+
+    def mark(name):
+        return lambda program: program.notes.append(f"test:{name}")
+
+    acts = [Action("test", g, g, g, 1.0, frozenset({g}), gain, mark(g)) for g, gain in (("A", 2.0), ("B", 1.5),
+                                                                                       ("C", 1.4))]
+    alloc = allocate(prog, acts, Marked(), 0.0)
+    assert sorted(a.group for a in alloc.kept) == ["B", "C"]
+    assert acts[0].status == "over budget" and acts[0].risk_alone == 0.5
 
 
 def test_allocator_with_a_zero_budget_keeps_only_free_actions():
