@@ -77,6 +77,9 @@ L3_BYTES_PER_CYCLE = 10  # sustained L3 -> L2 per core
 RELOAD_STALL_CYCLES = 3.0  # per accumulator vector reloaded from L2 when a k block starts: the FMA chains wait
 PARALLEL_REGION_S = 5e-6  # fork/join of one parallel loop in TVM's thread pool
 EXP_OPS = 16  # vector instructions of the polynomial exp (codegen_cpu._fast_exp)
+CACHE_LINE = 64  # bytes
+L1_WAYS = 8  # L1d associativity (Zen 4, Skylake-SP: 8; Ice Lake and later: 12)
+SPILL_CYCLES = 2.0  # a vector spilled to the stack and reloaded: a store and a load
 OVERLAP_NORM = 3.0  # how sharply the slowest concurrent unit dominates (infinity: a pure roofline)
 # GPU: estimates.
 L2_OVER_DRAM = 3.0  # L2 bandwidth / DRAM bandwidth
@@ -120,20 +123,35 @@ def _ratio_over(size: Any, capacity: float) -> Any:
 # -- CPU GEMM -------------------------------------------------------------------------------------------
 
 
+def _l1_conflicts(rows: Any, stride_bytes: Any, l1_bytes: float) -> Any:
+    """Whether ``rows`` lines read at ``stride_bytes`` apart (a register tile's rows of A) fall into so few
+    L1 sets that they evict each other between k steps: a stride of a multiple of 4 KiB maps every row to
+    one set (measured: a 128x768x3072 GEMM's MR=16 tile ran 2x slower than MR=8, A read in place with
+    rows 12 KiB apart; MR=8 rows in one 8-way set ran at full speed)."""
+    sets = l1_bytes / (CACHE_LINE * L1_WAYS)
+    step = np.maximum(np.asarray(stride_bytes, dtype=float) // CACHE_LINE, 1).astype(np.int64)
+    distinct = np.minimum(sets / np.gcd(step, int(sets)), np.asarray(rows, dtype=float))
+    return np.ceil(np.asarray(rows, dtype=float) / distinct) > L1_WAYS
+
+
 def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, Np: Any, Kp: Any,
               MC: Any, a_pack_bytes: Any, io_bytes: float, out_bytes: Any, useful_flops: float,
-              b_gathered: bool = False) -> dict[str, Any]:
+              b_gathered: bool = False, a_row_bytes: Any = None) -> dict[str, Any]:
     """``a_pack_bytes``: A's padded or gathered copy (``Mp*Kp`` elements; 0 when A is read in place),
     built block by block by the tiles; ``io_bytes``: the operands and the output, which cross DRAM at
     least once; ``out_bytes``: what the write-back copies (0 when the GEMM writes the output);
     ``b_gathered``: B's source is contiguous along neither axis, so B is packed once, before the
-    GEMM, an element at a time (an NHWC convolution's weights)."""
+    GEMM, an element at a time (an NHWC convolution's weights); ``a_row_bytes``: how far apart the
+    rows of A the register tile broadcasts from are (default: a packed block's, ``KC`` elements)."""
     MR, NR, KC, NC, UNROLL, P = (np.asarray(c[v], dtype=float) for v in ("MR", "NR", "KC", "NC", "UNROLL", "PARALLEL"))
     lanes, esize = p["LANES"], 4.0  # fp32 compute
     clock, fu = t.clock_hz or 2.5e9, float(t.fma_units or 1)
     fmas = MR * NR / lanes
     loads = NR / lanes + MR
     cycles_per_k = np.maximum.reduce([fmas / fu, loads / LOAD_PORTS, np.full_like(fmas, FMA_LATENCY)])
+    # rows of A that evict each other from L1: every broadcast refills its line from L2
+    a_rows = KC * esize if a_row_bytes is None else np.asarray(a_row_bytes, dtype=float)
+    cycles_per_k = cycles_per_k + np.where(_l1_conflicts(MR, a_rows, p["L1"]), MR, 0.0)
     # The accumulator tile's trips to memory: one k block starts it at zero in registers and stores
     # it once; several store it after a zeroing pass, then reload and store it once per block.
     blocks = Kp / KC
@@ -191,7 +209,10 @@ def _matmul_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
     # codegen_cpu.matmul: without padding to clip or an epilogue, the GEMM accumulates in C itself.
     direct = (Mp == M) & (Np == N) & (not space.meta.get("epilogue"))
     out = np.where(direct, 0.0, 4 * M * N)
-    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (M * K + K * N + M * N), out, 2 * M * N * K)
+    # A is read in place, rows K apart, unless it is copied into padded blocks
+    a_rows = np.where(a_pack > 0, 4 * KC, 4 * K)
+    return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (M * K + K * N + M * N), out, 2 * M * N * K,
+                     a_row_bytes=a_rows)
 
 
 def _conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,8 +254,17 @@ def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[st
     loads = vec_oc + RN  # a weight row, REG_N broadcasts
     # each accumulator takes one FMA a step, so a step lasts at least the FMA latency
     cycles_step = np.maximum.reduce([fmas / fu, loads / LOAD_PORTS, np.full_like(fmas, FMA_LATENCY)])
-    # the innermost rolled loop: the channel loop holds S unrolled steps (UNROLL_KW=2), else kw is rolled
-    cycles_step = cycles_step + LOOP_OVERHEAD / np.where(UKW > 1, S, 1.0)
+    # kw unrolled outside a channel loop of one channel (IC_BN=1): the S steps are one straight block, the
+    # loop overhead is shared by them, and the broadcasts of the input row repeat across kw (column
+    # c*STRIDE + kw*DIL), so LLVM loads each once and keeps it live beside the accumulators; spilled
+    # values go to the stack and back once per step. Otherwise the innermost rolled loop (ici within an
+    # unrolled kw, or a rolled kw) runs one step per iteration.
+    merged = (UKW > 1) & (ICB == 1)
+    window_cols = (RN - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1
+    live = RN * vec_oc + np.minimum(window_cols, RN * S) + vec_oc + 1
+    spilled = np.where(merged, np.maximum(live - p["VREGS"], 0.0), 0.0)
+    cycles_step = (cycles_step + LOOP_OVERHEAD / np.where(merged, S, 1.0)
+                   + SPILL_CYCLES * spilled / np.where(merged, S, 1.0))
     Fp = _cdiv(F, OCB) * OCB
     owp = _cdiv(ow, RN) * RN
     tasks = n * (Fp / OCB) * oh

@@ -14,8 +14,12 @@ measurements:
   fma_units = 2 for x86 cores with FMA (AVX2 / AVX-512 server cores: Skylake-SP
   Gold/Platinum, Ice Lake-SP, Sapphire Rapids have two FMA pipes) and for
   AArch64 NEON (Neoverse N1/N2/V1 have at least two 128-bit FMA pipes), else 1.
-  Cores with one 512-bit FMA pipe (some Xeon Silver/Bronze, AMD Zen 4, which
-  splits 512-bit ops into two 256-bit halves) are overestimated by 2x.
+  AMD Zen 4 (family 0x19 with AVX-512) splits each 512-bit op into two 256-bit
+  halves on its two FMA pipes: fma_units = 1 at 512 bits (its 7x7 stem conv,
+  compute-bound, measured 193 GFLOP/s on 2 cores, above the 166 that one FMA per
+  cycle at the reported 2.6 GHz base clock gives and far under the 332 of two:
+  the VM reports the base clock, and the cores boost). Cores with one 512-bit
+  FMA pipe (some Xeon Silver/Bronze) are still overestimated by 2x.
 - bf16/fp16/int8: AMX tiles are 1024 bf16/fp16 FLOP and 2048 int8 OP per cycle
   per core (TDPBF16PS: 16x16x32 multiply-adds every 16 cycles); without AMX,
   the dot-product instructions (AVX512_BF16, AVX512_FP16, VNNI, and the Arm
@@ -78,6 +82,7 @@ class HostFacts:
     l2_bytes: int | None = None
     l3_bytes: int | None = None
     sve_vector_bits: int | None = None
+    family: int | None = None  # x86 "cpu family" (AMD 25 = 0x19: Zen 3 and Zen 4; 26 = 0x1A: Zen 5)
 
 
 def _read(path: str) -> str | None:
@@ -176,6 +181,7 @@ def read_host_facts() -> HostFacts:
         cores=_physical_cores(cpus),
         clock_hz=_max_freq_hz() or mhz_clock,
         sve_vector_bits=_sve_bits() if "sve" in flags.split() else None,
+        family=int(fields["cpu family"]) if fields.get("cpu family", "").strip().isdigit() else None,
         **_caches(),
     )
 
@@ -209,7 +215,10 @@ def _vector_bits(isa: frozenset[str], sve_bits: int | None) -> int:
     return 32  # unknown ISA: count scalar fp32 only
 
 
-def _fma_units(isa: frozenset[str]) -> int:
+def _fma_units(isa: frozenset[str], vendor: str | None = None, family: int | None = None) -> int:
+    """FMAs of the full vector width per cycle."""
+    if vendor == "AuthenticAMD" and family == 0x19 and "avx512f" in isa:
+        return 1  # Zen 4: two 256-bit FMA pipes, a 512-bit FMA takes both (Zen 3, the same family, has no AVX-512)
     if "fma" in isa and isa & {"avx2", "avx512f"}:
         return 2
     if "neon" in isa:
@@ -240,7 +249,7 @@ def target_from_facts(facts: HostFacts) -> Target:
 
     isa = _isa(facts)
     vector_bits = _vector_bits(isa, facts.sve_vector_bits)
-    fma_units = _fma_units(isa)
+    fma_units = _fma_units(isa, facts.vendor, facts.family)
     per_core_cycle = clock * cores  # core-cycles per second
     fp32 = per_core_cycle * (vector_bits // 32) * 2 * fma_units
 

@@ -289,6 +289,20 @@ def test_read_host_facts_never_raises():
     assert facts.threads >= 1
 
 
+@pytest.mark.parametrize("vendor, family, flags, units", [
+    ("AuthenticAMD", 25, "fma avx avx2 avx512f avx512_bf16", 1),  # Zen 4: 512-bit FMAs take both 256-bit pipes
+    ("AuthenticAMD", 25, "fma avx avx2", 2),  # Zen 3: the same family, no AVX-512, two 256-bit FMAs
+    ("AuthenticAMD", 26, "fma avx avx2 avx512f", 2),  # Zen 5: full-width pipes
+    ("GenuineIntel", 6, "fma avx avx2 avx512f", 2),
+])
+def test_fma_units_per_cycle_at_the_full_vector_width(vendor, family, flags, units):
+    facts = HostFacts(machine="x86_64", flags=frozenset(flags.split()), vendor=vendor, family=family,
+                      threads=2, cores=2, clock_hz=2.6e9)
+    t = target_from_facts(facts)
+    assert t.fma_units == units
+    assert t.peak_fp32_flops == pytest.approx(2 * 2.6e9 * t.vector_lanes_fp32 * 2 * units)
+
+
 def test_x86_server_core_estimate():
     facts = HostFacts(
         machine="x86_64",
