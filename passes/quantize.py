@@ -55,7 +55,7 @@ from optic import device, ir
 from optic.backend import int8
 from optic.budget.allocator import Action
 from optic.budget.calibration import iter_values
-from optic.ir.opview import Op, view
+from optic.ir.opview import Op, const_value, view
 from optic.ir.rewrite import OPAQUE, Rule, RuleStats, Site, apply_rules, find_sites
 from optic.pipeline import cost
 from optic.pipeline.registry import Option, register
@@ -165,6 +165,29 @@ def _macs(op: Op) -> int:
     if op.kind == "conv":
         return math.prod(ir.shape(op.node)) * w[0].numel()
     return math.prod(ir.shape(op.x)[:-1]) * w.numel()
+
+
+def activation_gemms(gm: fx.GraphModule) -> tuple[int, int]:
+    """The GEMMs whose operands are both activations (attention's q·kᵀ and p·v, in ``scaled_dot_product_attention``
+    or as matmuls): how many, and their multiply-adds (0 where a shape is unknown)."""
+    count, macs = 0, 0
+    for node in gm.graph.nodes:
+        op = view(node, gm)
+        if op is None or op.kind not in ("sdpa", "matmul"):
+            continue
+        if op.kind == "matmul" and (not isinstance(op.x, fx.Node) or not isinstance(op.other, fx.Node)
+                                    or const_value(op.other, gm) is not None):
+            continue  # a constant operand: a linear in disguise, not attention
+        try:
+            if op.kind == "sdpa":
+                q, k, v = (ir.shape(n) for n in (op.x, *op.other))
+                macs += math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+            else:
+                macs += math.prod(ir.shape(op.node)) * ir.shape(op.x)[-1]
+        except (TypeError, IndexError, AttributeError):
+            pass
+        count += 1
+    return count, macs
 
 
 def _fused_activation(op: Op, gm: fx.GraphModule) -> Op | None:
@@ -620,6 +643,13 @@ class Quantize:
             ctx.note(why)
             return []
         layers = self.layers(program, ctx)
+        n_att, att_macs = activation_gemms(program.gm)
+        if n_att:
+            total = att_macs + sum(la.macs for la in layers)
+            share = f" ({att_macs / total:.1%} of the multiply-adds of the GEMMs here)" if att_macs and total else ""
+            ctx.note(f"{n_att} attention GEMM(s){share} stay float32: both operands are activations, so an int8 "
+                     "kernel would quantize both on every call, and they run inside PyTorch's fused attention; "
+                     "quantize takes the convolutions and linears, which hold the weights and most of the work")
         if not layers or ctx.calibration is None:
             return []
         ranges = observe(program, [la.op.x for la in layers], ctx.calibration.fit_inputs(),

@@ -560,3 +560,36 @@ def test_bias_correction_subtracts_the_mean_error_so_the_squared_error_drops_by_
     fixed = (q.run_int8(pre, x, s, zp, shift=shift).double() - q.run_float(pre, x))
     want = float(err.pow(2).sum()) - rows * float(mean.pow(2).sum())
     assert abs(float(fixed.pow(2).sum()) - want) <= 1e-4 * float(err.pow(2).sum()) + 1e-8
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int = 32, explicit: bool = False):
+        super().__init__()
+        self.qkv, self.out, self.explicit = nn.Linear(d, 3 * d), nn.Linear(d, d), explicit
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        if self.explicit:
+            att = (q @ k.transpose(-2, -1) / 32 ** 0.5).softmax(-1) @ v
+        else:
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(att)
+
+
+@needs_int8
+@pytest.mark.parametrize("explicit", [False, True])
+def test_the_report_says_which_attention_gemms_stay_float32_and_their_share_of_the_work(explicit):
+    from optic.pipeline.report import PassRecord
+
+    torch.manual_seed(0)
+    model, x = _Attention(explicit=explicit).eval(), torch.randn(2, 16, 32)
+    prog = capture(model, (x,), method="export")
+    ctx = context(prog, quantize_min_macs=0)
+    ctx.record = PassRecord(name="quantize", exact=False)
+    actions = get("quantize").candidates(prog, ctx)
+    assert {a.layer for a in actions} >= {"qkv", "out"}  # the linears still go int8
+    # q·kᵀ and p·v: 2·16·16·(32+32) multiply-adds; the linears 2·16·32·96 and 2·16·32·32
+    share = 32768 / (32768 + 98304 + 32768)
+    note = [n for n in ctx.record.notes if "attention GEMM" in n]
+    assert len(note) == 1 and f"{share:.1%}" in note[0]
+    assert note[0].startswith("2 attention") if explicit else note[0].startswith("1 attention")
