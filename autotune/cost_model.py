@@ -260,11 +260,10 @@ def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[st
     # values go to the stack and back once per step. Otherwise the innermost rolled loop (ici within an
     # unrolled kw, or a rolled kw) runs one step per iteration.
     merged = (UKW > 1) & (ICB == 1)
-    window_cols = (RN - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1
-    live = RN * vec_oc + np.minimum(window_cols, RN * S) + vec_oc + 1
+    window = (RN - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1  # input columns a tile reads per row
+    live = RN * vec_oc + np.minimum(window, RN * S) + vec_oc + 1
     spilled = np.where(merged, np.maximum(live - p["VREGS"], 0.0), 0.0)
-    cycles_step = (cycles_step + LOOP_OVERHEAD / np.where(merged, S, 1.0)
-                   + SPILL_CYCLES * spilled / np.where(merged, S, 1.0))
+    cycles_step = cycles_step + (LOOP_OVERHEAD + SPILL_CYCLES * spilled) / np.where(merged, S, 1.0)
     Fp = _cdiv(F, OCB) * OCB
     owp = _cdiv(ow, RN) * RN
     tasks = n * (Fp / OCB) * oh
@@ -277,7 +276,6 @@ def _conv2d_direct_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[st
     stores = 2 * fmas / LOAD_PORTS
     compute = tiles * share * (steps_per_tile * cycles_step + stores) / clock
     weight_slice = C * R * S * OCB * esize  # a filter block's weights, read by every tile of its task
-    window = (RN - 1) * shape["stride"] + (S - 1) * shape["dilation"] + 1
     input_tile = R * window * C * esize
     l2_bytes = tiles * share * (weight_slice + input_tile)
     l2_time = l2_bytes / (L2_BYTES_PER_CYCLE * clock)

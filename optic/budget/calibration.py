@@ -367,14 +367,18 @@ class Evaluator:
         carry over to new data (measured on the digits examples: net drops of 0 on the fit split
         became 1.5 points on the test split). This bounds the drop in accuracy from above. Other
         metrics: the original's score minus the model's (negative when it scores higher)."""
-        return self.assess(model, split)[0]
+        return self._drop(model, split, risk=False)[0]
 
     def assess(self, model: Callable, split: str = "fit") -> tuple[float, float]:
         """``(drop, risk)`` of ``model`` on ``split``: :meth:`drop`, and how close the model came to dropping
         more. For top-1 metrics the risk is the mean share of each sample's top-1 margin the model used up
         (the original's top logit over its runner-up: a sample flips when it is all used): two changes
-        that flip nothing are told apart by how near they bring the weakest samples to flipping, which
-        decides how many more the budget can take. Other metrics: the drop itself (already continuous)."""
+        that flip nothing are told apart by how near they bring the weakest samples to flipping. Other
+        metrics: the drop itself (already continuous)."""
+        return self._drop(model, split, risk=True)
+
+    def _drop(self, model: Callable, split: str, risk: bool) -> tuple[float, float]:
+        """:meth:`drop` and, with ``risk``, :meth:`assess`'s risk (else 0: the margins are not computed)."""
         self.evaluations += 1
         m = self.metric
         if callable(m) or m == "rel_error":
@@ -394,7 +398,8 @@ class Evaluator:
                     broken = pred != orig
                 n = broken.numel()
                 lost += float(broken.float().sum()) / n * b.size
-                used += float(margin_used(out.reshape(n, -1), r.reshape(n, -1)).sum()) / n * b.size
+                if risk:
+                    used += float(margin_used(out.reshape(n, -1), r.reshape(n, -1)).sum()) / n * b.size
                 weight += b.size
         return lost / max(weight, 1), used / max(weight, 1)
 
@@ -404,11 +409,13 @@ def margin_used(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     that ``out`` used up, in [0, 1]; 1 where the top-1 changed or the margin was zero."""
     if ref.shape[-1] < 2:
         return torch.zeros(ref.shape[0], device=ref.device)
-    ref, out = ref.double(), out.double()
-    top = ref.argmax(-1, keepdim=True)
-    masked = ref.scatter(-1, top, -math.inf)
-    margin = ref.gather(-1, top).squeeze(-1) - masked.amax(-1)
-    now = out.gather(-1, top).squeeze(-1) - out.scatter(-1, top, -math.inf).amax(-1)
+    # the two largest logits of each row, not a masked copy of the whole (a language model's vocabulary)
+    best, idx = ref.topk(2, -1)
+    top = idx[:, :1]
+    margin = best[:, 0].double() - best[:, 1].double()
+    o_best, o_idx = out.topk(2, -1)
+    rival = torch.where(o_idx[:, 0] == top[:, 0], o_best[:, 1], o_best[:, 0])  # out's largest other than top
+    now = out.gather(-1, top).squeeze(-1).double() - rival.double()
     share = torch.where(margin > 0, (margin - now) / margin.clamp_min(1e-300), torch.ones_like(margin))
     return share.clamp(0.0, 1.0)
 
