@@ -241,32 +241,50 @@ def test_consumers_a_pass_touches_conflict_with_other_passes_only():
     assert other.status == "conflict"
 
 
+class _Marked:
+    """An evaluator that reads which actions a program carries from its notes: each action alone drops
+    nothing and uses up ``risk[name]`` of the margins; A with any other drops everything."""
+
+    base = {"fit": 1.0, "holdout": 1.0}
+
+    def __init__(self, risk: dict[str, float]):
+        self.risk, self.evaluations = risk, 0
+
+    def assess(self, program, split="fit"):
+        self.evaluations += 1
+        done = {n[5:] for n in program.notes if n.startswith("test:")}
+        return (1.0 if "A" in done and len(done) > 1 else 0.0), sum(self.risk[a] for a in done)
+
+    def drop(self, program, split="fit"):
+        return self.assess(program, split)[0]
+
+
+def _marked_actions(gains) -> list[Action]:
+    def mark(name):
+        return lambda program: program.notes.append(f"test:{name}")
+
+    return [Action("test", g, g, g, 1.0, frozenset({g}), gain, mark(g)) for g, gain in gains]
+
+
 def test_each_actions_risk_alone_is_reported_and_free_actions_still_go_by_gain():
     """The risk (Evaluator.assess) is in every row; it does not order free actions: by gain per risk the
     allocator packed the fit split to the edge of a flip, which did not carry over to held-out data."""
     prog, _ = _setup(0.0)
-    risk = {"A": 0.5, "B": 0.05, "C": 0.05}
-
-    class Marked:  # the evaluator reads which actions a program carries from its notes
-        base = {"fit": 1.0, "holdout": 1.0}
-        evaluations = 0
-
-        def assess(self, program, split="fit"):
-            self.evaluations += 1
-            done = {n[5:] for n in program.notes if n.startswith("test:")}
-            return (1.0 if "A" in done and len(done) > 1 else 0.0), sum(risk[a] for a in done)
-
-        def drop(self, program, split="fit"):
-            return self.assess(program, split)[0]
-
-    def mark(name):
-        return lambda program: program.notes.append(f"test:{name}")
-
-    acts = [Action("test", g, g, g, 1.0, frozenset({g}), gain, mark(g)) for g, gain in (("A", 2.0), ("B", 1.5),
-                                                                                       ("C", 1.4))]
-    alloc = allocate(prog, acts, Marked(), 0.0)
+    acts = _marked_actions((("A", 2.0), ("B", 1.5), ("C", 1.4)))
+    alloc = allocate(prog, acts, _Marked({"A": 0.5, "B": 0.05, "C": 0.05}), 0.0)
     assert [a.group for a in alloc.kept] == ["A"]  # the largest gain first; the others would flip with it
     assert [r["risk_alone"] for r in alloc.rows] == [0.5, 0.05, 0.05]
+
+
+def test_among_equal_gains_the_action_that_risks_less_goes_first():
+    """Layers of one shape have the same predicted gain; among them the one that used up less of the fit
+    samples' margins goes first, whatever the graph order (which took A here, and A then blocks B and C)."""
+    prog, _ = _setup(0.0)
+    # the gains are equal, computed along different roads (0.1 + 0.2 against 0.3: not equal as floats)
+    acts = _marked_actions((("A", 0.3), ("B", 0.1 + 0.2), ("C", 0.3)))
+    alloc = allocate(prog, acts, _Marked({"A": 0.5, "B": 0.05, "C": 0.1}), 0.0)
+    assert [a.group for a in alloc.kept] == ["B", "C"]
+    assert acts[0].status == "over budget"
 
 
 def test_allocator_with_a_zero_budget_keeps_only_free_actions():
