@@ -12,8 +12,9 @@ The allocator, greedy by marginal gain per unit of metric lost:
 1. scores every action alone on the fit split (its *drop*) and takes its predicted latency gain
    from the target's cost model (``Action.predicted_gain_s``);
 2. repeatedly takes, over all groups, the next level with the largest ``Δgain / Δdrop`` (free
-   actions first), rebuilds the program from the chosen actions and re-checks the whole on the fit
-   split; a step that exceeds the budget is undone, and only milder levels of its group stay open;
+   actions first; among equal ratios the one whose *risk* alone, the share of the fit samples' margins
+   it used up, is smaller), rebuilds the program from the chosen actions and re-checks the whole on the
+   fit split; a step that exceeds the budget is undone, and only milder levels of its group stay open;
 3. on this machine (``ctx.measure``) times the model with and without each chosen action and
    drops the actions that are not faster here (a change that saves FLOPs but not time is undone);
    actions whose gain shows only where the backend compiles the whole graph (``compiled_gain``: int8
