@@ -171,6 +171,7 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
             for a in nxt:  # the best ratio among this group's stronger levels
                 d_gain = a.predicted_gain_s - (cur.predicted_gain_s if cur else 0.0)
                 d_drop = max(a.drop_alone - (cur.drop_alone if cur else 0.0), 0.0)
+                d_risk = a.risk_alone - (cur.risk_alone if cur else 0.0)
                 if d_gain <= 0:
                     continue
                 # Free steps go by gain. Ordering them by gain per risk (Evaluator.assess) kept 52 of ResNet-50's
@@ -180,7 +181,7 @@ def allocate(base: Program, actions: list[Action], evaluator: Any, max_drop: flo
                 # have the same predicted gain (ResNet-50's 1x1 convolutions: 25 of them), and among those the
                 # one that used up less of the fit samples' margins goes first (graph order did before, and
                 # left the margins to whichever came first).
-                key = (d_drop <= eps, _tie(d_gain / max(d_drop, eps)), -(a.risk_alone - (cur.risk_alone if cur else 0.0)))
+                key = (d_drop <= eps, _tie(d_gain / max(d_drop, eps)), -d_risk)
                 if best_key is None or key > best_key:
                     best, best_key = a, key
         if best is None:
