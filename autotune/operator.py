@@ -1,6 +1,7 @@
 """One operator to tune on its own: the template's arguments plus what code generation needs.
 
-An :class:`Operator` is data: the op (``matmul``, ``conv2d``, ``elementwise``, ``reduction``),
+An :class:`Operator` is data: the op (``matmul``, ``conv2d``, ``depthwise_conv2d``, ``elementwise``,
+``reduction``),
 the positional arguments of its template (``matmul``: M, N, K) and options (dtype, epilogue,
 layout, ...). Options the template declares go to the template; the others (``b_layout`` of a
 matmul, ``fn`` of an elementwise kernel) only to the code generator. The operator also makes
@@ -13,6 +14,7 @@ Shapes on the command line (``parse``)::
                  [,cores=tensor][,dtype=float16|int8]          on tensor cores (a GPU's code generator only)
     conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC|NCHWc]
                  NCHWc: NCHW tensors, computed directly on channel blocks (the weights packed once)
+    depthwise_conv2d NxCxHxW,KHxKW[,stride=S][,pad=P][,dilation=D]   groups = C, NHWC tensors, weights [KH, KW, C]
     elementwise  NUMEL or AxBx...[,inputs=2][,fn=add]
     reduction    ROWSxCOLS[,kind=softmax|layernorm]
 """
@@ -43,10 +45,10 @@ ELEMENTWISE_FNS = {
     "relu": (1, torch.relu), "gelu": (1, F.gelu), "silu": (1, F.silu), "sigmoid": (1, torch.sigmoid),
     "tanh": (1, torch.tanh), "exp": (1, torch.exp), "neg": (1, torch.neg),
 }  # fmt: skip
-_ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 # ``cores`` of a matmul: "simt" (CUDA cores, the default) or "tensor" (``matmul_tensorcore_gpu`` on a GPU).
-_CODEGEN_OPTIONS = {"matmul": {"b_layout": "kn", "cores": None}, "conv2d": {}, "elementwise": {"fn": None},
-                    "reduction": {}}
+_CODEGEN_OPTIONS = {"matmul": {"b_layout": "kn", "cores": None}, "conv2d": {}, "depthwise_conv2d": {},
+                    "elementwise": {"fn": None}, "reduction": {}}
 _ALIASES = {"pad": "padding", "dilate": "dilation", "act": "epilogue"}
 LAYERNORM_EPS = 1e-5
 
@@ -153,6 +155,10 @@ class Operator:
             n, c, h, w, f, r, s = self.args
             text = (f"conv2d {n}x{c}x{h}x{w},{f}x{c}x{r}x{s} stride {o['stride']} pad {o['padding']}"
                     + (f" dilation {o['dilation']}" if o["dilation"] != 1 else "") + f" {o['layout']}")
+        elif self.op == "depthwise_conv2d":
+            n, c, h, w, r, s = self.args
+            text = (f"depthwise conv2d {n}x{h}x{w}x{c},{r}x{s} stride {o['stride']} pad {o['padding']}"
+                    + (f" dilation {o['dilation']}" if o["dilation"] != 1 else "") + " NHWC")
         elif self.op == "elementwise":
             text = f"elementwise {o['fn']} over {self.args[0]} elements"
         else:
@@ -187,6 +193,11 @@ class Operator:
             if c2 != c:
                 raise SpaceError(f"conv2d weight has {c2} input channels but the input has {c} (groups are not tuned)")
             return cls(op, (n, c, h, w, f, r, s), **opts)
+        if op == "depthwise_conv2d":
+            if len(dims) != 2 or len(dims[0]) != 4 or len(dims[1]) != 2:
+                raise SpaceError(f"depthwise_conv2d SHAPE is NxCxHxW,KHxKW[,stride=S][,pad=P], not {shape!r}")
+            (n, c, h, w), (r, s) = dims
+            return cls(op, (n, c, h, w, r, s), **opts)
         if op == "elementwise":
             if len(dims) != 1:
                 raise SpaceError(f"elementwise SHAPE is NUMEL or AxBx..., not {shape!r}")
@@ -219,6 +230,9 @@ class Operator:
             n, _, h, w, f, r, s = self.args
             oh, ow = self.conv_out_hw
             return (n, oh, ow, f) if self.opts["layout"] == "NHWC" else (n, f, oh, ow)
+        if self.op == "depthwise_conv2d":
+            oh, ow = self.conv_out_hw
+            return self.args[0], oh, ow, self.args[1]
         if self.op == "elementwise":
             return (self.args[0],)
         return self.args[0], self.args[1]
@@ -232,14 +246,18 @@ class Operator:
     @property
     def conv_shape(self) -> dict[str, int]:
         """A conv2d's sizes and options by name, as its template's ``meta["shape"]`` has them."""
-        n, c, h, w, f, r, s = self.args
+        if self.op == "depthwise_conv2d":
+            n, c, h, w, r, s = self.args
+            f = c
+        else:
+            n, c, h, w, f, r, s = self.args
         o = self.opts
         return dict(N=n, C=c, H=h, W=w, F=f, R=r, S=s, stride=o["stride"], padding=o["padding"],
                     dilation=o["dilation"])
 
     @property
     def conv_out_hw(self) -> tuple[int, int]:
-        _, _, h, w, _, r, s = self.args
+        h, w, r, s = self.args[2], self.args[3], self.args[-2], self.args[-1]
         o = self.opts
         return tuple((x + 2 * o["padding"] - o["dilation"] * (k - 1) - 1) // o["stride"] + 1
                      for x, k in ((h, r), (w, s)))  # type: ignore[return-value]
@@ -254,6 +272,10 @@ class Operator:
             n, c, _, _, f, r, s = self.args
             oh, ow = self.conv_out_hw
             return 2 * n * f * oh * ow * c * r * s
+        if self.op == "depthwise_conv2d":
+            n, c, _, _, r, s = self.args
+            oh, ow = self.conv_out_hw
+            return 2 * n * c * oh * ow * r * s
         if self.op == "elementwise":
             return self.args[0] * max(1, self.opts["inputs"] - 1)
         rows, cols = self.args
@@ -275,6 +297,9 @@ class Operator:
             n, c, h, w, f, r, s = self.args
             shapes = [(n, h, w, c) if o["layout"] == "NHWC" else (n, c, h, w), (f, c, r, s)]
             feat = f
+        elif self.op == "depthwise_conv2d":
+            n, c, h, w, r, s = self.args
+            shapes, feat = [(n, h, w, c), (r, s, c)], c
         elif self.op == "elementwise":
             return [(self.args[0],)] * o["inputs"]
         else:
@@ -307,6 +332,10 @@ class Operator:
             y = F.conv2d(inp, x[1], stride=o["stride"], padding=o["padding"], dilation=o["dilation"])
             if o["layout"] == "NHWC":
                 y = y.permute(0, 2, 3, 1)
+        elif self.op == "depthwise_conv2d":
+            w = x[1].permute(2, 0, 1).unsqueeze(1)  # [R, S, C] -> [C, 1, R, S]
+            y = F.conv2d(x[0].permute(0, 3, 1, 2), w, stride=o["stride"], padding=o["padding"],
+                         dilation=o["dilation"], groups=self.args[1]).permute(0, 2, 3, 1)
         elif self.op == "elementwise":
             fn = ELEMENTWISE_FNS[o["fn"]][1]
             if ELEMENTWISE_FNS[o["fn"]][0] == 1:

@@ -48,6 +48,7 @@ __all__ = [
     "conv2d_cpu",
     "conv2d_direct_cpu",
     "conv2d_gpu",
+    "depthwise_conv2d_cpu",
     "direct_copies_input",
     "direct_input_columns",
     "elementwise_cpu",
@@ -69,7 +70,7 @@ LOAD_BYTES = 16  # widest global/shared load per thread (128-bit: LDG.128, ld.gl
 ACC_BYTES = 4  # accumulators are fp32 (fp16/bf16 GEMMs accumulate in fp32, as PyTorch's do)
 REG_BASE = 32  # registers for addresses, indices, loop state and predicates: an estimate, not a count
 
-EPILOGUES = ("bias", "residual", "relu", "gelu", "silu", "tanh", "sigmoid")
+EPILOGUES = ("bias", "residual", "relu", "relu6", "gelu", "silu", "tanh", "sigmoid")
 
 c = Constraint  # short name: templates are lists of c(relation, "the limit it expresses")
 
@@ -557,6 +558,40 @@ def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, ta
     return Space(f"conv2d_direct_cpu[{t.name}]", variables, constraints, params, derived, meta)
 
 
+def depthwise_conv2d_cpu(N: int, C: int, H: int, W: int, R: int, S: int, target: str | Target = "cpu", *,
+                         stride: int = 1, padding: int = 0, dilation: int = 1, dtype: Any = "float32",
+                         epilogue: Sequence[str] = ()) -> Space:
+    """Depthwise 2-D convolution (one R x S filter per channel, ``groups = C``) on NHWC, channels in vector
+    lanes: a register tile is RW output columns x CB channels (CB/LANES vectors each), accumulated over the
+    R*S taps, each tap a vector load of the input and one of the weights (``[R, S, C]``) per FMA. Zero
+    padding is a test per tap, not a copy. Tasks are (image, output row), PARALLEL threads; the epilogue is
+    applied to the tile in registers."""
+    t = _target(target, "cpu", _CPU_FIELDS)
+    epilogue = _epilogue(epilogue)
+    oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
+    CB, RW, PARALLEL = symbols("CB RW PARALLEL")
+    Cs, Ns, OH, OW = symbols("C N OH OW")
+    vec = ceiling(CB / LANES)  # a block narrower than a vector still takes a register
+    vregs = RW * vec + 2 * vec  # accumulators, the tap's weight vectors, one input vector
+    if "bias" in epilogue:
+        vregs += vec
+    constraints = [
+        c(Eq(Mod(Cs, CB), 0), "channel blocks divide C (no partial block)"),
+        c(Or(Eq(Mod(CB, LANES), 0), Eq(CB, Cs)), "a channel block is whole vectors, or all C channels"),
+        c(Le(vregs, VREGS), "vector registers: the RW x CB accumulators, a weight row, an input vector"),
+        c(Lt(RW, 2 * OW), "edges handled; RW under twice OW (padded columns are computed and dropped)"),
+        c(Eq(Mod(CORES, PARALLEL), 0), "threads split the cores evenly"),
+        c(Ge(Ns * OH, PARALLEL), "a task (image, output row) for every thread"),
+    ]
+    blocks = tuple(d for d in range(1, C + 1) if C % d == 0 and (d % 8 == 0 or d == C) and d <= 256)
+    variables = [Var("CB", blocks), Var("RW", range_(1, 33)), Var("PARALLEL", range_(1, 257))]
+    params = {"N": N, "C": C, "OH": oh, "OW": ow, **_cpu_params(t, dtype)}
+    derived = {"vector_registers": vregs, "tasks": Ns * OH}
+    meta = {"op": "depthwise_conv2d", "target": t.name, "dtype": str(dtype), "layout": "NHWC", "epilogue": epilogue,
+            "shape": dict(N=N, C=C, H=H, W=W, F=C, R=R, S=S, stride=stride, padding=padding, dilation=dilation)}
+    return Space(f"depthwise_conv2d_cpu[{t.name}]", variables, constraints, params, derived, meta)
+
+
 def elementwise_cpu(numel: int, target: str | Target = "cpu", *, dtype: Any = "float32", inputs: int = 1) -> Space:
     """An elementwise (injective) loop: VEC elements a step, CHUNK elements a task, PARALLEL threads."""
     t = _target(target, "cpu", _CPU_FIELDS)
@@ -607,6 +642,7 @@ TEMPLATES: dict[tuple[str, str], Callable[..., Space]] = {
     ("matmul", "gpu"): matmul_gpu, ("matmul", "cpu"): matmul_cpu,
     ("matmul_tensorcore", "gpu"): matmul_tensorcore_gpu,
     ("conv2d", "gpu"): conv2d_gpu, ("conv2d", "cpu"): conv2d_cpu,
+    ("depthwise_conv2d", "cpu"): depthwise_conv2d_cpu,
     ("elementwise", "gpu"): elementwise_gpu, ("elementwise", "cpu"): elementwise_cpu,
     ("reduction", "gpu"): reduction_gpu, ("reduction", "cpu"): reduction_cpu,
 }  # fmt: skip

@@ -202,6 +202,18 @@ def _own_loops(s: Any, block: Any, others: list[Any]) -> list[Any]:
     return [loop for loop in s.get_loops(block) if s.get_sref(loop) not in shared]
 
 
+def _split_init_and_vectorize(s: Any, block: Any, at: Any, write_back: Any, out_inner: int) -> None:
+    """The accumulation ``block``'s zeroing split off at loop ``at`` (its register tile, vectorized), and the
+    ``write_back``'s innermost (contiguous, ``out_inner`` long) loop vectorized."""
+    init = s.decompose_reduction(block, at)
+    init_loops = _own_loops(s, init, s.get_loops(block))
+    if init_loops:
+        s.vectorize(init_loops[-1])
+    wl = _own_loops(s, write_back, s.get_loops(block))
+    if wl:
+        _vectorize_inner(s, wl[-1], out_inner)
+
+
 def _vectorize_inner(s: Any, loop: Any, extent: int, lanes: int = 16) -> None:
     """Vectorize a contiguous innermost loop ``lanes`` at a time (a partial vector is predicated)."""
     if extent >= lanes:
@@ -394,19 +406,78 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     s.unroll(owi)
     if UKW > 1:
         s.unroll(kwl)
-    init = s.decompose_reduction(cb, ico)
-    init_loops = _own_loops(s, init, s.get_loops(cb))
-    if init_loops:
-        s.vectorize(init_loops[-1])
-    wl = _own_loops(s, wb, s.get_loops(cb))
-    if wl:
-        _vectorize_inner(s, wl[-1], ow_)
+    _split_init_and_vectorize(s, cb, ico, wb, ow_)
     if copy:  # the input copy: every thread a share of (image, channel block, row), read along W
         xl = s.get_loops(s.get_sblock("Xp"))
         s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
         rows = s.fuse(xl[0], xl[1], xl[2])
         if PARALLEL > 1:
             s.parallel(rows)
+    return s.mod
+
+
+def depthwise_conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
+    """Depthwise 2-D convolution on NHWC (template ``depthwise_conv2d_cpu``): ``X[N, H, W, C]``, weights
+    ``[R, S, C]``, output ``[N, OH, OW, C]``. Loops per task (image, output row; PARALLEL threads)::
+
+        for owo in OW'/RW                    a register tile: RW columns x CB channels
+          for co in C/CB
+            for kh in R, kw in S (unrolled)  one tap: a weight vector, and per column an input vector
+              for owi in RW (unrolled), cv in CB (vectorized, whole vectors)
+                conv[owo*RW + owi, co*CB + cv] += X[row, col, c] * W[kh, kw, c]   (0 outside the input)
+            C[tile] = epilogue(conv[tile])   while in registers; columns beyond OW are dropped
+
+    The zero padding is a test per tap and column (it does not depend on the channel), so the input is
+    read in place and never copied."""
+    tvm = require_tvm()
+    te = tvm.te
+    n_, c_, h_, w_, r_, s_ = operator.args
+    o = operator.opts
+    epi = tuple(o.get("epilogue", ()))
+    stride, pad, dil = o["stride"], o["padding"], o["dilation"]
+    oh_, ow_ = operator.conv_out_hw
+    CB, RW, PARALLEL = (cfg[v] for v in ("CB", "RW", "PARALLEL"))
+    owp = _cdiv(ow_, RW) * RW
+    X = te.placeholder((n_, h_, w_, c_), name="X")
+    Wt = te.placeholder((r_, s_, c_), name="W")
+    kh = te.reduce_axis((0, r_), name="kh")
+    kw = te.reduce_axis((0, s_), name="kw")
+
+    def x_value(n: Any, h: Any, w: Any, c: Any) -> Any:  # h, w: padded coordinates
+        conds = [h >= pad, h < h_ + pad, w >= pad] if pad else []
+        if pad or (owp - 1) * stride + (s_ - 1) * dil >= w_:
+            conds.append(w < w_ + pad)
+        return padded(tvm, conds, X[n, h - pad, w - pad, c])
+
+    conv = te.compute((n_, oh_, owp, c_), lambda n, oh, ow, c: te.sum(
+        x_value(n, oh * stride + kh * dil, ow * stride + kw * dil, c) * Wt[kh, kw, c], axis=[kh, kw]),
+        name="conv")
+    bias = te.placeholder((c_,), name="bias") if "bias" in epi else None
+    residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
+    extra = [t for t in (bias, residual) if t is not None]
+    out = te.compute(operator.out_shape, lambda n, oh, ow, c: epilogue(
+        tvm, conv[n, oh, ow, c], epi, bias[c] if bias is not None else None,
+        residual[n, oh, ow, c] if residual is not None else None), name="C")
+    s = tvm.s_tir.Schedule(te.create_prim_func([X, Wt, *extra, out]))
+    cb = s.get_sblock("conv")
+    n, oh, ow, c, khl, kwl = s.get_loops(cb)
+    owo, owi = s.split(ow, [None, RW])
+    co, cv = s.split(c, [None, CB])
+    s.reorder(n, oh, owo, co, khl, kwl, owi, cv)
+    task = s.fuse(n, oh)
+    if CB > VECTOR_LANES and CB % VECTOR_LANES == 0:  # whole vectors (see conv2d_direct)
+        cvo, cv = s.split(cv, [None, VECTOR_LANES])
+        s.unroll(cvo)
+    s.vectorize(cv)
+    s.unroll(owi)
+    s.unroll(kwl)
+    s.unroll(khl)
+    wb = s.get_sblock("C")
+    s.reverse_compute_at(wb, co)
+    if PARALLEL > 1:
+        s.parallel(task)
+        mark_dynamic(s, task, PARALLEL)
+    _split_init_and_vectorize(s, cb, khl, wb, CB)
     return s.mod
 
 
@@ -540,7 +611,8 @@ def _fast_exp(tvm: Any, x: Any) -> Any:
 
 
 BUILDERS: dict[str, Callable[[Operator, dict[str, int]], Any]] = {
-    "matmul": matmul, "conv2d": conv2d, "elementwise": elementwise, "reduction": reduction,
+    "matmul": matmul, "conv2d": conv2d, "depthwise_conv2d": depthwise_conv2d, "elementwise": elementwise,
+    "reduction": reduction,
 }
 
 

@@ -30,6 +30,8 @@ def epilogue(tvm: Any, value: Any, steps: tuple[str, ...], bias: Any, residual: 
             value = value + residual
         elif e == "relu":
             value = tvm.tirx.max(value, tvm.tirx.const(0, "float32"))
+        elif e == "relu6":
+            value = tvm.tirx.min(tvm.tirx.max(value, tvm.tirx.const(0, "float32")), tvm.tirx.const(6, "float32"))
         elif e == "gelu":
             value = 0.5 * value * (1.0 + tvm.tirx.erf(value * (1.0 / math.sqrt(2.0))))
         elif e == "silu":

@@ -26,7 +26,7 @@ from optic.backend import codegen_cpu  # noqa: E402
 from optic.pipeline.verify import compare  # noqa: E402
 from optic.tvm_compat import host_target, require_tvm  # noqa: E402
 
-EPILOGUES = st.lists(st.sampled_from(["bias", "residual", "relu", "gelu", "silu", "tanh", "sigmoid"]),
+EPILOGUES = st.lists(st.sampled_from(["bias", "residual", "relu", "relu6", "gelu", "silu", "tanh", "sigmoid"]),
                      max_size=2, unique=True).map(tuple)
 
 
@@ -84,6 +84,35 @@ def convolutions(draw) -> Operator:
 @given(operator=convolutions(), data=st.data())
 def test_conv2d_configs_build_and_compute_the_reference(operator, data):
     _check_drawn(data, operator)
+
+
+@st.composite
+def depthwise_convolutions(draw) -> Operator:
+    n = draw(st.integers(1, 2))
+    c = draw(st.sampled_from([1, 3, 8, 16, 24, 40, 64]))  # under a vector, odd, whole vectors, several
+    r, s = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride, padding, dilation = draw(st.integers(1, 2)), draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    h = draw(st.integers(dilation * (r - 1) + 1, 14))
+    w = draw(st.integers(dilation * (s - 1) + 1, 14))
+    return Operator("depthwise_conv2d", (n, c, h, w, r, s), stride=stride, padding=padding, dilation=dilation,
+                    epilogue=draw(EPILOGUES))
+
+
+@examples(30)
+@given(operator=depthwise_convolutions(), data=st.data())
+def test_depthwise_conv2d_configs_build_and_compute_the_reference(operator, data):
+    _check_drawn(data, operator)
+
+
+def test_depthwise_convolutions_of_mobilenet_build_at_both_ends_of_their_space():
+    """MobileNetV2's depthwise shapes: the model-preferred and the last configuration of each, with its
+    epilogue (bias + ReLU6), and a 5x5 stride-2 one."""
+    for shape in ("1x32x112x112,3x3,stride=1,pad=1", "1x144x56x56,3x3,stride=2,pad=1", "1x960x7x7,3x3,stride=1,pad=1",
+                  "1x40x15x15,5x5,stride=2,pad=2"):
+        operator = Operator.parse("depthwise_conv2d", shape, epilogue=("bias", "relu6"))
+        names, rows = _configs(operator)
+        for row in (rows[0], rows[-1]):
+            _build_and_check(operator, dict(zip(names, row, strict=True)))
 
 
 def test_the_benchmark_convolution_builds_at_both_ends_of_its_space():
