@@ -19,6 +19,7 @@ float32 on the CPU only (the optimized module refuses ``.half()`` and other devi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -286,8 +287,8 @@ class CpuTactics:
                    "kernels (fused activation, prepacked weights), or the whole graph compiled (Inductor, AOTInductor)")
     options = (
         Option("whole_graph", (bool, str), None, "offer the whole graph compiled as one program: True, False, "
-               "'compiled' or 'packaged' only (unset: on unless OPTIC_WHOLE_GRAPH=0)",
-               choices=(None, True, False, "compiled", "packaged")),
+               "'compiled', 'packaged' or 'tvm' only (unset: on unless OPTIC_WHOLE_GRAPH=0)",
+               choices=(None, True, False, "compiled", "packaged", "tvm")),
         Option("tactics_budget_s", float, 4.0, "seconds spent timing oneDNN kernels one layer at a time"),
         TACTICS_CONFIRM_S,
     )
@@ -314,6 +315,9 @@ class CpuTactics:
             for name, compiled in self._whole_graph(prog, ctx).items():
                 variants[prefix + name] = compiled
                 kernels[prefix + name] = ["whole_graph_packaged" if name == whole.PACKAGED else "whole_graph_compiled"]
+        if whole.choice(ctx) in (True, "tvm") and not ctx.lossy_after:
+            for name, candidate in self._tvm_graph(program, ctx).items():
+                variants[name], kernels[name] = candidate, ["whole_graph_tvm"]
         for name, (candidate, rules) in self._int8_generated(program, ctx).items():
             variants[name], kernels[name] = candidate, rules
         for name in over_budget(variants, program, ctx):
@@ -323,7 +327,11 @@ class CpuTactics:
         best = self._fastest(variants, program, ctx)
         args, kwargs = program.example_args, program.example_kwargs
         kept = variants[best].gm
-        table = profiling.profile(lambda: kept(*args, **kwargs))
+        from . import tvm_graph
+
+        table = tvm_graph.profile_program(kept, args, kwargs)
+        if table is None:
+            table = profiling.profile(lambda: kept(*args, **kwargs))
         if table:
             ctx.record.measured["kernels"] = [k.as_dict() for k in table]
             ctx.note(profiling.summary(table))
@@ -349,8 +357,8 @@ class CpuTactics:
         if why:
             ctx.stats.decline("whole_graph_compiled", MODEL, why)
             return {}
-        kinds = [] if which == "packaged" else [(whole.NAME, "whole_graph_compiled", False)]
-        if which != "compiled":
+        kinds = [] if which in ("packaged", "tvm") else [(whole.NAME, "whole_graph_compiled", False)]
+        if which in (True, "packaged"):
             if whole.writes_state(program):
                 ctx.stats.decline("whole_graph_packaged", MODEL, "the model updates a buffer in forward: a package "
                                                                  "would update its own copy")
@@ -374,6 +382,37 @@ class CpuTactics:
             ctx.record.measured[rule + "_build_s"] = round(time.perf_counter() - t0, 2)
             found[name] = candidate
         return found
+
+    @staticmethod
+    def _tvm_graph(program, ctx) -> dict[str, Any]:
+        """The whole graph as one TVM program of optic's kernels (:mod:`.tvm_graph`), checked on the inputs
+        the pass is checked on; a decline names what it does not cover."""
+        from . import tvm_graph
+
+        why = tvm_graph.unavailable() or tvm_graph.check(program.gm)
+        if why:
+            ctx.stats.decline("whole_graph_tvm", MODEL, why)
+            return {}
+        from .generated import FAST_BUDGET_S, trials_for
+
+        # tuning as asked (backend="tvm" sets the effort level; the default measures nothing: the database's
+        # best, else the cost model's choice), within the tuning budget
+        level = ctx.options.get("tune")
+        trials = trials_for(level) if level is not None else 0
+        budget = ctx.option("tune_budget_s")
+        budget = float(budget) if budget is not None else FAST_BUDGET_S if level == "fast" else math.inf
+        db = ctx.option("tuning_db")
+        t0 = time.perf_counter()
+        try:
+            candidate = tvm_graph.wrap(program, trials=trials, db=db, budget_s=budget, progress=ctx.progress)
+            _check_variant(program, candidate, ctx)
+        except Exception as e:  # noqa: BLE001 - not covered, not built or not right: the others remain
+            ctx.stats.decline("whole_graph_tvm", MODEL, whole.error_line(e, 160))
+            return {}
+        ctx.record.measured["whole_graph_tvm_build_s"] = round(time.perf_counter() - t0, 2)
+        ctx.record.measured["tvm_kernels"] = [k.as_dict() for k in candidate.gm.compiled.kernels]
+        ctx.record.measured["tvm_tuning_measurements"] = candidate.gm.compiled.measurements
+        return {tvm_graph.NAME: candidate}
 
     @staticmethod
     def _int8_generated(program, ctx) -> dict[str, tuple[Any, list[str]]]:

@@ -56,15 +56,16 @@ def unavailable() -> str | None:
 
 
 def choice(ctx: Any) -> Any:
-    """Which whole-graph implementations the CPU step offers: True (both), "compiled", "packaged" or False,
+    """Which whole-graph implementations the CPU step offers: True (all), "compiled", "packaged", "tvm" or False,
     from the option ``whole_graph`` (declared by the CPU step), else ``$OPTIC_WHOLE_GRAPH``."""
     from optic.errors import OpticError
 
     which = ctx.option("whole_graph")
     if which is None:  # unset: the environment decides
         which = os.environ.get(ENV, "1") != "0"
-    if which not in (True, False, "compiled", "packaged"):
-        raise OpticError(f"option whole_graph={which!r}: expected True (offer both), 'compiled', 'packaged' or False")
+    if which not in (True, False, "compiled", "packaged", "tvm"):
+        raise OpticError(f"option whole_graph={which!r}: expected True (offer all), 'compiled', 'packaged', 'tvm' "
+                         "or False")
     return which
 
 

@@ -1,0 +1,964 @@
+"""tvm_graph: the whole graph as one TVM program of optic's own kernels, run by Relax's VM in one call.
+
+The other whole-graph implementations (:mod:`.whole`) hand the graph to Inductor, whose convolutions are
+oneDNN's through PyTorch's per-call wrapper (a primitive looked up in two caches and an output allocated
+on every call: about a third of MobileNetV2's batch-1 time on this CPU went there). This one lowers the
+graph itself, op by op, to a Relax function whose every kernel is TIR that optic generated:
+
+- **one activation layout for the conv chain**: every 4-D value a convolution makes is NHWC; a value is
+  transposed back to the model's NCHW only where a consumer needs it (an op without an NHWC kernel, the
+  graph's outputs) and input images are transposed once, on entry. A 4-D value with H = W = 1 is the same
+  memory in both layouts and is never copied.
+- **kernels from the templates, tuned like any other**: a 1x1, stride-1 convolution is the GEMM template
+  over ``[N*H*W, C] x [C, F]`` (its weights transposed once, at build time); a depthwise convolution is the
+  depthwise template (weights ``[R, S, C]``); any other dense convolution the implicit-GEMM template on
+  NHWC; a linear the GEMM template with its weights transposed once. Each one's bias, activation (ReLU,
+  ReLU6, GELU, SiLU, tanh, sigmoid) and residual add run in its write-back. Configurations come from the
+  tuning database (``tune`` measurements per distinct kernel; 0: the database's best, else the cost
+  model's first choice).
+- **the small ops between them** (pooling, elementwise ops that did not fuse, layout transposes, the
+  global average) are generated here as simple parallel, vectorized loops.
+
+Graphs with an op this does not cover are declined with the op named (the CPU step keeps the other
+implementations). The program serves the example's shapes and dtypes only; every other call (another
+shape, gradients, tracing, another device, a weight changed after the build) runs the plain graph, so a
+caller never sees a wrong result. The built library travels with the module (pickle, deepcopy) and is
+rebuilt from the stored configurations on a machine of another kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator as pyop
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from optic import ir
+from optic.ir.opview import Op, view
+
+from .generated import _reaches
+from .whole import _FrozenGraph, error_line
+
+NAME = "whole graph on TVM (optic's kernels)"
+log = logging.getLogger("optic")
+VECTOR = 16  # fp32 lanes the simple kernels' inner loops are vectorized by
+PARALLEL_MIN = 1 << 14  # elements from which a simple kernel runs on every core
+_EPILOGUE_ACTS = {"relu", "gelu", "silu", "tanh", "sigmoid"}
+
+
+class Unsupported(Exception):
+    """The graph has something this implementation does not compile; the message names it."""
+
+
+def unavailable() -> str | None:
+    """Why the implementation cannot be built here, or None."""
+    try:
+        from optic.tvm_compat import require_tvm
+
+        require_tvm()
+    except Exception as e:  # noqa: BLE001 - any import failure means the same: not offered
+        return f"TVM is not usable here ({error_line(e, 120)})"
+    return None
+
+
+_KINDS = frozenset({"conv", "linear", "act", "add", "sub", "mul", "div", "flatten", "reshape", "mean", "pool",
+                    "identity", "contiguous", "dropout"})
+
+
+def check(gm: fx.GraphModule) -> str | None:
+    """Why the graph cannot be compiled here, from its ops alone (the first one without a kernel), or None.
+    Cheap: what only the shapes tell is found while lowering."""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        op = view(node, gm)
+        kind = None if op is None else op.kind
+        if kind not in _KINDS:
+            what = kind or f"{node.op} {getattr(node.target, '__name__', node.target)}"
+            return f"'{node.name}' ({what}) has no kernel in the TVM program"
+    return None
+
+
+@dataclass
+class _V:
+    """A tensor value of the graph being lowered: its Relax expression, its PyTorch (logical) shape, and
+    whether it is stored NHWC (4-D only)."""
+
+    expr: Any
+    shape: tuple[int, ...]
+    nhwc: bool = False
+
+
+@dataclass
+class KernelInfo:
+    """One kernel of the built program, for the report."""
+
+    name: str
+    what: str  # the operator (template kernels) or the op the simple kernel computes
+    source: str  # "template" or "simple"
+    config: dict[str, int] = field(default_factory=dict)
+    predicted_s: float | None = None
+    measured_s: float | None = None
+    nodes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "what": self.what, "source": self.source, "config": self.config,
+                "predicted_ms": None if self.predicted_s is None else round(self.predicted_s * 1e3, 4),
+                "measured_ms": None if self.measured_s is None else round(self.measured_s * 1e3, 4),
+                "nodes": self.nodes}
+
+
+def _ints(value: Any, n: int = 2) -> tuple[int, ...] | None:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n or any(not isinstance(v, int) for v in vals):
+        return None
+    return tuple(int(v) for v in vals)
+
+
+def _uniform(value: Any) -> int | None:
+    vals = _ints(value)
+    return vals[0] if vals is not None and len(set(vals)) == 1 else None
+
+
+_POOL_ARGS = {
+    "max": ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"],
+    "avg": ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+    "adaptive_avg": ["input", "output_size"],
+}
+
+
+def _pool_params(op: Op) -> dict[str, Any]:
+    fn = op.attrs["fn"]
+    if fn not in _POOL_ARGS or op.attrs.get("nd") != 2 or op.attrs.get("tuple_out"):
+        raise Unsupported(f"{fn} pooling over {op.attrs.get('nd')} dims has no kernel here")
+    node = op.node
+    if node.op == "call_module":
+        mod = op.attrs["_module"]
+        got = {k: getattr(mod, k) for k in _POOL_ARGS[fn][1:] if hasattr(mod, k)}
+    else:
+        got = dict(zip(_POOL_ARGS[fn], node.args, strict=False))
+        got.update(node.kwargs)
+        got.pop("input", None)
+    if fn == "adaptive_avg":
+        return {"output_size": _ints(got.get("output_size"))}
+    k = _ints(got.get("kernel_size"))
+    stride = got.get("stride")
+    s = k if stride in (None, [], ()) else _ints(stride)
+    return {"kernel": k, "stride": s, "padding": _ints(got.get("padding", 0)), "dilation": _ints(got.get("dilation", 1)),
+            "ceil_mode": bool(got.get("ceil_mode", False)), "count_include_pad": bool(got.get("count_include_pad", True)),
+            "divisor_override": got.get("divisor_override")}
+
+
+class _Lowering:
+    """Walks the flat graph in order and emits one Relax function (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, example: tuple, trials: int, db: Any, budget_s: float = math.inf,
+                 progress: Any = None):
+        from optic.tvm_compat import require_tvm
+
+        self.tvm = tvm = require_tvm()
+        self.gm, self.trials, self.db, self.progress = gm, trials, db, progress
+        self.deadline = time.perf_counter() + budget_s
+        self.runner: Any = None  # one measuring worker for every kernel tuned (started on the first)
+        self.measurements = 0
+        self.bb = tvm.relax.BlockBuilder()
+        self.env: dict[fx.Node, Any] = {}
+        self.kernels: list[KernelInfo] = []
+        self.shapes = self._record(example)
+        self.deferred: dict[fx.Node, tuple[Op, list[fx.Node], tuple[str, ...], fx.Node | None]] = {}
+        self.skip: set[fx.Node] = set()
+        self.configs: dict[str, tuple[dict[str, int], Any]] = {}  # operator key -> (config, tune result)
+
+    # -- shapes ----------------------------------------------------------------------------------------
+    def _record(self, example: tuple) -> dict[fx.Node, Any]:
+        out: dict[fx.Node, Any] = {}
+
+        class Rec(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                v = super().run_node(n)
+                out[n] = v
+                return v
+
+        with torch.no_grad():
+            Rec(self.gm).run(*example)
+        return out
+
+    def _shape(self, node: Any) -> tuple[int, ...]:
+        v = self.shapes.get(node)
+        if not isinstance(v, torch.Tensor):
+            raise Unsupported(f"'{getattr(node, 'name', node)}' is not a tensor")
+        if v.dtype != torch.float32:
+            raise Unsupported(f"'{node.name}' is {v.dtype}; only float32 graphs are compiled here")
+        return tuple(v.shape)
+
+    # -- emitting --------------------------------------------------------------------------------------
+    def _add(self, func: Any, name: str) -> Any:
+        name = f"{name}_{len(self.kernels)}"
+        return self.bb.add_func(func.with_attr("global_symbol", name), name), name
+
+    def _call(self, func: Any, name: str, args: list[Any], out_shape: tuple[int, ...], info: KernelInfo) -> Any:
+        gv, fname = self._add(func, name)
+        info.name = fname
+        self.kernels.append(info)
+        relax = self.tvm.relax
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), "float32")))
+
+    def _reshape(self, expr: Any, shape: tuple[int, ...]) -> Any:
+        return self.bb.emit(self.tvm.relax.op.reshape(expr, list(shape)))
+
+    def _const(self, t: torch.Tensor) -> Any:
+        return self.tvm.relax.const(t.detach().float().contiguous().numpy())
+
+    def _simple(self, name: str, inputs: list[tuple[Any, tuple[int, ...]]], compute: Any, out_shape: tuple[int, ...],
+                what: str, nodes: list[fx.Node], schedule: Any = None) -> Any:
+        """A kernel generated here: ``compute(*placeholders)`` -> a TE tensor of ``out_shape``."""
+        te = self.tvm.te
+        phs = [te.placeholder(s, name=f"x{i}") for i, (_, s) in enumerate(inputs)]
+        out = compute(*phs)
+        func = te.create_prim_func([*phs, out])
+        sch = self.tvm.s_tir.Schedule(func)
+        (schedule or _schedule_elementwise)(self.tvm, sch, out_shape)
+        info = KernelInfo("", what, "simple", nodes=[n.name for n in nodes])
+        return self._call(sch.mod["main"], name, [e for e, _ in inputs], out_shape, info)
+
+    def _template(self, operator: Any, args: list[Any], nodes: list[fx.Node]) -> Any:
+        from optic.autotune.tune import tune
+
+        from .codegen_cpu import build
+
+        key = operator.key
+        if key not in self.configs:
+            trials = self.trials if time.perf_counter() < self.deadline else 0
+            if trials and self.runner is None:
+                from optic.autotune.measure import Runner
+
+                self.runner = Runner()
+                self.runner.spawn()
+            if self.progress is not None and trials:
+                total = sum(1 for nd in self.gm.graph.nodes if nd.op != "placeholder"
+                            and getattr(view(nd, self.gm), "kind", None) in ("conv", "linear"))
+                self.progress(f"tuning {operator}; kernels", len(self.configs), max(total, len(self.configs) + 1))
+            result = tune(operator, "cpu", trials=trials, db=self.db, runner=self.runner)
+            self.measurements += result.measurements
+            self.configs[key] = (result.config, result)
+        config, result = self.configs[key]
+        func = build(operator, config)["main"]
+        info = KernelInfo("", str(operator), "template", dict(config), result.predicted_seconds,
+                          result.seconds, [n.name for n in nodes])
+        return self._call(func, operator.op, args, operator.out_shape, info)
+
+    # -- layouts ---------------------------------------------------------------------------------------
+    def _nhwc(self, v: _V, node: fx.Node) -> _V:
+        if v.nhwc:
+            return v
+        if len(v.shape) != 4:
+            raise Unsupported(f"'{node.name}' needs a 4-D input")
+        n, c, h, w = v.shape
+        if h == 1 and w == 1:  # the same memory in both layouts
+            return _V(self._reshape(v.expr, (n, 1, 1, c)), v.shape, True)
+        expr = self._simple("to_nhwc", [(v.expr, v.shape)], lambda x: self.tvm.te.compute(
+            (n, h, w, c), lambda a, b, d, e: x[a, e, b, d], name="T"), (n, h, w, c), "NCHW -> NHWC", [node],
+            _schedule_transpose)
+        return _V(expr, v.shape, True)
+
+    def _logical(self, v: _V, node: fx.Node) -> _V:
+        if not v.nhwc:
+            return v
+        n, c, h, w = v.shape
+        if h == 1 and w == 1:
+            return _V(self._reshape(v.expr, v.shape), v.shape, False)
+        expr = self._simple("to_nchw", [(v.expr, (n, h, w, c))], lambda x: self.tvm.te.compute(
+            (n, c, h, w), lambda a, e, b, d: x[a, b, d, e], name="T"), (n, c, h, w), "NHWC -> NCHW", [node],
+            _schedule_transpose)
+        return _V(expr, v.shape, False)
+
+    @staticmethod
+    def _stored(v: _V) -> tuple[int, ...]:
+        n, c, h, w = v.shape if v.nhwc else (0, 0, 0, 0)
+        return (n, h, w, c) if v.nhwc else v.shape
+
+    def _value(self, a: Any, node: fx.Node) -> _V:
+        if isinstance(a, fx.Node):
+            got = self.env.get(a)
+            if got is None:
+                raise Unsupported(f"'{node.name}' reads '{a.name}', which has no value here")
+            if isinstance(got, torch.Tensor):
+                return _V(self._const(got), tuple(got.shape))
+            return got
+        raise Unsupported(f"'{node.name}' takes {type(a).__name__} where a tensor is expected")
+
+    # -- the walk --------------------------------------------------------------------------------------
+    def run(self, placeholders: list[fx.Node]) -> Any:
+        relax = self.tvm.relax
+        params = []
+        for p in placeholders:
+            shape = self._shape(p)
+            var = relax.Var(p.name, relax.TensorType(list(shape), "float32"))
+            params.append(var)
+            self.env[p] = _V(var, shape)
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                outs = None
+                for node in self.gm.graph.nodes:
+                    if node.op == "placeholder":
+                        continue
+                    if node.op == "output":
+                        outs = self._outputs(node)
+                        break
+                    self._node(node)
+                out = self.bb.emit_output(outs)
+            self.bb.emit_func_output(out)
+        return self.bb.get()
+
+    def _outputs(self, node: fx.Node) -> Any:
+        leaves = node.args[0]
+        single = isinstance(leaves, fx.Node)
+        items = [leaves] if single else list(leaves)
+        exprs = []
+        for leaf in items:
+            if not isinstance(leaf, fx.Node):
+                raise Unsupported(f"the graph returns a {type(leaf).__name__}, not a tensor")
+            v = self._logical(self._value(leaf, node), node)
+            exprs.append(v.expr)
+        self.single = single
+        return exprs[0] if single else self.tvm.relax.Tuple(exprs)
+
+    def _node(self, node: fx.Node) -> None:
+        if node.op == "get_attr":
+            t = ir.fetch_attr(self.gm, node.target)
+            if isinstance(t, torch.Tensor):
+                self.env[node] = t
+            return
+        if node in self.deferred:
+            self._dense(*self.deferred.pop(node))
+            return
+        if node in self.skip:
+            return
+        op = view(node, self.gm)
+        if op is None:
+            raise Unsupported(f"'{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) is not an "
+                              "op optic knows")
+        handler = getattr(self, f"_op_{op.kind}", None)
+        if handler is None:
+            raise Unsupported(f"'{node.name}' ({op.kind}) has no kernel here")
+        handler(op)
+
+    # -- conv / linear with their epilogue -------------------------------------------------------------
+    def _epilogue_act(self, op: Op | None, x: fx.Node) -> str | None:
+        if op is None or op.kind != "act" or op.x is not x:
+            return None
+        fn = op.attrs.get("fn")
+        if fn == "hardtanh" and float(op.attrs.get("min_val", -1.0)) == 0.0 and float(op.attrs.get("max_val", 1.0)) == 6.0:
+            return "relu6"
+        if fn == "gelu" and op.attrs.get("approximate", "none") != "none":
+            return None
+        return fn if fn in _EPILOGUE_ACTS else None
+
+    def _single_user(self, node: fx.Node) -> Op | None:
+        users = list(node.users)
+        if len(users) != 1 or ir.is_inplace(users[0]) or users[0].op == "output":
+            return None
+        return view(users[0], self.gm)
+
+    def _chain(self, op: Op) -> tuple[list[fx.Node], tuple[str, ...], fx.Node | None]:
+        nodes, epi, residual = [op.node], [], None
+        if op.const("bias") is not None:
+            epi.append("bias")
+        while True:
+            nxt = self._single_user(nodes[-1])
+            if nxt is not None and nxt.node in self.skip | set(self.deferred):
+                break  # already in an earlier kernel's epilogue (a ResNet block's add: both convs end in it)
+            act = self._epilogue_act(nxt, nodes[-1])
+            if act and not any(e not in ("bias", "residual") for e in epi):
+                epi.append(act)
+                nodes.append(nxt.node)
+                continue
+            if residual is None and nxt is not None and nxt.kind == "add" and nxt.attrs.get("alpha", 1) == 1 \
+                    and not any(e not in ("bias",) for e in epi):
+                a, b = (nxt.node.args[:2] if len(nxt.node.args) >= 2 else (nxt.x, nxt.other))
+                other = b if a is nodes[-1] else a if b is nodes[-1] else None
+                if isinstance(other, fx.Node) and other is not nodes[-1] and other not in self.skip \
+                        and isinstance(self.shapes.get(other), torch.Tensor) \
+                        and tuple(self.shapes[other].shape) == tuple(self.shapes[nodes[-1]].shape) \
+                        and self.shapes[other].dtype == torch.float32 and not _reaches(other, nodes):
+                    residual = other
+                    epi.append("residual")
+                    nodes.append(nxt.node)
+                    continue
+            break
+        return nodes, tuple(epi), residual
+
+    def _op_conv(self, op: Op) -> None:
+        self._defer(op)
+
+    def _op_linear(self, op: Op) -> None:
+        self._defer(op)
+
+    def _defer(self, op: Op) -> None:
+        nodes, epi, residual = self._chain(op)
+        self.skip.update(nodes[1:-1])
+        if len(nodes) == 1:
+            self._dense(op, nodes, epi, residual)
+        else:  # emitted at the chain's last node, where the residual (computed in between) has its value
+            self.deferred[nodes[-1]] = (op, nodes, epi, residual)
+
+    def _dense(self, op: Op, nodes: list[fx.Node], epi: tuple[str, ...], residual: fx.Node | None) -> None:
+        from optic.autotune import Operator, SpaceError
+
+        node = op.node
+        w, b = op.const("weight"), op.const("bias")
+        if w is None:
+            raise Unsupported(f"'{node.name}': its weight is not a constant")
+        x = self._value(op.x, node)
+        res = self._value(residual, node) if residual is not None else None
+        try:
+            if op.kind == "linear":
+                out = self._linear(op, x, w, b, epi, res, nodes, Operator)
+            else:
+                out = self._conv(op, x, w, b, epi, res, nodes, Operator)
+        except SpaceError as e:
+            raise Unsupported(f"'{node.name}': {e}") from None
+        self.env[nodes[-1]] = out
+
+    def _linear(self, op: Op, x: _V, w: torch.Tensor, b: Any, epi: tuple, res: _V | None, nodes: list, Operator: Any) -> _V:
+        if x.nhwc:
+            x = self._logical(x, op.node)
+        n_out, k = w.shape
+        m = math.prod(x.shape[:-1])
+        operator = Operator("matmul", (m, n_out, k), b_layout="kn", epilogue=epi)
+        args = [self._reshape(x.expr, (m, k)), self._const(w.t())]
+        if b is not None:
+            args.append(self._const(b))
+        out_shape = (*x.shape[:-1], n_out)
+        if res is not None:
+            res = self._logical(res, op.node)
+            args.append(self._reshape(res.expr, (m, n_out)))
+        y = self._template(operator, args, nodes)
+        return _V(self._reshape(y, out_shape), out_shape)
+
+    def _conv(self, op: Op, x: _V, w: torch.Tensor, b: Any, epi: tuple, res: _V | None, nodes: list, Operator: Any) -> _V:
+        a = op.attrs
+        if a.get("nd") != 2 or a.get("transposed") or a.get("padding_mode", "zeros") != "zeros" or len(x.shape) != 4:
+            raise Unsupported(f"'{op.node.name}': only 2-D, non-transposed, zero-padded convolutions have kernels here")
+        stride, padding, dilation = (_uniform(a.get(k)) for k in ("stride", "padding", "dilation"))
+        if None in (stride, padding, dilation):
+            raise Unsupported(f"'{op.node.name}': stride, padding or dilation differ between H and W")
+        groups = int(a.get("groups", 1))
+        n, c, h, wd = x.shape
+        f, cg, r, s = w.shape
+        x = self._nhwc(x, op.node)
+        out_shape = self._shape(nodes[-1])  # logical (N, F, OH, OW)
+        _, _, oh, ow = out_shape
+        if groups == 1 and r == s == 1 and stride == 1 and padding == 0:
+            m = n * h * wd
+            operator = Operator("matmul", (m, f, c), b_layout="kn", epilogue=epi)
+            args = [self._reshape(x.expr, (m, c)), self._const(w.reshape(f, c).t())]
+            shape2 = (m, f)
+        elif groups == 1:
+            operator = Operator("conv2d", (n, c, h, wd, f, r, s), stride=stride, padding=padding, dilation=dilation,
+                                epilogue=epi, layout="NHWC")
+            args = [x.expr, self._const(w)]
+            shape2 = None
+        elif groups == c == f and cg == 1:
+            operator = Operator("depthwise_conv2d", (n, c, h, wd, r, s), stride=stride, padding=padding,
+                                dilation=dilation, epilogue=epi)
+            args = [x.expr, self._const(w[:, 0].permute(1, 2, 0))]
+            shape2 = None
+        else:
+            raise Unsupported(f"'{op.node.name}': a grouped convolution ({groups} groups) that is not depthwise")
+        if b is not None:
+            args.append(self._const(b))
+        if res is not None:
+            res = self._nhwc(res, op.node)
+            args.append(res.expr if shape2 is None else self._reshape(res.expr, shape2))
+        y = self._template(operator, args, nodes)
+        if shape2 is not None:
+            y = self._reshape(y, (n, oh, ow, f))
+        return _V(y, out_shape, True)
+
+    # -- the simple ops --------------------------------------------------------------------------------
+    def _passthrough(self, op: Op) -> None:
+        self.env[op.node] = self._value(op.x, op.node)
+
+    _op_identity = _passthrough
+    _op_contiguous = _passthrough
+
+    def _op_dropout(self, op: Op) -> None:
+        if op.attrs.get("training") and op.attrs.get("p", 0) != 0:
+            raise Unsupported(f"'{op.node.name}': dropout in training mode")
+        self._passthrough(op)
+
+    def _op_act(self, op: Op) -> None:
+        tvm = self.tvm
+        fn = op.attrs.get("fn")
+        x = self._value(op.x, op.node)
+        zero = tvm.tirx.const(0.0, "float32")
+        if fn == "hardtanh":
+            lo = tvm.tirx.const(float(op.attrs.get("min_val", -1.0)), "float32")
+            hi = tvm.tirx.const(float(op.attrs.get("max_val", 1.0)), "float32")
+
+            def f(v: Any) -> Any:
+                return tvm.tirx.min(tvm.tirx.max(v, lo), hi)
+        elif fn == "relu":
+            def f(v: Any) -> Any:
+                return tvm.tirx.max(v, zero)
+        elif fn in ("gelu", "silu", "tanh", "sigmoid") and not (fn == "gelu" and op.attrs.get("approximate", "none") != "none"):
+            from .tir_expr import epilogue
+
+            def f(v: Any) -> Any:
+                return epilogue(tvm, v, (fn,), None, None)
+        else:
+            raise Unsupported(f"'{op.node.name}': activation {fn} has no kernel here")
+        stored = self._stored(x)
+        expr = self._simple(fn, [(x.expr, stored)], lambda a: tvm.te.compute(stored, lambda *i: f(a[i]), name="T"),
+                            stored, fn, [op.node])
+        self.env[op.node] = _V(expr, x.shape, x.nhwc)
+
+    def _binary(self, op: Op, fn: Any, name: str) -> None:
+        tvm = self.tvm
+        node = op.node
+        args = list(node.args[:2]) if len(node.args) >= 2 else [op.x, op.other]
+        if op.attrs.get("alpha", 1) != 1:
+            raise Unsupported(f"'{node.name}': {name} with alpha")
+        out_shape = self._shape(node)
+        vals: list[Any] = []
+        for a in args:
+            if isinstance(a, (int, float)):
+                vals.append(float(a))
+            elif isinstance(a, fx.Node) and isinstance(self.env.get(a), torch.Tensor) and self.env[a].numel() == 1:
+                vals.append(float(self.env[a]))
+            else:
+                vals.append(self._value(a, node))
+        tensors = [v for v in vals if isinstance(v, _V)]
+        nhwc = len(out_shape) == 4 and any(v.nhwc for v in tensors) and all(
+            len(v.shape) == 4 and v.shape == out_shape for v in tensors)
+        if not nhwc:
+            tensors_fixed = [self._logical(v, node) for v in tensors]
+            if any(len(v.shape) > len(out_shape) for v in tensors_fixed):
+                raise Unsupported(f"'{node.name}': {name} of these shapes")
+        else:
+            tensors_fixed = [self._nhwc(v, node) for v in tensors]
+        it = iter(tensors_fixed)
+        vals = [next(it) if isinstance(v, _V) else v for v in vals]
+        stored = (out_shape[0], out_shape[2], out_shape[3], out_shape[1]) if nhwc else out_shape
+        inputs = [(v.expr, self._stored(v)) for v in vals if isinstance(v, _V)]
+
+        def compute(*phs: Any) -> Any:
+            ph = iter(phs)
+            ops = [next(ph) if isinstance(v, _V) else v for v in vals]
+
+            def elem(*i: Any) -> Any:
+                got = []
+                for o, v in zip(ops, vals, strict=True):
+                    if not isinstance(v, _V):
+                        got.append(tvm.tirx.const(o, "float32"))
+                        continue
+                    shp = self._stored(v)
+                    idx = i[len(i) - len(shp):]  # right-aligned broadcasting
+                    got.append(o[tuple(0 if d == 1 and stored[len(stored) - len(shp) + k] != 1 else ix
+                                       for k, (d, ix) in enumerate(zip(shp, idx, strict=True)))])
+                return fn(*got)
+            return tvm.te.compute(stored, elem, name="T")
+
+        expr = self._simple(name, inputs, compute, stored, name, [node])
+        self.env[node] = _V(expr, out_shape, nhwc)
+
+    def _op_add(self, op: Op) -> None:
+        self._binary(op, lambda a, b: a + b, "add")
+
+    def _op_sub(self, op: Op) -> None:
+        self._binary(op, lambda a, b: a - b, "sub")
+
+    def _op_mul(self, op: Op) -> None:
+        self._binary(op, lambda a, b: a * b, "mul")
+
+    def _op_div(self, op: Op) -> None:
+        if op.attrs.get("rounding_mode") is not None:
+            raise Unsupported(f"'{op.node.name}': division with rounding")
+        self._binary(op, lambda a, b: a / b, "div")
+
+    def _op_flatten(self, op: Op) -> None:
+        out_shape = self._shape(op.node)
+        self._to_shape(op, out_shape)
+
+    def _op_reshape(self, op: Op) -> None:
+        self._to_shape(op, self._shape(op.node))
+
+    def _to_shape(self, op: Op, out_shape: tuple[int, ...]) -> None:
+        x = self._logical(self._value(op.x, op.node), op.node)
+        self.env[op.node] = _V(self._reshape(x.expr, out_shape), out_shape)
+
+    def _op_mean(self, op: Op) -> None:
+        node = op.node
+        x = self._value(op.x, node)
+        dims = op.attrs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if len(x.shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
+            raise Unsupported(f"'{node.name}': a mean over dims {dims} (only the spatial mean has a kernel here)")
+        self._global_average(node, x, bool(op.attrs.get("keepdim", False)))
+
+    def _global_average(self, node: fx.Node, x: _V, keepdim: bool) -> None:
+        tvm, te = self.tvm, self.tvm.te
+        x = self._nhwc(x, node)
+        n, c, h, w = x.shape
+        scale = 1.0 / (h * w)
+
+        def compute(a: Any) -> Any:
+            rh, rw = te.reduce_axis((0, h), "rh"), te.reduce_axis((0, w), "rw")
+            return te.compute((n, 1, 1, c), lambda i, _a, _b, j: te.sum(a[i, rh, rw, j] * tvm.tirx.const(scale, "float32"),
+                                                                        axis=[rh, rw]), name="T")
+        expr = self._simple("mean", [(x.expr, (n, h, w, c))], compute, (n, 1, 1, c), "global average", [node],
+                            _schedule_pool)
+        v = _V(expr, (n, c, 1, 1), True)
+        if keepdim:
+            self.env[node] = v
+        else:
+            self.env[node] = _V(self._reshape(expr, (n, c)), (n, c))
+
+    def _op_pool(self, op: Op) -> None:
+        tvm, te = self.tvm, self.tvm.te
+        node = op.node
+        p = _pool_params(op)
+        x = self._value(op.x, node)
+        if len(x.shape) != 4:
+            raise Unsupported(f"'{node.name}': pooling of a {len(x.shape)}-D tensor")
+        if op.attrs["fn"] == "adaptive_avg":
+            if p["output_size"] != (1, 1):
+                raise Unsupported(f"'{node.name}': adaptive average pooling to {p['output_size']} (only 1x1 here)")
+            self._global_average(node, x, True)
+            return
+        if p["ceil_mode"] or p["divisor_override"] is not None or None in (p["kernel"], p["stride"], p["padding"],
+                                                                           p["dilation"]):
+            raise Unsupported(f"'{node.name}': pooling with ceil_mode, a divisor override or uneven sizes")
+        x = self._nhwc(x, node)
+        n, c, h, w = x.shape
+        out_shape = self._shape(node)
+        oh, ow = out_shape[2:]
+        (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = p["kernel"], p["stride"], p["padding"], p["dilation"]
+        is_max = op.attrs["fn"] == "max"
+
+        def compute(a: Any) -> Any:
+            rh, rw = te.reduce_axis((0, kh_), "rh"), te.reduce_axis((0, kw_), "rw")
+
+            def at(i: Any, y: Any, z: Any, j: Any) -> Any:
+                hh, ww = y * sh - ph + rh * dh, z * sw - pw + rw * dw
+                inside = tvm.tirx.all(hh >= 0, hh < h, ww >= 0, ww < w)
+                fill = tvm.tirx.min_value("float32") if is_max else tvm.tirx.const(0.0, "float32")
+                return tvm.tirx.if_then_else(inside, a[i, hh, ww, j], fill) if (ph or pw) else a[i, hh, ww, j]
+            if is_max:
+                return te.compute((n, oh, ow, c), lambda i, y, z, j: te.max(at(i, y, z, j), axis=[rh, rw]), name="T")
+            if p["count_include_pad"] or not (ph or pw):
+                scale = 1.0 / (kh_ * kw_)
+                return te.compute((n, oh, ow, c), lambda i, y, z, j: te.sum(
+                    at(i, y, z, j) * tvm.tirx.const(scale, "float32"), axis=[rh, rw]), name="T")
+            raise Unsupported(f"'{node.name}': average pooling that does not count the padding")
+        expr = self._simple("pool", [(x.expr, (n, h, w, c))], compute, (n, oh, ow, c), f"{op.attrs['fn']} pool",
+                            [node], _schedule_pool)
+        self.env[node] = _V(expr, out_shape, True)
+
+
+# -- schedules of the simple kernels ----------------------------------------------------------------------
+
+
+def _schedule_elementwise(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
+    """One loop over every element: whole vectors innermost, chunks over the cores when it is large."""
+    block = s.get_sblock("T")
+    loops = s.get_loops(block)
+    fused = s.fuse(*loops) if len(loops) > 1 else loops[0]
+    numel = math.prod(shape)
+    if numel % VECTOR == 0 and numel >= VECTOR:
+        fused, lanes = s.split(fused, [None, VECTOR])
+        s.vectorize(lanes)
+    if numel >= PARALLEL_MIN:
+        outer, _ = s.split(fused, [64, None])
+        s.parallel(outer)
+
+
+def _schedule_transpose(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
+    """A layout transpose: rows of the output over the cores, the rest in order."""
+    block = s.get_sblock("T")
+    loops = s.get_loops(block)
+    if math.prod(shape) >= PARALLEL_MIN:
+        s.parallel(s.fuse(loops[0], loops[1]))
+
+
+def _schedule_pool(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
+    """A window reduction on NHWC: output rows over the cores, channels in vectors innermost."""
+    block = s.get_sblock("T")
+    n, y, z, c, rh, rw = s.get_loops(block)
+    s.reorder(n, y, z, rh, rw, c)
+    rows = s.fuse(n, y)
+    # vectorized and parallel before the init is split off: both need the whole reduction block
+    if math.prod(shape) >= PARALLEL_MIN // 4:
+        s.parallel(rows)
+    if shape[-1] % VECTOR == 0:
+        co, ci = s.split(c, [None, VECTOR])
+        s.reorder(co, rh, rw, ci)
+        s.vectorize(ci)
+        init = s.decompose_reduction(block, rh)
+        s.vectorize(s.get_loops(init)[-1])
+
+
+# -- building --------------------------------------------------------------------------------------------
+
+
+def lower(gm: fx.GraphModule, example: tuple, trials: int = 0, db: Any = None, budget_s: float = math.inf,
+          progress: Any = None) -> tuple[Any, list[KernelInfo], bool, int]:
+    """The Relax module of the flat graph ``gm`` (placeholders in, a tuple of its output leaves out) on
+    ``example``, its kernels, whether it returns one tensor (not a tuple), and how many configurations were
+    measured: ``trials`` per distinct kernel the database has not settled, until ``budget_s`` seconds have
+    passed (the rest take the database's best, else the cost model's choice). Raises :class:`Unsupported`."""
+    for a in example:
+        if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.device.type != "cpu":
+            raise Unsupported("every input must be a float32 CPU tensor")
+    low = _Lowering(gm, example, trials, db, budget_s, progress)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        mod = low.run(placeholders)
+    finally:
+        if low.runner is not None:
+            low.runner.close()
+    return mod, low.kernels, low.single, low.measurements
+
+
+def compile_relax(mod: Any) -> Any:
+    """The VM executable of a module from :func:`lower`: TVM's CPU pipeline without its fusion (every kernel
+    is already whole), with optic's TIR pipeline (dynamic macro tiles)."""
+    from optic.tvm_compat import host_target, require_tvm
+
+    from .dynamic_tiles import TIR_PIPELINE, register_pipeline
+
+    tvm = require_tvm()
+    register_pipeline(tvm)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    host = host_target()
+    t = tvm.relax.transform
+    passes = [t.LegalizeOps(), t.AnnotateTIROpPattern(), *cpu_generic.dataflow_lower_passes(host),
+              *cpu_generic.finalize_passes(host)]
+    with host:
+        return tvm.compile(mod, host, relax_pipeline=tvm.transform.Sequential(passes), tir_pipeline=TIR_PIPELINE)
+
+
+class TVMGraph(_FrozenGraph):
+    """The flat graph (placeholders in, its output leaves as a tuple out) served by one TVM program for the
+    example's shapes (see the module docstring)."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__(graph_module)
+        self.signature: list[tuple] = []
+        self.kernels: list[KernelInfo] = []
+        self.library: tuple[str, bytes] | None = None  # (machine fingerprint, the shared library)
+        self.single = False
+        self.trials = 0
+        self.measurements = 0
+        self._vm: Any = None
+        self._main: Any = None
+
+    def build(self, example: tuple, trials: int = 0, db: Any = None, budget_s: float = math.inf,
+              progress: Any = None) -> None:
+        """Lower, tune (see :func:`lower`) and compile the program for ``example``'s shapes."""
+        from optic.targets.cpu import host_fingerprint
+
+        t0 = time.perf_counter()
+        mod, self.kernels, self.single, self.measurements = lower(self.graph_module, tuple(example), trials, db,
+                                                                  budget_s, progress)
+        ex = compile_relax(mod)
+        self.signature = [(tuple(a.shape), a.dtype) for a in example]
+        self.trials = trials
+        self._load_executable(ex)
+        self.library = (host_fingerprint(), self._export(ex))
+        self.compile_s = time.perf_counter() - t0
+        self._track()
+
+    @staticmethod
+    def _export(ex: Any) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="optic-tvm-graph-") as tmp:
+            path = Path(tmp) / "graph.so"
+            # TVM's C++ logs a line per function scope it saves ("Warning: Scope Saving:") on the process's
+            # stderr, whatever the caller's logging: nothing a user can act on, so it goes to /dev/null
+            # (a failure still raises, with its message)
+            saved = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, 2)
+                ex.export_library(str(path))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.close(null)
+            return path.read_bytes()
+
+    def _load_executable(self, ex: Any) -> None:
+        from optic.tvm_compat import require_tvm
+
+        tvm = require_tvm()
+        vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+        object.__setattr__(self, "_vm", vm)
+        object.__setattr__(self, "_main", vm["main"])
+
+    def _load(self) -> None:
+        from optic.targets.cpu import host_fingerprint
+        from optic.tvm_compat import require_tvm
+
+        tvm = require_tvm()
+        if self.library is not None and self.library[0] == host_fingerprint():
+            with tempfile.NamedTemporaryFile(prefix="optic-tvm-graph-", suffix=".so", delete=False) as f:
+                f.write(self.library[1])
+            try:
+                self._load_executable(tvm.runtime.load_module(f.name))
+            finally:
+                os.unlink(f.name)
+        else:  # built on another kind of machine: build again (the tuning database has the configurations)
+            log.warning("optic: the TVM program was built on another machine; building it again for this one")
+            example = [torch.zeros(s, dtype=d) for s, d in self.signature]
+            self.build(example, 0)
+        if not self._frozen:
+            self._track()
+
+    def profile(self, args: tuple, runs: int = 3) -> list[Any]:
+        """Each kernel's time in one call on ``args`` (the example's shapes), as the report's kernel table has
+        them (:class:`.profiling.Kernel`), slowest first: every call of the program timed by the VM's
+        instrument hook, averaged over ``runs`` calls after one untimed call (the hook's own cost, about a
+        microsecond a kernel, is in each figure); empty where the program does not serve ``args``."""
+        from optic.tvm_compat import require_tvm
+
+        from .profiling import Kernel
+
+        if not self._servable(tuple(args)):
+            return []
+        if self._main is None:
+            self._load()
+        tvm = require_tvm()
+        import tvm_ffi
+
+        described = {k.name: k for k in self.kernels}
+        totals: dict[str, list[float]] = {}
+        started: list[float] = []
+
+        def instrument(func: Any, name: Any, before: bool, ret: Any, *rest: Any) -> int:
+            now = time.perf_counter()
+            if before:
+                started.append(now)
+            elif started:
+                row = totals.setdefault(str(name), [0.0, 0.0])
+                row[0] += now - started.pop()
+                row[1] += 1
+            return int(tvm.relax.VMInstrumentReturnKind.NO_OP)
+
+        inputs = [tvm_ffi.from_dlpack(a.contiguous()) for a in args]
+        self._main(*inputs)
+        self._vm.set_instrument(tvm_ffi.convert(instrument))
+        try:
+            for _ in range(runs):
+                self._main(*inputs)
+        finally:
+            self._vm.set_instrument(None)
+        rows = []
+        for name, (seconds, count) in totals.items():
+            k = described.get(name)
+            if k is None:
+                continue  # the VM's own builtins (allocation, shape checks, views)
+            source = "generated (optic, TVM template)" if k.source == "template" else "generated (optic, TVM)"
+            rows.append(Kernel(f"{name}: {k.what}", source, count / runs, seconds * 1e3 / runs))
+        return sorted(rows, key=lambda r: -r.ms)
+
+    def _servable(self, args: tuple) -> bool:
+        if not self.signature or self.failed is not None or len(args) != len(self.signature) or self._tracing():
+            return False
+        grad = torch.is_grad_enabled()
+        for a, (shape, dtype) in zip(args, self.signature, strict=True):
+            if not isinstance(a, torch.Tensor) or not self._servable_value(a, grad) or a.dtype != dtype \
+                    or tuple(a.shape) != shape:
+                return False
+        return True
+
+    def forward(self, *args: Any) -> Any:
+        if not self._servable(args):
+            return self.graph_module(*args)
+        try:
+            if self._main is None:
+                self._load()
+            if self._changed():
+                self.failed = "a weight changed after the TVM program was built (optimize again to rebuild it)"
+                log.warning("optic: %s; running the plain graph", self.failed)
+                return self.graph_module(*args)
+            import tvm_ffi
+
+            out = self._main(*[tvm_ffi.from_dlpack(a.contiguous()) for a in args])
+            if self.single:
+                return (torch.from_dlpack(out),)
+            return tuple(torch.from_dlpack(o) for o in out)
+        except Exception as e:
+            return self._fall_back("TVM program", e, *args)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(): the program holds the old weights
+        self.failed = self.failed or "the module was moved or cast after the TVM program was built"
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_vm": None, "_main": None}
+
+    def __deepcopy__(self, memo: dict) -> TVMGraph:
+        import copy
+
+        new = TVMGraph.__new__(TVMGraph)
+        memo[id(self)] = new
+        state = {k: (v if k in ("_vm", "_main", "library", "kernels") else copy.deepcopy(v, memo))
+                 for k, v in self.__dict__.items()}
+        new.__dict__.update(state)
+        new._frozen, new._versions = [], []
+        if new._main is not None:
+            new._track()
+        return new
+
+
+def profile_program(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any] | None:
+    """The kernel table of a program :func:`wrap` made (its :class:`TVMGraph` profiled on what it receives
+    from ``gm(*args, **kwargs)``), or None when ``gm`` is not one."""
+    inner = getattr(gm, "compiled", None)
+    if not isinstance(inner, TVMGraph):
+        return None
+    seen: list[tuple] = []
+    hook = inner.register_forward_pre_hook(lambda _m, a: seen.append(a))
+    try:
+        with torch.no_grad():
+            gm(*args, **kwargs)
+    finally:
+        hook.remove()
+    return inner.profile(seen[0]) if seen else []
+
+
+def wrap(program: Any, trials: int = 0, db: Any = None, budget_s: float = math.inf, progress: Any = None) -> Any:
+    """A clone of ``program`` whose graph calls one :class:`TVMGraph`, built now on the example (raises
+    :class:`Unsupported` where the graph has an op without a kernel here; ``trials``, ``db``, ``budget_s``:
+    see :func:`lower`)."""
+    from .whole import wrap as wrap_graph
+
+    made: list[TVMGraph] = []
+
+    def module(gm: fx.GraphModule) -> TVMGraph:
+        made.append(TVMGraph(gm))
+        return made[0]
+
+    out = wrap_graph(program, module=module)
+    seen: list[tuple] = []
+    hook = made[0].register_forward_pre_hook(lambda _m, a: seen.append(a))
+    with torch.no_grad():
+        out.gm(*program.example_args, **program.example_kwargs)
+    hook.remove()
+    made[0].build(seen[0], trials, db, budget_s, progress)
+    return out
+
+
+_ = pyop  # operator.getitem nodes are handled by the outer graph (whole.wrap)

@@ -1,0 +1,217 @@
+"""The whole graph as one TVM program of optic's kernels (optic.backend.tvm_graph).
+
+Property: any CNN it accepts computes what the model computes, on the example and on other inputs of
+the example's shapes; every other call runs the plain graph. Plus the layouts (NHWC inside, transposes
+only where a consumer needs NCHW), the declines, and the program's travels (pickle, deepcopy).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis_profiles import examples
+
+pytest.importorskip("tvm")
+
+from optic.backend import tvm_graph  # noqa: E402
+from optic.pipeline.verify import compare  # noqa: E402
+
+ACTS = [None, "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh"]
+
+
+def _act(name):
+    return {None: nn.Identity(), "relu": nn.ReLU(), "relu6": nn.ReLU6(), "gelu": nn.GELU(), "silu": nn.SiLU(),
+            "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "hardtanh": nn.Hardtanh(-0.5, 0.5)}[name]
+
+
+class Block(nn.Module):
+    def __init__(self, kind, c, c_out, act, stride, residual):
+        super().__init__()
+        if kind == "dw":
+            self.conv = nn.Conv2d(c, c, 3, stride, 1, groups=c)
+        elif kind == "conv1x1":
+            self.conv = nn.Conv2d(c, c_out, 1, stride)
+        else:
+            self.conv = nn.Conv2d(c, c_out, 3, stride, 1, bias=stride == 1)
+        self.act, self.residual = _act(act), residual
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.residual:
+            return self.act(y + x)
+        return self.act(y)
+
+
+class Net(nn.Module):
+    def __init__(self, blocks, head, c, classes, hw):
+        super().__init__()
+        self.blocks, self.head = nn.ModuleList(blocks), head
+        self.fc = nn.Linear(c * (1 if head != "flatten" else hw * hw), classes)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        if self.head == "adaptive":
+            x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        elif self.head == "mean":
+            x = x.mean(dim=(2, 3))
+        else:
+            x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+@st.composite
+def cnn_and_input(draw):
+    hw = draw(st.sampled_from([8, 9, 12]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    c, size, blocks = 3, hw, []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv1x1", "conv3x3", "dw", "residual", "maxpool", "avgpool"]))
+        if kind in ("maxpool", "avgpool"):
+            if size < 4:
+                continue
+            blocks.append(nn.MaxPool2d(3, 2, 1) if kind == "maxpool" else nn.AvgPool2d(2))
+            size = (size - 1) // 2 + 1 if kind == "maxpool" else size // 2
+            continue
+        act = draw(st.sampled_from(ACTS))
+        if kind == "residual":
+            blocks.append(Block(draw(st.sampled_from(["conv1x1", "conv3x3", "dw"])), c, c, act, 1, True))
+            continue
+        stride = draw(st.sampled_from([1, 1, 2])) if size >= 4 else 1
+        c_out = c if kind == "dw" else draw(st.sampled_from([4, 8, 16, 20]))
+        blocks.append(Block(kind, c, c_out, act, stride, False))
+        c, size = c_out, (size - 1) // stride + 1
+    head = draw(st.sampled_from(["adaptive", "mean", "flatten"]))
+    model = Net(blocks, head, c, draw(st.sampled_from([5, 10])), size).eval()
+    return model, torch.randn(draw(st.integers(1, 2)), 3, hw, hw)
+
+
+def _flat(model: nn.Module) -> fx.GraphModule:
+    """The model's graph as the whole-graph implementations take it (whole.wrap): its outputs as a tuple."""
+    gm = fx.symbolic_trace(model)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0],),)
+    gm.recompile()
+    return gm
+
+
+def _built(model: nn.Module, x: torch.Tensor) -> tvm_graph.TVMGraph:
+    g = tvm_graph.TVMGraph(_flat(model))
+    g.build((x,), 0)
+    return g
+
+
+@examples(6)
+@given(case=cnn_and_input())
+def test_a_compiled_cnn_computes_what_the_model_computes(case):
+    model, x = case
+    g = _built(model, x)
+    assert g.kernels and all(k.name for k in g.kernels)
+    with torch.no_grad():
+        for inp in (x, torch.randn_like(x) * 3):
+            check = compare(model(inp), g(inp)[0], 1e-4)
+            assert check.ok, check
+
+
+def _chain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(), nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_activations_stay_nhwc_between_convolutions_and_epilogues_fuse():
+    g = _built(_chain(), torch.randn(1, 3, 16, 16))
+    kinds = [k.what for k in g.kernels]
+    # the input transposed once; the pooled 1x1 value is the same memory in both layouts: no transpose back
+    assert kinds.count("NCHW -> NHWC") == 1 and "NHWC -> NCHW" not in kinds, kinds
+    templates = [k.what for k in g.kernels if k.source == "template"]
+    assert any(w.startswith("conv2d ") and "NHWC + bias+relu6" in w for w in templates), templates
+    assert any(w.startswith("depthwise conv2d") and "+ bias+relu" in w for w in templates), templates
+    assert any(w.startswith("matmul 64x32x16 + bias") for w in templates), templates  # the 1x1 conv: a GEMM
+    assert sum(k.source == "simple" for k in g.kernels) == 2  # the transpose and the global average
+
+
+def test_a_convolution_output_returned_whole_is_transposed_back_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 7, 7)
+    g = _built(model, x)
+    assert [k.what for k in g.kernels].count("NHWC -> NCHW") == 1
+    with torch.no_grad():
+        out = g(x)[0]
+        assert out.is_contiguous() and compare(model(x), out, 1e-5).ok
+
+
+def test_other_calls_run_the_plain_graph_and_give_the_models_result():
+    model = _chain()
+    x = torch.randn(2, 3, 16, 16)
+    g = _built(model, x)
+    with torch.no_grad():
+        other = torch.randn(3, 3, 16, 16)  # another batch size: the program serves the example's shapes only
+        assert compare(model(other), g(other)[0], 1e-5).ok
+    xg = x.clone().requires_grad_()
+    out = g(xg)[0]
+    assert out.grad_fn is not None  # gradients wanted: PyTorch's ops ran
+    # a weight edited in place after the build: the program is stale, the plain graph answers from now on
+    conv = g.graph_module.get_submodule("0")
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+        expected = g.graph_module(x)[0]
+        assert compare(expected, g(x)[0], 1e-5).ok
+    assert g.failed and "weight changed" in g.failed
+
+
+def test_the_program_travels_with_pickle_and_deepcopy_without_a_rebuild(monkeypatch):
+    model = _chain()
+    x = torch.randn(1, 3, 16, 16)
+    g = _built(model, x)
+    monkeypatch.setattr(tvm_graph.TVMGraph, "build", lambda *a, **k: pytest.fail("rebuilt"))
+    with torch.no_grad():
+        expected = model(x)
+        for other in (pickle.loads(pickle.dumps(g)), copy.deepcopy(g)):
+            got = other(x)[0]
+            assert other.failed is None and compare(expected, got, 1e-5).ok
+
+
+def test_a_graph_with_an_op_without_a_kernel_is_declined_naming_it():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LayerNorm(8 * 6 * 6)).eval()
+    why = tvm_graph.check(fx.symbolic_trace(model))
+    assert why is not None and "'_2'" in why and "layer_norm" in why
+    # what only shapes tell is found while lowering: a grouped (not depthwise) convolution
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)).eval()
+    assert tvm_graph.check(fx.symbolic_trace(grouped)) is None
+    with pytest.raises(tvm_graph.Unsupported, match="grouped convolution"):
+        _built(grouped, torch.randn(1, 4, 8, 8))
+
+
+def test_optimize_offers_the_program_and_keeps_the_fastest_verified_one():
+    import optic
+
+    model = _chain()
+    x = torch.randn(1, 3, 32, 32)
+    out = optic.optimize(model, x, options={"whole_graph": "tvm"})
+    rec = next(r for r in out.report.passes if r.name == "cpu_tactics")
+    assert tvm_graph.NAME in rec.measured["variants_ms"]
+    assert any(k["source"] == "template" for k in rec.measured["tvm_kernels"])
+    with torch.no_grad():
+        for inp in (x, torch.randn(1, 3, 32, 32), torch.randn(4, 3, 32, 32)):
+            assert compare(model(inp), out(inp), 1e-4).ok
+
+
+def test_the_kernel_table_times_every_kernel_once_per_call():
+    g = _built(_chain(), torch.randn(1, 3, 16, 16))
+    rows = g.profile((torch.randn(1, 3, 16, 16),))
+    assert sorted(r.name.split(":")[0] for r in rows) == sorted(k.name for k in g.kernels)
+    assert all(r.calls == 1 and r.ms > 0 for r in rows)
+    assert {r.source for r in rows} == {"generated (optic, TVM template)", "generated (optic, TVM)"}
+    assert g.profile((torch.randn(2, 3, 16, 16),)) == []  # a shape the program does not serve
+    with torch.no_grad():  # the hook is gone: the program runs as before
+        assert compare(g.graph_module(torch.ones(1, 3, 16, 16))[0], g(torch.ones(1, 3, 16, 16))[0], 1e-5).ok
