@@ -12,8 +12,9 @@ Shapes on the command line (``parse``)::
 
     matmul       MxNxK[,b_layout=nk][,epilogue=bias+relu]      C[M,N] = A[M,K] @ B[K,N] (B[N,K] with nk)
                  [,cores=tensor][,dtype=float16|int8]          on tensor cores (a GPU's code generator only)
-    conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC|NCHWc]
-                 NCHWc: NCHW tensors, computed directly on channel blocks (the weights packed once)
+    conv2d       NxCxHxW,OxCxKHxKW[,stride=S][,pad=P][,dilation=D][,layout=NHWC|NCHWc|NHWCc]
+                 NCHWc / NHWCc: NCHW / NHWC tensors, computed directly on channel blocks (the weights
+                 packed once)
     depthwise_conv2d NxCxHxW,KHxKW[,stride=S][,pad=P][,dilation=D]   groups = C, NHWC tensors, weights [KH, KW, C]
     elementwise  NUMEL or AxBx...[,inputs=2][,fn=add]
     reduction    ROWSxCOLS[,kind=softmax|layernorm]
@@ -127,7 +128,8 @@ class Operator:
                 *self.args, target=t, b_contiguous="n" if self.opts["b_layout"] == "kn" else "k",
                 **self.template_kwargs())
         if self.direct and t.kind != "cpu":
-            raise SpaceError(f"the direct (NCHWc) convolution has no {t.kind} template; use layout NCHW or NHWC")
+            raise SpaceError(f"the direct ({self.opts['layout']}) convolution has no {t.kind} template; use layout "
+                             "NCHW or NHWC")
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
         return TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
@@ -229,7 +231,7 @@ class Operator:
         if self.op == "conv2d":
             n, _, h, w, f, r, s = self.args
             oh, ow = self.conv_out_hw
-            return (n, oh, ow, f) if self.opts["layout"] == "NHWC" else (n, f, oh, ow)
+            return (n, oh, ow, f) if self.nhwc else (n, f, oh, ow)
         if self.op == "depthwise_conv2d":
             oh, ow = self.conv_out_hw
             return self.args[0], oh, ow, self.args[1]
@@ -239,9 +241,14 @@ class Operator:
 
     @property
     def direct(self) -> bool:
-        """A convolution computed directly on channel blocks (layout "NCHWc"): its weights are packed for the
+        """A convolution computed directly on channel blocks (layout "NCHWc" or "NHWCc"): its weights are packed for the
         configuration (``codegen_cpu.kernel_args``)."""
-        return self.op == "conv2d" and self.opts["layout"] == "NCHWc"
+        return self.op == "conv2d" and self.opts["layout"] in ("NCHWc", "NHWCc")
+
+    @property
+    def nhwc(self) -> bool:
+        """A convolution whose tensors (input, output, residual) are NHWC."""
+        return self.op == "depthwise_conv2d" or (self.op == "conv2d" and self.opts["layout"] in ("NHWC", "NHWCc"))
 
     @property
     def conv_shape(self) -> dict[str, int]:
@@ -295,7 +302,7 @@ class Operator:
             feat = n
         elif self.op == "conv2d":
             n, c, h, w, f, r, s = self.args
-            shapes = [(n, h, w, c) if o["layout"] == "NHWC" else (n, c, h, w), (f, c, r, s)]
+            shapes = [(n, h, w, c) if self.nhwc else (n, c, h, w), (f, c, r, s)]
             feat = f
         elif self.op == "depthwise_conv2d":
             n, c, h, w, r, s = self.args
@@ -328,9 +335,9 @@ class Operator:
         if self.op == "matmul":
             y = x[0] @ x[1] if o["b_layout"] == "kn" else F.linear(x[0], x[1])
         elif self.op == "conv2d":
-            inp = x[0].permute(0, 3, 1, 2) if o["layout"] == "NHWC" else x[0]
+            inp = x[0].permute(0, 3, 1, 2) if self.nhwc else x[0]
             y = F.conv2d(inp, x[1], stride=o["stride"], padding=o["padding"], dilation=o["dilation"])
-            if o["layout"] == "NHWC":
+            if self.nhwc:
                 y = y.permute(0, 2, 3, 1)
         elif self.op == "depthwise_conv2d":
             w = x[1].permute(2, 0, 1).unsqueeze(1)  # [R, S, C] -> [C, 1, R, S]
@@ -352,7 +359,7 @@ class Operator:
         for e in epi:
             if e == "bias":
                 b = next(extra)
-                y = y + (b.view(1, -1, 1, 1) if self.op == "conv2d" and o["layout"] != "NHWC" else b)
+                y = y + (b.view(1, -1, 1, 1) if self.op == "conv2d" and not self.nhwc else b)
             elif e == "residual":
                 y = y + next(extra)
             else:

@@ -478,11 +478,11 @@ def conv2d_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, target: s
     lanes), K = C*R*S. A macro tile is TOH whole output rows (``MC = TOH*OW``). The template prefers
     NHWC (an im2col row is contiguous runs of C); with NCHW the packing gathers strided pixels, which
     costs time but changes no constraint."""
-    if layout == "NCHWc":
+    if layout in ("NCHWc", "NHWCc"):
         return conv2d_direct_cpu(N, C, H, W, F, R, S, target, stride=stride, padding=padding, dilation=dilation,
                                  dtype=dtype, layout=layout, epilogue=epilogue)
     if layout not in ("NHWC", "NCHW"):
-        raise SpaceError(f"conv2d_cpu layout is 'NHWC', 'NCHW' or 'NCHWc', not {layout!r}")
+        raise SpaceError(f"conv2d_cpu layout is 'NHWC', 'NCHW', 'NCHWc' or 'NHWCc', not {layout!r}")
     t = _target(target, "cpu", _CPU_FIELDS)
     epilogue = _epilogue(epilogue)
     oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))
@@ -524,7 +524,9 @@ def conv2d_direct_cpu(N: int, C: int, H: int, W: int, F: int, R: int, S: int, ta
     over (input-channel block, kh, kw, channel in block), one broadcast input value times a weight
     vector per FMA (UNROLL_KW=2: kw unrolled outside the channel loop, 1: the channel loop outside a
     rolled kw). Tasks are (image, filter block, output row), PARALLEL threads. The tensors the
-    kernel exchanges with the model stay NCHW: the layout is the kernel's own."""
+    kernel exchanges with the model stay NCHW (layout "NCHWc") or NHWC ("NHWCc": the input copy is then a
+    transpose-free block copy, and the output's filter blocks are contiguous runs): the blocking is the
+    kernel's own."""
     t = _target(target, "cpu", _CPU_FIELDS)
     epilogue = _epilogue(epilogue)
     oh, ow = (_out_size(x, k, stride, padding, dilation) for x, k in ((H, R), (W, S)))

@@ -323,11 +323,11 @@ def conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
 
 def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     """2-D convolution computed directly on channel blocks (template ``conv2d_direct_cpu``, layout
-    "NCHWc"): ``Xp`` copies the NCHW input into ``[N, C/IC_BN, H+2p, W', IC_BN]`` (zero-padded, W'
-    covering the padded columns of the last tile) where it must be padded
+    "NCHWc", or "NHWCc" for NHWC tensors): ``Xp`` copies the input into ``[N, C/IC_BN, H+2p, W', IC_BN]``
+    (zero-padded, W' covering the padded columns of the last tile) where it must be padded
     (``templates.direct_copies_input``), else the kernel reads it in place; ``conv`` accumulates
     ``[N, F'/OC_BN, OH, OW', OC_BN]`` from the weights packed by :func:`pack_direct_weight`; the
-    write-back applies the epilogue and stores NCHW, a task's row at a time while it is in L1. Loops of
+    write-back applies the epilogue and stores NCHW (or NHWC), a task's row at a time while it is in L1. Loops of
     ``conv`` per task (image, filter block, output row; PARALLEL threads)::
 
         for owo in OW'/REG_N                     a register tile: REG_N columns x OC_BN filters
@@ -345,17 +345,21 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     stride, pad, dil = o["stride"], o["padding"], o["dilation"]
     oh_, ow_ = operator.conv_out_hw
     ICB, OCB, RN, UKW, PARALLEL = (cfg[v] for v in ("IC_BN", "OC_BN", "REG_N", "UNROLL_KW", "PARALLEL"))
+    nhwc = operator.nhwc
     owp, fp = _cdiv(ow_, RN) * RN, _cdiv(f_, OCB) * OCB
     hp = h_ + 2 * pad
     wp = max(w_ + 2 * pad, direct_input_columns(operator.conv_shape, RN))
-    X = te.placeholder((n_, c_, h_, w_), name="X")
+    X = te.placeholder((n_, h_, w_, c_) if nhwc else (n_, c_, h_, w_), name="X")
+
+    def x_at_source(n: Any, c: Any, h: Any, w: Any) -> Any:
+        return X[n, h, w, c] if nhwc else X[n, c, h, w]
     Wb = te.placeholder(direct_weight_shape(operator, cfg), name="W")
 
     def x_value(n: Any, co: Any, h: Any, w: Any, ci: Any) -> Any:
         conds = [h >= pad, h < h_ + pad, w >= pad] if pad else []
         if pad or wp > w_:
             conds.append(w < w_ + pad)
-        return padded(tvm, conds, X[n, co * ICB + ci, h - pad, w - pad])
+        return padded(tvm, conds, x_at_source(n, co * ICB + ci, h - pad, w - pad))
 
     # The input is only ever broadcast one element at a time, so the kernel can read NCHW itself; it is
     # copied only where zeros must surround it (padding, or columns of the last tile beyond W).
@@ -367,7 +371,7 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
             return Xp[n, ic // ICB, h, w, ic % ICB]
     else:
         def x_at(n: Any, ic: Any, h: Any, w: Any) -> Any:
-            return X[n, ic, h, w]
+            return x_at_source(n, ic, h, w)
     ic = te.reduce_axis((0, c_), name="ic")
     kh = te.reduce_axis((0, r_), name="kh")
     kw = te.reduce_axis((0, s_), name="kw")
@@ -377,9 +381,14 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     bias = te.placeholder((f_,), name="bias") if "bias" in epi else None
     residual = te.placeholder(operator.out_shape, name="residual") if "residual" in epi else None
     extra = [t for t in (bias, residual) if t is not None]
-    out = te.compute(operator.out_shape, lambda n, f, oh, ow: epilogue(
-        tvm, conv[n, f // OCB, oh, ow, f % OCB], epi, bias[f] if bias is not None else None,
-        residual[n, f, oh, ow] if residual is not None else None), name="C")
+    def out_value(n: Any, f: Any, oh: Any, ow: Any, idx: tuple[Any, ...]) -> Any:
+        return epilogue(tvm, conv[n, f // OCB, oh, ow, f % OCB], epi, bias[f] if bias is not None else None,
+                        residual[idx] if residual is not None else None)
+
+    if nhwc:
+        out = te.compute(operator.out_shape, lambda n, oh, ow, f: out_value(n, f, oh, ow, (n, oh, ow, f)), name="C")
+    else:
+        out = te.compute(operator.out_shape, lambda n, f, oh, ow: out_value(n, f, oh, ow, (n, f, oh, ow)), name="C")
     func = te.create_prim_func([X, Wb, *extra, out])
     s = tvm.s_tir.Schedule(func)
     cb = s.get_sblock("conv")
@@ -406,10 +415,11 @@ def conv2d_direct(operator: Operator, cfg: dict[str, int]) -> Any:
     s.unroll(owi)
     if UKW > 1:
         s.unroll(kwl)
-    _split_init_and_vectorize(s, cb, ico, wb, ow_)
-    if copy:  # the input copy: every thread a share of (image, channel block, row), read along W
+    _split_init_and_vectorize(s, cb, ico, wb, min(OCB, f_) if nhwc else ow_)
+    if copy:  # the input copy: every thread a share of (image, channel block, row), read along its source's rows
         xl = s.get_loops(s.get_sblock("Xp"))
-        s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
+        if not nhwc:  # NCHW is contiguous along W; NHWC along the channels, already innermost
+            s.reorder(xl[0], xl[1], xl[2], xl[4], xl[3])
         rows = s.fuse(xl[0], xl[1], xl[2])
         if PARALLEL > 1:
             s.parallel(rows)

@@ -21,8 +21,9 @@ graph itself, op by op, to a Relax function whose every kernel is TIR that optic
 
 Graphs with an op this does not cover are declined with the op named (the CPU step keeps the other
 implementations). The program serves the example's shapes and dtypes only; every other call (another
-shape, gradients, tracing, another device, a weight changed after the build) runs the plain graph, so a
-caller never sees a wrong result. The built library travels with the module (pickle, deepcopy) and is
+shape, gradients, tracing, another device, a weight changed after the build) goes to Inductor's
+whole-graph program, made on the first such call, or the plain graph where nothing compiled may serve,
+so a caller never sees a wrong result. The built library travels with the module (pickle, deepcopy) and is
 rebuilt from the stored configurations on a machine of another kind.
 """
 
@@ -231,10 +232,9 @@ class _Lowering:
         info = KernelInfo("", what, "simple", nodes=[n.name for n in nodes])
         return self._call(sch.mod["main"], name, [e for e, _ in inputs], out_shape, info)
 
-    def _template(self, operator: Any, args: list[Any], nodes: list[fx.Node]) -> Any:
+    def _tuned(self, operator: Any) -> tuple[dict[str, int], Any]:
+        """``operator``'s configuration and tuning result (tuned once per distinct operator)."""
         from optic.autotune.tune import tune
-
-        from .codegen_cpu import build
 
         key = operator.key
         if key not in self.configs:
@@ -251,10 +251,30 @@ class _Lowering:
             result = tune(operator, "cpu", trials=trials, db=self.db, runner=self.runner)
             self.measurements += result.measurements
             self.configs[key] = (result.config, result)
-        config, result = self.configs[key]
+        return self.configs[key]
+
+    @staticmethod
+    def _expected_s(result: Any) -> float:
+        return result.seconds if result.seconds is not None else result.predicted_seconds
+
+    def _template(self, operators: list[Any], args: list[Any], nodes: list[fx.Node],
+                  weight: torch.Tensor | None = None) -> Any:
+        """A call of the fastest of ``operators`` (alternative templates of one kernel: measured time where
+        tuning measured them, else the cost model's), its inputs ``args``; ``weight`` (when given) is its
+        second input, packed for the configuration where the template is a direct convolution."""
+        from .codegen_cpu import build, pack_direct_weight
+
+        tuned = [(op, *self._tuned(op)) for op in operators]
+        operator, config, result = min(tuned, key=lambda t: self._expected_s(t[2]))
+        if weight is not None:  # the weights as this template takes them
+            packed = pack_direct_weight(weight, operator, config) if operator.direct else weight
+            args = [args[0], self._const(packed), *args[1:]]
         func = build(operator, config)["main"]
         info = KernelInfo("", str(operator), "template", dict(config), result.predicted_seconds,
                           result.seconds, [n.name for n in nodes])
+        if len(tuned) > 1:
+            info.what += " (chosen over " + ", ".join(
+                f"{o.opts.get('layout')} {self._expected_s(r) * 1e3:.3f} ms" for o, _, r in tuned if o is not operator) + ")"
         return self._call(func, operator.op, args, operator.out_shape, info)
 
     # -- layouts ---------------------------------------------------------------------------------------
@@ -443,7 +463,7 @@ class _Lowering:
         if res is not None:
             res = self._logical(res, op.node)
             args.append(self._reshape(res.expr, (m, n_out)))
-        y = self._template(operator, args, nodes)
+        y = self._template([operator], args, nodes)
         return _V(self._reshape(y, out_shape), out_shape)
 
     def _conv(self, op: Op, x: _V, w: torch.Tensor, b: Any, epi: tuple, res: _V | None, nodes: list, Operator: Any) -> _V:
@@ -465,9 +485,11 @@ class _Lowering:
             args = [self._reshape(x.expr, (m, c)), self._const(w.reshape(f, c).t())]
             shape2 = (m, f)
         elif groups == 1:
-            operator = Operator("conv2d", (n, c, h, wd, f, r, s), stride=stride, padding=padding, dilation=dilation,
-                                epilogue=epi, layout="NHWC")
-            args = [x.expr, self._const(w)]
+            # computed directly on channel blocks (weights packed for the configuration), or as an implicit
+            # GEMM (im2col blocks gathered per tile): whichever is expected faster
+            operator = [Operator("conv2d", (n, c, h, wd, f, r, s), stride=stride, padding=padding, dilation=dilation,
+                                 epilogue=epi, layout=layout) for layout in ("NHWCc", "NHWC")]
+            args = [x.expr]
             shape2 = None
         elif groups == c == f and cg == 1:
             operator = Operator("depthwise_conv2d", (n, c, h, wd, r, s), stride=stride, padding=padding,
@@ -481,7 +503,10 @@ class _Lowering:
         if res is not None:
             res = self._nhwc(res, op.node)
             args.append(res.expr if shape2 is None else self._reshape(res.expr, shape2))
-        y = self._template(operator, args, nodes)
+        if isinstance(operator, list):
+            y = self._template(operator, args, nodes, weight=w)
+        else:
+            y = self._template([operator], args, nodes)
         if shape2 is not None:
             y = self._reshape(y, (n, oh, ow, f))
         return _V(y, out_shape, True)
@@ -752,10 +777,14 @@ def compile_relax(mod: Any) -> Any:
 
 class TVMGraph(_FrozenGraph):
     """The flat graph (placeholders in, its output leaves as a tuple out) served by one TVM program for the
-    example's shapes (see the module docstring)."""
+    example's shapes (see the module docstring). Calls the program does not serve go to Inductor's
+    whole-graph program (:class:`.whole.CompiledGraph`, made on the first of them: another batch size is
+    then compiled as the Inductor implementation would have been), which itself runs the plain graph where
+    nothing compiled may serve (gradients, tracing)."""
 
-    def __init__(self, graph_module: fx.GraphModule):
+    def __init__(self, graph_module: fx.GraphModule, dynamic: bool = False):
         super().__init__(graph_module)
+        self.dynamic = dynamic  # the graph serves other sizes (optic.ir.dynamic): Inductor's program for them is dynamic
         self.signature: list[tuple] = []
         self.kernels: list[KernelInfo] = []
         self.library: tuple[str, bytes] | None = None  # (machine fingerprint, the shared library)
@@ -764,6 +793,16 @@ class TVMGraph(_FrozenGraph):
         self.measurements = 0
         self._vm: Any = None
         self._main: Any = None
+        self._other: Any = None
+
+    def _others(self, *args: Any) -> Any:
+        """A call the TVM program does not serve (see the class docstring)."""
+        if self._other is None:
+            from .whole import CompiledGraph
+
+            # held outside the module tree: its graph module is this one's (state_dict, copies skip it)
+            object.__setattr__(self, "_other", CompiledGraph(self.graph_module, dynamic=getattr(self, "dynamic", False)))
+        return self._other(*args)
 
     def build(self, example: tuple, trials: int = 0, db: Any = None, budget_s: float = math.inf,
               progress: Any = None) -> None:
@@ -885,14 +924,14 @@ class TVMGraph(_FrozenGraph):
 
     def forward(self, *args: Any) -> Any:
         if not self._servable(args):
-            return self.graph_module(*args)
+            return self._others(*args)
         try:
             if self._main is None:
                 self._load()
             if self._changed():
                 self.failed = "a weight changed after the TVM program was built (optimize again to rebuild it)"
-                log.warning("optic: %s; running the plain graph", self.failed)
-                return self.graph_module(*args)
+                log.warning("optic: %s; Inductor's whole-graph program serves from now on", self.failed)
+                return self._others(*args)
             import tvm_ffi
 
             out = self._main(*[tvm_ffi.from_dlpack(a.contiguous()) for a in args])
@@ -900,22 +939,26 @@ class TVMGraph(_FrozenGraph):
                 return (torch.from_dlpack(out),)
             return tuple(torch.from_dlpack(o) for o in out)
         except Exception as e:
-            return self._fall_back("TVM program", e, *args)
+            if self.failed is None:
+                self.failed = error_line(e)
+                log.warning("optic: the TVM program failed (%s); Inductor's whole-graph program serves from now on",
+                            self.failed)
+            return self._others(*args)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(): the program holds the old weights
         self.failed = self.failed or "the module was moved or cast after the TVM program was built"
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_vm": None, "_main": None}
+        return {**super().__getstate__(), "_vm": None, "_main": None, "_other": None}
 
     def __deepcopy__(self, memo: dict) -> TVMGraph:
         import copy
 
         new = TVMGraph.__new__(TVMGraph)
         memo[id(self)] = new
-        state = {k: (v if k in ("_vm", "_main", "library", "kernels") else copy.deepcopy(v, memo))
-                 for k, v in self.__dict__.items()}
+        state = {k: (None if k == "_other" else v if k in ("_vm", "_main", "library", "kernels")
+                     else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
         new.__dict__.update(state)
         new._frozen, new._versions = [], []
         if new._main is not None:
@@ -948,7 +991,7 @@ def wrap(program: Any, trials: int = 0, db: Any = None, budget_s: float = math.i
     made: list[TVMGraph] = []
 
     def module(gm: fx.GraphModule) -> TVMGraph:
-        made.append(TVMGraph(gm))
+        made.append(TVMGraph(gm, dynamic=bool(program.dims)))
         return made[0]
 
     out = wrap_graph(program, module=module)

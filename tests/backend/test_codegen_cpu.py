@@ -77,7 +77,7 @@ def convolutions(draw) -> Operator:
     w = draw(st.integers(dilation * (s - 1) + 1, 12))
     f = draw(st.integers(9, 40))  # the template's smallest N block is 16 and must stay under 2*F
     return Operator("conv2d", (n, c, h, w, f, r, s), stride=stride, padding=padding, dilation=dilation,
-                    layout=draw(st.sampled_from(["NHWC", "NCHW", "NCHWc"])), epilogue=draw(EPILOGUES))
+                    layout=draw(st.sampled_from(["NHWC", "NCHW", "NCHWc", "NHWCc"])), epilogue=draw(EPILOGUES))
 
 
 @examples(30)
