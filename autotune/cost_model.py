@@ -140,13 +140,15 @@ def _l1_conflicts(rows: Any, stride_bytes: Any, l1_bytes: float) -> Any:
 
 def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, Np: Any, Kp: Any,
               MC: Any, a_pack_bytes: Any, io_bytes: float, out_bytes: Any, useful_flops: float,
-              b_gathered: bool = False, a_row_bytes: Any = None) -> dict[str, Any]:
+              b_gathered: bool = False, a_row_bytes: Any = None, b_prepacked: bool = False) -> dict[str, Any]:
     """``a_pack_bytes``: A's padded or gathered copy (``Mp*Kp`` elements; 0 when A is read in place),
     built block by block by the tiles; ``io_bytes``: the operands and the output, which cross DRAM at
     least once; ``out_bytes``: what the write-back copies (0 when the GEMM writes the output);
     ``b_gathered``: B's source is contiguous along neither axis, so B is packed once, before the
     GEMM, an element at a time (an NHWC convolution's weights); ``a_row_bytes``: how far apart the
-    rows of A the register tile broadcasts from are (default: a packed block's, ``KC`` elements)."""
+    rows of A the register tile broadcasts from are (default: a packed block's, ``KC`` elements);
+    ``b_prepacked``: B comes packed in its micro-panels (constant weights packed once, ahead): no tile
+    packs it, the panels are read where they lie."""
     MR, NR, KC, NC, UNROLL, P = (np.asarray(c[v], dtype=float) for v in ("MR", "NR", "KC", "NC", "UNROLL", "PARALLEL"))
     lanes, esize = p["LANES"], 4.0  # fp32 compute
     clock, fu = t.clock_hz or 2.5e9, float(t.fma_units or 1)
@@ -190,7 +192,7 @@ def _cpu_gemm(t: Target, p: Mapping[str, float], c: Mapping[str, Any], Mp: Any, 
     # The B panels and A's blocks (when A is copied) are written into L2 by the tile's thread; A's
     # blocks are gathered once per column of tiles, from a source that stays in L3.
     a_packs = a_pack_bytes * (Np / NC) * share
-    b_pack = (Kp * Np / (clock * threads_used) if b_gathered
+    b_pack = (0.0 if b_prepacked else Kp * Np / (clock * threads_used) if b_gathered
               else b_source * share / (L2_BYTES_PER_CYCLE * clock))
     pack_time = b_pack + a_packs / (L2_BYTES_PER_CYCLE * clock) + a_packs / (L3_BYTES_PER_CYCLE * clock)
     write_back = 2 * out_bytes / (L2_BYTES_PER_CYCLE * clock * threads_used)
@@ -216,7 +218,7 @@ def _matmul_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]
     # A is read in place, rows K apart, unless it is copied into padded blocks
     a_rows = np.where(a_pack > 0, 4 * KC, 4 * K)
     return _cpu_gemm(t, p, c, Mp, Np, Kp, MC, a_pack, 4 * (M * K + K * N + M * N), out, 2 * M * N * K,
-                     a_row_bytes=a_rows)
+                     a_row_bytes=a_rows, b_prepacked=space.meta.get("b_layout") == "packed")
 
 
 def _conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict[str, Any]:

@@ -90,9 +90,9 @@ class Operator:
                 raise SpaceError(f"unknown elementwise fn {merged['fn']!r}; known: {sorted(ELEMENTWISE_FNS)}")
             if arity == 1 and merged["inputs"] != 1:
                 raise SpaceError(f"elementwise fn {merged['fn']} takes one input, not {merged['inputs']}")
-        if op == "matmul" and merged["b_layout"] not in ("kn", "nk"):
-            raise SpaceError(f"matmul b_layout is 'kn' (B[K,N]) or 'nk' (B[N,K], nn.Linear's weight), "
-                             f"not {merged['b_layout']!r}")
+        if op == "matmul" and merged["b_layout"] not in ("kn", "nk", "packed"):
+            raise SpaceError(f"matmul b_layout is 'kn' (B[K,N]), 'nk' (B[N,K], nn.Linear's weight) or 'packed' "
+                             f"(B[K,N] packed once for the configuration: constant weights), not {merged['b_layout']!r}")
         cores = merged.pop("cores", None) or "simt"  # SIMT, the default, stays out of the key (keys predate it)
         if cores not in ("simt", "tensor"):
             raise SpaceError(f"cores is 'simt' or 'tensor' (a matmul's tensor-core template), not {cores!r}")
@@ -132,7 +132,12 @@ class Operator:
                              "NCHW or NHWC")
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
-        return TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
+        if self.op == "matmul" and self.opts["b_layout"] == "packed" and t.kind != "cpu":
+            raise SpaceError(f"a matmul with B packed for its configuration has no {t.kind} template")
+        space = TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
+        if self.packed_b:  # the cost model charges B's packing unless it was done once, ahead
+            return space.with_meta(b_layout="packed")
+        return space
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, "args": list(self.args),
@@ -151,7 +156,8 @@ class Operator:
     def __str__(self) -> str:
         o = self.opts
         if self.op == "matmul":
-            text = "matmul {}x{}x{}".format(*self.args) + (" (B[N,K])" if o["b_layout"] == "nk" else "")
+            text = "matmul {}x{}x{}".format(*self.args) + {"nk": " (B[N,K])", "packed": " (B packed)"}.get(
+                o["b_layout"], "")
             text += " on tensor cores" if o.get("cores") == "tensor" else ""
         elif self.op == "conv2d":
             n, c, h, w, f, r, s = self.args
@@ -240,6 +246,11 @@ class Operator:
         return self.args[0], self.args[1]
 
     @property
+    def packed_b(self) -> bool:
+        """A matmul whose B (constant weights) is packed once for the configuration (``codegen_cpu.kernel_args``)."""
+        return self.op == "matmul" and self.opts["b_layout"] == "packed"
+
+    @property
     def direct(self) -> bool:
         """A convolution computed directly on channel blocks (layout "NCHWc" or "NHWCc"): its weights are packed for the
         configuration (``codegen_cpu.kernel_args``)."""
@@ -298,7 +309,7 @@ class Operator:
         o, epi = self.opts, self.opts.get("epilogue", ())
         if self.op == "matmul":
             m, n, k = self.args
-            shapes = [(m, k), (k, n) if o["b_layout"] == "kn" else (n, k)]
+            shapes = [(m, k), (n, k) if o["b_layout"] == "nk" else (k, n)]
             feat = n
         elif self.op == "conv2d":
             n, c, h, w, f, r, s = self.args
@@ -333,7 +344,7 @@ class Operator:
     def _torch(self, x: list[torch.Tensor]) -> torch.Tensor:
         o, epi = self.opts, list(self.opts.get("epilogue", ()))
         if self.op == "matmul":
-            y = x[0] @ x[1] if o["b_layout"] == "kn" else F.linear(x[0], x[1])
+            y = F.linear(x[0], x[1]) if o["b_layout"] == "nk" else x[0] @ x[1]
         elif self.op == "conv2d":
             inp = x[0].permute(0, 3, 1, 2) if self.nhwc else x[0]
             y = F.conv2d(inp, x[1], stride=o["stride"], padding=o["padding"], dilation=o["dilation"])

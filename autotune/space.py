@@ -198,6 +198,15 @@ class Space:
         object.__setattr__(self, "_symbols", MappingProxyType(canonical))
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(names)})
 
+    def with_meta(self, **extra: Any) -> Space:
+        """The same space with ``extra`` added to its ``meta`` (what a code generator's option tells the cost
+        model, e.g. a matmul's B packed ahead); the declaration is shared, not solved again."""
+        import copy
+
+        other = copy.copy(self)
+        object.__setattr__(other, "meta", MappingProxyType({**self.meta, **extra}))
+        return other
+
     # -- the declaration ------------------------------------------------------------------------
 
     @property

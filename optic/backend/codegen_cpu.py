@@ -53,7 +53,7 @@ from .dynamic_tiles import TIR_PIPELINE, mark_dynamic, register_pipeline
 from .tir_expr import elementwise_value, epilogue, padded
 
 __all__ = ["BUILDERS", "CODEGEN_VERSION", "TIR_PIPELINE", "build", "compile_module", "kernel_args",
-           "direct_weight_shape", "pack_direct_weight", "unpack_direct_weight"]
+           "direct_weight_shape", "gemm_weight_shape", "pack_direct_weight", "pack_gemm_weight", "unpack_direct_weight"]
 
 # Part of every tuning-database key: records measured with another code generator are not reused.
 CODEGEN_VERSION = 4
@@ -86,7 +86,7 @@ def compile_module(mod: Any, target: Any) -> Any:
 
 
 def _gemm_te(tvm: Any, rows: tuple[int, ...], Np: int, Kp: int, NR: int,
-             a_value: Callable[..., Any], b_value: Callable[[Any, Any], Any], pack_a: bool = True,
+             a_value: Callable[..., Any], b_value: Callable[[Any, Any], Any] | Any, pack_a: bool = True,
              name: str = "Cp") -> Any:
     """The packing stages and the padded product ``Cp[*rows, Np] = sum_k Ap * Bp``.
 
@@ -96,7 +96,8 @@ def _gemm_te(tvm: Any, rows: tuple[int, ...], Np: int, Kp: int, NR: int,
     the (zero-padded) operand elements as TE expressions. A is copied row-major (``Ap[*rows, Kp]``:
     the micro-kernel broadcasts one element of each of MR rows per k step, and contiguous rows are
     all that needs; an MR-panel layout measured slower, its copy being a transposition), and only
-    when it must be padded or gathered (im2col): ``pack_a=False`` reads ``a_value`` directly."""
+    when it must be padded or gathered (im2col): ``pack_a=False`` reads ``a_value`` directly. ``b_value``
+    may also be B already packed (a placeholder ``[Np/NR, Kp, NR]``): then nothing packs it."""
     te = tvm.te
     if pack_a:
         Ap = te.compute((*rows, Kp), a_value, name="Ap")
@@ -105,7 +106,10 @@ def _gemm_te(tvm: Any, rows: tuple[int, ...], Np: int, Kp: int, NR: int,
             return Ap[idx]
     else:
         a = a_value
-    Bp = te.compute((Np // NR, Kp, NR), lambda jo, k, jv: b_value(k, jo * NR + jv), name="Bp")
+    if isinstance(b_value, te.Tensor):  # packed ahead
+        Bp = b_value
+    else:
+        Bp = te.compute((Np // NR, Kp, NR), lambda jo, k, jv: b_value(k, jo * NR + jv), name="Bp")
     k = te.reduce_axis((0, Kp), name="k")
     return te.compute((*rows, Np), lambda *ij: te.sum(a(*ij[:-1], k) * Bp[ij[-1] // NR, k, ij[-1] % NR], axis=k),
                       name=name)
@@ -159,7 +163,8 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
     # B is packed where it is used: the KC x NC panel of each k block, by the thread that owns the
     # tile, while it is hot in L2 (a separate pass over all of B measured up to 20% slower on wide
     # GEMMs). A row of macro tiles packs it again: the cost model charges Mp/MC packings.
-    if not pack_b_once:
+    packs_b = "Bp" in names
+    if not pack_b_once and packs_b:
         s.compute_at(s.get_sblock("Bp"), k_block)
     if "Ap" in names:
         # Likewise A's padded or gathered (im2col) block: MC x KC into L2 by the tile's thread, just
@@ -181,7 +186,7 @@ def _schedule_gemm(tvm: Any, func: Any, cfg: Mapping[str, int], MC: int, Mp: int
         s.parallel(s.fuse(*wl[:-1]) if len(wl) > 2 else wl[0])
     # Packing reads its source along the source's contiguous axis (a gather along the other would be
     # a strided load per element): A's rows and a K-contiguous B are copied k innermost.
-    bp_loops = _own_loops(s, s.get_sblock("Bp"), update_loops)  # (panel, k, lane), unit loops dropped
+    bp_loops = _own_loops(s, s.get_sblock("Bp"), update_loops) if packs_b else []  # (panel, k, lane)
     if pack_b_once and PARALLEL > 1 and len(bp_loops) > 1:
         s.parallel(s.fuse(*bp_loops[:-1]) if len(bp_loops) > 2 else bp_loops[0])
     if len(bp_loops) == 3 and b_k_contiguous:
@@ -224,7 +229,9 @@ def _vectorize_inner(s: Any, loop: Any, extent: int, lanes: int = 16) -> None:
 
 
 def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
-    """``C[M, N] = epilogue(A[M, K] @ B)``, B as ``[K, N]`` or, with ``b_layout="nk"``, ``[N, K]``."""
+    """``C[M, N] = epilogue(A[M, K] @ B)``, B as ``[K, N]``, with ``b_layout="nk"`` ``[N, K]``, or with
+    ``"packed"`` already in the GEMM's micro-panels ``[Np/NR, Kp, NR]`` (zero-padded; :func:`pack_gemm_weight`,
+    done once for constant weights: no packing at run time)."""
     tvm = require_tvm()
     te = tvm.te
     M, N, K = operator.args
@@ -233,7 +240,9 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
     MR, NR, KC, MC, NC = (cfg[v] for v in ("MR", "NR", "KC", "MC", "NC"))
     Mp, Np, Kp = _cdiv(M, MC) * MC, _cdiv(N, NC) * NC, _cdiv(K, KC) * KC
     A = te.placeholder((M, K), name="A")
-    B = te.placeholder((K, N) if o["b_layout"] == "kn" else (N, K), name="B")
+    packed = o["b_layout"] == "packed"
+    B = te.placeholder(gemm_weight_shape(operator, cfg) if packed else (K, N) if o["b_layout"] == "kn" else (N, K),
+                       name="B")
     in_m = (lambda i: i < M) if Mp != M else (lambda i: None)
     in_n = (lambda j: j < N) if Np != N else (lambda j: None)
     in_k = (lambda k: k < K) if Kp != K else (lambda k: None)
@@ -245,7 +254,7 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
         return padded(tvm, [in_n(j), in_k(k)], B[k, j] if o["b_layout"] == "kn" else B[j, k])
 
     direct = (Mp, Np) == (M, N) and not epi  # nothing to clip or apply: accumulate in C itself
-    Cp = _gemm_te(tvm, (Mp,), Np, Kp, NR, a_value, b_value, pack_a=(Mp, Kp) != (M, K),
+    Cp = _gemm_te(tvm, (Mp,), Np, Kp, NR, a_value, B if packed else b_value, pack_a=(Mp, Kp) != (M, K),
                   name="C" if direct else "Cp")
     bias = te.placeholder((N,), name="bias") if "bias" in epi else None
     residual = te.placeholder((M, N), name="residual") if "residual" in epi else None
@@ -491,6 +500,23 @@ def depthwise_conv2d(operator: Operator, cfg: dict[str, int]) -> Any:
     return s.mod
 
 
+def gemm_weight_shape(operator: Operator, cfg: Mapping[str, int]) -> tuple[int, int, int]:
+    """A matmul's B packed in its micro-panels (``b_layout="packed"``): ``[Np/NR, Kp, NR]``."""
+    _, n, k = operator.args
+    NR, KC, NC = cfg["NR"], cfg["KC"], cfg["NC"]
+    return _cdiv(n, NC) * NC // NR, _cdiv(k, KC) * KC, NR
+
+
+def pack_gemm_weight(b: Any, operator: Operator, cfg: Mapping[str, int]) -> Any:
+    """``b`` ``[K, N]`` (a torch tensor) in the micro-panels of :func:`gemm_weight_shape`, zero-padded."""
+
+    panels, kp, nr = gemm_weight_shape(operator, cfg)
+    k, n = b.shape
+    padded_b = b.new_zeros((kp, panels * nr))
+    padded_b[:k, :n] = b.detach().float()
+    return padded_b.reshape(kp, panels, nr).permute(1, 0, 2).contiguous()
+
+
 def direct_weight_shape(operator: Operator, cfg: Mapping[str, int]) -> tuple[int, ...]:
     """The packed weights of :func:`conv2d_direct`: ``[F'/OC_BN, C/IC_BN, R, S, IC_BN, OC_BN]``."""
     _, c_, _, _, f_, r_, s_ = operator.args
@@ -628,7 +654,10 @@ BUILDERS: dict[str, Callable[[Operator, dict[str, int]], Any]] = {
 
 def kernel_args(operator: Operator, config: Mapping[str, int], inputs: list[Any]) -> list[Any]:
     """What the built function takes before its output, from the operator's inputs (torch tensors, in
-    ``Operator.input_shapes()`` order): the same, except a direct convolution's packed weights."""
+    ``Operator.input_shapes()`` order): the same, except a direct convolution's packed weights and a
+    matmul's packed B."""
     if operator.direct:
         return [inputs[0], pack_direct_weight(inputs[1], operator, config), *inputs[2:]]
+    if operator.packed_b:
+        return [inputs[0], pack_gemm_weight(inputs[1], operator, config), *inputs[2:]]
     return list(inputs)

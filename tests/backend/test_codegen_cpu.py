@@ -55,7 +55,7 @@ def _check_drawn(data: st.DataObject, operator: Operator) -> None:
 
 
 @examples(25)
-@given(m=st.integers(1, 70), n=st.integers(1, 70), k=st.integers(1, 90), layout=st.sampled_from(["kn", "nk"]),
+@given(m=st.integers(1, 70), n=st.integers(1, 70), k=st.integers(1, 90), layout=st.sampled_from(["kn", "nk", "packed"]),
        epilogue=EPILOGUES, data=st.data())
 @example(m=512, n=512, k=512, layout="kn", epilogue=(), data=None)
 def test_matmul_configs_build_and_compute_the_reference(m, n, k, layout, epilogue, data):
@@ -322,3 +322,24 @@ def test_the_dynamic_tile_rewrite_turns_only_marked_parallel_loops_into_workers(
                                                                      marked)])
     rewritten = dynamic_tiles._rewrite_dynamic(tirx, nested)
     assert rewritten.seq[0].same_as(nested.seq[0]) and str(rewritten.seq[1].body) == text  # found inside a loop
+
+
+def test_a_gemm_with_b_packed_ahead_packs_nothing_at_run_time_and_the_model_charges_nothing():
+    """b_layout="packed": B arrives in its micro-panels (constant weights packed once), so the kernel has no
+    packing stage, its packed weights unpack to B, and the cost model drops B's packing from its figure."""
+    from optic.autotune import cost_model
+
+    operator = Operator("matmul", (1, 1000, 1280), b_layout="packed", epilogue=("bias",))
+    names, rows = _configs(operator)
+    config = dict(zip(names, rows[0], strict=True))
+    kn = Operator("matmul", (1, 1000, 1280), b_layout="kn", epilogue=("bias",))
+    assert '"Bp"' in codegen_cpu.build(kn, config)["main"].script()  # the packing stage, per call
+    assert '"Bp"' not in codegen_cpu.build(operator, config)["main"].script()
+    b = torch.randn(1280, 1000)
+    packed = codegen_cpu.pack_gemm_weight(b, operator, config)
+    panels, kp, nr = packed.shape
+    assert torch.equal(packed.permute(1, 0, 2).reshape(kp, panels * nr)[:1280, :1000], b)
+    space_kn, space_packed = kn.space("cpu"), operator.space("cpu")
+    assert space_packed.meta["b_layout"] == "packed" and "b_layout" not in space_kn.meta
+    assert cost_model.predict(space_packed, config).parts["pack"] < cost_model.predict(space_kn, config).parts["pack"]
+    _build_and_check(operator, config)

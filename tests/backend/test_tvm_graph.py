@@ -137,7 +137,7 @@ def test_activations_stay_nhwc_between_convolutions_and_epilogues_fuse():
     stem = [w for w in templates if w.startswith("conv2d ")]
     assert len(stem) == 1 and "+ bias+relu6" in stem[0] and "(chosen over " in stem[0], stem
     assert any(w.startswith("depthwise conv2d") and "+ bias+relu" in w for w in templates), templates
-    assert any(w.startswith("matmul 64x32x16 + bias") for w in templates), templates  # the 1x1 conv: a GEMM
+    assert any(w.startswith("matmul 64x32x16 (B packed) + bias") for w in templates), templates  # 1x1 conv: a GEMM
     assert sum(k.source == "simple" for k in g.kernels) == 2  # the transpose and the global average
 
 
