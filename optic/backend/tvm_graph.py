@@ -820,7 +820,11 @@ class TVMGraph(_FrozenGraph):
         self.signature = [(tuple(a.shape), a.dtype) for a in example]
         self.trials = trials
         self._load_executable(ex)
-        self.library = (host_fingerprint(), self._export(ex))
+        try:
+            self.library = (host_fingerprint(), self._export(ex))
+        except Exception as e:  # noqa: BLE001 - no C compiler to link it: a pickled copy builds it again on load
+            log.info("optic: the TVM program's library is not stored (%s); a copy rebuilds it", error_line(e))
+            self.library = None
         self.compile_s = time.perf_counter() - t0
         self._track()
 
