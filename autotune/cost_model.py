@@ -313,7 +313,7 @@ def _depthwise_conv2d_cpu(space: Space, t: Target, c: Mapping[str, Any]) -> dict
     (CB/LANES vectors each). Per kernel row the tile loads the window's input vectors once (LLVM keeps a
     column live across the S taps that read it) and S weight vectors, and does RW*S FMAs per vector of
     channels; the accumulators, the window and a weight vector must fit the registers, and what does not is
-    spilled and reloaded at every tap (measured on Zen 4: 16 channels x 8 columns 0.034 ms on 56x56x144,
+    spilled and reloaded at every tap (measured on Zen 5: 16 channels x 8 columns 0.034 ms on 56x56x144,
     48 x 7, which needs 51 registers, 0.128 ms). Consecutive tiles are independent, so out-of-order
     execution hides the FMA latency. The input streams once (its rows are shared by R output rows, from
     L2), the output is written once; padded edges cost a test per tap."""

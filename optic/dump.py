@@ -105,7 +105,11 @@ def render_tvmscript(view: Any, title: str | None = None) -> str:
         head.append("# ops kept in PyTorch:")
         head += [f"#   {f}" for f in lowered.fallbacks]
     head.append("# the Relax module as imported (one function per partition), before fusion:")
-    return "\n".join(head) + "\n" + lowered.script().strip("\n") + "\n"
+    text = "\n".join(head) + "\n" + lowered.script().strip("\n") + "\n"
+    if getattr(view, "program", None):
+        text += ("\n# the whole graph as one program of optic's kernels (optic.backend.tvm_graph), as the CPU "
+                 "step builds it:\n" + view.program)
+    return text
 
 
 # -- json ---------------------------------------------------------------------------------------------

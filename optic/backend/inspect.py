@@ -24,13 +24,23 @@ class TVMView:
     lowered: Lowered
     kernel: Kernel | None = None
     schedule: str | None = None  # the kernel scheduled by optic's template, as TVMScript, or why it is not
+    program: str | None = None  # the whole program of optic's kernels (a CPU target), or why it is not built
 
 
 def tvm_view(program: Program, target: Any = "cpu", kernel: str | None = None) -> TVMView:
-    """``program`` lowered for ``target``; with ``kernel`` (a fused kernel's name), that kernel and its schedule."""
+    """``program`` lowered for ``target``; with ``kernel`` (a fused kernel's name), that kernel and its schedule;
+    without, for a CPU target, also the whole program of optic's kernels the CPU step would offer
+    (:func:`.tvm_graph.program_script`)."""
+    from .. import targets
+
     lowered = lower(program, target)
     if kernel is None:
-        return TVMView(lowered)
+        whole = None
+        if targets.get(target).kind == "cpu":
+            from .tvm_graph import program_script
+
+            whole = program_script(program)
+        return TVMView(lowered, program=whole)
     k = lowered.kernel(kernel)
     return TVMView(lowered, k, scheduled_kernel(k, target))
 

@@ -53,7 +53,7 @@ log = logging.getLogger("optic")
 VECTOR = 16  # fp32 lanes the simple kernels' inner loops are vectorized by
 PARALLEL_MIN = 1 << 14  # elements from which a simple kernel runs on every core
 _EPILOGUE_ACTS = {"relu", "gelu", "silu", "tanh", "sigmoid"}
-# B of a GEMM whose weights are constants: packed in its micro-panels once, at build time (measured on Zen 4:
+# B of a GEMM whose weights are constants: packed in its micro-panels once, at build time (measured on Zen 5:
 # MobileNetV2's classifier 0.026 against 0.059 ms, its 12544x96x16 conv 0.117 against 0.167, the other
 # 1x1 convolutions 2-13 % faster than packing per call); "kn" packs per call (kept for A/B runs)
 GEMM_WEIGHTS = "packed"
@@ -75,7 +75,7 @@ def unavailable() -> str | None:
 
 
 _KINDS = frozenset({"conv", "linear", "act", "add", "sub", "mul", "div", "flatten", "reshape", "mean", "pool",
-                    "identity", "contiguous", "dropout"})
+                    "identity", "contiguous", "dropout", "pad", "cat"})
 
 
 def check(gm: fx.GraphModule) -> str | None:
@@ -546,6 +546,17 @@ class _Lowering:
 
             def f(v: Any) -> Any:
                 return epilogue(tvm, v, (fn,), None, None)
+        elif fn in ("hardswish", "hardsigmoid"):  # x * relu6(x + 3) / 6, relu6(x + 3) / 6, as PyTorch computes them
+            three, six = tvm.tirx.const(3.0, "float32"), tvm.tirx.const(6.0, "float32")
+
+            def f(v: Any) -> Any:
+                gate = tvm.tirx.min(tvm.tirx.max(v + three, zero), six)
+                return v * gate / six if fn == "hardswish" else gate / six
+        elif fn == "leaky_relu":
+            slope = tvm.tirx.const(float(op.attrs.get("negative_slope", 0.01)), "float32")
+
+            def f(v: Any) -> Any:
+                return tvm.tirx.Select(v > zero, v, v * slope)
         else:
             raise Unsupported(f"'{op.node.name}': activation {fn} has no kernel here")
         stored = self._stored(x)
@@ -615,6 +626,73 @@ class _Lowering:
         if op.attrs.get("rounding_mode") is not None:
             raise Unsupported(f"'{op.node.name}': division with rounding")
         self._binary(op, lambda a, b: a / b, "div")
+
+    def _op_pad(self, op: Op) -> None:
+        """A constant pad: on an NHWC value along H and W (F.pad's last two pairs), else in the model's layout."""
+        tvm = self.tvm
+        node = op.node
+        if op.attrs.get("mode", "constant") != "constant":
+            raise Unsupported(f"'{node.name}': {op.attrs.get('mode')} padding")
+        pads = [int(p) for p in (op.attrs.get("pad") or ())]
+        if len(pads) % 2 or any(p < 0 for p in pads):
+            raise Unsupported(f"'{node.name}': padding {pads} (cropping)")
+        x = self._value(op.x, node)
+        rank = len(x.shape)
+        before = [0] * rank
+        for i in range(len(pads) // 2):  # last dim first
+            before[rank - 1 - i] = pads[2 * i]
+        out_shape = self._shape(node)
+        value = tvm.tirx.const(float(op.attrs.get("value", 0.0) or 0.0), "float32")
+        nhwc = x.nhwc and before[:2] == [0, 0] and out_shape[:2] == x.shape[:2]
+        if nhwc:
+            before = [0, before[2], before[3], 0]
+            stored, src = (out_shape[0], out_shape[2], out_shape[3], out_shape[1]), self._stored(x)
+        else:
+            x = self._logical(x, node)
+            stored, src = out_shape, x.shape
+
+        def compute(a: Any) -> Any:
+            def elem(*i: Any) -> Any:
+                idx = [i[d] - before[d] for d in range(rank)]
+                inside = [cond for d in range(rank) if stored[d] != src[d]
+                          for cond in (idx[d] >= 0, idx[d] < src[d])]
+                return tvm.tirx.if_then_else(tvm.tirx.all(*inside), a[tuple(idx)], value) if inside else a[tuple(idx)]
+            return tvm.te.compute(stored, elem, name="T")
+        expr = self._simple("pad", [(x.expr, src)], compute, stored, "pad", [node])
+        self.env[node] = _V(expr, out_shape, nhwc)
+
+    def _op_cat(self, op: Op) -> None:
+        """Concatenation: along the channels of NHWC values (their last axis), else in the model's layout."""
+        tvm = self.tvm
+        node = op.node
+        parts = [self._value(a, node) for a in (op.x or [])]
+        dim = int(op.attrs.get("dim", 0))
+        out_shape = self._shape(node)
+        if not parts:
+            raise Unsupported(f"'{node.name}': an empty concatenation")
+        rank = len(out_shape)
+        dim = dim % rank
+        nhwc = rank == 4 and dim == 1 and any(p.nhwc for p in parts)
+        parts = [self._nhwc(p, node) if nhwc else self._logical(p, node) for p in parts]
+        axis = 3 if nhwc else dim
+        shapes = [self._stored(p) for p in parts]
+        stored = (out_shape[0], out_shape[2], out_shape[3], out_shape[1]) if nhwc else out_shape
+        offsets = [0]
+        for shp in shapes:
+            offsets.append(offsets[-1] + shp[axis])
+
+        def compute(*phs: Any) -> Any:
+            def elem(*i: Any) -> Any:
+                value = None
+                for k in reversed(range(len(phs))):
+                    idx = tuple(i[d] - offsets[k] if d == axis else i[d] for d in range(rank))
+                    value = phs[k][idx] if value is None else tvm.tirx.if_then_else(i[axis] < offsets[k + 1],
+                                                                                    phs[k][idx], value)
+                return value
+            return tvm.te.compute(stored, elem, name="T")
+        expr = self._simple("cat", [(p.expr, shp) for p, shp in zip(parts, shapes, strict=True)], compute, stored,
+                            "concatenation", [node])
+        self.env[node] = _V(expr, out_shape, nhwc)
 
     def _op_flatten(self, op: Op) -> None:
         out_shape = self._shape(op.node)
@@ -758,6 +836,27 @@ def lower(gm: fx.GraphModule, example: tuple, trials: int = 0, db: Any = None, b
         if low.runner is not None:
             low.runner.close()
     return mod, low.kernels, low.single, low.measurements
+
+
+def program_script(program: Any) -> str:
+    """The whole program :class:`TVMGraph` would build for ``program`` (on its example, nothing measured:
+    the database's or the cost model's configurations), as TVMScript: its Relax function and one line per
+    kernel (name, what it computes, template configuration); or why it is not built."""
+    import torch.utils._pytree as pytree
+
+    why = check(program.gm)
+    if why:
+        return f"# not built: {why}\n"
+    flat = tuple(pytree.tree_leaves((program.example_args, program.example_kwargs)))
+    try:
+        mod, kernels, _, _ = lower(program.gm, flat)
+    except Unsupported as e:
+        return f"# not built: {e}\n"
+    lines = [f"# {len(kernels)} kernels, each generated by optic (template configuration, or a simple loop):"]
+    for k in kernels:
+        cfg = " ".join(f"{n}={v}" for n, v in k.config.items())
+        lines.append(f"#   {k.name}: {k.what}" + (f"  [{cfg}]" if cfg else ""))
+    return "\n".join(lines) + "\n" + mod["main"].script().strip("\n") + "\n"
 
 
 def compile_relax(mod: Any) -> Any:

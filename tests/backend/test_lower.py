@@ -250,6 +250,10 @@ def test_tvmscript_dump(mlp):
     text = dump.render(program, "tvmscript", title="captured graph", tvm=tvm_view(program))
     assert text.startswith("# optic TVMScript dump: captured graph")
     assert "fused_matmul_add_gelu: matmul" in text and "def part_0(" in text
+    # and the whole program of optic's kernels the CPU step would build: each kernel, then its Relax function
+    whole = text.split("# the whole graph as one program of optic's kernels", 1)[1]
+    assert "matmul 4x32x16 (B packed) + bias+gelu" in whole and "matmul 4x8x32 (B packed) + bias" in whole
+    assert "R.call_tir" in whole
     name = by_class(lowered, "matmul")[0].name
     one = dump.render(program, "tvmscript", tvm=tvm_view(program, "cpu", name))
     assert f"# kernel {name}" in one and "def part_0(" not in one

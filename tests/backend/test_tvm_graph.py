@@ -24,12 +24,13 @@ pytest.importorskip("tvm")
 from optic.backend import tvm_graph  # noqa: E402
 from optic.pipeline.verify import compare  # noqa: E402
 
-ACTS = [None, "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh"]
+ACTS = [None, "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "leaky_relu"]
 
 
 def _act(name):
     return {None: nn.Identity(), "relu": nn.ReLU(), "relu6": nn.ReLU6(), "gelu": nn.GELU(), "silu": nn.SiLU(),
-            "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "hardtanh": nn.Hardtanh(-0.5, 0.5)}[name]
+            "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "hardtanh": nn.Hardtanh(-0.5, 0.5), "hardswish": nn.Hardswish(),
+            "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2)}[name]
 
 
 class Block(nn.Module):
@@ -48,6 +49,28 @@ class Block(nn.Module):
         if self.residual:
             return self.act(y + x)
         return self.act(y)
+
+
+class TFPad(nn.Module):
+    """TensorFlow's "same" padding before a stride-2 convolution: one more row and column after than before."""
+
+    def __init__(self, c, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c_out, 3, 2, 0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Concat(nn.Module):
+    """Two branches joined along the channels (Inception, DenseNet)."""
+
+    def __init__(self, c, c_out):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c_out, 1), nn.Conv2d(c, c, 3, 1, 1, groups=c)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), torch.relu(self.b(x))], dim=1)
 
 
 class Net(nn.Module):
@@ -74,8 +97,18 @@ def cnn_and_input(draw):
     torch.manual_seed(draw(st.integers(0, 2**16)))
     c, size, blocks = 3, hw, []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv1x1", "conv3x3", "dw", "residual", "maxpool", "avgpool"]))
-        if kind in ("maxpool", "avgpool"):
+        kind = draw(st.sampled_from(["conv1x1", "conv3x3", "dw", "residual", "maxpool", "avgpool", "tfpad", "concat"]))
+        if kind == "tfpad" and size >= 4:
+            c_out = draw(st.sampled_from([4, 8]))
+            blocks.append(TFPad(c, c_out))
+            c, size = c_out, size // 2
+            continue
+        if kind == "concat":
+            c_out = draw(st.sampled_from([4, 8]))
+            blocks.append(Concat(c, c_out))
+            c = c + c_out
+            continue
+        if kind in ("maxpool", "avgpool", "tfpad"):
             if size < 4:
                 continue
             blocks.append(nn.MaxPool2d(3, 2, 1) if kind == "maxpool" else nn.AvgPool2d(2))
@@ -109,7 +142,7 @@ def _built(model: nn.Module, x: torch.Tensor) -> tvm_graph.TVMGraph:
     return g
 
 
-@examples(6)
+@examples(10)
 @given(case=cnn_and_input())
 def test_a_compiled_cnn_computes_what_the_model_computes(case):
     model, x = case
@@ -217,3 +250,33 @@ def test_the_kernel_table_times_every_kernel_once_per_call():
     assert g.profile((torch.randn(2, 3, 16, 16),)) == []  # a shape the program does not serve
     with torch.no_grad():  # the hook is gone: the program runs as before
         assert compare(g.graph_module(torch.ones(1, 3, 16, 16))[0], g(torch.ones(1, 3, 16, 16))[0], 1e-5).ok
+
+
+def test_an_exported_graph_is_lowered_like_a_traced_one():
+    """Both capture paths are first-class: the ATen graph torch.export makes (aten.conv2d, aten.hardtanh,
+    aten.adaptive_avg_pool2d, aten.linear) lowers to the same kernels."""
+    import optic
+
+    model = _chain()
+    x = torch.randn(1, 3, 32, 32)
+    out = optic.optimize(model, x, capture="export", options={"whole_graph": "tvm"})
+    rec = next(r for r in out.report.passes if r.name == "cpu_tactics")
+    assert tvm_graph.NAME in rec.measured["variants_ms"], out.report
+    kinds = sorted(k["what"].split(" ")[0] for k in rec.measured["tvm_kernels"] if k["source"] == "template")
+    assert kinds == ["conv2d", "depthwise", "matmul", "matmul"], kinds
+    with torch.no_grad():
+        assert compare(model(x), out(x), 1e-4).ok
+
+
+def test_tf_padding_concatenation_and_hard_activations_compute_what_the_model_computes():
+    torch.manual_seed(3)
+    model = nn.Sequential(TFPad(3, 8), nn.Hardswish(), Concat(8, 4), nn.Hardsigmoid(), nn.LeakyReLU(0.1),
+                          nn.Conv2d(12, 6, 1), nn.Flatten(), nn.Linear(6 * 8 * 8, 5)).eval()
+    x = torch.randn(2, 3, 17, 17)
+    g = _built(model, x)
+    whats = [k.what for k in g.kernels]
+    assert "pad" in whats and "concatenation" in whats and "hardswish" in whats, whats
+    assert whats.count("NHWC -> NCHW") == 1  # only before the flatten: pad and concatenation stay NHWC
+    with torch.no_grad():
+        for inp in (x, torch.randn_like(x)):
+            assert compare(model(inp), g(inp)[0], 1e-4).ok
