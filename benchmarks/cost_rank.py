@@ -1,6 +1,7 @@
 """The cost model's rank correlation per template and layout, on a spread of each kernel's space.
 
     GOMP_SPINCOUNT=10000 OMP_NUM_THREADS=2 python -m benchmarks.cost_rank [--layers benchmarks/results/layers.json] [--k 8]
+    python -m benchmarks.cost_rank --tvm-graph mobilenetv2,resnet50 --out DIR   # the whole TVM program's kernels
 
 The correlation ``optimize`` reports per kernel is over what tuning measured: the model's own top picks,
 which it predicts within a few percent of each other, so it mostly says how noise orders near-ties. What
@@ -8,7 +9,9 @@ tells whether the model ranks a space is a spread of it: for every distinct kern
 benchmark (``layers.json``, its ``spec``), ``--k`` configurations at evenly spaced ranks of the model's
 order (its best, its worst and between), each built, checked and timed by the tuner's worker, then
 Spearman's correlation of predicted with measured time. Writes ``benchmarks/results/cost_rank.{json,md}``:
-one row per kernel and, per template and layout, the median and the lowest correlation.
+one row per kernel and, per template and layout, the median and the lowest correlation. ``--tvm-graph``
+takes the kernels of the whole-graph TVM program of the named zoo models instead (``optic.backend.tvm_graph``:
+NHWC direct and implicit-GEMM convolutions, depthwise convolutions, GEMMs with prepacked weights), at batch 1.
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ def template_of(operator: Operator) -> str:
     """The template and the layout it was asked about: ``conv2d_direct_cpu NCHWc``, ``matmul_cpu B[K,N]``."""
     name = operator.space("cpu").name.split("[", 1)[0]
     o = operator.opts
-    layout = o["layout"] if operator.op == "conv2d" else ("B[K,N]" if o.get("b_layout") == "kn" else "B[N,K]")
+    if operator.op == "conv2d":
+        layout = o["layout"]
+    elif operator.op == "depthwise_conv2d":
+        layout = "NHWC"
+    else:
+        layout = {"kn": "B[K,N]", "nk": "B[N,K]", "packed": "B packed"}[o["b_layout"]]
     return f"{name} {layout}"
 
 
@@ -87,15 +95,44 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tvm_graph_specs(models: list[str]) -> list[tuple[str, dict]]:
+    """(model, operator spec) of every distinct template kernel of each zoo model's whole-graph TVM program,
+    batch 1 (the graph captured and its norms folded by optic's exact passes, as the CPU step sees it)."""
+    import torch.utils._pytree as pytree
+
+    import optic
+    from benchmarks.zoo import registry
+    from optic.backend import tvm_graph
+
+    out, seen = [], set()
+    for name in models:
+        entry = registry.get(name)
+        model, x = entry.factory(), entry.inputs(1)
+        program = optic.optimize(model, x, options={"whole_graph": False}, disable=["cpu_tactics"]).program
+        flat = tuple(pytree.tree_leaves((program.example_args, program.example_kwargs)))
+        _, kernels, _, _ = tvm_graph.lower(program.gm, flat)
+        for k in kernels:
+            key = json.dumps(k.spec, sort_keys=True) if k.spec else None
+            if key and key not in seen:
+                seen.add(key)
+                out.append((name, k.spec))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default=str(OUT / "layers.json"))
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--tvm-graph", metavar="MODELS", help="comma-separated zoo models: rank the kernels of their "
+                    "whole-graph TVM program instead of the layers benchmark's")
     args = ap.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    layers = json.loads(Path(args.layers).read_text())
-    specs = [(r["model"], k["spec"]) for r in layers["rows"] for k in r["kernels"] if k.get("spec")]
+    if args.tvm_graph:
+        specs = tvm_graph_specs(args.tvm_graph.split(","))
+    else:
+        layers = json.loads(Path(args.layers).read_text())
+        specs = [(r["model"], k["spec"]) for r in layers["rows"] for k in r["kernels"] if k.get("spec")]
     if not specs:
         raise SystemExit(f"{args.layers} names no kernel with its spec: run python -m benchmarks.layers first")
     start = time.perf_counter()

@@ -113,6 +113,7 @@ class KernelInfo:
     predicted_s: float | None = None
     measured_s: float | None = None
     nodes: list[str] = field(default_factory=list)
+    spec: dict[str, Any] | None = None  # the template kernel's operator (Operator.as_dict), to tune or rank it
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "what": self.what, "source": self.source, "config": self.config,
@@ -277,7 +278,7 @@ class _Lowering:
             args = [args[0], self._const(packed), *args[1:]]
         func = build(operator, config)["main"]
         info = KernelInfo("", str(operator), "template", dict(config), result.predicted_seconds,
-                          result.seconds, [n.name for n in nodes])
+                          result.seconds, [n.name for n in nodes], operator.as_dict())
         if len(tuned) > 1:
             info.what += " (chosen over " + ", ".join(
                 f"{o.opts.get('layout')} {self._expected_s(r) * 1e3:.3f} ms" for o, _, r in tuned if o is not operator) + ")"
