@@ -80,7 +80,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["# Cost model: rank correlation on a spread of each kernel's space", "",
              f"{m['cpu']}; {m['threads']} threads; {m['date']}. For every distinct conv/linear of "
-             f"{', '.join(results['models'])} (benchmarks/results/layers.json), {results['k']} configurations at "
+             f"{', '.join(results['models'])} ({results.get('source', 'benchmarks/results/layers.json')}), "
+             f"{results['k']} configurations at "
              "evenly spaced ranks of the cost model's order, each timed by the tuner's worker; ρ: Spearman's "
              f"correlation of predicted with measured time. {results['seconds']:.0f} s in all.", "",
              "| template, layout | kernels | median ρ | lowest ρ | kernels with ρ ≥ 0.5 |", "|---|---:|---:|---:|---:|"]
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.close()
     results = {"machine": machine(threads), "k": args.k, "models": sorted({m for m, _ in specs}), "rows": rows,
+               "source": ("the kernels of their whole-graph TVM program, batch 1" if args.tvm_graph
+                          else "benchmarks/results/layers.json"),
                "summary": summary(rows), "seconds": time.perf_counter() - start}
     save(args.out, "cost_rank", results, markdown(results))
     return 0
