@@ -81,6 +81,7 @@ _KINDS = frozenset({"conv", "linear", "act", "add", "sub", "mul", "div", "flatte
 def check(gm: fx.GraphModule) -> str | None:
     """Why the graph cannot be compiled here, from its ops alone (the first one without a kernel), or None.
     Cheap: what only the shapes tell is found while lowering."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -89,6 +90,15 @@ def check(gm: fx.GraphModule) -> str | None:
         if kind not in _KINDS:
             what = kind or f"{node.op} {getattr(node.target, '__name__', node.target)}"
             return f"'{node.name}' ({what}) has no kernel in the TVM program"
+        # the program computes every op out of place: an in-place op whose input is read again after it
+        # (where PyTorch would read the changed tensor) is not the same computation
+        mutates = ir.is_inplace(node) or (node.op == "call_module"
+                                          and getattr(ir.fetch_attr(gm, node.target), "inplace", False) is True)
+        target = node.args[0] if node.args else None
+        if mutates and isinstance(target, fx.Node) and any(
+                u is not node and order[u] > order[node] for u in target.users):
+            return (f"'{node.name}' changes '{target.name}' in place, and '{target.name}' is read again after it "
+                    "(the TVM program computes out of place)")
     return None
 
 
@@ -150,6 +160,8 @@ def _pool_params(op: Op) -> dict[str, Any]:
     node = op.node
     if node.op == "call_module":
         mod = op.attrs["_module"]
+        if getattr(mod, "return_indices", False):
+            raise Unsupported(f"'{node.name}': pooling that also returns its indices")
         got = {k: getattr(mod, k) for k in _POOL_ARGS[fn][1:] if hasattr(mod, k)}
     else:
         got = dict(zip(_POOL_ARGS[fn], node.args, strict=False))
