@@ -196,6 +196,7 @@ class _Lowering:
         self.deferred: dict[fx.Node, tuple[Op, list[fx.Node], tuple[str, ...], fx.Node | None]] = {}
         self.skip: set[fx.Node] = set()
         self.configs: dict[str, tuple[dict[str, int], Any]] = {}  # operator key -> (config, tune result)
+        self.converted: dict[tuple[int, bool], _V] = {}  # (value's expression, to NHWC) -> the value transposed
 
     # -- shapes ----------------------------------------------------------------------------------------
     def _record(self, example: tuple) -> dict[fx.Node, Any]:
@@ -302,6 +303,12 @@ class _Lowering:
             return v
         if len(v.shape) != 4:
             raise Unsupported(f"'{node.name}' needs a 4-D input")
+        key = (id(v.expr), True)
+        if key not in self.converted:  # a value several consumers need in the other layout: transposed once
+            self.converted[key] = self._to_nhwc(v, node)
+        return self.converted[key]
+
+    def _to_nhwc(self, v: _V, node: fx.Node) -> _V:
         n, c, h, w = v.shape
         if h == 1 and w == 1:  # the same memory in both layouts
             return _V(self._reshape(v.expr, (n, 1, 1, c)), v.shape, True)
@@ -313,6 +320,12 @@ class _Lowering:
     def _logical(self, v: _V, node: fx.Node) -> _V:
         if not v.nhwc:
             return v
+        key = (id(v.expr), False)
+        if key not in self.converted:
+            self.converted[key] = self._to_logical(v, node)
+        return self.converted[key]
+
+    def _to_logical(self, v: _V, node: fx.Node) -> _V:
         n, c, h, w = v.shape
         if h == 1 and w == 1:
             return _V(self._reshape(v.expr, v.shape), v.shape, False)
@@ -332,6 +345,9 @@ class _Lowering:
             if got is None:
                 raise Unsupported(f"'{node.name}' reads '{a.name}', which has no value here")
             if isinstance(got, torch.Tensor):
+                if got.dtype != torch.float32:
+                    raise Unsupported(f"'{node.name}' reads the {got.dtype} constant '{a.name}'; only float32 "
+                                      "graphs are compiled here")
                 return _V(self._const(got), tuple(got.shape))
             return got
         raise Unsupported(f"'{node.name}' takes {type(a).__name__} where a tensor is expected")

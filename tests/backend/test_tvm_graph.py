@@ -303,3 +303,14 @@ def test_an_in_place_op_whose_input_is_read_again_is_declined():
     g = _built(model, x)
     with torch.no_grad():
         assert compare(model(x), g(x)[0], 1e-5).ok
+
+
+def test_a_value_two_consumers_need_in_the_other_layout_is_transposed_once():
+    torch.manual_seed(4)
+    model = Concat(3, 4).eval()  # the input feeds a 1x1 and a depthwise convolution
+    x = torch.randn(1, 3, 9, 9)
+    g = _built(model, x)
+    whats = [k.what for k in g.kernels]
+    assert whats.count("NCHW -> NHWC") == 1 and whats.count("NHWC -> NCHW") == 1, whats
+    with torch.no_grad():
+        assert compare(model(x), g(x)[0], 1e-5).ok
