@@ -90,6 +90,15 @@ def trials_for(tune: Any) -> int:
     return EFFORT[tune]
 
 
+def tuning_budget_s(ctx: Any, tune_level: Any) -> float:
+    """Seconds of tuning per model: the option ``tune_budget_s``, else ``FAST_BUDGET_S`` at ``"fast"``, else no
+    limit (the per-layer kernels and the whole-graph TVM program spend it alike)."""
+    budget_s = ctx.option("tune_budget_s")
+    if budget_s is None:  # unset: the effort level decides
+        return FAST_BUDGET_S if tune_level == "fast" else math.inf
+    return float(budget_s)
+
+
 def describe_effort(tune: Any) -> str:
     n = trials_for(tune)
     if n == 0:
@@ -599,10 +608,7 @@ class TVMKernels:
         from optic.autotune.tune import workload_key
 
         trials = trials_for(tune_level)
-        budget_s = ctx.option("tune_budget_s")
-        if budget_s is None:  # unset: the effort level decides
-            budget_s = FAST_BUDGET_S if tune_level == "fast" else math.inf
-        budget_s = float(budget_s)
+        budget_s = tuning_budget_s(ctx, tune_level)
         db_opt = ctx.option("tuning_db")
         db = db_opt if isinstance(db_opt, TuningDB) else TuningDB(db_opt)
         runner = Runner() if trials else None

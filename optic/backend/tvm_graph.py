@@ -10,14 +10,14 @@ graph itself, op by op, to a Relax function whose every kernel is TIR that optic
   graph's outputs) and input images are transposed once, on entry. A 4-D value with H = W = 1 is the same
   memory in both layouts and is never copied.
 - **kernels from the templates, tuned like any other**: a 1x1, stride-1 convolution is the GEMM template
-  over ``[N*H*W, C] x [C, F]`` (its weights transposed once, at build time); a depthwise convolution is the
-  depthwise template (weights ``[R, S, C]``); any other dense convolution the implicit-GEMM template on
-  NHWC; a linear the GEMM template with its weights transposed once. Each one's bias, activation (ReLU,
-  ReLU6, GELU, SiLU, tanh, sigmoid) and residual add run in its write-back. Configurations come from the
-  tuning database (``tune`` measurements per distinct kernel; 0: the database's best, else the cost
-  model's first choice).
-- **the small ops between them** (pooling, elementwise ops that did not fuse, layout transposes, the
-  global average) are generated here as simple parallel, vectorized loops.
+  over ``[N*H*W, C] x [C, F]`` and a linear the GEMM template, their weights packed into its micro-panels
+  at build time (``b_layout="packed"``); a depthwise convolution is the depthwise template (weights
+  ``[R, S, C]``); any other dense convolution the direct template on NHWC (``NHWCc``) or the implicit GEMM,
+  whichever is expected faster. Each one's bias, activation (ReLU, ReLU6, GELU, SiLU, tanh, sigmoid) and
+  residual add run in its write-back. Configurations come from the tuning database (``tune`` measurements
+  per distinct kernel; 0: the database's best, else the cost model's first choice).
+- **the small ops between them** (pooling, padding, concatenation, elementwise ops that did not fuse,
+  layout transposes, the global average) are generated here as simple parallel, vectorized loops.
 
 Graphs with an op this does not cover are declined with the op named (the CPU step keeps the other
 implementations). The program serves the example's shapes and dtypes only; every other call (another
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator as pyop
 import os
 import tempfile
 import time
@@ -45,8 +44,9 @@ import torch.fx as fx
 from optic import ir
 from optic.ir.opview import Op, view
 
-from .generated import _reaches
-from .whole import _FrozenGraph, error_line
+from .generated import _reaches, _uniform
+from .lower import _Recorder
+from .whole import _FrozenGraph, error_line, inputs_seen
 
 NAME = "whole graph on TVM (optic's kernels)"
 log = logging.getLogger("optic")
@@ -141,11 +141,6 @@ def _ints(value: Any, n: int = 2) -> tuple[int, ...] | None:
     return tuple(int(v) for v in vals)
 
 
-def _uniform(value: Any) -> int | None:
-    vals = _ints(value)
-    return vals[0] if vals is not None and len(set(vals)) == 1 else None
-
-
 _POOL_ARGS = {
     "max": ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"],
     "avg": ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
@@ -181,7 +176,7 @@ class _Lowering:
     """Walks the flat graph in order and emits one Relax function (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, example: tuple, trials: int, db: Any, budget_s: float = math.inf,
-                 progress: Any = None):
+                 progress: Any = None):  # db: a TuningDB, opened once for the whole lowering
         from optic.tvm_compat import require_tvm
 
         self.tvm = tvm = require_tvm()
@@ -192,26 +187,17 @@ class _Lowering:
         self.bb = tvm.relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
         self.kernels: list[KernelInfo] = []
-        self.shapes = self._record(example)
+        recorder = _Recorder(gm)
+        with torch.no_grad():
+            recorder.run(*example)
+        self.shapes = recorder.values  # every node's value on the example
+        self.dense_nodes: int | None = None  # conv/linear nodes: the progress bar's length, counted when shown
         self.deferred: dict[fx.Node, tuple[Op, list[fx.Node], tuple[str, ...], fx.Node | None]] = {}
         self.skip: set[fx.Node] = set()
         self.configs: dict[str, tuple[dict[str, int], Any]] = {}  # operator key -> (config, tune result)
         self.converted: dict[tuple[int, bool], _V] = {}  # (value's expression, to NHWC) -> the value transposed
 
     # -- shapes ----------------------------------------------------------------------------------------
-    def _record(self, example: tuple) -> dict[fx.Node, Any]:
-        out: dict[fx.Node, Any] = {}
-
-        class Rec(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                v = super().run_node(n)
-                out[n] = v
-                return v
-
-        with torch.no_grad():
-            Rec(self.gm).run(*example)
-        return out
-
     def _shape(self, node: Any) -> tuple[int, ...]:
         v = self.shapes.get(node)
         if not isinstance(v, torch.Tensor):
@@ -263,9 +249,11 @@ class _Lowering:
                 self.runner = Runner()
                 self.runner.spawn()
             if self.progress is not None and trials:
-                total = sum(1 for nd in self.gm.graph.nodes if nd.op != "placeholder"
-                            and getattr(view(nd, self.gm), "kind", None) in ("conv", "linear"))
-                self.progress(f"tuning {operator}; kernels", len(self.configs), max(total, len(self.configs) + 1))
+                if self.dense_nodes is None:
+                    self.dense_nodes = sum(1 for nd in self.gm.graph.nodes if nd.op != "placeholder"
+                                           and getattr(view(nd, self.gm), "kind", None) in ("conv", "linear"))
+                self.progress(f"tuning {operator}; kernels", len(self.configs),
+                              max(self.dense_nodes, len(self.configs) + 1))
             result = tune(operator, "cpu", trials=trials, db=self.db, runner=self.runner)
             self.measurements += result.measurements
             self.configs[key] = (result.config, result)
@@ -336,8 +324,11 @@ class _Lowering:
 
     @staticmethod
     def _stored(v: _V) -> tuple[int, ...]:
-        n, c, h, w = v.shape if v.nhwc else (0, 0, 0, 0)
-        return (n, h, w, c) if v.nhwc else v.shape
+        """``v``'s shape as its memory holds it (NHWC for an NHWC value)."""
+        if not v.nhwc:
+            return v.shape
+        n, c, h, w = v.shape
+        return n, h, w, c
 
     def _value(self, a: Any, node: fx.Node) -> _V:
         if isinstance(a, fx.Node):
@@ -561,20 +552,18 @@ class _Lowering:
         fn = op.attrs.get("fn")
         x = self._value(op.x, op.node)
         zero = tvm.tirx.const(0.0, "float32")
-        if fn == "hardtanh":
+        fused = self._epilogue_act(op, op.x)  # what a kernel's write-back computes, the same expression here
+        if fused is not None:
+            from .tir_expr import epilogue
+
+            def f(v: Any) -> Any:
+                return epilogue(tvm, v, (fused,), None, None)
+        elif fn == "hardtanh":
             lo = tvm.tirx.const(float(op.attrs.get("min_val", -1.0)), "float32")
             hi = tvm.tirx.const(float(op.attrs.get("max_val", 1.0)), "float32")
 
             def f(v: Any) -> Any:
                 return tvm.tirx.min(tvm.tirx.max(v, lo), hi)
-        elif fn == "relu":
-            def f(v: Any) -> Any:
-                return tvm.tirx.max(v, zero)
-        elif fn in ("gelu", "silu", "tanh", "sigmoid") and not (fn == "gelu" and op.attrs.get("approximate", "none") != "none"):
-            from .tir_expr import epilogue
-
-            def f(v: Any) -> Any:
-                return epilogue(tvm, v, (fn,), None, None)
         elif fn in ("hardswish", "hardsigmoid"):  # x * relu6(x + 3) / 6, relu6(x + 3) / 6, as PyTorch computes them
             three, six = tvm.tirx.const(3.0, "float32"), tvm.tirx.const(6.0, "float32")
 
@@ -723,16 +712,13 @@ class _Lowering:
                             "concatenation", [node])
         self.env[node] = _V(expr, out_shape, nhwc)
 
-    def _op_flatten(self, op: Op) -> None:
-        out_shape = self._shape(op.node)
-        self._to_shape(op, out_shape)
-
     def _op_reshape(self, op: Op) -> None:
-        self._to_shape(op, self._shape(op.node))
-
-    def _to_shape(self, op: Op, out_shape: tuple[int, ...]) -> None:
+        """A reshape or flatten: of the value in the model's layout (free where it already is)."""
+        out_shape = self._shape(op.node)
         x = self._logical(self._value(op.x, op.node), op.node)
         self.env[op.node] = _V(self._reshape(x.expr, out_shape), out_shape)
+
+    _op_flatten = _op_reshape
 
     def _op_mean(self, op: Op) -> None:
         node = op.node
@@ -854,16 +840,21 @@ def lower(gm: fx.GraphModule, example: tuple, trials: int = 0, db: Any = None, b
     ``example``, its kernels, whether it returns one tensor (not a tuple), and how many configurations were
     measured: ``trials`` per distinct kernel the database has not settled, until ``budget_s`` seconds have
     passed (the rest take the database's best, else the cost model's choice). Raises :class:`Unsupported`."""
+    from optic.autotune import TuningDB
+
     for a in example:
         if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.device.type != "cpu":
             raise Unsupported("every input must be a float32 CPU tensor")
-    low = _Lowering(gm, example, trials, db, budget_s, progress)
+    database = db if isinstance(db, TuningDB) else TuningDB(db)  # a path or None: opened once, not per kernel
+    low = _Lowering(gm, example, trials, database, budget_s, progress)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         mod = low.run(placeholders)
     finally:
         if low.runner is not None:
             low.runner.close()
+        if database is not db:
+            database.close()
     return mod, low.kernels, low.single, low.measurements
 
 
@@ -921,7 +912,6 @@ class TVMGraph(_FrozenGraph):
         self.kernels: list[KernelInfo] = []
         self.library: tuple[str, bytes] | None = None  # (machine fingerprint, the shared library)
         self.single = False
-        self.trials = 0
         self.measurements = 0
         self._vm: Any = None
         self._main: Any = None
@@ -946,7 +936,6 @@ class TVMGraph(_FrozenGraph):
                                                                   budget_s, progress)
         ex = compile_relax(mod)
         self.signature = [(tuple(a.shape), a.dtype) for a in example]
-        self.trials = trials
         self._load_executable(ex)
         try:
             self.library = (host_fingerprint(), self._export(ex))
@@ -1108,14 +1097,8 @@ def profile_program(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any] 
     inner = getattr(gm, "compiled", None)
     if not isinstance(inner, TVMGraph):
         return None
-    seen: list[tuple] = []
-    hook = inner.register_forward_pre_hook(lambda _m, a: seen.append(a))
-    try:
-        with torch.no_grad():
-            gm(*args, **kwargs)
-    finally:
-        hook.remove()
-    return inner.profile(seen[0]) if seen else []
+    seen = inputs_seen(inner, gm, args, kwargs)
+    return inner.profile(seen) if seen is not None else []
 
 
 def wrap(program: Any, trials: int = 0, db: Any = None, budget_s: float = math.inf, progress: Any = None) -> Any:
@@ -1131,13 +1114,6 @@ def wrap(program: Any, trials: int = 0, db: Any = None, budget_s: float = math.i
         return made[0]
 
     out = wrap_graph(program, module=module)
-    seen: list[tuple] = []
-    hook = made[0].register_forward_pre_hook(lambda _m, a: seen.append(a))
-    with torch.no_grad():
-        out.gm(*program.example_args, **program.example_kwargs)
-    hook.remove()
-    made[0].build(seen[0], trials, db, budget_s, progress)
+    made[0].build(inputs_seen(made[0], out.gm, program.example_args, program.example_kwargs), trials, db, budget_s,
+                  progress)
     return out
-
-
-_ = pyop  # operator.getitem nodes are handled by the outer graph (whole.wrap)

@@ -19,7 +19,6 @@ float32 on the CPU only (the optimized module refuses ``.half()`` and other devi
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -393,14 +392,13 @@ class CpuTactics:
         if why:
             ctx.stats.decline("whole_graph_tvm", MODEL, why)
             return {}
-        from .generated import FAST_BUDGET_S, trials_for
+        from .generated import trials_for, tuning_budget_s
 
         # tuning as asked (backend="tvm" sets the effort level; the default measures nothing: the database's
         # best, else the cost model's choice), within the tuning budget
         level = ctx.options.get("tune")
         trials = trials_for(level) if level is not None else 0
-        budget = ctx.option("tune_budget_s")
-        budget = float(budget) if budget is not None else FAST_BUDGET_S if level == "fast" else math.inf
+        budget = tuning_budget_s(ctx, level)
         db = ctx.option("tuning_db")
         t0 = time.perf_counter()
         try:

@@ -445,13 +445,22 @@ def wrap(program: Any, packaged: bool = False, module: Any = None) -> Any:
         root.compiled = PackagedGraph(inner.gm) if packaged else CompiledGraph(inner.gm, dynamic=bool(program.dims))
     out.gm = fx.GraphModule(root, graph)
     if packaged:  # the flat inputs the inner graph sees on the example: what the package is built for
-        seen: list[tuple] = []
-        hook = root.compiled.register_forward_pre_hook(lambda _m, a: seen.append(a))
-        with torch.no_grad():
-            out.gm(*program.example_args, **program.example_kwargs)
-        hook.remove()
-        out.gm.compiled.build(seen[0], program.dims)
+        out.gm.compiled.build(inputs_seen(out.gm.compiled, out.gm, program.example_args, program.example_kwargs),
+                              program.dims)
     return out
+
+
+def inputs_seen(module: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple | None:
+    """The positional inputs ``module`` (a submodule of ``gm``: the flat graph :func:`wrap` made) receives when
+    ``gm(*args, **kwargs)`` runs once without gradients; None when it is not called."""
+    seen: list[tuple] = []
+    hook = module.register_forward_pre_hook(lambda _m, a: seen.append(a))
+    try:
+        with torch.no_grad():
+            gm(*args, **kwargs)
+    finally:
+        hook.remove()
+    return seen[0] if seen else None
 
 
 PACKAGED = "whole graph packaged (AOTInductor, frozen weights)"
