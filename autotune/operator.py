@@ -132,7 +132,7 @@ class Operator:
                              "NCHW or NHWC")
         if (self.op, t.kind) not in TEMPLATES:
             raise SpaceError(f"no {t.kind} template for {self.op}")
-        if self.op == "matmul" and self.opts["b_layout"] == "packed" and t.kind != "cpu":
+        if self.packed_b and t.kind != "cpu":
             raise SpaceError(f"a matmul with B packed for its configuration has no {t.kind} template")
         space = TEMPLATES[self.op, t.kind](*self.args, target=t, **self.template_kwargs())
         if self.packed_b:  # the cost model charges B's packing unless it was done once, ahead

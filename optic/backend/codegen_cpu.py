@@ -240,7 +240,7 @@ def matmul(operator: Operator, cfg: dict[str, int]) -> Any:
     MR, NR, KC, MC, NC = (cfg[v] for v in ("MR", "NR", "KC", "MC", "NC"))
     Mp, Np, Kp = _cdiv(M, MC) * MC, _cdiv(N, NC) * NC, _cdiv(K, KC) * KC
     A = te.placeholder((M, K), name="A")
-    packed = o["b_layout"] == "packed"
+    packed = operator.packed_b
     B = te.placeholder(gemm_weight_shape(operator, cfg) if packed else (K, N) if o["b_layout"] == "kn" else (N, K),
                        name="B")
     in_m = (lambda i: i < M) if Mp != M else (lambda i: None)
