@@ -18,6 +18,14 @@ graph itself, op by op, to a Relax function whose every kernel is TIR that optic
   per distinct kernel; 0: the database's best, else the cost model's first choice).
 - **the small ops between them** (pooling, padding, concatenation, elementwise ops that did not fuse,
   layout transposes, the global average) are generated here as simple parallel, vectorized loops.
+- **a quantized graph's int8 layers** (``optic::int8_conv2d`` / ``int8_linear``) are :mod:`.int8_amx`'s
+  VNNI (or AMX) kernels with their fused epilogues (:func:`.int8_amx.use_kernels`: the residual add, the
+  ReLU, the next layer's quantize step), on the program's NHWC tensors, every core, the batch fixed; the
+  quantize and dequantize steps left are simple loops. uint8 values flow between int8 layers; a float op
+  never reads one (declined).
+- **a transformer's other ops** (LayerNorm over the last dimension, softmax, the attention products or
+  ``scaled_dot_product_attention`` without mask, transposes, splits, means over any dims) are row-wise
+  kernels: the rows over the cores, each row's statistics computed inside the row loop.
 
 Graphs with an op this does not cover are declined with the op named (the CPU step keeps the other
 implementations). The program serves the example's shapes and dtypes only; every other call (another
@@ -75,15 +83,25 @@ def unavailable() -> str | None:
 
 
 _KINDS = frozenset({"conv", "linear", "act", "add", "sub", "mul", "div", "flatten", "reshape", "mean", "pool",
-                    "identity", "contiguous", "dropout", "pad", "cat"})
+                    "identity", "contiguous", "dropout", "pad", "cat", "layer_norm", "softmax", "matmul", "transpose",
+                    "permute", "unsqueeze", "squeeze", "split", "getitem", "sdpa"})
 
 
 def check(gm: fx.GraphModule) -> str | None:
     """Why the graph cannot be compiled here, from its ops alone (the first one without a kernel), or None.
     Cheap: what only the shapes tell is found while lowering."""
+    from . import int8
+
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_function" and node.target in (int8.quantize_u8, int8.dequantize_u8):
+            continue
+        if node.op == "call_function" and node.target in int8.OUT_ARGS:
+            why = _int8_uncovered(node)
+            if why:
+                return f"'{node.name}': {why}"
             continue
         op = view(node, gm)
         kind = None if op is None else op.kind
@@ -102,6 +120,65 @@ def check(gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _int8_uncovered(node: fx.Node) -> str | None:
+    """Why the int8 layer ``node`` (``optic::int8_conv2d`` or ``int8_linear``) has no kernel here, or None."""
+    from . import int8, int8_amx
+
+    why = int8_amx.unavailable()
+    if why:
+        return f"an int8 layer, and optic's int8 kernels cannot run here ({why})"
+    conv = node.target is int8.CONV
+    qweight, w_scales, bias = node.args[3:6]
+    attr = node.args[13] if conv else node.args[9]
+    stride, _, dilation, groups = node.args[6:10] if conv else ([1, 1], [0, 0], [1, 1], 1)
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qweight, w_scales)) or (
+            bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return "an int8 layer whose weights are not constants"
+    if not int8_amx.covers(attr, stride, dilation, groups):
+        return (f"an int8 layer with post-op {attr}, stride {list(stride)}, dilation {list(dilation)} and "
+                f"{groups} groups (optic's int8 kernels: ReLU or GELU, ungrouped, undilated)")
+    return None
+
+
+class _KernelShapes(_Recorder):
+    """The values of a graph whose int8 layers are :mod:`.int8_amx` modules, for their shapes and dtypes: an
+    int8 module gives an empty tensor of its output's shape and dtype (nothing compiled or run)."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        from . import int8_amx
+
+        mod = ir.fetch_attr(self.module, target)
+        x = args[0]
+        if isinstance(mod, int8_amx.Quantize):
+            return torch.empty(x.shape, dtype=torch.uint8)
+        if isinstance(mod, int8_amx.Int8Kernel):
+            dtype = torch.uint8 if mod.out_u8 else torch.float32
+            if not mod.conv:
+                return torch.empty((*x.shape[:-1], mod.f), dtype=dtype)
+            n, _, h, w = x.shape
+            step = getattr(mod, "subsample", 1)
+            h, w = -(-h // step), -(-w // step)
+            oh = (h + 2 * mod.padding[0] - mod.kh) // mod.stride + 1
+            ow = (w + 2 * mod.padding[1] - mod.kw) // mod.stride + 1
+            return torch.empty((n, mod.f, oh, ow), dtype=dtype)
+        return super().call_module(target, args, kwargs)
+
+
+def _with_int8_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` where it has no int8 layer; else a copy (sharing ``gm``'s tensors) whose int8 layers are
+    :mod:`.int8_amx` kernels with their epilogues fused (:func:`.int8_amx.use_kernels`)."""
+    from . import int8, int8_amx
+
+    if not int8.rounds(gm):
+        return gm
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph)
+    int8_amx.use_kernels(new, 0)
+    return new
+
+
 @dataclass
 class _V:
     """A tensor value of the graph being lowered: its Relax expression, its PyTorch (logical) shape, and
@@ -110,6 +187,7 @@ class _V:
     expr: Any
     shape: tuple[int, ...]
     nhwc: bool = False
+    dtype: str = "float32"  # or "uint8": an int8 layer's quantized output (a quantized graph's)
 
 
 @dataclass
@@ -187,7 +265,7 @@ class _Lowering:
         self.bb = tvm.relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
         self.kernels: list[KernelInfo] = []
-        recorder = _Recorder(gm)
+        recorder = _KernelShapes(gm)
         with torch.no_grad():
             recorder.run(*example)
         self.shapes = recorder.values  # every node's value on the example
@@ -202,8 +280,9 @@ class _Lowering:
         v = self.shapes.get(node)
         if not isinstance(v, torch.Tensor):
             raise Unsupported(f"'{getattr(node, 'name', node)}' is not a tensor")
-        if v.dtype != torch.float32:
-            raise Unsupported(f"'{node.name}' is {v.dtype}; only float32 graphs are compiled here")
+        if v.dtype not in (torch.float32, torch.uint8):
+            raise Unsupported(f"'{node.name}' is {v.dtype}; only float32 graphs (and their int8 layers' uint8 "
+                              "values) are compiled here")
         return tuple(v.shape)
 
     # -- emitting --------------------------------------------------------------------------------------
@@ -211,30 +290,40 @@ class _Lowering:
         name = f"{name}_{len(self.kernels)}"
         return self.bb.add_func(func.with_attr("global_symbol", name), name), name
 
-    def _call(self, func: Any, name: str, args: list[Any], out_shape: tuple[int, ...], info: KernelInfo) -> Any:
+    def _call(self, func: Any, name: str, args: list[Any], out_shape: tuple[int, ...], info: KernelInfo,
+              dtype: str = "float32", scratch: tuple[tuple[int, ...], str] | None = None) -> Any:
+        """A call of ``func`` on ``args``; its output of ``out_shape`` and ``dtype``. ``scratch``: the kernel's
+        last parameter is a buffer of its own of this (shape, dtype), which the VM allocates (and reuses)."""
         gv, fname = self._add(func, name)
         info.name = fname
         self.kernels.append(info)
         relax = self.tvm.relax
-        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), "float32")))
+        out = relax.TensorType(list(out_shape), dtype)
+        if scratch is None:
+            return self.bb.emit(relax.call_tir(gv, args, out))
+        both = self.bb.emit(relax.call_tir(gv, args, [out, relax.TensorType(list(scratch[0]), scratch[1])]))
+        return self.bb.emit(relax.TupleGetItem(both, 0))
 
     def _reshape(self, expr: Any, shape: tuple[int, ...]) -> Any:
         return self.bb.emit(self.tvm.relax.op.reshape(expr, list(shape)))
 
-    def _const(self, t: torch.Tensor) -> Any:
-        return self.tvm.relax.const(t.detach().float().contiguous().numpy())
+    def _const(self, t: torch.Tensor, keep_dtype: bool = False) -> Any:
+        t = t.detach() if keep_dtype else t.detach().float()
+        return self.tvm.relax.const(t.contiguous().numpy())
 
-    def _simple(self, name: str, inputs: list[tuple[Any, tuple[int, ...]]], compute: Any, out_shape: tuple[int, ...],
+    def _simple(self, name: str, inputs: list[tuple[Any, ...]], compute: Any, out_shape: tuple[int, ...],
                 what: str, nodes: list[fx.Node], schedule: Any = None) -> Any:
-        """A kernel generated here: ``compute(*placeholders)`` -> a TE tensor of ``out_shape``."""
+        """A kernel generated here: ``compute(*placeholders)`` -> a TE tensor of ``out_shape`` (its dtype the
+        output's). ``inputs``: (expression, shape[, dtype]) each, float32 unless said."""
         te = self.tvm.te
-        phs = [te.placeholder(s, name=f"x{i}") for i, (_, s) in enumerate(inputs)]
+        phs = [te.placeholder(i[1], name=f"x{k}", dtype=i[2] if len(i) > 2 else "float32")
+               for k, i in enumerate(inputs)]
         out = compute(*phs)
         func = te.create_prim_func([*phs, out])
         sch = self.tvm.s_tir.Schedule(func)
         (schedule or _schedule_elementwise)(self.tvm, sch, out_shape)
         info = KernelInfo("", what, "simple", nodes=[n.name for n in nodes])
-        return self._call(sch.mod["main"], name, [e for e, _ in inputs], out_shape, info)
+        return self._call(sch.mod["main"], name, [i[0] for i in inputs], out_shape, info, dtype=str(out.dtype))
 
     def _tuned(self, operator: Any) -> tuple[dict[str, int], Any]:
         """``operator``'s configuration and tuning result (tuned once per distinct operator)."""
@@ -299,11 +388,11 @@ class _Lowering:
     def _to_nhwc(self, v: _V, node: fx.Node) -> _V:
         n, c, h, w = v.shape
         if h == 1 and w == 1:  # the same memory in both layouts
-            return _V(self._reshape(v.expr, (n, 1, 1, c)), v.shape, True)
-        expr = self._simple("to_nhwc", [(v.expr, v.shape)], lambda x: self.tvm.te.compute(
+            return _V(self._reshape(v.expr, (n, 1, 1, c)), v.shape, True, v.dtype)
+        expr = self._simple("to_nhwc", [(v.expr, v.shape, v.dtype)], lambda x: self.tvm.te.compute(
             (n, h, w, c), lambda a, b, d, e: x[a, e, b, d], name="T"), (n, h, w, c), "NCHW -> NHWC", [node],
             _schedule_transpose)
-        return _V(expr, v.shape, True)
+        return _V(expr, v.shape, True, v.dtype)
 
     def _logical(self, v: _V, node: fx.Node) -> _V:
         if not v.nhwc:
@@ -316,11 +405,11 @@ class _Lowering:
     def _to_logical(self, v: _V, node: fx.Node) -> _V:
         n, c, h, w = v.shape
         if h == 1 and w == 1:
-            return _V(self._reshape(v.expr, v.shape), v.shape, False)
-        expr = self._simple("to_nchw", [(v.expr, (n, h, w, c))], lambda x: self.tvm.te.compute(
+            return _V(self._reshape(v.expr, v.shape), v.shape, False, v.dtype)
+        expr = self._simple("to_nchw", [(v.expr, (n, h, w, c), v.dtype)], lambda x: self.tvm.te.compute(
             (n, c, h, w), lambda a, e, b, d: x[a, b, d, e], name="T"), (n, c, h, w), "NHWC -> NCHW", [node],
             _schedule_transpose)
-        return _V(expr, v.shape, False)
+        return _V(expr, v.shape, False, v.dtype)
 
     @staticmethod
     def _stored(v: _V) -> tuple[int, ...]:
@@ -330,7 +419,8 @@ class _Lowering:
         n, c, h, w = v.shape
         return n, h, w, c
 
-    def _value(self, a: Any, node: fx.Node) -> _V:
+    def _value(self, a: Any, node: fx.Node, uint8: bool = False) -> _V:
+        """``a``'s value as ``node`` reads it; ``uint8``: ``node`` takes a quantized value too (else float32 only)."""
         if isinstance(a, fx.Node):
             got = self.env.get(a)
             if got is None:
@@ -340,6 +430,9 @@ class _Lowering:
                     raise Unsupported(f"'{node.name}' reads the {got.dtype} constant '{a.name}'; only float32 "
                                       "graphs are compiled here")
                 return _V(self._const(got), tuple(got.shape))
+            if got.dtype != "float32" and not uint8:
+                raise Unsupported(f"'{node.name}' reads the {got.dtype} value '{a.name}' (no {got.dtype} kernel "
+                                  "for it here)")
             return got
         raise Unsupported(f"'{node.name}' takes {type(a).__name__} where a tensor is expected")
 
@@ -389,6 +482,13 @@ class _Lowering:
             self._dense(*self.deferred.pop(node))
             return
         if node in self.skip:
+            return
+        got = self.shapes.get(node, None)
+        if isinstance(got, int | float | bool | torch.Size) or (
+                isinstance(got, tuple) and got and all(isinstance(v, int) for v in got)):
+            self.env[node] = got  # a shape query or arithmetic on one: a constant of the example's shapes
+            return
+        if self._int8(node):
             return
         op = view(node, self.gm)
         if op is None:
@@ -535,6 +635,117 @@ class _Lowering:
             y = self._reshape(y, (n, oh, ow, f))
         return _V(y, out_shape, True)
 
+    # -- int8 layers (a quantized graph, its layers as :mod:`.int8_amx` kernels) --------------------------
+    def _int8(self, node: fx.Node) -> bool:
+        """Emit ``node`` if it is an int8 layer's kernel, a quantize or a dequantize step; whether it was."""
+        from . import int8, int8_amx
+
+        if node.op == "call_module":
+            mod = ir.fetch_attr(self.gm, node.target)
+            if isinstance(mod, int8_amx.Int8Kernel):
+                self._int8_kernel(node, mod)
+                return True
+            if isinstance(mod, int8_amx.Quantize):
+                self._quantize(node, mod.scale, mod.zero_point, mod.channels_last)
+                return True
+            return False
+        if node.op == "call_function" and node.target is int8.quantize_u8:
+            self._quantize(node, float(node.args[1]), int(node.args[2]),
+                           bool(node.args[3]) if len(node.args) > 3 else False)
+            return True
+        if node.op == "call_function" and node.target is int8.dequantize_u8:
+            tvm = self.tvm
+            x = self._value(node.args[0], node, uint8=True)
+            if x.dtype != "uint8":
+                raise Unsupported(f"'{node.name}' dequantizes a {x.dtype} value")
+            scale, zp = tvm.tirx.const(float(node.args[1]), "float32"), tvm.tirx.const(float(node.args[2]), "float32")
+            stored = self._stored(x)
+            expr = self._simple("dequantize", [(x.expr, stored, "uint8")], lambda a: tvm.te.compute(
+                stored, lambda *i: (a[i].astype("float32") - zp) * scale, name="T"), stored, "dequantize uint8", [node])
+            self.env[node] = _V(expr, x.shape, x.nhwc)
+            return True
+        if node.op == "call_function" and node.target in int8.OUT_ARGS:
+            raise Unsupported(f"'{node.name}': an int8 layer the generated kernels do not cover (its post-op, groups, "
+                              "dilation or a computed weight)")
+        return False
+
+    def _quantize(self, node: fx.Node, scale: float, zp: int, channels_last: bool) -> None:
+        """:func:`.int8.quantize_u8`'s float32 arithmetic (a division, rounded half to even), as uint8."""
+        tvm = self.tvm
+        x = self._value(node.args[0], node)
+        if channels_last and len(x.shape) == 4:
+            x = self._nhwc(x, node)
+        sc, z = tvm.tirx.const(float(scale), "float32"), tvm.tirx.const(float(zp), "float32")
+        lo, hi = tvm.tirx.const(0.0, "float32"), tvm.tirx.const(255.0, "float32")
+        stored = self._stored(x)
+        expr = self._simple("quantize", [(x.expr, stored)], lambda a: tvm.te.compute(
+            stored, lambda *i: tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(a[i] / sc) + z, hi), lo).astype("uint8"),
+            name="T"), stored, "quantize to uint8", [node])
+        self.env[node] = _V(expr, x.shape, x.nhwc, "uint8")
+
+    def _int8_kernel(self, node: fx.Node, mod: Any) -> None:
+        """An int8 convolution or linear with its fused epilogue (:class:`.int8_amx.Int8Kernel`) as that
+        kernel, its buffers the program's compact NHWC tensors, its batch fixed, on every core."""
+        import dataclasses
+
+        from . import int8_amx
+
+        x = self._value(node.args[0], node, uint8=True)
+        if (x.dtype == "uint8") == mod.float_input:
+            raise Unsupported(f"'{node.name}': its int8 kernel takes {'float32' if mod.float_input else 'uint8'}, "
+                              f"not {x.dtype}")
+        res = self._value(node.args[1], node, uint8=True) if len(node.args) > 1 else None
+        out_shape = self._shape(node)
+        if mod.conv:
+            n, c, h, w = x.shape
+            stride, sub = mod.stride, getattr(mod, "subsample", 1)
+            if sub > 1 and mod.isa != "vnni":  # AMX computes every grid position: the input subsampled first
+                x = self._nhwc(x, node)
+                n, c, h, w = n, c, -(-h // sub), -(-w // sub)
+                src, stored = self._stored(x), (n, h, w, c)
+                sliced = self._simple("subsample", [(x.expr, src, x.dtype)], lambda a: self.tvm.te.compute(
+                    stored, lambda i, y, z, j: a[i, y * sub, z * sub, j], name="T"), stored, f"every {sub}th pixel",
+                    [node])
+                x, sub = _V(sliced, (n, c, h, w), True, x.dtype), 1
+            xin = "u8"
+            if mod.float_input:
+                xin = "f32" if x.nhwc else "f32nchw"  # a float input is read in the layout it has
+            elif not x.nhwc:
+                x = self._nhwc(x, node)
+            base = mod._spec(h, w, xin)
+            sp = dataclasses.replace(base, stride=stride * sub)
+            rows = None
+        else:
+            if x.nhwc:
+                x = self._logical(x, node)
+            rows = math.prod(x.shape[:-1])
+            sp = dataclasses.replace(mod._spec(1, rows, "f32" if mod.float_input else "u8"), w=rows)
+            n = 1
+        _, _, oh, ow = (out_shape if mod.conv else (1, mod.f, 1, rows))
+        macs = n * oh * ow * mod.f * mod.c * mod.kh * mod.kw
+        sp = dataclasses.replace(sp, n=n, nhwc=True, parallel=macs >= int8_amx.PROGRAM_PARALLEL_MACS,
+                                 order=int8_amx.task_order(sp))
+        func = int8_amx.prim_func(sp)
+        xexpr = x.expr if mod.conv else self._reshape(x.expr, (1, 1, rows, mod.c))
+        args = [xexpr, self._const(mod.wt, True), self._const(mod.consts, True)]
+        if res is None:
+            args.append(self._const(torch.zeros(1)))
+        elif mod.conv:
+            args.append(self._nhwc(res, node).expr)
+        else:
+            args.append(self._reshape(self._logical(res, node).expr, (1, 1, rows, mod.f)))
+        odt = "uint8" if mod.out_u8 else "float32"
+        xlen = int8_amx.scratch_bytes(sp)
+        kind = "conv2d" if mod.conv else "linear"
+        info = KernelInfo("", f"int8 {kind} {mod.c}->{mod.f} {mod.kh}x{mod.kw} ({sp.isa}, tiles {sp.mb}x{sp.nb}, "
+                              f"{sp.order} outer{', parallel' if sp.parallel else ''})", "int8",
+                          {"mb": sp.mb, "nb": sp.nb}, nodes=[node.name])
+        y = self._call(func, f"int8_{kind}", args, (n, oh, ow, mod.f), info, dtype=odt, scratch=((xlen,), "uint8"))
+        if mod.conv:
+            self.env[node] = _V(y, out_shape, True, odt)
+        else:
+            self.env[node] = _V(self._reshape(y, out_shape), out_shape, False, odt)
+
     # -- the simple ops --------------------------------------------------------------------------------
     def _passthrough(self, op: Op) -> None:
         self.env[op.node] = self._value(op.x, op.node)
@@ -593,6 +804,9 @@ class _Lowering:
         for a in args:
             if isinstance(a, (int, float)):
                 vals.append(float(a))
+            elif isinstance(a, fx.Node) and isinstance(self.env.get(a), int | float) \
+                    and not isinstance(self.env.get(a), bool):
+                vals.append(float(self.env[a]))
             elif isinstance(a, fx.Node) and isinstance(self.env.get(a), torch.Tensor) and self.env[a].numel() == 1:
                 vals.append(float(self.env[a]))
             else:
@@ -725,9 +939,33 @@ class _Lowering:
         x = self._value(op.x, node)
         dims = op.attrs.get("dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if len(x.shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
-            raise Unsupported(f"'{node.name}': a mean over dims {dims} (only the spatial mean has a kernel here)")
-        self._global_average(node, x, bool(op.attrs.get("keepdim", False)))
+        if len(x.shape) == 4 and sorted(d % 4 for d in dims) == [2, 3]:
+            self._global_average(node, x, bool(op.attrs.get("keepdim", False)))
+            return
+        tvm, te = self.tvm, self.tvm.te
+        x = self._logical(x, node)
+        rank = len(x.shape)
+        axes = sorted({d % rank for d in dims}) or list(range(rank))
+        keep = bool(op.attrs.get("keepdim", False))
+        out_shape = self._shape(node)
+        inv = tvm.tirx.const(1.0 / math.prod(x.shape[d] for d in axes), "float32")
+
+        def compute(a: Any) -> Any:
+            red = {d: te.reduce_axis((0, x.shape[d]), f"r{d}") for d in axes}
+
+            def elem(*i: Any) -> Any:
+                it, idx = iter(i), []
+                for d in range(rank):
+                    if d in red:
+                        idx.append(red[d])
+                        if keep:
+                            next(it)
+                    else:
+                        idx.append(next(it))
+                return te.sum(a[tuple(idx)] * inv, axis=list(red.values()))
+            return te.compute(out_shape, elem, name="T")
+        self.env[node] = _V(self._simple("mean", [(x.expr, x.shape)], compute, out_shape, f"mean over {axes}", [node],
+                                         _schedule_rows), out_shape)
 
     def _global_average(self, node: fx.Node, x: _V, keepdim: bool) -> None:
         tvm, te = self.tvm, self.tvm.te
@@ -788,6 +1026,203 @@ class _Lowering:
                             [node], _schedule_pool)
         self.env[node] = _V(expr, out_shape, True)
 
+    # -- the ops of a transformer (token rows in the model's layout) -----------------------------------
+    def _rows(self, op: Op) -> tuple[_V, tuple[int, ...], int]:
+        """``op``'s input in the model's layout, its shape, and ``op``'s axis (``dim``) as a positive index."""
+        x = self._logical(self._value(op.x, op.node), op.node)
+        dim = op.attrs.get("dim", -1)
+        if not isinstance(dim, int):
+            raise Unsupported(f"'{op.node.name}': over dims {dim}")
+        return x, x.shape, dim % len(x.shape)
+
+    def _op_layer_norm(self, op: Op) -> None:
+        """LayerNorm over the last dimension: the mean, then the biased variance about it, as PyTorch."""
+        tvm, te = self.tvm, self.tvm.te
+        node = op.node
+        x = self._logical(self._value(op.x, node), node)
+        shape = x.shape
+        if list(op.attrs.get("normalized_shape") or []) != [shape[-1]]:
+            raise Unsupported(f"'{node.name}': a LayerNorm over {op.attrs.get('normalized_shape')} (the last "
+                              "dimension only here)")
+        d, eps = shape[-1], float(op.attrs.get("eps", 1e-5))
+        w, b = op.const("weight"), op.const("bias")
+        inputs = [(x.expr, shape)] + [(self._const(t), (d,)) for t in (w, b) if t is not None]
+
+        def compute(a: Any, *affine: Any) -> Any:
+            lead = shape[:-1]
+            r1, r2 = te.reduce_axis((0, d), "r1"), te.reduce_axis((0, d), "r2")
+            inv = tvm.tirx.const(1.0 / d, "float32")
+            mean = te.compute(lead, lambda *i: te.sum(a[(*i, r1)] * inv, axis=r1), name="mean")
+            var = te.compute(lead, lambda *i: te.sum((a[(*i, r2)] - mean[i]) * (a[(*i, r2)] - mean[i]) * inv, axis=r2),
+                             name="var")
+            it = iter(affine)
+            wt, bt = (next(it) if w is not None else None), (next(it) if b is not None else None)
+
+            def elem(*i: Any) -> Any:
+                y = (a[i] - mean[i[:-1]]) * tvm.tirx.rsqrt(var[i[:-1]] + tvm.tirx.const(eps, "float32"))
+                if wt is not None:
+                    y = y * wt[i[-1]]
+                return y + bt[i[-1]] if bt is not None else y
+            return te.compute(shape, elem, name="T")
+        expr = self._simple("layer_norm", inputs, compute, shape, "LayerNorm", [node], _schedule_rows)
+        self._set(node, _V(expr, shape))
+
+    def _set(self, node: fx.Node, v: _V) -> None:
+        """``node``'s value; an op with a tuple output (native_layer_norm's) gives its first item as index 0."""
+        got = self.shapes.get(node)
+        self.env[node] = (v,) if isinstance(got, tuple | list) else v
+
+    def _op_softmax(self, op: Op) -> None:
+        tvm, te = self.tvm, self.tvm.te
+        node = op.node
+        x, shape, dim = self._rows(op)
+        if dim != len(shape) - 1 or op.attrs.get("dtype") not in (None, torch.float32):
+            raise Unsupported(f"'{node.name}': a softmax over dim {dim} of {len(shape)} (the last only here)")
+        d = shape[-1]
+
+        def compute(a: Any) -> Any:
+            lead = shape[:-1]
+            r1, r2 = te.reduce_axis((0, d), "r1"), te.reduce_axis((0, d), "r2")
+            top = te.compute(lead, lambda *i: te.max(a[(*i, r1)], axis=r1), name="top")
+            e = te.compute(shape, lambda *i: tvm.tirx.exp(a[i] - top[i[:-1]]), name="e")
+            total = te.compute(lead, lambda *i: te.sum(e[(*i, r2)], axis=r2), name="total")
+            return te.compute(shape, lambda *i: e[i] / total[i[:-1]], name="T")
+        self.env[node] = _V(self._simple("softmax", [(x.expr, shape)], compute, shape, "softmax", [node],
+                                         _schedule_rows), shape)
+
+    def _op_matmul(self, op: Op) -> None:
+        """A product of two values (attention's q·kᵀ and p·v), batched, the batch dims broadcast."""
+        te = self.tvm.te
+        node = op.node
+        a = self._logical(self._value(op.x, node), node)
+        b = self._logical(self._value(op.other, node), node)
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise Unsupported(f"'{node.name}': a matmul with a 1-D operand")
+        out_shape = self._shape(node)
+        k = a.shape[-1]
+        if b.shape[-2] != k:
+            raise Unsupported(f"'{node.name}': a matmul of shapes {a.shape} and {b.shape}")
+        lead = out_shape[:-2]
+
+        def pick(t_shape: tuple[int, ...], i: tuple) -> tuple:  # right-aligned batch broadcasting
+            bl = t_shape[:-2]
+            return tuple(0 if dd == 1 and lead[len(lead) - len(bl) + j] != 1 else i[len(lead) - len(bl) + j]
+                         for j, dd in enumerate(bl))
+
+        def compute(x: Any, y: Any) -> Any:
+            r = te.reduce_axis((0, k), "r")
+            return te.compute(out_shape, lambda *i: te.sum(
+                x[(*pick(a.shape, i[:-2]), i[-2], r)] * y[(*pick(b.shape, i[:-2]), r, i[-1])], axis=r), name="T")
+        expr = self._simple("matmul", [(a.expr, a.shape), (b.expr, b.shape)], compute, out_shape,
+                            f"batched matmul {a.shape} x {b.shape}", [node], _schedule_rows)
+        self.env[node] = _V(expr, out_shape)
+
+    def _permuted(self, node: fx.Node, x: _V, perm: list[int]) -> None:
+        te = self.tvm.te
+        out_shape = self._shape(node)
+        if sorted(perm) != list(range(len(x.shape))):
+            raise Unsupported(f"'{node.name}': a permutation {perm} of a {len(x.shape)}-D value")
+        if perm == list(range(len(perm))):
+            self.env[node] = x
+            return
+        inv = [perm.index(d) for d in range(len(perm))]
+        expr = self._simple("transpose", [(x.expr, x.shape)], lambda a: te.compute(
+            out_shape, lambda *i: a[tuple(i[inv[d]] for d in range(len(perm)))], name="T"), out_shape,
+            f"transpose {perm}", [node], _schedule_transpose if len(out_shape) == 4 else None)
+        self.env[node] = _V(expr, out_shape)
+
+    def _op_transpose(self, op: Op) -> None:
+        x = self._logical(self._value(op.x, op.node), op.node)
+        rank = len(x.shape)
+        d0, d1 = int(op.attrs.get("dim0", 0)) % rank, int(op.attrs.get("dim1", 1)) % rank
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        self._permuted(op.node, x, perm)
+
+    def _op_permute(self, op: Op) -> None:
+        x = self._logical(self._value(op.x, op.node), op.node)
+        dims = op.attrs.get("dims")
+        if dims and isinstance(dims[0], list | tuple):
+            dims = dims[0]
+        self._permuted(op.node, x, [int(d) % len(x.shape) for d in (dims or [])])
+
+    def _op_unsqueeze(self, op: Op) -> None:
+        self._op_reshape(op)
+
+    _op_squeeze = _op_unsqueeze
+
+    def _op_split(self, op: Op) -> None:
+        """A split along one dimension: each part a copy (a fused q/k/v projection's three parts)."""
+        te = self.tvm.te
+        node = op.node
+        x, shape, dim = self._rows(op)
+        parts = self.shapes.get(node)
+        if not isinstance(parts, tuple | list):
+            raise Unsupported(f"'{node.name}': a split without a tuple of parts")
+        out, start = [], 0
+        for part in parts:
+            pshape = tuple(part.shape)
+
+            def compute(a: Any, s0: int = start, ps: tuple = pshape) -> Any:
+                return te.compute(ps, lambda *i: a[tuple(i[d] + s0 if d == dim else i[d] for d in range(len(ps)))],
+                                  name="T")
+            out.append(_V(self._simple("split", [(x.expr, shape)], compute, pshape, f"part of a split along {dim}",
+                                       [node]), pshape))
+            start += pshape[dim]
+        self.env[node] = tuple(out)
+
+    def _op_getitem(self, op: Op) -> None:
+        node = op.node
+        got = self.env.get(op.x) if isinstance(op.x, fx.Node) else None
+        index = op.attrs.get("index", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(got, tuple) or not isinstance(index, int) or not -len(got) <= index < len(got):
+            raise Unsupported(f"'{node.name}': indexing of something other than a split's parts (or a "
+                              "LayerNorm's output)")
+        self.env[node] = got[index]
+
+    def _op_sdpa(self, op: Op) -> None:
+        """softmax(q·kᵀ·scale)·v, no mask, no dropout: three kernels (the two products and the softmax)."""
+        tvm, te = self.tvm, self.tvm.te
+        node = op.node
+        a = op.attrs
+        if a.get("attn_mask") is not None or float(a.get("dropout_p", 0.0) or 0.0) != 0.0 or a.get("is_causal") \
+                or a.get("enable_gqa"):
+            raise Unsupported(f"'{node.name}': attention with a mask, dropout, causality or grouped heads")
+        q = self._logical(self._value(op.x, node), node)
+        k = self._logical(self._value(op.other[0], node), node)
+        v = self._logical(self._value(op.other[1], node), node)
+        if not (len(q.shape) == len(k.shape) == len(v.shape) >= 3) or q.shape[:-2] != k.shape[:-2] \
+                or k.shape[:-2] != v.shape[:-2]:
+            raise Unsupported(f"'{node.name}': attention of shapes {q.shape}, {k.shape}, {v.shape}")
+        d, t, s_ = q.shape[-1], q.shape[-2], k.shape[-2]
+        scale = float(a.get("scale") or 1.0 / math.sqrt(d))
+        lead = q.shape[:-2]
+        sc = tvm.tirx.const(scale, "float32")
+
+        def scores(x: Any, y: Any) -> Any:
+            r = te.reduce_axis((0, d), "r")
+            return te.compute((*lead, t, s_), lambda *i: te.sum(x[(*i[:-1], r)] * y[(*i[:-2], i[-1], r)] * sc, axis=r),
+                              name="T")
+        sexpr = self._simple("attn_scores", [(q.expr, q.shape), (k.expr, k.shape)], scores, (*lead, t, s_),
+                             "attention scores q·kᵀ", [node], _schedule_rows)
+
+        def softmax(x: Any) -> Any:
+            shape = (*lead, t, s_)
+            r1, r2 = te.reduce_axis((0, s_), "r1"), te.reduce_axis((0, s_), "r2")
+            top = te.compute(shape[:-1], lambda *i: te.max(x[(*i, r1)], axis=r1), name="top")
+            e = te.compute(shape, lambda *i: tvm.tirx.exp(x[i] - top[i[:-1]]), name="e")
+            total = te.compute(shape[:-1], lambda *i: te.sum(e[(*i, r2)], axis=r2), name="total")
+            return te.compute(shape, lambda *i: e[i] / total[i[:-1]], name="T")
+        pexpr = self._simple("softmax", [(sexpr, (*lead, t, s_))], softmax, (*lead, t, s_), "softmax", [node],
+                             _schedule_rows)
+        out_shape = (*lead, t, v.shape[-1])
+
+        def values(p: Any, y: Any) -> Any:
+            r = te.reduce_axis((0, s_), "r")
+            return te.compute(out_shape, lambda *i: te.sum(p[(*i[:-1], r)] * y[(*i[:-2], r, i[-1])], axis=r), name="T")
+        self.env[node] = _V(self._simple("attn_values", [(pexpr, (*lead, t, s_)), (v.expr, v.shape)], values,
+                                         out_shape, "attention p·v", [node], _schedule_rows), out_shape)
+
 
 # -- schedules of the simple kernels ----------------------------------------------------------------------
 
@@ -804,6 +1239,25 @@ def _schedule_elementwise(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
     if numel >= PARALLEL_MIN:
         outer, _ = s.split(fused, [64, None])
         s.parallel(outer)
+
+
+def _schedule_rows(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
+    """A row-wise kernel (a LayerNorm, a softmax, a batched product): the output's rows (every axis but the
+    last) in one loop, each row's statistics computed inside it (a row's values stay in cache), the rows
+    over the cores when the output is large."""
+    block = s.get_sblock("T")
+    loops = s.get_loops(block)
+    lead = len(shape) - 1
+    if lead < 1:
+        return
+    row = s.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    for name in ("total", "e", "top", "var", "mean"):  # each after its consumers are inside the row loop
+        try:
+            s.compute_at(s.get_sblock(name), row)
+        except Exception:  # noqa: BLE001 - not in this kernel
+            continue
+    if math.prod(shape) >= PARALLEL_MIN:
+        s.parallel(row)
 
 
 def _schedule_transpose(tvm: Any, s: Any, shape: tuple[int, ...]) -> None:
@@ -845,6 +1299,7 @@ def lower(gm: fx.GraphModule, example: tuple, trials: int = 0, db: Any = None, b
     for a in example:
         if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.device.type != "cpu":
             raise Unsupported("every input must be a float32 CPU tensor")
+    gm = _with_int8_kernels(gm)
     database = db if isinstance(db, TuningDB) else TuningDB(db)  # a path or None: opened once, not per kernel
     low = _Lowering(gm, example, trials, database, budget_s, progress)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

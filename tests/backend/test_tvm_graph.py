@@ -217,9 +217,9 @@ def test_the_program_travels_with_pickle_and_deepcopy_without_a_rebuild(monkeypa
 
 
 def test_a_graph_with_an_op_without_a_kernel_is_declined_naming_it():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LayerNorm(8 * 6 * 6)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.GroupNorm(2, 8)).eval()
     why = tvm_graph.check(fx.symbolic_trace(model))
-    assert why is not None and "'_2'" in why and "layer_norm" in why
+    assert why is not None and "'_2'" in why and "group_norm" in why
     # what only shapes tell is found while lowering: a grouped (not depthwise) convolution
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)).eval()
     assert tvm_graph.check(fx.symbolic_trace(grouped)) is None
@@ -314,3 +314,51 @@ def test_a_value_two_consumers_need_in_the_other_layout_is_transposed_once():
     assert whats.count("NCHW -> NHWC") == 1 and whats.count("NHWC -> NCHW") == 1, whats
     with torch.no_grad():
         assert compare(model(x), g(x)[0], 1e-5).ok
+
+
+class _Encoder(nn.Module):
+    """A pre-norm encoder layer with attention written out (q·kᵀ, softmax, p·v), or through
+    ``F.scaled_dot_product_attention`` with a fused q/k/v projection split in three; a token mean and a head."""
+
+    def __init__(self, d=32, heads=4, sdpa=False):
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
+        q, k, v = (a.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for a in (q, k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (d // self.heads) ** -0.5, dim=-1), v)
+        x = x + self.out(y.permute(0, 2, 1, 3).reshape(b, t, d))
+        x = x + self.ffn(self.norm2(x))
+        return self.head(self.norm(x.mean(dim=1)))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_a_transformer_layer_is_one_program_computing_what_the_model_computes(sdpa):
+    """LayerNorm, softmax, the attention products, transposes, a split and a token mean have kernels too."""
+    torch.manual_seed(0)
+    model = _Encoder(sdpa=sdpa).eval()
+    x = torch.randn(2, 7, 32)
+    g = _built(model, x)
+    whats = " | ".join(k.what for k in g.kernels)
+    assert "LayerNorm" in whats and "softmax" in whats and "mean over [1]" in whats, whats
+    with torch.no_grad():
+        for inp in (x, torch.randn_like(x) * 3):
+            check = compare(model(inp), g(inp)[0], 1e-4)
+            assert check.ok, check
+
+
+def test_a_softmax_over_another_dimension_is_declined_naming_it():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, dim=1)
+    with pytest.raises(tvm_graph.Unsupported, match="softmax over dim 1"):
+        _built(M(), torch.randn(2, 3, 4))
