@@ -173,9 +173,25 @@ def test_compare_models_sizes_its_blocks_on_the_baseline(clock):
         return call
 
     t = timing.compare_models({"base": fn("base", 4 * MS), "other": fn("other", 1 * MS)}, budget_s=10.0)
-    # blocks of 20 ms / 4 ms = 5 calls each, 7 rounds, after 2 sizing calls of the baseline and a warm-up call each
-    assert calls == {"base": 2 + 1 + 7 * 5, "other": 1 + 7 * 5}
+    # blocks of 20 ms / 4 ms = 5 calls each, each after an untimed lead-in call, 7 rounds, after 2 sizing calls
+    # of the baseline and a warm-up call each
+    assert calls == {"base": 2 + 1 + 7 * 6, "other": 1 + 7 * 6}
     assert t["base"].samples == t["other"].samples == 7
+
+
+def test_compare_models_does_not_time_the_first_call_after_another_variant(clock):
+    """The first call after another variant's pays for that variant's spinning threads (another thread pool
+    on the same cores): it is not in the figures."""
+    last = {"who": None}
+
+    def fn(name, seconds):
+        def call():
+            clock.now += seconds + (10 * MS if last["who"] not in (None, name) else 0)
+            last["who"] = name
+        return call
+
+    t = timing.compare_models({"base": fn("base", 20 * MS), "tvm": fn("tvm", 5 * MS)}, budget_s=10.0)
+    assert t["base"].median == pytest.approx(20 * MS) and t["tvm"].median == pytest.approx(5 * MS)
 
 
 def test_rotating_calls_the_function_on_each_input_in_turn():
