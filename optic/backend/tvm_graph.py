@@ -93,8 +93,13 @@ def check(gm: fx.GraphModule) -> str | None:
     from . import int8
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sizes: set[fx.Node] = set()  # shape queries, and arithmetic on them only: constants of the example's shapes
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if ir.graph.is_shape_query(node) or (node.op == "call_function" and node.all_input_nodes
+                                             and all(a in sizes for a in node.all_input_nodes)):
+            sizes.add(node)
             continue
         if node.op == "call_function" and node.target in (int8.quantize_u8, int8.dequantize_u8):
             continue

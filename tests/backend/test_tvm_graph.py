@@ -362,3 +362,10 @@ def test_a_softmax_over_another_dimension_is_declined_naming_it():
             return torch.softmax(x, dim=1)
     with pytest.raises(tvm_graph.Unsupported, match="softmax over dim 1"):
         _built(M(), torch.randn(2, 3, 4))
+
+
+def test_shape_queries_are_constants_of_the_example_not_a_decline():
+    """``b, t, d = x.shape`` in a traced model: accepted by the check, lowered as the example's sizes."""
+    gm = fx.symbolic_trace(_Encoder().eval())
+    assert any(n.op == "call_function" and n.target is getattr for n in gm.graph.nodes)
+    assert tvm_graph.check(gm) is None
