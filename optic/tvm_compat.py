@@ -182,10 +182,25 @@ def _plain(value: Any) -> Any:
 
 
 # -- data exchange ----------------------------------------------------------------------------------------
+# TVM's kernels assume their buffers start on a 64-byte boundary (TVM allocates so: kAllocAlignment), and
+# LLVM emits aligned vector loads for them: a PyTorch view that starts elsewhere (a slice, a tensor made from
+# a NumPy array) made a kernel fault and killed the process
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a :data:`ALIGNMENT` boundary: itself where it is, else a copy (PyTorch's
+    allocator aligns new tensors to 64 bytes)."""
+    t = t.detach().contiguous()
+    if t.data_ptr() % ALIGNMENT:
+        t = t.clone()
+    return t
+
+
 def to_tvm(t: torch.Tensor) -> Any:
-    """A TVM view of a tensor (DLPack, no copy unless the tensor is not contiguous)."""
+    """A TVM view of a tensor (DLPack, no copy unless the tensor is not contiguous or not aligned)."""
     tvm = require_tvm()
-    return tvm.runtime.from_dlpack(t.detach().contiguous())
+    return tvm.runtime.from_dlpack(aligned(t))
 
 
 def to_torch(x: Any) -> torch.Tensor:

@@ -62,6 +62,7 @@ from optic.pipeline import timing
 from optic.pipeline.cost import kernel_flops
 from optic.pipeline.registry import Option, register
 from optic.pipeline.verify import compare
+from optic.tvm_compat import aligned
 
 from . import whole
 from .vendor import ONEDNN_ATTRS, TACTICS_CONFIRM_S, DenseSite, recorded_inputs
@@ -321,8 +322,8 @@ class TVMKernel(nn.Module):
         self._fn, self._lib = fn, lib  # keep the library loaded as long as the function lives
         self.source = source  # (operator, config): what rebuilds the kernel after unpickling
         self.epilogue = tuple(epilogue)  # bias/activation/residual: what optic.pipeline.cost counts besides the layer
-        self.register_buffer("weight", weight.detach().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.register_buffer("weight", aligned(weight))
+        self.register_buffer("bias", None if bias is None else aligned(bias))
         self.in_shape, self.out_shape, self.result_shape = tuple(in_shape), tuple(out_shape), tuple(result_shape)
         self.description = description
         self._register()
@@ -442,9 +443,9 @@ class TVMKernel(nn.Module):
             self._fn, self._lib = self._load()
         # TVM's FFI takes torch tensors as DLPack views: no copy, no conversion per call
         out = torch.empty(self.out_shape, dtype=torch.float32, device=x.device)
-        args = [x.detach().reshape(self.in_shape).contiguous(), self.weight]
+        args = [aligned(x.reshape(self.in_shape)), self.weight]
         args += [] if self.bias is None else [self.bias]
-        args += [r.detach().reshape(self.out_shape).contiguous() for r in residual]
+        args += [aligned(r.reshape(self.out_shape)) for r in residual]
         if torch.autograd._profiler_enabled():  # the report's kernel table names it (backend.profiling)
             with torch.profiler.record_function(f"optic_kernel {self.description}"):
                 self._fn(*args, out)

@@ -51,6 +51,7 @@ import torch.fx as fx
 
 from optic import ir
 from optic.ir.opview import Op, view
+from optic.tvm_compat import aligned
 
 from .generated import _reaches, _uniform
 from .lower import _Recorder
@@ -1480,7 +1481,7 @@ class TVMGraph(_FrozenGraph):
                 row[1] += 1
             return int(tvm.relax.VMInstrumentReturnKind.NO_OP)
 
-        inputs = [tvm_ffi.from_dlpack(a.contiguous()) for a in args]
+        inputs = [tvm_ffi.from_dlpack(aligned(a)) for a in args]
         self._main(*inputs)
         self._vm.set_instrument(tvm_ffi.convert(instrument))
         try:
@@ -1519,7 +1520,7 @@ class TVMGraph(_FrozenGraph):
                 return self._others(*args)
             import tvm_ffi
 
-            out = self._main(*[tvm_ffi.from_dlpack(a.contiguous()) for a in args])
+            out = self._main(*[tvm_ffi.from_dlpack(aligned(a)) for a in args])
             if self.single:
                 return (torch.from_dlpack(out),)
             return tuple(torch.from_dlpack(o) for o in out)

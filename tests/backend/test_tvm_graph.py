@@ -369,3 +369,17 @@ def test_shape_queries_are_constants_of_the_example_not_a_decline():
     gm = fx.symbolic_trace(_Encoder().eval())
     assert any(n.op == "call_function" and n.target is getattr for n in gm.graph.nodes)
     assert tvm_graph.check(gm) is None
+
+
+def test_an_input_that_does_not_start_on_a_64_byte_boundary_is_served_right():
+    """A slice of a larger tensor (or one made from a NumPy array) starts anywhere; TVM's kernels load their
+    buffers with aligned vector loads, and such an input killed the process."""
+    model = _chain()
+    x = torch.randn(1, 3, 16, 16)
+    g = _built(model, x)
+    buf = torch.randn(x.numel() + 16)
+    with torch.no_grad():
+        for offset in (1, 4, 8):
+            xi = buf[offset:offset + x.numel()].view(1, 3, 16, 16)
+            assert xi.data_ptr() % 64 != 0
+            assert compare(model(xi), g(xi)[0], 1e-5).ok
