@@ -1,6 +1,7 @@
 """A step that compiles the whole graph runs before the lossy passes that must see the graph (early exit),
-and once more after them when they all left the graph as it was, so that a declined early exit does not
-cost the model its compiled graph."""
+and once more after them: when they all left the graph as it was, so that a declined early exit does not
+cost the model its compiled graph; when they changed it, the faster of their result and the compiled graph
+without their change is kept."""
 
 from __future__ import annotations
 
@@ -69,11 +70,39 @@ def test_the_step_runs_again_when_the_lossy_passes_after_it_declined(monkeypatch
     assert "run again" in " ".join(report.passes[0].notes) and "run again" in " ".join(report.passes[-1].notes)
 
 
-def test_the_step_is_not_run_again_after_a_lossy_change(monkeypatch):
+def _timed(monkeypatch, later_ms: float, compiled_ms: float):
+    """compare_models answering fixed figures: the later passes' program, and the compiled graph without them."""
+    from optic.pipeline import timing
+
+    def fake(fns, budget_s, settle_s=None):
+        assert set(fns) == {"later", "compiled"}
+        for fn in fns.values():
+            fn()  # each is a call of its program on a held-out sample
+        return {"later": timing.Timing(later_ms / 1e3, later_ms / 1e3, later_ms / 1e3, 5),
+                "compiled": timing.Timing(compiled_ms / 1e3, compiled_ms / 1e3, compiled_ms / 1e3, 5)}
+    monkeypatch.setattr(timing, "compare_models", fake)
+
+
+def test_after_a_lossy_change_the_faster_of_it_and_the_compiled_graph_is_kept(monkeypatch):
+    """The lossy pass changed the graph (early exit inserted exits): the step runs again on what it first saw,
+    and the two are timed; here the lossy pass's result is faster, and it is kept."""
+    _timed(monkeypatch, later_ms=1.0, compiled_ms=2.0)
     step, report, out, prog = _run(True, monkeypatch)
-    assert step.seen == [(True, prog.node_count())]
-    assert [r.name for r in report.passes] == ["whole_step", "lossy_step"]
+    assert step.seen == [(True, prog.node_count()), (False, prog.node_count())]
+    assert [r.name for r in report.passes] == ["whole_step", "lossy_step", "whole_step"]
     assert out.node_count() == prog.node_count() + 1
+    assert report.passes[-1].rolled_back and "slower than lossy_step" in report.passes[-1].reason
+    assert not report.passes[1].rolled_back
+
+
+def test_a_compiled_graph_faster_than_the_lossy_change_supersedes_it(monkeypatch):
+    _timed(monkeypatch, later_ms=2.0, compiled_ms=1.0)
+    step, report, out, prog = _run(True, monkeypatch)
+    assert out.node_count() == prog.node_count()  # the lossy pass's change is gone
+    lossy = report.passes[1]
+    assert lossy.rolled_back and "superseded" in lossy.reason
+    assert not report.passes[-1].rolled_back and report.passes[-1].measured["against_later_ms"] == {
+        "lossy_step": 2.0, "compiled": 1.0}
 
 
 def test_the_step_is_not_run_again_where_the_whole_graph_is_switched_off(monkeypatch):
