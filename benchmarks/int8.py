@@ -17,6 +17,9 @@ Systems, each prepared once per model and batch size:
 Latency: per call over the test images in turn (each call takes the next batch), all systems alternated in
 blocks after a 2 s warm-up each (``benchmarks.runner.warm_up``), medians with the interquartile spread.
 Accuracy: top-1 on the test split, every system at the batch size it was prepared for.
+
+This module imports torch before optic, so optic cannot limit libgomp's spinning here (``optic.threads``): run
+it with ``GOMP_SPINCOUNT=10000`` in the environment, as the results since 2026-12-08 were.
 """
 
 from __future__ import annotations
