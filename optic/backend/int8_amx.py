@@ -478,9 +478,12 @@ def _prim_func(sp: Spec) -> Any:
 
 def prim_func(sp: Spec) -> Any:
     """The kernel of ``sp`` as TIR (uncompiled: a TVM program's function); see :func:`build`."""
+    # a kernel chosen on another machine (a saved model loaded here) must not run instructions this CPU lacks:
+    # that kills the process; without the tile state, so does the first tile instruction
     why = unavailable(sp.isa)
     if why:
-        raise RuntimeError(f"optic's generated int8 kernel for {sp.isa.upper()} cannot run here: {why}")
+        raise RuntimeError(f"optic's generated int8 kernel for {sp.isa.upper()} cannot run here: {why}. "
+                           f"Optimize the model again on this machine (optic.optimize).")
     return _prim_func(sp)
 
 
@@ -513,13 +516,7 @@ def build(sp: Spec) -> Any:
     """The compiled kernel of ``sp`` (a TVM function over torch tensors), compiled once per process."""
     fn = _BUILT.get(sp)
     if fn is None:
-        # a kernel chosen on another machine (a saved model loaded here) must not run instructions this
-        # CPU lacks: that kills the process; without the tile state, so does the first tile instruction
-        why = unavailable(sp.isa)
-        if why:
-            raise RuntimeError(f"optic's generated int8 kernel for {sp.isa.upper()} cannot run here: {why}. "
-                               f"Optimize the model again on this machine (optic.optimize).")
-        fn = _BUILT[sp] = _compile(_prim_func(sp), isa=sp.isa)
+        fn = _BUILT[sp] = _compile(prim_func(sp), isa=sp.isa)
     return fn
 
 
@@ -699,6 +696,10 @@ class Int8Kernel(nn.Module):
                     self.residual, self.mb, self.nb, self.isa, parallel=parallel, xin=xin, gelu=self.gelu,
                     ln_eps=self.ln_eps, xmul=getattr(self, "xmul", False), res_u8=getattr(self, "res_u8", False))
 
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """A convolution's output height and width for an input of ``h × w`` (after :attr:`subsample`)."""
+        return (h + 2 * self.padding[0] - self.kh) // self.stride + 1, (w + 2 * self.padding[1] - self.kw) // self.stride + 1
+
     def _plan(self, n: int, h: int, w: int, xin: str = "u8") -> tuple:
         """What a call on an input of this size needs, worked out once: the kernel, the output's shape and
         channels-last strides, the input's strides as TVM checks them (PyTorch may give a dimension of size 1
@@ -706,11 +707,7 @@ class Int8Kernel(nn.Module):
         tensors (each PyTorch tensor passed costs a conversion per call) with the buffers they were made of."""
         from optic.tvm_compat import tvm_tensors
 
-        if self.conv:
-            oh = (h + 2 * self.padding[0] - self.kh) // self.stride + 1
-            ow = (w + 2 * self.padding[1] - self.kw) // self.stride + 1
-        else:
-            oh, ow = 1, w
+        oh, ow = self.out_hw(h, w) if self.conv else (1, w)
         par = 0 < getattr(self, "parallel_macs", 0) <= n * oh * ow * self.f * self.c * self.kh * self.kw
         key = ((h, w) if self.conv else (1, 0)) + (xin, par)
         fn = self._fns.get(key)
@@ -807,6 +804,24 @@ def covers(attr: str, stride: Any, dilation: Any, groups: int) -> bool:
     """Whether the generated kernels compute an int8 layer with this post-op and window: no post-op, ReLU
     or GELU, ungrouped, undilated, the same stride along both axes (a linear: stride 1, dilation 1)."""
     return attr in ("none", "relu", "gelu") and int(groups) == 1 and list(dilation) == [1, 1] and stride[0] == stride[1]
+
+
+def uncovered(node: fx.Node) -> str | None:
+    """Why the generated kernels do not compute the int8 layer ``node`` (``optic::int8_conv2d`` or
+    ``int8_linear``): its weights are not constants, or :func:`covers` says no; None where they do."""
+    from . import int8
+
+    conv = node.target is int8.CONV
+    qweight, w_scales, bias = node.args[3:6]
+    attr = node.args[13] if conv else node.args[9]
+    stride, _, dilation, groups = node.args[6:10] if conv else ([1, 1], [0, 0], [1, 1], 1)
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qweight, w_scales)) or (
+            bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return "its weights are not constants"
+    if not covers(attr, stride, dilation, groups):
+        return (f"post-op {attr}, stride {list(stride)}, dilation {list(dilation)} and {groups} groups (optic's "
+                "int8 kernels: ReLU or GELU, ungrouped, undilated)")
+    return None
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -912,15 +927,12 @@ def use_kernels(gm: fx.GraphModule, parallel_macs: int = 0) -> list[str]:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in int8.OUT_ARGS:
             continue
+        if uncovered(node):
+            continue
         conv = node.target is int8.CONV
         xq, x_scale, x_zp, qweight, w_scales, bias = node.args[:6]
         out_scale, out_zp, out_u8, attr, _, algo = node.args[10:] if conv else node.args[6:]
-        if (qweight.op != "get_attr" or not isinstance(w_scales, fx.Node) or w_scales.op != "get_attr"
-                or (bias is not None and bias.op != "get_attr")):
-            continue
-        stride, padding, dilation, groups = node.args[6:10] if conv else ([1, 1], [0, 0], [1, 1], 1)
-        if not covers(attr, stride, dilation, groups):
-            continue
+        stride, padding = node.args[6:8] if conv else ([1, 1], [0, 0])
         relu, residual, last = attr == "relu", None, node
         gelu = (algo or "none") if attr == "gelu" else ""
         if not out_u8 and attr == "none":  # a residual add, then maybe a ReLU, fused into the epilogue

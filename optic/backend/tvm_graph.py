@@ -128,22 +128,13 @@ def check(gm: fx.GraphModule) -> str | None:
 
 def _int8_uncovered(node: fx.Node) -> str | None:
     """Why the int8 layer ``node`` (``optic::int8_conv2d`` or ``int8_linear``) has no kernel here, or None."""
-    from . import int8, int8_amx
+    from . import int8_amx
 
     why = int8_amx.unavailable()
     if why:
         return f"an int8 layer, and optic's int8 kernels cannot run here ({why})"
-    conv = node.target is int8.CONV
-    qweight, w_scales, bias = node.args[3:6]
-    attr = node.args[13] if conv else node.args[9]
-    stride, _, dilation, groups = node.args[6:10] if conv else ([1, 1], [0, 0], [1, 1], 1)
-    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (qweight, w_scales)) or (
-            bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
-        return "an int8 layer whose weights are not constants"
-    if not int8_amx.covers(attr, stride, dilation, groups):
-        return (f"an int8 layer with post-op {attr}, stride {list(stride)}, dilation {list(dilation)} and "
-                f"{groups} groups (optic's int8 kernels: ReLU or GELU, ungrouped, undilated)")
-    return None
+    why = int8_amx.uncovered(node)
+    return f"an int8 layer: {why}" if why else None
 
 
 class _KernelShapes(_Recorder):
@@ -163,10 +154,7 @@ class _KernelShapes(_Recorder):
                 return torch.empty((*x.shape[:-1], mod.f), dtype=dtype)
             n, _, h, w = x.shape
             step = getattr(mod, "subsample", 1)
-            h, w = -(-h // step), -(-w // step)
-            oh = (h + 2 * mod.padding[0] - mod.kh) // mod.stride + 1
-            ow = (w + 2 * mod.padding[1] - mod.kw) // mod.stride + 1
-            return torch.empty((n, mod.f, oh, ow), dtype=dtype)
+            return torch.empty((n, mod.f, *mod.out_hw(-(-h // step), -(-w // step))), dtype=dtype)
         return super().call_module(target, args, kwargs)
 
 
@@ -1079,49 +1067,62 @@ class _Lowering:
         self.env[node] = (v,) if isinstance(got, tuple | list) else v
 
     def _op_softmax(self, op: Op) -> None:
-        tvm, te = self.tvm, self.tvm.te
         node = op.node
         x, shape, dim = self._rows(op)
         if dim != len(shape) - 1 or op.attrs.get("dtype") not in (None, torch.float32):
             raise Unsupported(f"'{node.name}': a softmax over dim {dim} of {len(shape)} (the last only here)")
-        d = shape[-1]
+        self.env[node] = _V(self._softmax(x.expr, shape, node), shape)
+
+    def _softmax(self, expr: Any, shape: tuple[int, ...], node: fx.Node) -> Any:
+        """A softmax over the last dimension: the row's maximum subtracted, as PyTorch."""
+        tvm, te = self.tvm, self.tvm.te
+        d, lead = shape[-1], shape[:-1]
 
         def compute(a: Any) -> Any:
-            lead = shape[:-1]
             r1, r2 = te.reduce_axis((0, d), "r1"), te.reduce_axis((0, d), "r2")
             top = te.compute(lead, lambda *i: te.max(a[(*i, r1)], axis=r1), name="top")
             e = te.compute(shape, lambda *i: tvm.tirx.exp(a[i] - top[i[:-1]]), name="e")
             total = te.compute(lead, lambda *i: te.sum(e[(*i, r2)], axis=r2), name="total")
             return te.compute(shape, lambda *i: e[i] / total[i[:-1]], name="T")
-        self.env[node] = _V(self._simple("softmax", [(x.expr, shape)], compute, shape, "softmax", [node],
-                                         _schedule_rows), shape)
+        return self._simple("softmax", [(expr, shape)], compute, shape, "softmax", [node], _schedule_rows)
 
     def _op_matmul(self, op: Op) -> None:
         """A product of two values (attention's q·kᵀ and p·v), batched, the batch dims broadcast."""
-        te = self.tvm.te
         node = op.node
         a = self._logical(self._value(op.x, node), node)
         b = self._logical(self._value(op.other, node), node)
         if len(a.shape) < 2 or len(b.shape) < 2:
             raise Unsupported(f"'{node.name}': a matmul with a 1-D operand")
-        out_shape = self._shape(node)
-        k = a.shape[-1]
-        if b.shape[-2] != k:
+        if b.shape[-2] != a.shape[-1]:
             raise Unsupported(f"'{node.name}': a matmul of shapes {a.shape} and {b.shape}")
-        lead = out_shape[:-2]
+        out_shape = self._shape(node)
+        expr = self._product("matmul", a, b, out_shape, f"batched matmul {a.shape} x {b.shape}", node)
+        self.env[node] = _V(expr, out_shape)
 
-        def pick(t_shape: tuple[int, ...], i: tuple) -> tuple:  # right-aligned batch broadcasting
+    def _product(self, name: str, a: _V, b: _V, out_shape: tuple[int, ...], what: str, node: fx.Node,
+                 b_transposed: bool = False, scale: float | None = None) -> Any:
+        """``a · b`` (``b``'s last two dims swapped where ``b_transposed``), each product times ``scale``
+        where given, over the last dims, the leading (batch) dims broadcast right-aligned."""
+        te = self.tvm.te
+        k = a.shape[-1]
+        lead = out_shape[:-2]
+        sc = None if scale is None else self.tvm.tirx.const(scale, "float32")
+
+        def pick(t_shape: tuple[int, ...], i: tuple) -> tuple:
             bl = t_shape[:-2]
             return tuple(0 if dd == 1 and lead[len(lead) - len(bl) + j] != 1 else i[len(lead) - len(bl) + j]
                          for j, dd in enumerate(bl))
 
         def compute(x: Any, y: Any) -> Any:
             r = te.reduce_axis((0, k), "r")
-            return te.compute(out_shape, lambda *i: te.sum(
-                x[(*pick(a.shape, i[:-2]), i[-2], r)] * y[(*pick(b.shape, i[:-2]), r, i[-1])], axis=r), name="T")
-        expr = self._simple("matmul", [(a.expr, a.shape), (b.expr, b.shape)], compute, out_shape,
-                            f"batched matmul {a.shape} x {b.shape}", [node], _schedule_rows)
-        self.env[node] = _V(expr, out_shape)
+
+            def elem(*i: Any) -> Any:
+                yv = y[(*pick(b.shape, i[:-2]), i[-1], r)] if b_transposed else y[(*pick(b.shape, i[:-2]), r, i[-1])]
+                v = x[(*pick(a.shape, i[:-2]), i[-2], r)] * yv
+                return te.sum(v if sc is None else v * sc, axis=r)
+            return te.compute(out_shape, elem, name="T")
+        return self._simple(name, [(a.expr, a.shape), (b.expr, b.shape)], compute, out_shape, what, [node],
+                            _schedule_rows)
 
     def _permuted(self, node: fx.Node, x: _V, perm: list[int]) -> None:
         te = self.tvm.te
@@ -1188,7 +1189,6 @@ class _Lowering:
 
     def _op_sdpa(self, op: Op) -> None:
         """softmax(q·kᵀ·scale)·v, no mask, no dropout: three kernels (the two products and the softmax)."""
-        tvm, te = self.tvm, self.tvm.te
         node = op.node
         a = op.attrs
         if a.get("attn_mask") is not None or float(a.get("dropout_p", 0.0) or 0.0) != 0.0 or a.get("is_causal") \
@@ -1201,33 +1201,12 @@ class _Lowering:
                 or k.shape[:-2] != v.shape[:-2]:
             raise Unsupported(f"'{node.name}': attention of shapes {q.shape}, {k.shape}, {v.shape}")
         d, t, s_ = q.shape[-1], q.shape[-2], k.shape[-2]
-        scale = float(a.get("scale") or 1.0 / math.sqrt(d))
         lead = q.shape[:-2]
-        sc = tvm.tirx.const(scale, "float32")
-
-        def scores(x: Any, y: Any) -> Any:
-            r = te.reduce_axis((0, d), "r")
-            return te.compute((*lead, t, s_), lambda *i: te.sum(x[(*i[:-1], r)] * y[(*i[:-2], i[-1], r)] * sc, axis=r),
-                              name="T")
-        sexpr = self._simple("attn_scores", [(q.expr, q.shape), (k.expr, k.shape)], scores, (*lead, t, s_),
-                             "attention scores q·kᵀ", [node], _schedule_rows)
-
-        def softmax(x: Any) -> Any:
-            shape = (*lead, t, s_)
-            r1, r2 = te.reduce_axis((0, s_), "r1"), te.reduce_axis((0, s_), "r2")
-            top = te.compute(shape[:-1], lambda *i: te.max(x[(*i, r1)], axis=r1), name="top")
-            e = te.compute(shape, lambda *i: tvm.tirx.exp(x[i] - top[i[:-1]]), name="e")
-            total = te.compute(shape[:-1], lambda *i: te.sum(e[(*i, r2)], axis=r2), name="total")
-            return te.compute(shape, lambda *i: e[i] / total[i[:-1]], name="T")
-        pexpr = self._simple("softmax", [(sexpr, (*lead, t, s_))], softmax, (*lead, t, s_), "softmax", [node],
-                             _schedule_rows)
+        scores = self._product("attn_scores", q, k, (*lead, t, s_), "attention scores q·kᵀ", node, b_transposed=True,
+                               scale=float(a.get("scale") or 1.0 / math.sqrt(d)))
+        p = _V(self._softmax(scores, (*lead, t, s_), node), (*lead, t, s_))
         out_shape = (*lead, t, v.shape[-1])
-
-        def values(p: Any, y: Any) -> Any:
-            r = te.reduce_axis((0, s_), "r")
-            return te.compute(out_shape, lambda *i: te.sum(p[(*i[:-1], r)] * y[(*i[:-2], r, i[-1])], axis=r), name="T")
-        self.env[node] = _V(self._simple("attn_values", [(pexpr, (*lead, t, s_)), (v.expr, v.shape)], values,
-                                         out_shape, "attention p·v", [node], _schedule_rows), out_shape)
+        self.env[node] = _V(self._product("attn_values", p, v, out_shape, "attention p·v", node), out_shape)
 
 
 # -- schedules of the simple kernels ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ def check_result(original: Program, result: Program, ctx: PassContext, report: R
     lossy = ctx.reference is not reference  # a lossy pass changed what the model computes
     if ctx.measure and any(rec.changed and not rec.rolled_back for rec in report.passes):
         result = never_slower(original, result, report, float(ctx.option("final_measure_s")),
-                              _timing_inputs(original, ctx))
+                              timing_inputs(original, ctx))
         lossy = lossy and result is not original
     result, lossy = _numerics(original, result, ctx, report, checks, reference, tolerance, verify, lossy)
     if lossy:
@@ -76,7 +76,7 @@ def final_error(reference: list[Any], result: Program, checks: list[tuple[tuple,
     return worst
 
 
-def _timing_inputs(original: Program, ctx: PassContext) -> list[tuple[tuple, dict]]:
+def timing_inputs(original: Program, ctx: PassContext) -> list[tuple[tuple, dict]]:
     """Held-out calibration samples at the example's batch where there are some (a data-dependent model
     is timed on real data), else the example."""
     batch = batch_size(original.flat_inputs())

@@ -209,12 +209,10 @@ def _faster_than_later(later: Program, compiled: Program, ctx: PassContext, repo
                        after: list[PassRecord]) -> Program:
     """The faster of ``later`` (what the lossy passes after the whole-graph step made) and ``compiled`` (the
     step's result without them), timed alternated on held-out calibration samples at the example's batch."""
-    from ..ir.dynamic import batch_size
+    from .final import timing_inputs  # final imports this module: imported here, when it runs
     from .timing import compare_models, rotating
 
-    batch = batch_size(later.flat_inputs())
-    inputs = (ctx.calibration.holdout_like(batch, 16) if ctx.calibration is not None and batch else []) or [
-        (later.example_args, later.example_kwargs)]
+    inputs = timing_inputs(later, ctx)
     names = ", ".join(r.name for r in after)
     t = compare_models({"later": rotating(later, inputs), "compiled": rotating(compiled, inputs)},
                        float(ctx.option("final_measure_s")))
